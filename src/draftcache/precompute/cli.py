@@ -1,0 +1,91 @@
+"""``precompute-eagle3``: run the frozen target once over a chat corpus and write the cache.
+
+Example::
+
+    precompute-eagle3 --target-model meta-llama/Llama-3.1-8B-Instruct \\
+        --input-data Aeala/ShareGPT_Vicuna_unfiltered --output-dir /data/cache \\
+        --seq-length 2048 --draft-vocab-size 32000 --batch-size 4 --shard-size 256 --dtype bf16
+
+With neither ``--target-model`` nor ``--input-data`` it runs on the small trained target and chat
+set shipped inside the package.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+from draftcache.precompute.config import ConfigError, PrecomputeConfig, parse_layer_ids
+
+app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def precompute(
+    output_dir: str = typer.Option(..., "--output-dir", help="Directory to write the cache into (must be empty unless --resume)."),
+    target_model: Optional[str] = typer.Option(None, "--target-model", help="HF model name or local dir; default: the embedded target."),
+    input_data: Optional[str] = typer.Option(None, "--input-data", help="Local .json/.jsonl/.parquet file or dir, or a HF dataset name; default: the embedded chats."),
+    seq_length: int = typer.Option(2048, "--seq-length", help="Truncate conversations to this many tokens."),
+    draft_vocab_size: Optional[int] = typer.Option(None, "--draft-vocab-size", help="Draft vocabulary size (default: full target vocabulary)."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Samples per target forward."),
+    shard_size: int = typer.Option(256, "--shard-size", help="Samples per shard."),
+    dtype: str = typer.Option("bf16", "--dtype", help="Storage dtype of float fields: bf16, fp16 or fp32."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:N or cpu (default: cuda when available)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split of a HF dataset (default: train)."),
+    shuffle_seed: int = typer.Option(42, "--shuffle-seed", help="Shuffle seed for HF datasets (local files keep file order)."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", help="Keep only the first N valid conversations."),
+    aux_layer_ids: Optional[str] = typer.Option(None, "--aux-layer-ids", help="Three decoder-layer ids, e.g. '1,15,28' (default: 1, L/2-1, L-4)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code from the hub (off by default)."),
+    strict: bool = typer.Option(False, "--strict", help="Fail on the first bad record instead of skipping and counting it."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --output-dir (same settings required)."),
+    supervision: str = typer.Option("auto", "--supervision", help="auto, probs, topk or hidden."),
+    target_probs_topk: int = typer.Option(0, "--target-probs-topk", help="Keep the top-k draft-vocab probabilities (topk encoding)."),
+    num_workers: int = typer.Option(0, "--num-workers", help="Accepted for NeMo compatibility; tokenisation runs in-process."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    try:
+        cfg = PrecomputeConfig(
+            output_dir=output_dir, target_model=target_model, input_data=input_data, seq_length=seq_length,
+            draft_vocab_size=draft_vocab_size, batch_size=batch_size, shard_size=shard_size, dtype=dtype,
+            device=device, split=split, shuffle_seed=shuffle_seed, num_samples=num_samples,
+            aux_layer_ids=tuple(parse_layer_ids(aux_layer_ids)) if aux_layer_ids else None,
+            trust_remote_code=trust_remote_code, strict=strict, resume=resume, supervision=supervision,
+            target_probs_topk=target_probs_topk, num_workers=num_workers, progress=not quiet,
+        ).validate()
+    except ConfigError as e:
+        _fail(str(e), 2)
+    from draftcache.precompute.main import PrecomputeError, precompute_from_config
+
+    try:
+        summary = precompute_from_config(cfg)
+    except (ConfigError, ValueError, FileNotFoundError, PrecomputeError) as e:
+        _fail(str(e), 2 if isinstance(e, ConfigError) else 1)
+    typer.echo(summary.format())
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, prog_name="precompute-eagle3", standalone_mode=False)
+    except typer.Exit as e:
+        return e.exit_code
+    except SystemExit as e:  # click usage errors
+        return int(e.code or 0)
+    except Exception as e:  # click.UsageError and friends
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            return e.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The precompute configuration: one frozen dataclass, validated before any model loads."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["PrecomputeConfig", "ConfigError", "SUPERVISION_CHOICES", "DTYPE_CHOICES", "parse_layer_ids"]
+
+SUPERVISION_CHOICES = ("auto", "probs", "topk", "hidden")
+DTYPE_CHOICES = ("bf16", "fp16", "fp32")
+
+
+class ConfigError(ValueError):
+    """One or more command-line values are invalid; the message lists every problem."""
+
+
+def parse_layer_ids(text: str | None) -> list[int] | None:
+    """``"1,15,28"`` -> ``[1, 15, 28]``; ``None``/empty -> ``None`` (use the default recipe)."""
+    if text is None or str(text).strip() == "":
+        return None
+    try:
+        return [int(part) for part in str(text).split(",") if part.strip() != ""]
+    except ValueError:
+        raise ConfigError(
+            f"--aux-layer-ids: expected comma-separated integers such as '1,15,28', got {text!r}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    """Everything that shapes one ``precompute-eagle3`` run (NeMo's flags plus ours).
+
+    ``None`` for ``target_model``/``input_data`` means the embedded default shipped in the package.
+    """
+
+    output_dir: str
+    target_model: str | None = None      # HF name or local dir; None = embedded default target
+    input_data: str | None = None        # local file/dir or HF dataset name; None = embedded chats
+    seq_length: int = 2048               # truncate longer conversations (tokens)
+    draft_vocab_size: int | None = None  # None = the full target vocabulary
+    batch_size: int = 4                  # samples per target forward (length-bucketed within a shard)
+    shard_size: int = 256                # samples per shard: smaller = finer resume, more files
+    dtype: str = "bf16"                  # storage dtype of float fields
+    device: str | None = None            # None = cuda when available, else cpu
+    split: str | None = None             # HF dataset split (default "train")
+    shuffle_seed: int | None = 42        # order of hub datasets (local files keep file order)
+    num_samples: int | None = None       # keep the first N valid conversations
+    aux_layer_ids: tuple[int, ...] | None = None  # decoder-layer outputs; None = [1, L//2-1, L-4]
+    trust_remote_code: bool = False
+    strict: bool = False                 # first bad record is an error naming file and line
+    resume: bool = False
+    supervision: str = "auto"            # auto | probs | topk | hidden
+    target_probs_topk: int = 0           # k for the topk encoding (NeMo: >0 switches topk on)
+    num_workers: int = 0                 # accepted for NeMo compatibility; tokenisation is in-process
+    progress: bool = True
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def problems(self) -> list[str]:
+        """Every invalid value, each naming its flag."""
+        p: list[str] = []
+        if not self.output_dir:
+            p.append("--output-dir is required: the directory to write the cache into")
+        if self.seq_length < 2:
+            p.append(f"--seq-length must be >= 2 (one input and one next token), got {self.seq_length}")
+        if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
+            p.append(f"--draft-vocab-size must be >= 1 (or omitted for the full vocabulary), got {self.draft_vocab_size}")
+        if self.batch_size < 1:
+            p.append(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.shard_size < 1:
+            p.append(f"--shard-size must be >= 1, got {self.shard_size}")
+        if self.dtype not in DTYPE_CHOICES:
+            p.append(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
+        if self.device is not None and not (self.device == "cpu" or self.device.startswith("cuda")):
+            p.append(f"--device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.num_samples is not None and self.num_samples < 1:
+            p.append(f"--num-samples must be >= 1 (or omitted for all), got {self.num_samples}")
+        if self.supervision not in SUPERVISION_CHOICES:
+            p.append(f"--supervision must be one of {', '.join(SUPERVISION_CHOICES)}, got {self.supervision!r}")
+        if self.target_probs_topk < 0:
+            p.append(f"--target-probs-topk must be >= 0, got {self.target_probs_topk}")
+        if self.supervision == "topk" and self.target_probs_topk < 1:
+            p.append("--supervision topk needs --target-probs-topk K with K >= 1")
+        if self.supervision in ("probs", "hidden") and self.target_probs_topk > 0:
+            p.append(f"--target-probs-topk {self.target_probs_topk} conflicts with --supervision {self.supervision}: "
+                     "drop one of them")
+        if (self.draft_vocab_size is not None and self.target_probs_topk > self.draft_vocab_size):
+            p.append(f"--target-probs-topk ({self.target_probs_topk}) must not exceed --draft-vocab-size "
+                     f"({self.draft_vocab_size})")
+        if self.aux_layer_ids is not None:
+            ids = list(self.aux_layer_ids)
+            if len(ids) != 3 or len(set(ids)) != 3 or min(ids) < 0:
+                p.append(f"--aux-layer-ids must be three distinct non-negative layer ids such as '1,15,28', got {ids}")
+        if self.num_workers < 0:
+            p.append(f"--num-workers must be >= 0, got {self.num_workers}")
+        return p
+
+    def validate(self) -> "PrecomputeConfig":
+        problems = self.problems()
+        if problems:
+            raise ConfigError("invalid precompute settings:\n  - " + "\n  - ".join(problems))
+        return self
+
+    @property
+    def encoding_request(self) -> str:
+        """The requested encoding after NeMo's ``--target-probs-topk K`` shorthand."""
+        if self.supervision == "auto" and self.target_probs_topk > 0:
+            return "topk"
+        return self.supervision
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("extra", None)
+        d["aux_layer_ids"] = list(self.aux_layer_ids) if self.aux_layer_ids is not None else None
+        return d

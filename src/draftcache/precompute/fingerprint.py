@@ -1,0 +1,59 @@
+"""Fingerprints of what shapes a cache: the target's weights and config, the tokenizer and chat template.
+
+Weights are fingerprinted from the tensors already in memory (names, shapes, dtypes and a strided
+sample of each tensor's values), so a 70B target costs no extra disk pass; a fine-tuned checkpoint
+of the same architecture still changes the fingerprint because its values differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+__all__ = ["model_fingerprint", "config_fingerprint", "tokenizer_fingerprint", "chat_template_fingerprint"]
+
+_SAMPLES_PER_TENSOR = 4096
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def config_fingerprint(config) -> str:
+    """sha256 of the model config as sorted JSON (minus fields that name paths, not behaviour)."""
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    for key in ("_name_or_path", "transformers_version", "_commit_hash", "name_or_path"):
+        d.pop(key, None)
+    return _sha(json.dumps(d, sort_keys=True, default=str).encode())
+
+
+@torch.no_grad()
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over every parameter/buffer name, shape, dtype and a strided sample of its values."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
+        sample = flat[::step][:_SAMPLES_PER_TENSOR].to("cpu", torch.float32).contiguous()
+        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's full serialised state (vocab, merges, normaliser, special tokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    state = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    special = json.dumps(
+        {k: str(v) for k, v in sorted(getattr(tokenizer, "special_tokens_map", {}).items())}, sort_keys=True
+    )
+    return _sha((state + "\n" + special).encode())
+
+
+def chat_template_fingerprint(tokenizer) -> str:
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, dict):
+        template = json.dumps(template, sort_keys=True)
+    return _sha(template.encode())

@@ -1,0 +1,45 @@
+"""Which samples go into which shard and which forward batch.
+
+Shard ``k`` always holds global samples ``[k * shard_size, (k + 1) * shard_size)``, so a cache's
+layout depends only on the global sample order. Inside a shard, samples are sorted by length and
+cut into batches of ``batch_size`` so that little of each forward is spent on padding; results are
+put back into global order before they are written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["ShardPlan", "plan_shards", "length_bucketed_batches", "padding_fraction"]
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    index: int
+    first_sample: int
+    num_samples: int
+
+    @property
+    def stop(self) -> int:
+        return self.first_sample + self.num_samples
+
+
+def plan_shards(num_samples: int, shard_size: int) -> list[ShardPlan]:
+    return [
+        ShardPlan(k, start, min(shard_size, num_samples - start))
+        for k, start in enumerate(range(0, num_samples, shard_size))
+    ]
+
+
+def length_bucketed_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices into ``lengths`` grouped in batches of similar length (longest first, so an
+    out-of-memory error shows up on the first batch rather than hours in)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def padding_fraction(lengths: list[int], batches: list[list[int]]) -> float:
+    """Share of the forward's token slots that are padding."""
+    real = sum(lengths)
+    slots = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    return 0.0 if slots == 0 else 1.0 - real / slots

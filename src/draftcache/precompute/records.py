@@ -1,0 +1,97 @@
+"""Turn one target forward over a padded batch into unpadded per-sample cache records.
+
+Everything here is position-aligned (unshifted): the reader applies the EAGLE-3 shift. Only the
+supervised positions (``loss_mask[p] == 1``) get target-side rows, because after the shift every
+other row meets a zero ``position_mask`` in the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from draftcache.data.vocab import DraftVocab
+from draftcache.target.supervision import compute_target_distribution
+
+__all__ = ["SupervisionSpec", "batch_to_records", "STORAGE_DTYPES"]
+
+STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class SupervisionSpec:
+    """How target-side rows are encoded: ``probs`` (draft-vocab softmax), ``topk`` (renormalised
+    top-k of it) or ``hidden`` (the lm_head input, rebuilt to logits at read time)."""
+
+    encoding: str
+    vocab: DraftVocab
+    dtype: torch.dtype
+    topk: int | None = None
+
+
+@torch.no_grad()
+def batch_to_records(
+    *,
+    logits: torch.Tensor,
+    aux_hidden_states: torch.Tensor,
+    final_hidden: torch.Tensor | None,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    lengths: list[int],
+    spec: SupervisionSpec,
+) -> list[dict[str, torch.Tensor]]:
+    """Per-sample host tensors in the storage dtype.
+
+    Args:
+        logits: ``[B, T, V]`` unshifted target logits (right-padded batch).
+        aux_hidden_states: ``[B, T, F]`` captured layers, position-aligned.
+        final_hidden: ``[B, T, H]`` lm_head input, required for ``hidden``.
+        input_ids, loss_mask: ``[B, T]``; padding has ``loss_mask == 0``.
+        lengths: real length ``S_b`` of each row.
+
+    Returns one dict per row with ``input_ids [S]``, ``loss_mask [S]``, ``aux_hidden_states [S, F]``,
+    ``target_argmax [M]`` and the encoding's rows (``target_probs [M, Vd]`` | ``topk_probs``/``topk_ids
+    [M, k]`` | ``final_hidden [M, H]``), ``M = loss_mask[:S].sum()``.
+    """
+    sup = loss_mask.bool()                                   # [B, T]
+    rows = logits[sup]                                       # [M_total, V]
+    target_argmax = rows.argmax(dim=-1).to(torch.int32)      # [M_total]
+    if spec.encoding == "hidden":
+        if final_hidden is None:
+            raise ValueError("the hidden encoding needs the target's final hidden state (capture_final_hidden=True)")
+        payload = {"final_hidden": final_hidden[sup].to(spec.dtype)}
+    else:
+        ones = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+        probs, _ = compute_target_distribution(
+            rows, ones, spec.vocab.selected_token_ids.to(rows.device), spec.vocab.t2d.to(rows.device)
+        )                                                    # [M_total, Vd] float32
+        if spec.encoding == "probs":
+            payload = {"target_probs": probs.to(spec.dtype)}
+        else:
+            top_p, top_i = probs.topk(spec.topk, dim=-1)     # [M_total, k]
+            top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+            payload = {"topk_probs": top_p.to(spec.dtype), "topk_ids": top_i.to(torch.int32)}
+    aux = aux_hidden_states.to(spec.dtype)
+    counts = sup.sum(dim=1).tolist()
+    # One device-to-host copy per tensor; on CUDA it is asynchronous into pinned memory, so the
+    # caller must synchronise (an event) before the records are read.
+    non_blocking = aux.device.type == "cuda"
+    host = lambda t: t.to("cpu", non_blocking=non_blocking)  # noqa: E731
+    aux, target_argmax = host(aux), host(target_argmax)
+    input_ids, loss_mask = host(input_ids), host(loss_mask)
+    payload = {k: host(v) for k, v in payload.items()}
+    records = []
+    start = 0
+    for b, length in enumerate(lengths):
+        stop = start + counts[b]
+        rec = {
+            "input_ids": input_ids[b, :length].to(torch.int32),
+            "loss_mask": loss_mask[b, :length].to(torch.uint8),
+            "aux_hidden_states": aux[b, :length],
+            "target_argmax": target_argmax[start:stop],
+        }
+        rec.update({k: v[start:stop] for k, v in payload.items()})
+        records.append(rec)
+        start = stop
+    return records
