@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from draftcache.data import load_conversations
 from draftcache.precompute.config import PrecomputeConfig
-from draftcache.precompute.loading import load_target_model, load_tokenizer, resolve_device
+from draftcache.target.loading import load_target_model, load_tokenizer, resolve_device
 from draftcache.precompute.pipeline import PrecomputeError, PrecomputeSummary, check_output_dir, run_precompute
 from draftcache.target import HFEagle3TargetModel
 
