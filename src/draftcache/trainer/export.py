@@ -1,0 +1,388 @@
+"""Export an EAGLE-3 draft as a HF-style directory that SGLang and vLLM load without edits.
+
+Two formats, each ``config.json`` + ``model.safetensors``:
+
+``eagle3`` (default; SGLang and vLLM)
+    ``architectures: ["LlamaForCausalLMEagle3"]`` (SGLang's class; vLLM's registry maps it to
+    ``Eagle3LlamaForCausalLM``). Weights are the draft's own state_dict names: ``midlayer.*``,
+    ``fc.weight``, ``norm.weight``, ``lm_head.weight``, ``d2t``, ``t2d`` and (by default)
+    ``embed_tokens.weight``, with no ``model.`` prefix. SGLang prefixes ``model.`` to names
+    that are not already parameters and silently skips what it does not know; vLLM prefixes
+    ``model.`` (except ``lm_head``), renames ``midlayer.`` -> ``layers.0.`` and
+    ``d2t`` -> ``draft_id_to_target_id``, skips ``t2d`` and raises on unknown names. Both
+    fuse q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj`` on load.
+
+``speculators`` (vLLM's speculators format, also loadable by the ``speculators`` library)
+    ``speculators_model_type: "eagle3"``, ``architectures: ["Eagle3Speculator"]``, a
+    ``transformer_layer_config`` (the Llama layer), ``speculators_config`` (algorithm,
+    proposal methods, verifier). The decoder layer is saved as ``layers.0.*`` (the
+    speculators library's name; vLLM maps both spellings onto its ``layers.0``). vLLM
+    defaults an absent ``norm_before_residual`` to True for this format, so it is always
+    written.
+
+Aux-layer ids: the two engines read different keys with different conventions (as read in
+their sources):
+
+* SGLang reads ``eagle_config["eagle_aux_hidden_state_layer_ids"]`` and adds 1 before
+  capturing ("the ith layer takes the output of the (i-1)th layer"), so that key holds
+  *decoder-layer output* ids: ours, unchanged.
+* vLLM (and speculators) read the top-level ``eagle_aux_hidden_state_layer_ids`` and capture
+  the *input* of that layer (``hidden_states + residual`` before running it), so that key
+  holds our ids + 1.
+
+Both keys are written; ``draftcache.aux_layer_ids`` records ours and the convention.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from draftcache.trainer.model import Eagle3DraftConfig, Eagle3DraftModel
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "EXPORT_FORMAT_VERSION",
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "export_draft",
+    "load_exported_draft",
+]
+
+EXPORT_FORMATS = ("eagle3", "speculators")
+EXPORT_FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+AUX_LAYER_CONVENTION = "decoder-layer output (HF hidden_states[i + 1]); engines' capture id = i + 1"
+
+_LAYER_PREFIX = {"eagle3": "midlayer.", "speculators": "layers.0."}
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------
+
+
+def _resolve_target(config: Eagle3DraftConfig, target_config: Any | None) -> tuple[int, float, dict | None, list[str]]:
+    """``(max_position_embeddings, rope_theta, rope_scaling, verifier_architectures)``, taken
+    from the target when given (after checking the draft was built for it)."""
+    if target_config is None:
+        return config.max_position_embeddings, config.rope_theta, config.rope_scaling, []
+    try:
+        expected = Eagle3DraftConfig.from_target_config(
+            target_config,
+            draft_vocab_size=config.draft_vocab_size,
+            aux_layer_ids=config.aux_layer_ids,
+            norm_before_residual=config.norm_before_residual,
+        )
+    except ValueError as err:
+        raise ValueError(f"draft does not match target_config: {err}") from None
+    problems = [
+        f"{name}: draft has {getattr(config, name)!r}, target gives {getattr(expected, name)!r}"
+        for name in ("target_hidden_size", "target_vocab_size", "rope_theta", "rope_scaling")
+        if getattr(config, name) != getattr(expected, name)
+    ]
+    if problems:
+        raise ValueError(
+            "draft does not match target_config (" + "; ".join(problems) + "); build the draft config with "
+            "Eagle3DraftConfig.from_target_config"
+        )
+    if isinstance(target_config, Mapping):
+        architectures = list(target_config.get("architectures") or [])
+    else:
+        architectures = list(getattr(target_config, "architectures", None) or [])
+    return expected.max_position_embeddings, expected.rope_theta, expected.rope_scaling, architectures
+
+
+def _layer_config(config: Eagle3DraftConfig, max_pos: int, theta: float, scaling: dict | None) -> dict[str, Any]:
+    """The Llama fields every engine reads for the draft's decoder layer."""
+    return {
+        "model_type": "llama",
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": 1,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": config.hidden_act,
+        "rms_norm_eps": config.rms_norm_eps,
+        "vocab_size": config.target_vocab_size,
+        "max_position_embeddings": max_pos,
+        "rope_theta": theta,
+        "rope_scaling": scaling,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+    }
+
+
+def _export_config(
+    config: Eagle3DraftConfig,
+    *,
+    format: str,
+    target_config: Any | None,
+    target_model_id: str | None,
+    dtype: torch.dtype,
+    num_speculative_tokens: int,
+) -> dict[str, Any]:
+    max_pos, theta, scaling, verifier_archs = _resolve_target(config, target_config)
+    engine_ids = [i + 1 for i in config.aux_layer_ids]  # vLLM / speculators: input of layer i+1
+    meta = {
+        "format": format,
+        "format_version": EXPORT_FORMAT_VERSION,
+        "aux_layer_ids": list(config.aux_layer_ids),
+        "aux_layer_convention": AUX_LAYER_CONVENTION,
+        "target_model": target_model_id,
+    }
+    layer = _layer_config(config, max_pos, theta, scaling)
+    if format == "eagle3":
+        return {
+            "architectures": ["LlamaForCausalLMEagle3"],
+            **layer,
+            "draft_vocab_size": config.draft_vocab_size,
+            "target_hidden_size": config.target_hidden_size,
+            "norm_before_residual": config.norm_before_residual,
+            "torch_dtype": _DTYPE_NAMES[dtype],
+            "eagle_config": {
+                # SGLang adds 1 to these before capturing: decoder-layer output ids (ours)
+                "eagle_aux_hidden_state_layer_ids": list(config.aux_layer_ids),
+                "use_aux_hidden_state": True,
+                "aux_layer_convention": "layer_output",
+            },
+            # vLLM reads this top-level key as-is: capture the input of layer id
+            "eagle_aux_hidden_state_layer_ids": engine_ids,
+            "draftcache": meta,
+        }
+    return {
+        "architectures": ["Eagle3Speculator"],
+        "speculators_model_type": "eagle3",
+        "transformer_layer_config": layer,
+        "draft_vocab_size": config.draft_vocab_size,
+        "target_hidden_size": config.target_hidden_size,
+        "norm_before_residual": config.norm_before_residual,
+        "eagle_aux_hidden_state_layer_ids": engine_ids,
+        "torch_dtype": _DTYPE_NAMES[dtype],
+        "speculators_config": {
+            "algorithm": "eagle3",
+            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": num_speculative_tokens}],
+            "default_proposal_method": "greedy",
+            "verifier": {"name_or_path": target_model_id, "architectures": verifier_archs},
+        },
+        "draftcache": meta,
+    }
+
+
+def _export_tensors(model: Eagle3DraftModel, *, format: str, dtype: torch.dtype,
+                    include_embeddings: bool) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if name == "embed_tokens.weight" and not include_embeddings:
+            continue
+        if name.startswith("midlayer."):
+            name = _LAYER_PREFIX[format] + name[len("midlayer."):]
+        tensor = tensor.detach().to("cpu")
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        tensors[name] = tensor.contiguous().clone()  # safetensors refuses shared storage
+    return tensors
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temporary file in the same directory, fsync, then rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def export_draft(
+    model: Eagle3DraftModel,
+    output_dir: str | os.PathLike[str],
+    *,
+    target_config: Any | None = None,
+    target_model_id: str | None = None,
+    format: str = "eagle3",
+    dtype: torch.dtype | None = None,
+    include_embeddings: bool = True,
+    num_speculative_tokens: int = 3,
+) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` for SGLang/vLLM into ``output_dir``.
+
+    Args:
+        model: the trained draft.
+        output_dir: created if missing; only the two files are (atomically) replaced.
+        target_config: the target's HF config (object or ``to_dict()`` form); when given, ``max_position_embeddings`` and
+            RoPE are taken from it (after checking the draft was built for it) and its
+            ``architectures`` fill the speculators verifier entry.
+        target_model_id: hub id or path of the target (speculators ``verifier.name_or_path``;
+            vLLM serves that model when given only the speculator).
+        format: ``"eagle3"`` (SGLang + vLLM) or ``"speculators"`` (vLLM / speculators).
+        dtype: weight dtype (float32, float16, bfloat16); default the model's.
+        include_embeddings: save ``embed_tokens.weight`` (engines otherwise use the target's;
+            the draft's frozen copy equals it).
+        num_speculative_tokens: ``speculators_config.proposal_methods[0].speculative_tokens``.
+
+    Returns:
+        The output directory.
+    """
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {format!r}; choose one of {EXPORT_FORMATS}")
+    dtype = dtype or model.fc.weight.dtype
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"export dtype must be one of {list(_DTYPE_NAMES.values())}, got {dtype}")
+    if num_speculative_tokens < 1:
+        raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
+    if format == "eagle3" and model.config.norm_before_residual:
+        warnings.warn(
+            "norm_before_residual=True is written to config.json, but SGLang's LlamaForCausalLMEagle3 (as read) "
+            "always takes the residual before hidden_norm; serve this draft with vLLM or check your SGLang version",
+            stacklevel=2,
+        )
+    config = _export_config(model.config, format=format, target_config=target_config,
+                            target_model_id=target_model_id, dtype=dtype,
+                            num_speculative_tokens=num_speculative_tokens)
+    tensors = _export_tensors(model, format=format, dtype=dtype, include_embeddings=include_embeddings)
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2, sort_keys=False) + "\n"
+    _atomic_write(out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    _fsync_dir(out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Load (our own loader: safetensors only, both formats)
+# --------------------------------------------------------------------------------------------
+
+
+def _rope_from_fields(fields_: Mapping[str, Any]) -> tuple[float, dict | None]:
+    params = fields_.get("rope_parameters")
+    if isinstance(params, Mapping) and params:
+        params = dict(params)
+        theta = params.pop("rope_theta", fields_.get("rope_theta"))
+        kind = params.get("rope_type", params.get("type", "default"))
+        return float(theta), (params if kind != "default" else None)
+    if fields_.get("rope_theta") is None:
+        raise ValueError("exported config has no rope_theta; it cannot be loaded faithfully")
+    return float(fields_["rope_theta"]), fields_.get("rope_scaling")
+
+
+def _draft_config_from_export(data: Mapping[str, Any]) -> Eagle3DraftConfig:
+    """Rebuild the draft config from the engine-facing fields of an exported config.json."""
+    is_speculators = "speculators_model_type" in data
+    if is_speculators and data["speculators_model_type"] != "eagle3":
+        raise ValueError(f"speculators_model_type is {data['speculators_model_type']!r}; only 'eagle3' is supported")
+    layer = data["transformer_layer_config"] if is_speculators else data
+    if is_speculators or "eagle_config" not in data:
+        engine_ids = data.get("eagle_aux_hidden_state_layer_ids")
+        ids = None if engine_ids is None else [int(i) - 1 for i in engine_ids]
+    else:
+        ids = [int(i) for i in data["eagle_config"]["eagle_aux_hidden_state_layer_ids"]]
+    recorded = (data.get("draftcache") or {}).get("aux_layer_ids")
+    if ids is None:
+        ids = recorded
+    if ids is None:
+        raise ValueError("exported config names no aux layer ids (eagle_config or eagle_aux_hidden_state_layer_ids)")
+    if recorded is not None and list(recorded) != ids:
+        raise ValueError(f"config.json aux-layer ids disagree: engine keys give {ids}, draftcache records {recorded}")
+    required = ("hidden_size", "intermediate_size", "num_attention_heads", "rms_norm_eps",
+                "max_position_embeddings", "vocab_size")
+    missing = [name for name in required if layer.get(name) is None]
+    missing += [name for name in ("draft_vocab_size",) if data.get(name) is None]
+    if missing:
+        raise ValueError(f"exported config.json lacks {missing}")
+    theta, scaling = _rope_from_fields(layer)
+    heads = int(layer["num_attention_heads"])
+    return Eagle3DraftConfig(
+        hidden_size=int(layer["hidden_size"]),
+        intermediate_size=int(layer["intermediate_size"]),
+        num_attention_heads=heads,
+        num_key_value_heads=int(layer.get("num_key_value_heads") or heads),
+        head_dim=int(layer.get("head_dim") or int(layer["hidden_size"]) // heads),
+        rms_norm_eps=float(layer["rms_norm_eps"]),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=int(layer["max_position_embeddings"]),
+        target_hidden_size=int(data.get("target_hidden_size") or layer["hidden_size"]),
+        target_vocab_size=int(layer["vocab_size"]),
+        draft_vocab_size=int(data["draft_vocab_size"]),
+        aux_layer_ids=ids,
+        num_aux_layers=len(ids),
+        hidden_act=str(layer.get("hidden_act", "silu")),
+        # vLLM's default for a speculators config without the key is True
+        norm_before_residual=bool(data.get("norm_before_residual", is_speculators)),
+    )
+
+
+def load_exported_draft(
+    path: str | os.PathLike[str],
+    *,
+    target_embeddings: torch.Tensor | None = None,
+    freeze_embeddings: bool = True,
+) -> Eagle3DraftModel:
+    """Load a directory written by :func:`export_draft` (either format) as a float32 draft.
+
+    ``target_embeddings [V, H]`` fills ``embed_tokens`` when the export omitted it. Names
+    that are not draft parameters (e.g. a ``model.layers.0.*`` checkpoint) and missing
+    parameters raise, naming them.
+    """
+    root = Path(path)
+    config_path, weights_path = root / CONFIG_FILE, root / WEIGHTS_FILE
+    for required in (config_path, weights_path):
+        if not required.is_file():
+            raise FileNotFoundError(f"{required} not found; expected a directory written by export_draft")
+    data = json.loads(config_path.read_text(encoding="utf-8"))
+    config = _draft_config_from_export(data)
+    model = Eagle3DraftModel(config, freeze_embeddings=freeze_embeddings)
+
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in load_file(str(weights_path)).items():
+        if name.startswith("layers.0."):
+            name = "midlayer." + name[len("layers.0."):]
+        state[name] = tensor
+    expected = model.state_dict()
+    unknown = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(state))
+    if "embed_tokens.weight" in missing and target_embeddings is not None:
+        missing.remove("embed_tokens.weight")
+        state["embed_tokens.weight"] = target_embeddings
+    if unknown or missing:
+        raise ValueError(
+            f"{weights_path} does not hold an EAGLE-3 draft in the exported layout: unknown names {unknown}, "
+            f"missing names {missing} (expected midlayer.*/layers.0.*, fc, norm, lm_head, d2t, t2d without a "
+            "'model.' prefix; pass target_embeddings if embed_tokens.weight was not exported)"
+        )
+    wrong = [f"{name}: {tuple(t.shape)} != {tuple(expected[name].shape)}"
+             for name, t in state.items() if tuple(t.shape) != tuple(expected[name].shape)]
+    if wrong:
+        raise ValueError(f"{weights_path} tensor shapes do not match config.json: {wrong}")
+    model.load_state_dict(state, strict=True)
+    return model

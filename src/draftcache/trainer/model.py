@@ -1,0 +1,653 @@
+"""The EAGLE-3 draft model: one Llama-style decoder layer fed by fused target features.
+
+Layout (parameter names are the exported checkpoint names, no ``model.`` prefix)::
+
+    embed_tokens  Embedding(V, H)              copy of the target's, frozen by default
+    fc            Linear(num_aux * H_t -> H)   fuses the target's aux hidden states
+    midlayer      cat(input_layernorm(embed), hidden_norm(h)) [2H] -> q/k/v -> o_proj [H]
+                  + residual h; post_attention_layernorm; SwiGLU MLP; + residual
+    norm          final RMSNorm
+    lm_head       Linear(H -> Vd)
+    d2t [Vd] int64, t2d [V] bool                draft id -> target id offsets, target membership
+
+``logits = lm_head(norm(h_out))``; the pre-norm ``h_out`` is the hidden state fed to the next
+draft step (training-time test, see :mod:`draftcache.trainer.ttt`).
+
+Attention supports the EAGLE-3 draft-step cache (:class:`Eagle3KVCache`): the first step
+attends causally over the sequence and caches its keys/values; every later step at slot ``t``
+attends to those cached keys of slots ``<= t`` plus one "diagonal" key per later step, all
+produced at slot ``t`` itself. This is how the engines' chain drafting sees the draft's own
+earlier predictions, and what TTT simulates during training.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from draftcache.data.vocab import DraftVocab
+
+__all__ = [
+    "Eagle3DraftConfig",
+    "Eagle3DraftModel",
+    "Eagle3KVCache",
+    "Eagle3Output",
+    "build_attention_mask",
+    "document_layout",
+    "rope_inverse_frequencies",
+    "SUPPORTED_ROPE_TYPES",
+]
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+def _rope_type(rope_scaling: Mapping[str, Any] | None) -> str:
+    if not rope_scaling:
+        return "default"
+    return str(rope_scaling.get("rope_type", rope_scaling.get("type", "default")))
+
+
+def _target_rope(text_config: Any) -> tuple[float, dict[str, Any] | None]:
+    """``(rope_theta, rope_scaling)`` of a HF config, from transformers 4.x fields
+    (``rope_theta`` + ``rope_scaling``) or 5.x ``rope_parameters`` (theta inside the dict)."""
+    params = getattr(text_config, "rope_parameters", None)
+    if isinstance(params, Mapping) and params:
+        params = dict(params)
+        theta = params.pop("rope_theta", None)
+        if theta is None:
+            theta = getattr(text_config, "rope_theta", None)
+        scaling = params if _rope_type(params) != "default" else None
+    else:
+        theta = getattr(text_config, "rope_theta", None)
+        scaling = getattr(text_config, "rope_scaling", None)
+        scaling = dict(scaling) if scaling else None
+    if theta is None:
+        raise ValueError(
+            "target config has no rope_theta (nor rope_parameters['rope_theta']); "
+            "pass a config of a RoPE model or build Eagle3DraftConfig by hand"
+        )
+    return float(theta), scaling
+
+
+def _text_config(hf_config: Any) -> Any:
+    """The language-model part of a HF config object or of its ``to_dict()`` form."""
+    if isinstance(hf_config, Mapping):
+        text = hf_config.get("text_config") or hf_config
+        return SimpleNamespace(**text)
+    getter = getattr(hf_config, "get_text_config", None)
+    if callable(getter):
+        return getter()
+    return getattr(hf_config, "text_config", None) or hf_config
+
+
+@dataclass(frozen=True, kw_only=True)
+class Eagle3DraftConfig:
+    """Shapes and settings of an EAGLE-3 draft (saved with every export).
+
+    Attributes:
+        hidden_size: draft width ``H`` (equal to the target's for the usual embedding copy).
+        intermediate_size: SwiGLU inner width.
+        num_attention_heads / num_key_value_heads / head_dim: attention geometry (GQA allowed).
+        rms_norm_eps: epsilon of every RMSNorm.
+        rope_theta / rope_scaling: RoPE base and scaling dict (``None``, ``linear`` or
+            ``llama3``); must equal the target's so serving positions mean the same thing.
+        max_position_embeddings: the target's context length (never a smaller default:
+            engines cap draft positions with it).
+        target_hidden_size: ``H_t``, width of each aux hidden state.
+        target_vocab_size: ``V``; draft_vocab_size: ``Vd <= V``.
+        aux_layer_ids: target decoder layers whose *outputs* feed ``fc`` (HF
+            ``hidden_states[i + 1]``); engines name the same tensors ``i + 1``.
+        num_aux_layers: ``len(aux_layer_ids)``; ``fc`` input is ``num_aux_layers * H_t``.
+        hidden_act: MLP activation (only ``silu``, SwiGLU).
+        norm_before_residual: residual taken from ``hidden_norm(h)`` instead of ``h``
+            (original EAGLE-3: False).
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int
+    target_hidden_size: int
+    target_vocab_size: int
+    draft_vocab_size: int
+    aux_layer_ids: list[int]
+    num_aux_layers: int = 3
+    hidden_act: str = "silu"
+    norm_before_residual: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "aux_layer_ids", [int(i) for i in self.aux_layer_ids])
+        object.__setattr__(self, "rope_scaling", dict(self.rope_scaling) if self.rope_scaling else None)
+        problems: list[str] = []
+        for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                     "head_dim", "max_position_embeddings", "target_hidden_size", "target_vocab_size",
+                     "draft_vocab_size", "num_aux_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                problems.append(f"{name} must be a positive int, got {value!r}")
+        if not problems:
+            if self.num_attention_heads % self.num_key_value_heads:
+                problems.append(
+                    f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                    f"num_key_value_heads ({self.num_key_value_heads})"
+                )
+            if self.head_dim % 2:
+                problems.append(f"head_dim must be even for RoPE, got {self.head_dim}")
+            if self.draft_vocab_size > self.target_vocab_size:
+                problems.append(
+                    f"draft_vocab_size ({self.draft_vocab_size}) exceeds target_vocab_size "
+                    f"({self.target_vocab_size})"
+                )
+            if len(self.aux_layer_ids) != self.num_aux_layers:
+                problems.append(
+                    f"aux_layer_ids {self.aux_layer_ids} has {len(self.aux_layer_ids)} ids but "
+                    f"num_aux_layers is {self.num_aux_layers}"
+                )
+        if any(i < 0 for i in self.aux_layer_ids):
+            problems.append(f"aux_layer_ids must be >= 0 (decoder-layer output ids), got {self.aux_layer_ids}")
+        if self.rms_norm_eps <= 0:
+            problems.append(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        if self.rope_theta <= 0:
+            problems.append(f"rope_theta must be > 0, got {self.rope_theta}")
+        if _rope_type(self.rope_scaling) not in SUPPORTED_ROPE_TYPES:
+            problems.append(
+                f"rope_scaling type {_rope_type(self.rope_scaling)!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+        if self.hidden_act != "silu":
+            problems.append(f"hidden_act {self.hidden_act!r} is not supported; the draft MLP is SwiGLU ('silu')")
+        if problems:
+            raise ValueError("invalid Eagle3DraftConfig: " + "; ".join(problems))
+
+    @classmethod
+    def from_target_config(
+        cls,
+        hf_config: Any,
+        *,
+        draft_vocab_size: int,
+        aux_layer_ids: Sequence[int],
+        norm_before_residual: bool = False,
+    ) -> "Eagle3DraftConfig":
+        """Draft config matching a HF target config (its ``text_config`` when it has one);
+        ``hf_config`` may be a ``PretrainedConfig`` or its ``to_dict()`` form.
+
+        Copies hidden/intermediate sizes, head counts, head_dim, eps, activation, RoPE
+        (``rope_theta``/``rope_scaling`` or transformers 5.x ``rope_parameters``) and
+        ``max_position_embeddings`` from the target, so the draft serves at the target's
+        context length with the target's position encoding.
+        """
+        text = _text_config(hf_config)
+        missing = [name for name in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                     "vocab_size", "max_position_embeddings")
+                   if getattr(text, name, None) is None]
+        if missing:
+            raise ValueError(f"target config lacks {', '.join(missing)}; cannot derive a draft config from it")
+        heads = int(text.num_attention_heads)
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or int(text.hidden_size) // heads
+        theta, scaling = _target_rope(text)
+        num_layers = getattr(text, "num_hidden_layers", None)
+        if num_layers is not None and any(int(i) >= int(num_layers) for i in aux_layer_ids):
+            raise ValueError(
+                f"aux_layer_ids {list(aux_layer_ids)} out of range for a target with {num_layers} decoder layers "
+                "(ids name decoder-layer outputs, 0-based)"
+            )
+        return cls(
+            hidden_size=int(text.hidden_size),
+            intermediate_size=int(text.intermediate_size),
+            num_attention_heads=heads,
+            num_key_value_heads=int(kv_heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(getattr(text, "rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(text.max_position_embeddings),
+            target_hidden_size=int(text.hidden_size),
+            target_vocab_size=int(text.vocab_size),
+            draft_vocab_size=int(draft_vocab_size),
+            aux_layer_ids=list(aux_layer_ids),
+            num_aux_layers=len(aux_layer_ids),
+            hidden_act=str(getattr(text, "hidden_act", "silu")),
+            norm_before_residual=norm_before_residual,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Eagle3DraftConfig":
+        """Inverse of :meth:`to_dict`; unknown keys fail instead of being dropped."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown Eagle3DraftConfig keys {unknown}; known keys: {sorted(known)}")
+        return cls(**dict(data))
+
+
+# --------------------------------------------------------------------------------------------
+# Masks and packed layout
+# --------------------------------------------------------------------------------------------
+
+
+def document_layout(seq_lens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-slot document index, in-document position and remaining tokens for packed rows.
+
+    Args:
+        seq_lens: ``[B, D]`` int document lengths per row (zeros for unused slots), each row
+            summing to ``seq_len``.
+        seq_len: ``T``.
+
+    Returns:
+        ``doc_ids [B, T]`` int64, ``position_ids [B, T]`` (restarting at 0 in each document)
+        and ``doc_remaining [B, T]`` = tokens after ``t`` in its document (``len - 1 - pos``).
+    """
+    seq_lens = seq_lens.to(torch.int64)
+    if seq_lens.dim() != 2:
+        raise ValueError(f"seq_lens must be [B, max_docs], got shape {tuple(seq_lens.shape)}")
+    totals = seq_lens.sum(-1)
+    if bool((totals != seq_len).any()) or bool((seq_lens < 0).any()):
+        raise ValueError(
+            f"seq_lens rows must be non-negative and sum to the sequence length {seq_len}; got sums {totals.tolist()}"
+        )
+    ends = seq_lens.cumsum(-1)  # [B, D]
+    slots = torch.arange(seq_len, device=seq_lens.device).expand(seq_lens.size(0), seq_len).contiguous()
+    doc_ids = torch.searchsorted(ends, slots, right=True)  # [B, T]
+    doc_end = ends.gather(1, doc_ids)
+    doc_start = doc_end - seq_lens.gather(1, doc_ids)
+    return doc_ids, slots - doc_start, doc_end - 1 - slots
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seq_lens: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Boolean ``[B, 1, T, T]`` mask (True = may attend) for the first draft step.
+
+    Query ``t`` may attend key ``s`` iff ``s <= t``, both lie in the same document (when
+    ``seq_lens`` packs several per row), and key ``s`` is a real token
+    (``attention_mask[s] == 1``). A query always sees its own slot, so padded queries get a
+    finite (discarded) output instead of NaN; real queries are unaffected by that rule.
+    """
+    slots = torch.arange(seq_len, device=device)
+    allowed = (slots[None, :] <= slots[:, None]).expand(batch_size, seq_len, seq_len)  # [B, T(q), T(k)]
+    if seq_lens is not None:
+        doc_ids, _, _ = document_layout(seq_lens.to(device), seq_len)
+        allowed = allowed & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    if attention_mask is not None:
+        real_key = attention_mask.to(device=device).bool()[:, None, :]  # [B, 1, T(k)]
+        allowed = allowed & (real_key | torch.eye(seq_len, dtype=torch.bool, device=device))
+    return allowed[:, None].contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+
+
+def rope_inverse_frequencies(head_dim: int, rope_theta: float, rope_scaling: Mapping[str, Any] | None) -> torch.Tensor:
+    """``[head_dim // 2]`` float32 RoPE inverse frequencies with ``linear`` or ``llama3`` scaling.
+
+    ``linear`` divides every frequency by ``factor``. ``llama3`` keeps high frequencies
+    (wavelength below ``original_max_position_embeddings / high_freq_factor``), divides low
+    ones (wavelength above ``original / low_freq_factor``) by ``factor`` and interpolates
+    linearly in ``original / wavelength`` between the two.
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+    inv_freq = 1.0 / (float(rope_theta) ** exponents)
+    kind = _rope_type(rope_scaling)
+    if kind == "default" or rope_scaling is None:
+        return inv_freq
+    if kind not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"rope_scaling type {kind!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    required = ("factor",) if kind == "linear" else (
+        "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    absent = [name for name in required if name not in rope_scaling]
+    if absent:
+        raise ValueError(f"rope_scaling of type {kind!r} lacks {absent}: {dict(rope_scaling)}")
+    factor = float(rope_scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    low = float(rope_scaling["low_freq_factor"])
+    high = float(rope_scaling["high_freq_factor"])
+    original = float(rope_scaling["original_max_position_embeddings"])
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (original / wavelength - low) / (high - low)
+    interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    is_mid = (wavelength >= original / high) & (wavelength <= original / low)
+    return torch.where(is_mid, interpolated, scaled)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+class _Rotary:
+    """RoPE tables computed in float32 from positions; kept off the module's buffers so
+    ``model.to(bfloat16)`` cannot degrade the frequencies and the state_dict stays exact."""
+
+    def __init__(self, config: Eagle3DraftConfig) -> None:
+        self._inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+        self._on_device: dict[torch.device, torch.Tensor] = {}
+
+    def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``position_ids [B, T]`` -> ``cos, sin [B, 1, T, head_dim]`` in ``dtype``."""
+        device = position_ids.device
+        if device not in self._on_device:
+            self._on_device[device] = self._inv_freq.to(device)
+        freqs = position_ids.to(torch.float32)[..., None] * self._on_device[device]  # [B, T, d/2]
+        angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, T, d]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+class Eagle3RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.to(torch.float32)
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(dtype)
+
+
+class Eagle3MLP(nn.Module):
+    def __init__(self, config: Eagle3DraftConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class Eagle3KVCache:
+    """Keys/values of earlier draft steps over one sequence batch.
+
+    ``block_k/block_v [B, H_kv, T, d]``: the first step's keys/values (attended causally).
+    ``diag_k/diag_v``: one ``[B, H_kv, T, d]`` per later step; at slot ``t`` each holds the key
+    that step produced at slot ``t`` (attended only by queries at slot ``t``).
+    """
+
+    block_k: torch.Tensor | None = None
+    block_v: torch.Tensor | None = None
+    diag_k: list[torch.Tensor] = field(default_factory=list)
+    diag_v: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return 0 if self.block_k is None else 1 + len(self.diag_k)
+
+
+def _attend(
+    q: torch.Tensor,
+    block_k: torch.Tensor,
+    block_v: torch.Tensor,
+    mask: torch.Tensor,
+    diag_k: list[torch.Tensor],
+    diag_v: list[torch.Tensor],
+) -> torch.Tensor:
+    """One softmax over ``[causal block keys (T) | diagonal keys (k)]`` per query.
+
+    ``q [B, Hq, T, d]``, ``block_k/v [B, Hkv, T, d]``, ``mask [B, 1, T, T]`` bool,
+    ``diag_k/v``: k tensors ``[B, Hkv, T, d]``. Returns ``[B, Hq, T, d]``. Memory is
+    ``O(T*T + T*k)`` per head: the diagonal keys are scored with an elementwise product,
+    never expanded to ``T x T x k``.
+    """
+    batch, q_heads, seq, dim = q.shape
+    kv_heads = block_k.size(1)
+    groups = q_heads // kv_heads
+    scale = dim ** -0.5
+    qg = q.reshape(batch, kv_heads, groups, seq, dim)  # GQA: query heads grouped per kv head
+    scores = torch.matmul(qg, block_k.unsqueeze(2).transpose(-1, -2)).float() * scale  # [B,Hkv,g,T,T]
+    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+    if diag_k:
+        dk = torch.stack(diag_k, dim=-2)  # [B, Hkv, T, k, d]
+        diag_scores = torch.einsum("bhgtd,bhtjd->bhgtj", qg, dk).float() * scale  # [B,Hkv,g,T,k]
+        scores = torch.cat([scores, diag_scores], dim=-1)
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    out = torch.matmul(probs[..., :seq], block_v.unsqueeze(2))  # [B, Hkv, g, T, d]
+    if diag_v:
+        dv = torch.stack(diag_v, dim=-2)  # [B, Hkv, T, k, d]
+        out = out + torch.einsum("bhgtj,bhtjd->bhgtd", probs[..., seq:], dv)
+    return out.reshape(batch, q_heads, seq, dim)
+
+
+class Eagle3Attention(nn.Module):
+    """GQA self-attention whose q/k/v read the ``2H``-wide ``[embed | hidden]`` input."""
+
+    def __init__(self, config: Eagle3DraftConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        width = 2 * config.hidden_size
+        self.q_proj = nn.Linear(width, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.rotary = _Rotary(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor,
+        cache: Eagle3KVCache | None = None,
+    ) -> torch.Tensor:
+        """``x [B, T, 2H]`` at ``position_ids [B, T]`` -> ``[B, T, H]``.
+
+        Without a cache, or with an empty one, this is causal attention under ``mask`` (the
+        cache then keeps these keys as the block). With a filled cache, the new keys are
+        appended as diagonal keys and the queries attend block + all diagonal keys.
+        """
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = self.rotary.cos_sin(position_ids, q.dtype)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        if cache is None or cache.block_k is None:
+            block_k, block_v, diag_k, diag_v = k, v, [], []
+            if cache is not None:
+                cache.block_k, cache.block_v = k, v
+        else:
+            cache.diag_k.append(k)
+            cache.diag_v.append(v)
+            block_k, block_v, diag_k, diag_v = cache.block_k, cache.block_v, cache.diag_k, cache.diag_v
+        out = _attend(q, block_k, block_v, mask, diag_k, diag_v)  # [B, Hq, T, d]
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
+
+
+class Eagle3DecoderLayer(nn.Module):
+    """The draft's single decoder layer (``midlayer``)."""
+
+    def __init__(self, config: Eagle3DraftConfig) -> None:
+        super().__init__()
+        self.norm_before_residual = config.norm_before_residual
+        self.hidden_norm = Eagle3RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = Eagle3RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Eagle3Attention(config)
+        self.post_attention_layernorm = Eagle3RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = Eagle3MLP(config)
+
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor,
+        cache: Eagle3KVCache | None = None,
+    ) -> torch.Tensor:
+        """``embeds, hidden [B, T, H]`` -> pre-norm output ``[B, T, H]``."""
+        normed_hidden = self.hidden_norm(hidden)
+        residual = normed_hidden if self.norm_before_residual else hidden
+        x = torch.cat([self.input_layernorm(embeds), normed_hidden], dim=-1)  # [B, T, 2H]
+        h = residual + self.self_attn(x, position_ids, mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+# --------------------------------------------------------------------------------------------
+# The draft
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Eagle3Output:
+    """``logits [B, T, Vd]`` and the pre-norm ``hidden_states [B, T, H]`` fed to the next step."""
+
+    logits: torch.Tensor
+    hidden_states: torch.Tensor
+
+
+class Eagle3DraftModel(nn.Module):
+    """EAGLE-3 draft; ``state_dict()`` keys are exactly the exported checkpoint names."""
+
+    def __init__(self, config: Eagle3DraftConfig, *, freeze_embeddings: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.target_vocab_size, config.hidden_size)
+        self.fc = nn.Linear(config.num_aux_layers * config.target_hidden_size, config.hidden_size, bias=False)
+        self.midlayer = Eagle3DecoderLayer(config)
+        self.norm = Eagle3RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.draft_vocab_size, bias=False)
+        # default maps: draft id i = target id i (the first Vd target ids)
+        self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.int64))
+        t2d = torch.zeros(config.target_vocab_size, dtype=torch.bool)
+        t2d[: config.draft_vocab_size] = True
+        self.register_buffer("t2d", t2d)
+        if freeze_embeddings:
+            self.embed_tokens.weight.requires_grad_(False)
+
+    # ---- vocabulary and warm starts -----------------------------------------------------
+
+    @property
+    def selected_token_ids(self) -> torch.Tensor:
+        """``[Vd]`` int64 target ids of the draft vocabulary (``arange(Vd) + d2t``)."""
+        return torch.arange(self.config.draft_vocab_size, device=self.d2t.device) + self.d2t
+
+    def set_draft_vocab(self, vocab: DraftVocab) -> None:
+        """Install a draft vocabulary's ``d2t``/``t2d`` (sizes must match the config)."""
+        if vocab.size != self.config.draft_vocab_size or vocab.target_vocab_size != self.config.target_vocab_size:
+            raise ValueError(
+                f"draft vocabulary is {vocab.size} of {vocab.target_vocab_size} tokens but the model expects "
+                f"draft_vocab_size={self.config.draft_vocab_size}, target_vocab_size={self.config.target_vocab_size}"
+            )
+        with torch.no_grad():
+            self.d2t.copy_(vocab.d2t)
+            self.t2d.copy_(vocab.t2d)
+
+    def load_target_embeddings(self, weight: torch.Tensor) -> None:
+        """Copy the target's input embeddings ``[V, H]`` into ``embed_tokens``."""
+        expected = tuple(self.embed_tokens.weight.shape)
+        if tuple(weight.shape) != expected:
+            raise ValueError(
+                f"target embeddings have shape {tuple(weight.shape)} but the draft expects {expected} "
+                "([target_vocab_size, hidden_size]); pass the target's input embedding matrix"
+            )
+        with torch.no_grad():
+            self.embed_tokens.weight.copy_(weight)
+
+    def init_lm_head_from_target(
+        self, target_lm_head_weight: torch.Tensor, selected_token_ids: torch.Tensor | None = None
+    ) -> None:
+        """Warm-start ``lm_head`` with the target's rows for the draft vocabulary.
+
+        ``target_lm_head_weight [V, H_t]``; ``selected_token_ids [Vd]`` defaults to the model's
+        own (``arange(Vd) + d2t``), so call this *after* :meth:`set_draft_vocab`. Only valid
+        when the draft width equals the target's.
+        """
+        v, h = self.config.target_vocab_size, self.config.hidden_size
+        if self.config.target_hidden_size != h:
+            raise ValueError(
+                f"cannot copy the target lm_head: draft hidden_size {h} != target_hidden_size "
+                f"{self.config.target_hidden_size}"
+            )
+        if tuple(target_lm_head_weight.shape) != (v, h):
+            raise ValueError(f"target lm_head weight has shape {tuple(target_lm_head_weight.shape)}, expected {(v, h)}")
+        ids = self.selected_token_ids if selected_token_ids is None else selected_token_ids.to(torch.int64)
+        if ids.shape != (self.config.draft_vocab_size,):
+            raise ValueError(f"selected_token_ids must have shape [{self.config.draft_vocab_size}], got {tuple(ids.shape)}")
+        with torch.no_grad():
+            self.lm_head.weight.copy_(target_lm_head_weight.index_select(0, ids.to(target_lm_head_weight.device)))
+
+    # ---- forward --------------------------------------------------------------------------
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Pre-norm ``[B, T, H]`` -> ``[B, T, Vd]``."""
+        return self.lm_head(self.norm(hidden_states))
+
+    def forward_step(
+        self,
+        input_ids: torch.Tensor,
+        hidden_states: torch.Tensor,
+        *,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor,
+        cache: Eagle3KVCache | None = None,
+    ) -> Eagle3Output:
+        """One draft step: ``input_ids [B, T]`` (the tokens this step reads), ``hidden_states
+        [B, T, H]`` (``fc`` output for the first step, the previous pre-norm output after),
+        ``position_ids [B, T]``, ``mask [B, 1, T, T]`` from :func:`build_attention_mask`."""
+        embeds = self.embed_tokens(input_ids).to(hidden_states.dtype)
+        out = self.midlayer(embeds, hidden_states, position_ids, mask, cache)
+        return Eagle3Output(logits=self.compute_logits(out), hidden_states=out)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        aux_hidden_states: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        seq_lens: torch.Tensor | None = None,
+    ) -> Eagle3Output:
+        """First draft step over a sequence (= TTT step 0).
+
+        Args:
+            input_ids: ``[B, T]`` shifted tokens (slot ``t`` holds ``x_{t+1}``).
+            aux_hidden_states: ``[B, T, num_aux * H_t]`` unshifted target features.
+            attention_mask: ``[B, T]`` 1 = real token (keys at 0 are never attended).
+            position_ids: ``[B, T]``; default ``arange(T)``, or per document with ``seq_lens``.
+            seq_lens: ``[B, D]`` packed document lengths (block-causal attention).
+        """
+        batch, seq = input_ids.shape
+        if position_ids is None:
+            position_ids = _default_positions(batch, seq, seq_lens, input_ids.device)
+        mask = build_attention_mask(attention_mask, seq_len=seq, batch_size=batch, seq_lens=seq_lens,
+                                    device=input_ids.device)
+        hidden = self.fc(aux_hidden_states.to(self.fc.weight.dtype))
+        return self.forward_step(input_ids, hidden, position_ids=position_ids, mask=mask)
+
+
+def _default_positions(batch: int, seq: int, seq_lens: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    if seq_lens is not None:
+        return document_layout(seq_lens.to(device), seq)[1]
+    return torch.arange(seq, device=device).expand(batch, seq)

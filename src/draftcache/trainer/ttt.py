@@ -1,0 +1,208 @@
+"""Training-time test (TTT): the EAGLE-3 multi-step draft loss.
+
+Inputs follow the shift contract of ``docs/DESIGN.md``: slot ``t`` carries the unshifted aux
+feature ``h_t``, the next token ``input_ids[t] = x_{t+1}``, and the target's distribution at
+position ``t + 1`` (``target_probs[t]``, masked by ``position_mask[t]``).
+
+Step ``k`` (0-based) simulates the draft's ``k``-th chained prediction from slot ``t``:
+
+* tokens, ``loss_mask``, ``target_probs`` and ``position_mask`` are shifted left by ``k`` in
+  total (zero-filled), so step ``k`` at slot ``t`` reads ``x_{t+1+k}`` and is scored against
+  the target's distribution at position ``t + 1 + k``;
+* the hidden input is the previous step's pre-norm output at the *same* slot ``t`` (not
+  shifted): slot ``t``'s chain keeps its own state, exactly as SpecForge / NeMo / the EAGLE-3
+  reference feed ``hidden_states`` from one step to the next without moving it;
+* RoPE positions are ``position_ids + k`` (the k-th drafted token sits k places further on);
+* the query at slot ``t`` attends to the step-0 keys of slots ``<= t`` (causal, inside its
+  document when packed, never a padding key) plus the keys that steps ``1..k`` produced at
+  slot ``t`` itself: one "diagonal" key per step. See :class:`~draftcache.trainer.model.Eagle3KVCache`.
+
+Per-step loss is the soft cross-entropy ``-(position_mask * target_probs * log_softmax(logits)).sum(-1)``
+averaged over the step's valid positions (``position_mask.sum()``, at least 1), NeMo's choice.
+SpecForge instead divides by all ``B*T`` slots, which makes the loss scale with the padding
+fraction and shrink for later steps; averaging over valid positions keeps every step's loss a
+per-token quantity. The total is ``sum_k w^k L_k / sum_k w^k`` with ``w = step_weight``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from draftcache.target.supervision import compute_target_distribution, shift_left_with_zero
+from draftcache.trainer.model import (
+    Eagle3DraftModel,
+    Eagle3KVCache,
+    build_attention_mask,
+    document_layout,
+)
+
+__all__ = ["TTTOutput", "ttt_forward", "simulated_acceptance_length"]
+
+
+@dataclass
+class TTTOutput:
+    """Result of :func:`ttt_forward`.
+
+    Attributes:
+        loss: scalar, weighted mean of the per-step losses (what to backpropagate).
+        losses: ``[K]`` per-step mean loss over that step's valid positions.
+        loss_sums: ``[K]`` per-step summed loss (divide the all-reduced sums by ``valid``).
+        correct: ``[K]`` int64 count of valid positions where the draft argmax equals the
+            target argmax over the draft vocabulary.
+        valid: ``[K]`` int64 count of valid positions (``position_mask`` after the shift).
+        logits: per-step ``[B, T, Vd]`` draft logits when ``return_logits`` was set.
+    """
+
+    loss: torch.Tensor
+    losses: torch.Tensor
+    loss_sums: torch.Tensor
+    correct: torch.Tensor
+    valid: torch.Tensor
+    logits: list[torch.Tensor] | None = None
+
+    @property
+    def accuracies(self) -> torch.Tensor:
+        """``[K]`` float per-step accuracy (0 where a step had no valid positions)."""
+        return self.correct.float() / self.valid.clamp(min=1).float()
+
+
+def simulated_acceptance_length(acc_per_step: Sequence[float] | torch.Tensor) -> float:
+    """``1 + sum_k prod_{j<=k} acc_j``: expected tokens per verify step of a chain draft
+    accepting step ``k`` with probability ``acc_k`` (the ``1`` is the target's bonus token)."""
+    acc = torch.as_tensor(acc_per_step, dtype=torch.float64).flatten()
+    if bool(((acc < 0) | (acc > 1)).any()):
+        raise ValueError(f"per-step accuracies must lie in [0, 1], got {acc.tolist()}")
+    return float(1.0 + torch.cumprod(acc, dim=0).sum())
+
+
+def _check_shape(name: str, tensor: torch.Tensor | None, expected: tuple[int, ...]) -> None:
+    if tensor is not None and tuple(tensor.shape) != expected:
+        raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {expected}")
+
+
+def ttt_forward(
+    model: Eagle3DraftModel,
+    *,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    aux_hidden_states: torch.Tensor,
+    target_probs: torch.Tensor | None = None,
+    position_mask: torch.Tensor | None = None,
+    logits: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    seq_lens: torch.Tensor | None = None,
+    doc_remaining: torch.Tensor | None = None,
+    ttt_steps: int = 7,
+    step_weight: float = 0.8,
+    return_logits: bool = False,
+) -> TTTOutput:
+    """Run ``ttt_steps`` chained draft steps over a batch and score each against the target.
+
+    Args:
+        model: the draft.
+        input_ids: ``[B, T]`` shifted tokens (slot ``t`` holds ``x_{t+1}``).
+        attention_mask: ``[B, T]`` unshifted, 1 = real token; 0 keys are never attended.
+        loss_mask: ``[B, T]`` shifted 0/1 supervision mask.
+        aux_hidden_states: ``[B, T, num_aux * H_t]`` unshifted target features.
+        target_probs: ``[B, T, Vd]`` shifted target distribution over the draft vocabulary
+            (cached path). Give exactly one of ``target_probs`` and ``logits``.
+        position_mask: ``[B, T, 1]`` (or ``[B, T]``) bool, shifted; default ``loss_mask``.
+            Pass the mask from ``compute_target_distribution`` with a reduced vocabulary.
+        logits: ``[B, T, V]`` shifted full-vocab target logits (online path), projected with
+            ``compute_target_distribution`` using the model's ``selected_token_ids`` and ``t2d``.
+        position_ids: ``[B, T]`` step-0 RoPE positions; default ``arange(T)``, per document
+            when ``seq_lens`` is given.
+        seq_lens: ``[B, D]`` packed document lengths summing to ``T`` per row.
+        doc_remaining: ``[B, T]`` tokens after ``t`` in its document; step ``k`` supervises
+            slot ``t`` only if ``k < doc_remaining[t]``. Derived from ``seq_lens`` if omitted.
+        ttt_steps: number of chained steps ``K`` (EAGLE-3: 7).
+        step_weight: per-step loss weight base (``w^k``).
+        return_logits: keep every step's logits in the output (memory: ``K*B*T*Vd``).
+    """
+    if ttt_steps < 1:
+        raise ValueError(f"ttt_steps must be >= 1, got {ttt_steps}")
+    if step_weight <= 0:
+        raise ValueError(f"step_weight must be > 0, got {step_weight}")
+    if (target_probs is None) == (logits is None):
+        raise ValueError("pass exactly one of target_probs (cached supervision) and logits (online supervision)")
+    if logits is not None and position_mask is not None:
+        raise ValueError("position_mask is computed from logits on the online path; do not pass both")
+    cfg = model.config
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+    batch, seq = input_ids.shape
+    _check_shape("attention_mask", attention_mask, (batch, seq))
+    _check_shape("loss_mask", loss_mask, (batch, seq))
+    _check_shape("aux_hidden_states", aux_hidden_states, (batch, seq, cfg.num_aux_layers * cfg.target_hidden_size))
+    _check_shape("target_probs", target_probs, (batch, seq, cfg.draft_vocab_size))
+    _check_shape("logits", logits, (batch, seq, cfg.target_vocab_size))
+    _check_shape("position_ids", position_ids, (batch, seq))
+    _check_shape("doc_remaining", doc_remaining, (batch, seq))
+    if position_mask is not None:
+        if position_mask.dim() == 2:
+            position_mask = position_mask.unsqueeze(-1)
+        _check_shape("position_mask", position_mask, (batch, seq, 1))
+    device = input_ids.device
+
+    if logits is not None:
+        with torch.no_grad():
+            target_probs, position_mask = compute_target_distribution(
+                logits, loss_mask, model.selected_token_ids, model.t2d
+            )
+    elif position_mask is None:
+        position_mask = loss_mask.bool().unsqueeze(-1)
+
+    if seq_lens is not None:
+        _, doc_positions, doc_left = document_layout(seq_lens.to(device), seq)
+        if position_ids is None:
+            position_ids = doc_positions
+        if doc_remaining is None:
+            doc_remaining = doc_left
+    if position_ids is None:
+        position_ids = torch.arange(seq, device=device).expand(batch, seq)
+    mask = build_attention_mask(attention_mask, seq_len=seq, batch_size=batch, seq_lens=seq_lens, device=device)
+
+    cache = Eagle3KVCache()
+    hidden = model.fc(aux_hidden_states.to(model.fc.weight.dtype))  # [B, T, H]
+    ids, probs, pmask = input_ids, target_probs, position_mask.bool()
+    step_losses, step_sums, step_correct, step_valid, kept = [], [], [], [], []
+    for step in range(ttt_steps):
+        if step > 0:
+            ids = shift_left_with_zero(ids)
+            probs = shift_left_with_zero(probs)
+            pmask = shift_left_with_zero(pmask)
+        out = model.forward_step(ids, hidden, position_ids=position_ids + step, mask=mask, cache=cache)
+        hidden = out.hidden_states  # slot t keeps its own chain state
+
+        valid = pmask
+        if doc_remaining is not None:
+            valid = valid & (doc_remaining.to(device) > step).unsqueeze(-1)  # [B, T, 1]
+        weight = valid.to(torch.float32)
+        log_probs = F.log_softmax(out.logits.float(), dim=-1)  # [B, T, Vd]
+        per_slot = -(weight * probs.float() * log_probs).sum(-1)  # [B, T]
+        loss_sum = per_slot.sum()
+        count = weight.sum()
+        step_sums.append(loss_sum)
+        step_losses.append(loss_sum / count.clamp(min=1))
+        with torch.no_grad():
+            hit = (out.logits.argmax(-1) == probs.argmax(-1)) & valid.squeeze(-1)
+            step_correct.append(hit.sum())
+            step_valid.append(valid.sum())
+        if return_logits:
+            kept.append(out.logits)
+
+    losses = torch.stack(step_losses)
+    weights = step_weight ** torch.arange(ttt_steps, dtype=torch.float32, device=losses.device)
+    return TTTOutput(
+        loss=(weights * losses).sum() / weights.sum(),
+        losses=losses,
+        loss_sums=torch.stack(step_sums),
+        correct=torch.stack(step_correct).to(torch.int64),
+        valid=torch.stack(step_valid).to(torch.int64),
+        logits=kept if return_logits else None,
+    )
