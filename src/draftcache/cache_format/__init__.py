@@ -1,0 +1,62 @@
+"""The on-disk cache format v1: schema, writer, reader and torch datasets (see README.md).
+
+Producers (precompute), consumers (trainer) and the CLI import the format only from here.
+"""
+
+from draftcache.cache_format.batching import collate_padded, pack_samples
+from draftcache.cache_format.checksum import atomic_write_bytes, atomic_write_json, sha256_file
+from draftcache.cache_format.dataset import CacheDataset, CacheIterableDataset
+from draftcache.cache_format.errors import (
+    CacheCorruptError,
+    CacheFormatError,
+    CacheLockedError,
+    FormatVersionError,
+    ManifestError,
+)
+from draftcache.cache_format.lock import CacheLock
+from draftcache.cache_format.manifest import Manifest, ShardEntry, new_manifest, read_manifest, validate_manifest
+from draftcache.cache_format.reader import CacheReader, open_cache
+from draftcache.cache_format.record import SampleRecord
+from draftcache.cache_format.resume import (
+    RESUME_KEY_FIELDS,
+    committed_prefix,
+    diff_manifest_config,
+    remove_stale_temporaries,
+    verify_shard,
+)
+from draftcache.cache_format.schema import FORMAT_VERSION, MANIFEST_FILE, load_manifest_schema, shard_filename
+from draftcache.cache_format.writer import CacheWriter
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST_FILE",
+    "RESUME_KEY_FIELDS",
+    "CacheCorruptError",
+    "CacheDataset",
+    "CacheFormatError",
+    "CacheIterableDataset",
+    "CacheLock",
+    "CacheLockedError",
+    "CacheReader",
+    "CacheWriter",
+    "FormatVersionError",
+    "Manifest",
+    "ManifestError",
+    "SampleRecord",
+    "ShardEntry",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "collate_padded",
+    "committed_prefix",
+    "diff_manifest_config",
+    "load_manifest_schema",
+    "new_manifest",
+    "open_cache",
+    "pack_samples",
+    "read_manifest",
+    "remove_stale_temporaries",
+    "sha256_file",
+    "shard_filename",
+    "validate_manifest",
+    "verify_shard",
+]

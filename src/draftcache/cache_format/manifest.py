@@ -1,0 +1,342 @@
+"""``manifest.json``: building, validating, reading and (de)serialising the cache manifest.
+
+The manifest is a JSON document (layout in ``README.md``, structure in
+``schemas/cache_manifest.v1.schema.json``). ``Manifest`` wraps a validated copy of it with typed
+accessors; ``validate_manifest`` checks both the JSON structure and the cross-field rules the
+schema cannot express (shard ranges, counts, sizes), and reports every problem at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from draftcache import __version__
+from draftcache.cache_format._schema_check import schema_problems
+from draftcache.cache_format.checksum import dumps_json
+from draftcache.cache_format.errors import FormatVersionError, ManifestError
+from draftcache.cache_format.schema import (
+    FORMAT_VERSION,
+    KIND,
+    MANIFEST_FILE,
+    load_manifest_schema,
+    shard_filename,
+    side_filename,
+)
+
+__all__ = ["ShardEntry", "Manifest", "new_manifest", "validate_manifest", "read_manifest"]
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One committed shard as recorded in ``manifest["shards"]`` (field order = JSON order)."""
+
+    file: str
+    index: int
+    first_sample: int
+    num_samples: int
+    num_tokens: int
+    num_supervised: int
+    bytes: int
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, entry: Mapping[str, Any]) -> "ShardEntry":
+        return cls(**{k: entry[k] for k in cls.__dataclass_fields__})
+
+
+def new_manifest(
+    *,
+    target: Mapping[str, Any],
+    tokenizer: Mapping[str, Any],
+    layer_ids: Sequence[int],
+    seq_length: int,
+    dtype: str,
+    encoding: str,
+    topk: int | None,
+    selected_token_ids: Iterable[int] | torch.Tensor,
+    token_counts: Iterable[int] | torch.Tensor,
+    dataset: Mapping[str, Any],
+    num_samples: int,
+    shard_size: int,
+) -> dict[str, Any]:
+    """A validated manifest for a new cache (``complete: false``, no shards or side files yet).
+
+    ``target``, ``tokenizer`` and ``dataset`` are the sections of the same name (see README.md;
+    ``dataset["skipped"]`` defaults to ``{}``). ``capture``, ``supervision``, ``draft_vocab``,
+    ``num_shards`` and the bookkeeping fields are derived here.
+    """
+    ids = torch.as_tensor(selected_token_ids).tolist() if torch.is_tensor(selected_token_ids) else list(selected_token_ids)
+    counts = torch.as_tensor(token_counts).tolist() if torch.is_tensor(token_counts) else list(token_counts)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "tool": {"name": "draftcache", "version": __version__},
+        "kind": KIND,
+        "complete": False,
+        "target": dict(target),
+        "tokenizer": dict(tokenizer),
+        "capture": {
+            "layer_ids": [int(i) for i in layer_ids],
+            "convention": "decoder_layer_output",
+            "hf_hidden_states_index": [int(i) + 1 for i in layer_ids],
+            "shift": "left_by_one",
+        },
+        "seq_length": seq_length,
+        "dtype": dtype,
+        "supervision": {"encoding": encoding, "topk": topk},
+        "draft_vocab": {"size": len(ids), "selected_token_ids": [int(i) for i in ids]},
+        "token_counts": [int(c) for c in counts],
+        "dataset": {"skipped": {}, **dict(dataset)},
+        "num_samples": num_samples,
+        "shard_size": shard_size,
+        "num_shards": _planned_shards(num_samples, shard_size),
+        "files": {},
+        "shards": [],
+        "stats": {"num_tokens": 0, "num_supervised": 0},
+    }
+    validate_manifest(manifest)
+    return manifest
+
+
+def _planned_shards(num_samples: Any, shard_size: Any) -> int:
+    if isinstance(num_samples, int) and isinstance(shard_size, int) and shard_size > 0:
+        return math.ceil(num_samples / shard_size)
+    return 0  # invalid inputs: validate_manifest reports num_samples / shard_size themselves
+
+
+def validate_manifest(manifest: Mapping[str, Any]) -> None:
+    """Check ``manifest`` against the v1 schema and the cross-field rules.
+
+    Uses ``jsonschema`` when it is importable, else the built-in interpreter of the same schema
+    file. Raises ``FormatVersionError`` for another ``format_version`` and ``ManifestError``
+    listing every problem otherwise.
+    """
+    if not isinstance(manifest, Mapping):
+        raise ManifestError(f"a manifest must be a JSON object; got {type(manifest).__name__}")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise FormatVersionError(
+            f"cache format_version {version!r} is not supported: this draftcache reads format_version "
+            f"{FORMAT_VERSION}; use the draftcache version that wrote the cache, or precompute it again"
+        )
+    problems = _structure_problems(manifest)
+    if not problems:
+        problems = _rule_problems(manifest)
+    if problems:
+        raise ManifestError(f"invalid cache manifest ({len(problems)} problem(s)):", problems)
+
+
+def read_manifest(cache_dir: str | os.PathLike) -> dict[str, Any]:
+    """Load and validate ``<cache_dir>/manifest.json``."""
+    path = Path(cache_dir) / MANIFEST_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist: {cache_dir} is not a draftcache cache directory "
+                                "(or its precompute never committed a manifest)") from None
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path} is not valid JSON ({exc}); the file is damaged, precompute the cache again") from None
+    validate_manifest(manifest)
+    return manifest
+
+
+class Manifest:
+    """A validated manifest with typed accessors. ``data`` is the JSON dict (treat as read-only)."""
+
+    def __init__(self, data: Mapping[str, Any]):
+        validate_manifest(data)
+        self.data: dict[str, Any] = copy.deepcopy(dict(data))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Manifest":
+        return cls(json.loads(text))
+
+    def to_json(self) -> str:
+        return dumps_json(self.data) + "\n"
+
+    @classmethod
+    def from_dir(cls, cache_dir: str | os.PathLike) -> "Manifest":
+        return cls(read_manifest(cache_dir))
+
+    @property
+    def encoding(self) -> str:
+        return self.data["supervision"]["encoding"]
+
+    @property
+    def topk(self) -> int | None:
+        return self.data["supervision"]["topk"]
+
+    @property
+    def dtype(self) -> str:
+        return self.data["dtype"]
+
+    @property
+    def num_samples(self) -> int:
+        return self.data["num_samples"]
+
+    @property
+    def shard_size(self) -> int:
+        return self.data["shard_size"]
+
+    @property
+    def num_shards(self) -> int:
+        return self.data["num_shards"]
+
+    @property
+    def seq_length(self) -> int:
+        return self.data["seq_length"]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.data["target"]["hidden_size"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.data["target"]["vocab_size"]
+
+    @property
+    def aux_dim(self) -> int:
+        """``F = len(layer_ids) * hidden_size``: the width of ``aux_hidden_states``."""
+        return len(self.data["capture"]["layer_ids"]) * self.hidden_size
+
+    @property
+    def selected_token_ids(self) -> list[int]:
+        return self.data["draft_vocab"]["selected_token_ids"]
+
+    @property
+    def shards(self) -> list[ShardEntry]:
+        return [ShardEntry.from_dict(s) for s in self.data["shards"]]
+
+    def shard_num_samples(self, index: int) -> int:
+        """Samples in shard ``index``: ``shard_size``, or fewer for the last shard."""
+        return min(self.shard_size, self.num_samples - index * self.shard_size)
+
+
+_SCHEMA_CACHE: dict[str, Any] = {}
+
+
+# Long lists of non-negative ints ([V] token counts, [Vd] ids): checked here in one pass, and
+# shown to the schema validator as their first element only (validating 128k items one by one
+# through jsonschema takes seconds, and every reader and DataLoader worker validates the manifest).
+_INT_ARRAYS = (("token_counts",), ("draft_vocab", "selected_token_ids"))
+
+
+def _structure_problems(manifest: Mapping[str, Any]) -> list[str]:
+    schema = _SCHEMA_CACHE.get("v1")
+    if schema is None:
+        schema = _SCHEMA_CACHE["v1"] = load_manifest_schema()
+    instance, problems = _shorten_int_arrays(manifest)
+    try:
+        import jsonschema
+    except ImportError:
+        return problems + schema_problems(instance, schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(instance), key=lambda e: list(map(str, e.absolute_path)))
+    return problems + [f"{e.json_path}: {e.message[:300]}" for e in errors]
+
+
+def _shorten_int_arrays(manifest: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    instance = dict(manifest)
+    problems: list[str] = []
+    for path in _INT_ARRAYS:
+        parent = instance
+        for key in path[:-1]:
+            if not isinstance(parent.get(key), dict):
+                break
+            parent[key] = parent = dict(parent[key])
+        else:
+            values = parent.get(path[-1])
+            if not isinstance(values, list):
+                continue
+            where = "$." + ".".join(path)
+            bad = [i for i, v in enumerate(values) if type(v) is not int or v < 0]
+            problems += [f"{where}[{i}]: {json.dumps(values[i])} is not a non-negative integer" for i in bad[:10]]
+            if len(bad) > 10:
+                problems.append(f"{where}: {len(bad) - 10} more entries are not non-negative integers")
+            parent[path[-1]] = values[:1] if not bad else [0]  # problems already reported above
+    return instance, problems
+
+
+def _rule_problems(m: Mapping[str, Any]) -> list[str]:
+    """Cross-field rules; assumes the structure is valid."""
+    out: list[str] = []
+    vocab_size = m["target"]["vocab_size"]
+    num_samples, shard_size = m["num_samples"], m["shard_size"]
+    num_shards = math.ceil(num_samples / shard_size)
+    if m["num_shards"] != num_shards:
+        out.append(f"num_shards is {m['num_shards']} but ceil(num_samples {num_samples} / shard_size {shard_size}) "
+                   f"is {num_shards}")
+    ids = m["draft_vocab"]["selected_token_ids"]
+    if m["draft_vocab"]["size"] != len(ids):
+        out.append(f"draft_vocab.size is {m['draft_vocab']['size']} but selected_token_ids has {len(ids)} ids")
+    if any(b <= a for a, b in zip(ids, ids[1:])):
+        out.append("draft_vocab.selected_token_ids must be strictly ascending (sorted, no duplicates)")
+    if ids and max(ids) >= vocab_size:
+        out.append(f"draft_vocab.selected_token_ids has id {max(ids)} >= target.vocab_size {vocab_size}")
+    if len(m["token_counts"]) != vocab_size:
+        out.append(f"token_counts has {len(m['token_counts'])} entries but target.vocab_size is {vocab_size}")
+    encoding, topk = m["supervision"]["encoding"], m["supervision"]["topk"]
+    if encoding == "topk" and topk is None:
+        out.append("supervision.topk must be an integer when supervision.encoding is 'topk'")
+    if encoding != "topk" and topk is not None:
+        out.append(f"supervision.topk must be null when supervision.encoding is {encoding!r}; got {topk}")
+    if encoding == "topk" and topk is not None and topk > len(ids):
+        out.append(f"supervision.topk {topk} exceeds the draft vocabulary size {len(ids)}")
+    layer_ids = m["capture"]["layer_ids"]
+    if m["capture"]["hf_hidden_states_index"] != [i + 1 for i in layer_ids]:
+        out.append(f"capture.hf_hidden_states_index {m['capture']['hf_hidden_states_index']} must be layer_ids + 1 "
+                   f"= {[i + 1 for i in layer_ids]}")
+    bad_layers = [i for i in layer_ids if i >= m["target"]["num_layers"]]
+    if bad_layers:
+        out.append(f"capture.layer_ids {bad_layers} are >= target.num_layers {m['target']['num_layers']}")
+    for name, entry in m["files"].items():
+        if entry["file"] != side_filename(name):
+            out.append(f"files.{name}.file is {entry['file']!r}; expected {side_filename(name)!r}")
+    previous = -1
+    for pos, shard in enumerate(m["shards"]):
+        where = f"shards[{pos}]"
+        index = shard["index"]
+        if index <= previous:
+            out.append(f"{where}.index {index} is not greater than the previous entry's {previous}: keep shards sorted "
+                       "by index, each once")
+        previous = max(previous, index)
+        if index >= num_shards:
+            out.append(f"{where}.index {index} is beyond the planned num_shards {num_shards}")
+            continue
+        if shard["file"] != shard_filename(index):
+            out.append(f"{where}.file is {shard['file']!r}; expected {shard_filename(index)!r}")
+        if shard["first_sample"] != index * shard_size:
+            out.append(f"{where}.first_sample is {shard['first_sample']}; expected index * shard_size = {index * shard_size}")
+        expected = min(shard_size, num_samples - index * shard_size)
+        if shard["num_samples"] != expected:
+            out.append(f"{where}.num_samples is {shard['num_samples']}; shard {index} must hold {expected} samples")
+        if shard["num_supervised"] > shard["num_tokens"]:
+            out.append(f"{where}.num_supervised {shard['num_supervised']} exceeds num_tokens {shard['num_tokens']}")
+        if shard["num_tokens"] > shard["num_samples"] * m["seq_length"]:
+            out.append(f"{where}.num_tokens {shard['num_tokens']} exceeds num_samples * seq_length")
+    for key in ("num_tokens", "num_supervised"):
+        total = sum(s[key] for s in m["shards"])
+        if m["stats"][key] != total:
+            out.append(f"stats.{key} is {m['stats'][key]} but the shards sum to {total}")
+    if m["complete"]:
+        indices = [s["index"] for s in m["shards"]]
+        if indices != list(range(num_shards)):
+            out.append(f"complete is true but shards {sorted(set(range(num_shards)) - set(indices))[:10]} are missing")
+        needed = ["target_embeddings"] + (["lm_head"] if encoding == "hidden" else [])
+        for name in needed:
+            if name not in m["files"]:
+                out.append(f"complete is true but files.{name} is missing (the {encoding!r} encoding needs it)")
+    return out

@@ -1,0 +1,332 @@
+"""``open_cache`` / ``CacheReader``: random access to the samples of a cache, with the EAGLE-3 shift.
+
+``reader[i]`` returns sample ``i`` (S real tokens, no padding) exactly as the trainer consumes it:
+
+    input_ids          [S]     int64    shift_left_with_zero(stored ids): slot t holds x_{t+1}
+    attention_mask     [S]     int64    ones (not shifted)
+    loss_mask          [S]     int64    shift_left_with_zero(stored loss_mask)
+    aux_hidden_states  [S, F]  storage dtype, NOT shifted (slot t = feature of position t)
+    target_probs       [S, Vd] float32  slot t = the target's draft-vocab distribution at position
+                                        t+1; zero rows where position t+1 is not supervised and in
+                                        the last slot
+    position_mask      [S, 1]  bool     t2d[target_argmax(t+1)] & loss_mask(t+1)
+
+For ``hidden`` caches the targets are rebuilt from the stored final hidden states:
+``softmax(final_hidden.float() @ W[selected].float().T (+ bias[selected]))``. A trainer can move
+that matmul to its GPU by reading ``get_raw(i)`` in its DataLoader workers and calling
+``rebuild_targets(raw, device)`` on the device (``reader[i] == rebuild_targets(get_raw(i))``).
+
+Shards are opened lazily (an LRU of at most ``MAX_OPEN_SHARDS`` open files); opening checks the
+file size and header against the manifest, ``verify=True`` also its sha256.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from draftcache.cache_format.errors import CacheCorruptError
+from draftcache.cache_format.manifest import Manifest, read_manifest
+from draftcache.cache_format.resume import committed_shards
+from draftcache.cache_format.schema import FORMAT_VERSION, encoding_tensors, storage_dtype
+from draftcache.cache_format.shard_file import ShardFile
+from draftcache.data.vocab import DraftVocab, build_draft_vocab
+from draftcache.target.supervision import compute_target_distribution
+
+__all__ = ["MAX_OPEN_SHARDS", "CacheReader", "open_cache"]
+
+MAX_OPEN_SHARDS = 8  # open file handles per reader (each DataLoader worker has its own reader)
+_MAX_RUNS = 32  # supervised runs per sample copied slice by slice; more fall back to one index_copy
+
+
+def open_cache(path: str | os.PathLike, *, draft_vocab: int | Sequence[int] | None = None,
+               verify: bool = False) -> "CacheReader":
+    """Open the cache directory ``path`` for reading.
+
+    Args:
+        draft_vocab: ``None``: the draft vocabulary stored in the manifest. ``hidden`` caches only:
+            an int N picks the N most frequent supervised target tokens (``token_counts``), or a
+            sequence gives the target ids explicitly. ``probs``/``topk`` caches accept only their
+            stored vocabulary.
+        verify: check each shard's sha256 when it is first opened (reads the whole file once).
+    """
+    return CacheReader(path, draft_vocab=draft_vocab, verify=verify)
+
+
+class CacheReader:
+    """Random access to the committed samples of a cache; see the module docstring for ``reader[i]``."""
+
+    def __init__(self, path: str | os.PathLike, *, draft_vocab: int | Sequence[int] | None = None,
+                 verify: bool = False):
+        self.path = Path(path)
+        self._meta = Manifest(read_manifest(self.path))
+        self.verify = verify
+        self.encoding = self._meta.encoding
+        self.dtype = storage_dtype(self._meta.dtype)
+        self._shards = [dict(e) for e in committed_shards(self._meta.data)]
+        self._first = [e["first_sample"] for e in self._shards]
+        self._len = sum(e["num_samples"] for e in self._shards)
+        self.draft_vocab = self._select_vocab(draft_vocab)
+        self._open: OrderedDict[int, tuple[ShardFile, list[int], list[int]]] = OrderedDict()
+        self._verified: set[int] = set()
+        self._lm_head: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # device -> W[selected], b[selected]
+        self._lengths: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The manifest JSON (read-only)."""
+        return self._meta.data
+
+    @property
+    def selected_token_ids(self) -> torch.Tensor:
+        """``[Vd]`` int64 target ids of the draft vocabulary this reader produces targets for."""
+        return self.draft_vocab.selected_token_ids
+
+    @property
+    def aux_dim(self) -> int:
+        """``F = len(layer_ids) * hidden_size``."""
+        return self._meta.aux_dim
+
+    @property
+    def num_tokens(self) -> int:
+        """Real tokens over the committed samples."""
+        return sum(e["num_tokens"] for e in self._shards)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self._meta.data["complete"])
+
+    def __len__(self) -> int:
+        """Committed samples (the contiguous prefix of committed shards)."""
+        return self._len
+
+    def sample_lengths(self) -> torch.Tensor:
+        """``[len(self)]`` int64 token count S_i of every committed sample (read from the shards'
+        offsets the first time, a few bytes per shard)."""
+        if self._lengths is None:
+            parts = []
+            for k in range(len(self._shards)):
+                offsets = torch.tensor(self._shard(k)[1], dtype=torch.int64)
+                parts.append(offsets[1:] - offsets[:-1])
+            self._lengths = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+        return self._lengths
+
+    def shard_ranges(self) -> list[tuple[int, int]]:
+        """``[(first_sample, end)]`` of every committed shard, in order."""
+        return [(e["first_sample"], e["first_sample"] + e["num_samples"]) for e in self._shards]
+
+    def target_embeddings(self) -> torch.Tensor:
+        """``[V, H]`` the target's input embeddings (``target_embeddings.safetensors``)."""
+        return self._side_file("target_embeddings").read("weight")
+
+    # ------------------------------------------------------------------ samples
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.rebuild_targets(self.get_raw(index))
+
+    def get_raw(self, index: int) -> dict[str, torch.Tensor]:
+        """Sample ``index`` as stored, UNSHIFTED: ``input_ids [S] int32``, ``loss_mask [S] uint8``,
+        ``aux_hidden_states [S, F]``, ``target_argmax [M] int32`` and the encoding's ``[M, ...]``
+        rows (``target_probs`` | ``topk_probs``, ``topk_ids`` | ``final_hidden``)."""
+        if index < 0:
+            index += self._len
+        if not 0 <= index < self._len:
+            raise IndexError(f"sample {index} is out of range: the cache has {self._len} committed samples")
+        k = bisect.bisect_right(self._first, index) - 1
+        shard, offsets, supervised = self._shard(k)
+        j = index - self._first[k]
+        t0, t1, r0, r1 = offsets[j], offsets[j + 1], supervised[j], supervised[j + 1]
+        raw = {
+            "input_ids": shard.read("input_ids", t0, t1),  # [S] int32
+            "loss_mask": shard.read("loss_mask", t0, t1),  # [S] uint8
+            "aux_hidden_states": shard.read("aux_hidden_states", t0, t1),  # [S, F]
+            "target_argmax": shard.read("target_argmax", r0, r1),  # [M] int32
+        }
+        for name in encoding_tensors(self.encoding):
+            raw[name] = shard.read(name, r0, r1)  # [M, Vd | k | H]
+        if int(raw["loss_mask"].sum()) != r1 - r0:
+            raise CacheCorruptError(f"{shard.name}: sample {index} has {int(raw['loss_mask'].sum())} supervised "
+                                    f"positions but {r1 - r0} stored target rows; the shard is damaged")
+        if r1 > r0 and int(raw["target_argmax"].max()) >= self._meta.vocab_size:
+            raise CacheCorruptError(f"{shard.name}: sample {index} has target_argmax >= vocab_size "
+                                    f"{self._meta.vocab_size}; the shard is damaged")
+        return raw
+
+    def rebuild_targets(self, raw: dict[str, torch.Tensor], device: torch.device | str | None = None
+                        ) -> dict[str, torch.Tensor]:
+        """Turn ``get_raw`` output into the training sample (shifted, see the module docstring) on
+        ``device`` (default: where ``raw`` is). For ``hidden`` caches this runs the lm_head matmul."""
+        device = torch.device(device) if device is not None else raw["input_ids"].device
+        ids = raw["input_ids"].to(device, non_blocking=True)
+        mask = raw["loss_mask"].to(device, non_blocking=True)
+        seq, vd = ids.numel(), self.draft_vocab.size
+        positions = torch.nonzero(mask, as_tuple=True)[0]  # [M] supervised positions p (unshifted)
+        argmax = raw["target_argmax"].to(device, non_blocking=True).long()  # [M]
+        keep = 1 if positions.numel() and int(positions[0]) == 0 else 0  # position 0's target has no slot
+        slots = positions[keep:] - 1  # [M'] slot t = p - 1 receives position p's target
+
+        position_mask = torch.zeros(seq, 1, dtype=torch.bool, device=device)  # [S, 1]
+        t2d = self.draft_vocab.t2d.to(device)
+        if self.encoding == "hidden":
+            weight, bias = self._selected_lm_head(device)  # [Vd, H] fp32, [Vd] | None
+            hidden = raw["final_hidden"][keep:].to(device, non_blocking=True).float()  # [M', H]
+            logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)  # [M', Vd]
+            rows, row_mask = compute_target_distribution(
+                logits, torch.ones_like(slots), self.selected_token_ids, t2d, target_argmax=argmax[keep:])
+            position_mask[slots] = row_mask
+        else:
+            position_mask[slots, 0] = t2d[argmax[keep:]]
+        if self.encoding == "topk":
+            target_probs = torch.zeros(seq, vd, dtype=torch.float32, device=device)  # [S, Vd]
+            ids_k = raw["topk_ids"][keep:].to(device, non_blocking=True).long()  # [M', k]
+            vals = raw["topk_probs"][keep:].to(device, non_blocking=True).float()  # [M', k]
+            target_probs.view(-1).scatter_(0, (slots.unsqueeze(1) * vd + ids_k).view(-1), vals.view(-1))
+        else:
+            source = rows if self.encoding == "hidden" else raw["target_probs"][keep:].to(device, non_blocking=True)
+            target_probs = _scatter_rows(source, slots, seq)
+        return {
+            "input_ids": _shift(ids.long()),  # [S] int64
+            "attention_mask": torch.ones(seq, dtype=torch.int64, device=device),  # [S]
+            "loss_mask": _shift(mask.long()),  # [S] int64
+            "aux_hidden_states": raw["aux_hidden_states"].to(device, non_blocking=True),  # [S, F]
+            "target_probs": target_probs,  # [S, Vd] float32
+            "position_mask": position_mask,  # [S, 1] bool
+        }
+
+    # ------------------------------------------------------------------ internals
+    def _select_vocab(self, draft_vocab: int | Sequence[int] | None) -> DraftVocab:
+        vocab_size = self._meta.vocab_size
+        stored = self._meta.selected_token_ids
+        if draft_vocab is None:
+            return DraftVocab.from_selected(stored, vocab_size)
+        if isinstance(draft_vocab, bool) or not isinstance(draft_vocab, (int, Sequence, torch.Tensor)):
+            raise TypeError(f"draft_vocab must be None, an int size or a sequence of target ids; got {draft_vocab!r}")
+        if self.encoding != "hidden":
+            requested = len(stored) if isinstance(draft_vocab, int) else None
+            same = (draft_vocab == len(stored)) if isinstance(draft_vocab, int) else (
+                sorted(int(i) for i in draft_vocab) == stored)
+            if not same:
+                what = f"size {draft_vocab}" if requested is not None else f"{len(draft_vocab)} explicit ids"
+                raise ValueError(
+                    f"this cache stores {self.encoding!r} targets over a fixed draft vocabulary of {len(stored)} tokens; "
+                    f"a different draft vocabulary ({what}) cannot be read from it. Only caches precomputed with "
+                    "--supervision hidden can change the draft vocabulary at read time; omit draft_vocab or "
+                    "precompute a new cache")
+            return DraftVocab.from_selected(stored, vocab_size)
+        if isinstance(draft_vocab, int):
+            counts = torch.tensor(self._meta.data["token_counts"], dtype=torch.int64)
+            return build_draft_vocab(counts, draft_vocab)
+        return DraftVocab.from_selected(draft_vocab, vocab_size)
+
+    def _shard(self, k: int) -> tuple[ShardFile, list[int], list[int]]:
+        """Open shard ``k`` (LRU), checking its header against the manifest entry."""
+        cached = self._open.get(k)
+        if cached is not None:
+            self._open.move_to_end(k)
+            return cached
+        entry = self._shards[k]
+        check_sum = self.verify and k not in self._verified
+        shard = ShardFile(self.path / entry["file"], entry["bytes"], entry["sha256"] if check_sum else None)
+        self._verified.add(k)
+        n, tokens, rows = entry["num_samples"], entry["num_tokens"], entry["num_supervised"]
+        width = {"probs": self.manifest["draft_vocab"]["size"], "topk": self._meta.topk,
+                 "hidden": self._meta.hidden_size}[self.encoding]
+        expected = {
+            "input_ids": (torch.int32, (tokens,)),
+            "loss_mask": (torch.uint8, (tokens,)),
+            "sample_offsets": (torch.int64, (n + 1,)),
+            "aux_hidden_states": (self.dtype, (tokens, self.aux_dim)),
+            "supervised_offsets": (torch.int64, (n + 1,)),
+            "target_argmax": (torch.int32, (rows,)),
+        }
+        expected.update({name: (torch.int32 if name == "topk_ids" else self.dtype, (rows, width))
+                         for name in encoding_tensors(self.encoding)})
+        shard.check(expected, {"format_version": str(FORMAT_VERSION), "first_sample": str(entry["first_sample"]),
+                               "num_samples": str(n)})
+        offsets = shard.read("sample_offsets").tolist()
+        supervised = shard.read("supervised_offsets").tolist()
+        for name, values, total in (("sample_offsets", offsets, tokens), ("supervised_offsets", supervised, rows)):
+            if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
+                shard.close()
+                raise CacheCorruptError(f"{shard.name}: {name} are not a non-decreasing range from 0 to {total}; "
+                                        "the shard is damaged")
+        self._open[k] = (shard, offsets, supervised)
+        if len(self._open) > MAX_OPEN_SHARDS:
+            self._open.popitem(last=False)[1][0].close()
+        return self._open[k]
+
+    def _side_file(self, name: str) -> ShardFile:
+        entry = self.manifest["files"].get(name)
+        if entry is None:
+            raise CacheCorruptError(f"{self.path} has no committed {name}.safetensors (the manifest's files.{name} "
+                                    "is missing); the precompute did not finish, resume it")
+        return ShardFile(self.path / entry["file"], entry["bytes"], entry["sha256"] if self.verify else None)
+
+    def _selected_lm_head(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        key = str(device)
+        if key not in self._lm_head:
+            side = self._side_file("lm_head")
+            ids = self.selected_token_ids
+            weight = side.read("weight").index_select(0, ids).to(device=device, dtype=torch.float32)  # [Vd, H]
+            bias = side.read("bias").index_select(0, ids).to(device=device, dtype=torch.float32) \
+                if "bias" in side.tensors else None  # [Vd]
+            side.close()
+            self._lm_head[key] = (weight, bias)
+        return self._lm_head[key]
+
+    def close(self) -> None:
+        """Close the open shard files (they reopen on demand)."""
+        while self._open:
+            self._open.popitem()[1][0].close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # open files and device caches are per process: a DataLoader worker reopens its own
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()
+        state["_lm_head"] = {}
+        return state
+
+    def __enter__(self) -> "CacheReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _shift(x: torch.Tensor) -> torch.Tensor:
+    """``shift_left_with_zero`` for one 1-D sample: ``out[t] = x[t+1]``, ``out[S-1] = 0``."""
+    out = torch.empty_like(x)
+    out[:-1] = x[1:]
+    out[-1] = 0
+    return out
+
+
+def _scatter_rows(rows: torch.Tensor, slots: torch.Tensor, seq: int) -> torch.Tensor:
+    """``[S, Vd]`` float32 with ``out[slots[r]] = rows[r]`` and zeros elsewhere.
+
+    Supervised positions come in a few contiguous runs (assistant turns), so each run is one
+    converting ``copy_`` and each gap one ``zero_``: every output byte is written once."""
+    out = torch.empty(seq, rows.shape[1], dtype=torch.float32, device=rows.device)  # [S, Vd]
+    if slots.numel() == 0:
+        return out.zero_()
+    breaks = (torch.nonzero(slots[1:] - slots[:-1] != 1, as_tuple=True)[0] + 1).tolist()
+    if len(breaks) >= _MAX_RUNS:
+        out.zero_()
+        out.index_copy_(0, slots, rows.float())
+        return out
+    starts = [0, *breaks]
+    ends = [*breaks, slots.numel()]
+    first_slots = slots[starts].tolist()
+    done = 0
+    for r0, r1, t0 in zip(starts, ends, first_slots):
+        out[done:t0].zero_()
+        out[t0:t0 + r1 - r0].copy_(rows[r0:r1])
+        done = t0 + r1 - r0
+    out[done:].zero_()
+    return out

@@ -1,0 +1,85 @@
+"""Names and constants of the cache format v1: file names, tensor names, dtypes, encodings.
+
+Everything that writes or reads a cache takes these names from here, so the layout is
+declared once. The layout itself is described in this package's ``README.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any
+
+import torch
+
+__all__ = [
+    "FORMAT_VERSION",
+    "KIND",
+    "MANIFEST_FILE",
+    "LOCK_FILE",
+    "ENCODINGS",
+    "STORAGE_DTYPES",
+    "SIDE_FILES",
+    "shard_filename",
+    "side_filename",
+    "storage_dtype",
+    "encoding_tensors",
+    "load_manifest_schema",
+]
+
+FORMAT_VERSION = 1
+KIND = "eagle3"
+MANIFEST_FILE = "manifest.json"
+LOCK_FILE = ".lock"
+
+# Supervision encodings and the target-side tensors each stores per supervised row.
+ENCODINGS: dict[str, tuple[str, ...]] = {
+    "probs": ("target_probs",),  # [M, Vd] storage dtype
+    "topk": ("topk_probs", "topk_ids"),  # [M, k] storage dtype, [M, k] int32
+    "hidden": ("final_hidden",),  # [M, H] storage dtype
+}
+
+STORAGE_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# Side files written once per cache: name -> tensors they hold.
+SIDE_FILES: dict[str, tuple[str, ...]] = {
+    "target_embeddings": ("weight",),  # [V, H]
+    "lm_head": ("weight", "bias"),  # [V, H], optional [V]; hidden encoding only
+}
+
+# Tensors every shard holds, in file order (the encoding's tensors follow).
+SHARD_TENSORS = ("input_ids", "loss_mask", "sample_offsets", "aux_hidden_states", "supervised_offsets", "target_argmax")
+
+
+def shard_filename(index: int) -> str:
+    """``shard-000042.safetensors`` for shard index 42."""
+    if index < 0:
+        raise ValueError(f"shard index must be >= 0; got {index}")
+    return f"shard-{index:06d}.safetensors"
+
+
+def side_filename(name: str) -> str:
+    """``target_embeddings.safetensors`` for side file ``target_embeddings``."""
+    return f"{name}.safetensors"
+
+
+def storage_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a manifest ``dtype`` string (``bf16`` | ``fp16`` | ``fp32``)."""
+    try:
+        return STORAGE_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown storage dtype {name!r}; expected one of {sorted(STORAGE_DTYPES)}") from None
+
+
+def encoding_tensors(encoding: str) -> tuple[str, ...]:
+    """The names of the target-side tensors of ``encoding``."""
+    try:
+        return ENCODINGS[encoding]
+    except KeyError:
+        raise ValueError(f"unknown supervision encoding {encoding!r}; expected one of {sorted(ENCODINGS)}") from None
+
+
+def load_manifest_schema() -> dict[str, Any]:
+    """The JSON Schema of ``manifest.json`` v1 (``schemas/cache_manifest.v1.schema.json``)."""
+    text = resources.files(__package__).joinpath("schemas", f"cache_manifest.v{FORMAT_VERSION}.schema.json").read_text()
+    return json.loads(text)

@@ -1,0 +1,130 @@
+"""``ShardFile``: lazy, row-range reads from one committed safetensors file.
+
+The header (``[u64 length][JSON]``) is parsed and checked against what the manifest promises;
+rows ``[start, stop)`` of a tensor are then read with one ``os.preadv`` straight into a fresh
+tensor: no whole-file load, no page-faulting through a memory map, and the file offset is never
+used, so a handle inherited by a forked DataLoader worker stays correct. Anything inconsistent
+(missing file, wrong size, bad header, short read) raises ``CacheCorruptError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from draftcache.cache_format.checksum import sha256_file
+from draftcache.cache_format.container import SAFETENSORS_DTYPES
+from draftcache.cache_format.errors import CacheCorruptError
+
+__all__ = ["ShardFile"]
+
+_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+_MAX_HEADER = 100 << 20  # safetensors' own limit on the header size
+_MAX_PREAD = 1 << 30  # Linux caps one read near 2 GiB; split larger ones
+
+
+class ShardFile:
+    """An open committed file. ``tensors[name] = (dtype, shape, byte offset in the file)``.
+
+    Args:
+        path: the file.
+        expected_bytes: size recorded in the manifest; a different size means truncation or overwrite.
+        expected_sha256: when given, the file's sha256 is checked before anything is read.
+    """
+
+    def __init__(self, path: Path, expected_bytes: int, expected_sha256: str | None = None):
+        self.path = path
+        self.name = path.name
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise CacheCorruptError(f"{self.name}: missing from {path.parent} although the manifest lists it as "
+                                    "committed; precompute the cache again with --resume to rewrite it") from None
+        try:
+            size = os.fstat(self._fd).st_size
+            if size != expected_bytes:
+                self._fail(f"size mismatch: {size} bytes on disk, the manifest records {expected_bytes} "
+                           "(truncated or overwritten)")
+            if expected_sha256 is not None:
+                digest = sha256_file(path)
+                if digest != expected_sha256:
+                    self._fail(f"checksum mismatch: sha256 {digest} on disk, the manifest records {expected_sha256}")
+            self.metadata, self.tensors = self._parse_header(size)
+        except BaseException:
+            self.close()
+            raise
+
+    def _fail(self, problem: str) -> None:
+        raise CacheCorruptError(f"{self.name}: {problem}; precompute the cache again (or delete this shard and its "
+                                "manifest entry, then resume)")
+
+    def _parse_header(self, size: int) -> tuple[dict[str, str], dict[str, tuple[torch.dtype, tuple[int, ...], int]]]:
+        prefix = os.pread(self._fd, 8, 0)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < length <= min(_MAX_HEADER, size - 8):
+            self._fail(f"invalid safetensors header length {length} for a file of {size} bytes")
+        try:
+            header = json.loads(os.pread(self._fd, length, 8))
+        except (UnicodeDecodeError, ValueError):
+            self._fail("the safetensors header is not valid JSON")
+        base = 8 + length
+        metadata = header.pop("__metadata__", None) or {}
+        tensors: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
+        for name, info in header.items():
+            try:
+                dtype, shape = _DTYPES[info["dtype"]], tuple(int(d) for d in info["shape"])
+                begin, end = (int(x) for x in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                self._fail(f"the header entry of tensor {name!r} is malformed: {info!r}")
+            if end - begin != math.prod(shape) * dtype.itemsize or base + end > size or begin < 0:
+                self._fail(f"tensor {name!r} ({info['dtype']} {list(shape)}) has inconsistent data offsets "
+                           f"[{begin}, {end}] in a file of {size} bytes")
+            tensors[name] = (dtype, shape, base + begin)
+        return metadata, tensors
+
+    def check(self, expected: Mapping[str, tuple[torch.dtype | None, tuple[int | None, ...]]],
+              metadata: Mapping[str, str]) -> None:
+        """Fail unless each expected tensor exists with that dtype (None: any) and shape (None: any
+        size in that dim), and the header metadata holds ``metadata``."""
+        problems = [f"metadata {k}={self.metadata.get(k)!r}, expected {v!r}" for k, v in metadata.items()
+                    if self.metadata.get(k) != v]
+        for name, (dtype, shape) in expected.items():
+            if name not in self.tensors:
+                problems.append(f"tensor {name!r} is missing")
+                continue
+            got_dtype, got_shape, _ = self.tensors[name]
+            if (dtype is not None and got_dtype != dtype) or len(got_shape) != len(shape) or any(
+                    want is not None and want != got for want, got in zip(shape, got_shape)):
+                problems.append(f"tensor {name!r} is {got_dtype} {list(got_shape)}, expected {dtype} "
+                                f"{['*' if d is None else d for d in shape]}")
+        if problems:
+            self._fail("; ".join(problems))
+
+    def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """Rows ``[start, stop)`` (along dim 0) of tensor ``name`` as a new tensor; all rows by default."""
+        dtype, shape, offset = self.tensors[name]
+        start = 0 if start is None else start
+        stop = shape[0] if stop is None else stop
+        out = torch.empty((stop - start, *shape[1:]), dtype=dtype)
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        position, done = offset + start * row_bytes, 0
+        while done < view.nbytes:
+            n = os.preadv(self._fd, [view[done:done + _MAX_PREAD]], position + done)
+            if n <= 0:
+                self._fail(f"short read of tensor {name!r}: the file ended early")
+            done += n
+        return out
+
+    def close(self) -> None:
+        fd, self._fd = getattr(self, "_fd", -1), -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
