@@ -249,3 +249,14 @@ def test_saved_dataset_dict_picks_the_split(tmp_path: Path):
     assert result[0].source == f"{tmp_path / 'dd'}[test]#0"
     with pytest.raises(ValueError, match=r"has no split 'validation'; available: \['test', 'train'\]"):
         load_conversations(str(tmp_path / "dd"), split="validation")
+
+
+def test_hub_names_are_not_mistaken_for_local_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from draftcache.data.loading import _local_path
+
+    monkeypatch.chdir(tmp_path)
+    assert _local_path("Aeala/ShareGPT_Vicuna_unfiltered") is None
+    assert _local_path("squad") is None
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "name").mkdir()
+    assert _local_path("org/name") == (tmp_path / "org" / "name").resolve()  # an existing folder wins

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jinja2
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -119,13 +120,18 @@ class ChatTokenizer:
                 messages, chat_template=self.chat_template, tokenize=True, return_dict=True,
                 return_assistant_tokens_mask=True,
             )
-            ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+            ids = np.asarray(out["input_ids"], dtype=np.int64)
+            mask = np.asarray(out["assistant_masks"], dtype=np.int64)
         else:
-            ids, mask = self._encode_prefix_spans(messages, conversation.source)
-        ids, mask = ids[: self.seq_length], mask[: self.seq_length]
+            try:
+                ids, mask = self._encode_prefix_spans(messages, conversation.source)
+            except ChatTemplateError:
+                # Templates that print today's date (strftime_now) differ between two renderings
+                # made across midnight; a real prefix problem fails again.
+                ids, mask = self._encode_prefix_spans(messages, conversation.source)
         return TokenizedSample(
-            input_ids=torch.tensor(ids, dtype=torch.int64),  # [S]
-            loss_mask=torch.tensor(mask, dtype=torch.int64),  # [S]
+            input_ids=torch.from_numpy(ids[: self.seq_length].copy()),  # [S] int64
+            loss_mask=torch.from_numpy(mask[: self.seq_length].copy()),  # [S] int64
             source=conversation.source,
         )
 
@@ -143,7 +149,7 @@ class ChatTokenizer:
             messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    def _encode_prefix_spans(self, messages: list[dict[str, str]], source: str) -> tuple[list[int], list[int]]:
+    def _encode_prefix_spans(self, messages: list[dict[str, str]], source: str) -> tuple[np.ndarray, np.ndarray]:
         full = self._render(messages, add_generation_prompt=False)
         spans: list[tuple[int, int]] = []
         for i, message in enumerate(messages):
@@ -164,15 +170,12 @@ class ChatTokenizer:
             start, end = len(before), len(upto.rstrip())
             spans.append((start, max(start, end)))
         encoding = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(encoding["input_ids"])
-        mask = [0] * len(ids)
-        span_index = 0
-        for t, (s, e) in enumerate(encoding["offset_mapping"]):
-            while span_index < len(spans) and spans[span_index][1] <= s:
-                span_index += 1
-            if span_index < len(spans) and s < spans[span_index][1] and e > spans[span_index][0]:
-                mask[t] = 1
-        return ids, mask
+        ids = np.asarray(encoding["input_ids"], dtype=np.int64)  # [T]
+        offsets = np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)  # [T, 2] char [start, end)
+        bounds = np.asarray(spans, dtype=np.int64).reshape(-1, 2)  # [n_assistant, 2]
+        # token t overlaps span j: start_t < end_j and end_t > start_j
+        overlap = (offsets[:, None, 0] < bounds[None, :, 1]) & (offsets[:, None, 1] > bounds[None, :, 0])  # [T, n]
+        return ids, overlap.any(axis=1).astype(np.int64)
 
 
 def tokenize_all(
