@@ -370,8 +370,8 @@ class Eagle3RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x32 = x.to(torch.float32)
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        wide = x.to(torch.promote_types(dtype, torch.float32))  # at least fp32, never a downcast
+        normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(dtype)
 
 
@@ -424,12 +424,13 @@ def _attend(
     kv_heads = block_k.size(1)
     groups = q_heads // kv_heads
     scale = dim ** -0.5
+    wide = torch.promote_types(q.dtype, torch.float32)  # softmax in at least fp32
     qg = q.reshape(batch, kv_heads, groups, seq, dim)  # GQA: query heads grouped per kv head
-    scores = torch.matmul(qg, block_k.unsqueeze(2).transpose(-1, -2)).float() * scale  # [B,Hkv,g,T,T]
+    scores = torch.matmul(qg, block_k.unsqueeze(2).transpose(-1, -2)).to(wide) * scale  # [B,Hkv,g,T,T]
     scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
     if diag_k:
         dk = torch.stack(diag_k, dim=-2)  # [B, Hkv, T, k, d]
-        diag_scores = torch.einsum("bhgtd,bhtjd->bhgtj", qg, dk).float() * scale  # [B,Hkv,g,T,k]
+        diag_scores = torch.einsum("bhgtd,bhtjd->bhgtj", qg, dk).to(wide) * scale  # [B,Hkv,g,T,k]
         scores = torch.cat([scores, diag_scores], dim=-1)
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     out = torch.matmul(probs[..., :seq], block_v.unsqueeze(2))  # [B, Hkv, g, T, d]

@@ -182,9 +182,10 @@ def ttt_forward(
         valid = pmask
         if doc_remaining is not None:
             valid = valid & (doc_remaining.to(device) > step).unsqueeze(-1)  # [B, T, 1]
-        weight = valid.to(torch.float32)
-        log_probs = F.log_softmax(out.logits.float(), dim=-1)  # [B, T, Vd]
-        per_slot = -(weight * probs.float() * log_probs).sum(-1)  # [B, T]
+        wide = torch.promote_types(out.logits.dtype, torch.float32)  # loss in at least fp32
+        weight = valid.to(wide)
+        log_probs = F.log_softmax(out.logits.to(wide), dim=-1)  # [B, T, Vd]
+        per_slot = -(weight * probs.to(wide) * log_probs).sum(-1)  # [B, T]
         loss_sum = per_slot.sum()
         count = weight.sum()
         step_sums.append(loss_sum)
@@ -197,7 +198,7 @@ def ttt_forward(
             kept.append(out.logits)
 
     losses = torch.stack(step_losses)
-    weights = step_weight ** torch.arange(ttt_steps, dtype=torch.float32, device=losses.device)
+    weights = step_weight ** torch.arange(ttt_steps, dtype=losses.dtype, device=losses.device)
     return TTTOutput(
         loss=(weights * losses).sum() / weights.sum(),
         losses=losses,
