@@ -1,0 +1,101 @@
+"""DFlash target side: capture any set of decoder layers as the draft's context features.
+
+Unlike EAGLE-3 (exactly three layers, shifted supervision), DFlash concatenates an arbitrary
+set of layer outputs and applies NO shift: its block attention mask does the alignment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .batch import TargetBatchError, check_sequence_inputs
+from .capture import run_with_capture
+from .layer_ids import validate_dflash_layer_ids
+from .layout import TargetLayoutError, find_decoder_layers, num_hidden_layers
+
+__all__ = ["DFlashTargetBatch", "HFDFlashTargetModel"]
+
+
+@dataclass
+class DFlashTargetBatch:
+    """Target context features for one DFlash training batch; every field position-aligned (no shift).
+
+    Attributes:
+        hidden_states: ``[B, S, n*H]`` outputs of the ``n`` target layers, concatenated in the given order.
+        input_ids: ``[B, S]``.
+        attention_mask: ``[B, S]``.
+        loss_mask: ``[B, S]``.
+    """
+
+    hidden_states: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.input_ids.dim() != 2:
+            raise TargetBatchError(f"input_ids must be [B, S], got shape {tuple(self.input_ids.shape)}")
+        batch, seq = self.input_ids.shape
+        for name, ndim in (("hidden_states", 3), ("attention_mask", 2), ("loss_mask", 2)):
+            value = getattr(self, name)
+            if value.dim() != ndim or tuple(value.shape[:2]) != (batch, seq):
+                raise TargetBatchError(
+                    f"{name} must be [B, S{', ...' if ndim == 3 else ''}] with B, S = {batch}, {seq} "
+                    f"(from input_ids), got shape {tuple(value.shape)}"
+                )
+
+
+class HFDFlashTargetModel:
+    """Capture the outputs of ``target_layer_ids`` (= HF ``hidden_states[i + 1]``) from a frozen causal LM.
+
+    Args:
+        model: a Hugging Face causal LM; put in eval mode.
+        target_layer_ids: non-empty distinct layer ids in ``[0, L)``; see ``default_dflash_layer_ids``.
+    """
+
+    def __init__(self, model: nn.Module, target_layer_ids: Sequence[int]) -> None:
+        self.model = model.eval()
+        self._layers = find_decoder_layers(model)
+        self._num_layers = num_hidden_layers(model.config)
+        if len(self._layers) < self._num_layers:
+            raise TargetLayoutError(
+                f"config says {self._num_layers} decoder layers but the model holds {len(self._layers)}"
+            )
+        self._target_layer_ids = validate_dflash_layer_ids(target_layer_ids, self._num_layers)
+
+    @property
+    def target_layer_ids(self) -> list[int]:
+        return list(self._target_layer_ids)
+
+    @property
+    def num_layers(self) -> int:
+        return self._num_layers
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The target's input embedding module (the DFlash draft reuses it)."""
+        return self.model.get_input_embeddings()
+
+    def generate_batch(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
+    ) -> DFlashTargetBatch:
+        """Run the target once and return the concatenated layer outputs, unshifted."""
+        check_sequence_inputs(input_ids, attention_mask=attention_mask, loss_mask=loss_mask)
+        device = self.model.get_input_embeddings().weight.device
+        input_ids, attention_mask, loss_mask = (t.to(device) for t in (input_ids, attention_mask, loss_mask))
+        out = run_with_capture(
+            self.model,
+            self._layers,
+            self._target_layer_ids,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+        )
+        return DFlashTargetBatch(
+            hidden_states=out.aux_hidden_states,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            loss_mask=loss_mask,
+        )
