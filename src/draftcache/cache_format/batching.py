@@ -53,8 +53,9 @@ def pack_samples(samples: Sequence[dict[str, torch.Tensor]], max_tokens: int, *,
     """Concatenate ``samples`` into rows of at most ``max_tokens`` tokens (next-fit, in order).
 
     Besides the padded-batch fields, returns:
-        seq_lens [B, max_docs] int64: document lengths of each row in order, zero-padded
-            (they sum to the row's real tokens).
+        seq_lens [B, max_docs] int64: segment lengths of each row in order: its documents, then
+            the padding tail as one more segment when the row is shorter than T, then zeros; every
+            row sums to T (the trainer's block-causal mask reads it that way).
         position_ids [B, T] int64: restart at 0 at each document; 0 on padding.
         doc_remaining [B, T] int64: real tokens after t within its document (a document of n
             tokens holds n-1, ..., 0); 0 on padding.
@@ -81,7 +82,7 @@ def _assemble(samples: Sequence[dict[str, torch.Tensor]], groups: list[list[int]
         out[name] = torch.empty((batch, width, *ref.shape[1:]), dtype=ref.dtype, device=ref.device)
     if packed:
         device = first["input_ids"].device
-        max_docs = max(len(g) for g in groups)
+        max_docs = max(len(g) + (row < width) for g, row in zip(groups, row_lengths))
         out["seq_lens"] = torch.zeros(batch, max_docs, dtype=torch.int64)
         out["position_ids"] = torch.zeros(batch, width, dtype=torch.int64, device=device)
         out["doc_remaining"] = torch.zeros(batch, width, dtype=torch.int64, device=device)
@@ -96,6 +97,8 @@ def _assemble(samples: Sequence[dict[str, torch.Tensor]], groups: list[list[int]
                 out["position_ids"][b, start:start + n] = torch.arange(n)
                 out["doc_remaining"][b, start:start + n] = torch.arange(n - 1, -1, -1)
             start += n
+        if packed and start < width:
+            out["seq_lens"][b, len(group)] = width - start  # the padding tail
         for name in _FIELDS:
             out[name][b, start:].zero_()
     if packed:

@@ -95,9 +95,11 @@ class CacheWriter:
         with self._lock:
             return copy.deepcopy(self._manifest)
 
-    def add(self, global_index: int, record: SampleRecord) -> None:
+    def add(self, global_index: int, record: SampleRecord | Mapping[str, torch.Tensor]) -> None:
         """Add sample ``global_index`` (samples must arrive in global order, starting at
         ``next_index``). Blocks while ``queue_depth`` full shards wait to be written.
+
+        ``record`` is a ``SampleRecord`` or a dict with its field names (converted and checked).
 
         The record's tensors must be on the CPU; the writer keeps references to them until their
         shard is committed, so do not modify them (e.g. reuse a pinned buffer) after ``add``.
@@ -108,6 +110,8 @@ class CacheWriter:
                              "are added in global order (on resume, start at committed_prefix(manifest))")
         if global_index >= self._meta.num_samples:
             raise ValueError(f"sample {global_index} is beyond the planned num_samples {self._meta.num_samples}")
+        if isinstance(record, Mapping):
+            record = SampleRecord(**record)
         self._check_record(global_index, record)
         self._pending.append(record)
         self._next_index += 1
@@ -184,17 +188,22 @@ class CacheWriter:
             validate_manifest(self._manifest)
             self._write_manifest()
 
+    def abort(self) -> None:
+        """Stop after an error or interrupt: like ``close(complete=False)`` (full shards already
+        queued are still committed) but never raises; a failure of the writer thread is logged."""
+        try:
+            self.close(complete=False)
+        except Exception:  # the caller is already handling the error that made it abort
+            logger.exception("the shard writer also failed while aborting")
+
     def __enter__(self) -> "CacheWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close(complete=True)
-            return
-        try:
-            self.close(complete=False)
-        except Exception:  # the original exception is the one to report
-            logger.exception("the shard writer also failed while closing after an error")
+        else:
+            self.abort()
 
     # ------------------------------------------------------------------ internals
     def _check_open(self) -> None:
