@@ -39,6 +39,19 @@ def test_aux_equals_hf_hidden_states(family, aux_layer_ids, padded_inputs):
     assert out.final_hidden is None
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_last_layer_is_captured_before_the_final_norm(family, padded_inputs):
+    """transformers 5.x stores norm(output of layer L-1) at hidden_states[L]; aux id L-1 is the raw output."""
+    model = build_model(family)
+    input_ids, attention_mask, _ = padded_inputs
+    out = HFEagle3TargetModel(model, aux_layer_ids=[0, 1, LAYERS - 1]).forward_capture(input_ids, attention_mask)
+    hidden, _ = reference_hidden_states(model, input_ids, attention_mask)
+    last = out.aux_hidden_states[..., 2 * HIDDEN :]
+    final_norm = model.model.norm if family == "llama" else model.model.language_model.norm
+    assert not torch.allclose(last, hidden[LAYERS], atol=1e-3)
+    assert torch.equal(final_norm(last), hidden[LAYERS])
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generate_batch_shift_semantics(family, padded_inputs):
     model = build_model(family)

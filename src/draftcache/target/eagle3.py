@@ -10,7 +10,7 @@ from torch import nn
 from .batch import Eagle3TargetBatch, check_sequence_inputs, shifted_eagle3_batch
 from .capture import TargetForward, run_with_capture
 from .layer_ids import default_eagle3_aux_layer_ids, validate_eagle3_aux_layer_ids
-from .layout import TargetLayoutError, find_decoder_layers, num_hidden_layers
+from .layout import TargetLayoutError, find_decoder_layers, num_hidden_layers, text_config
 from .packing import packed_attention_mask, packed_position_ids, validate_seq_lens
 
 __all__ = ["HFEagle3TargetModel"]
@@ -53,8 +53,9 @@ class HFEagle3TargetModel:
 
     @property
     def hidden_size(self) -> int:
-        """Target hidden size H (aux features are ``3H`` wide)."""
-        return int(self.model.get_input_embeddings().weight.shape[1])
+        """Decoder hidden size H (aux features are ``3H`` wide): ``hidden_size`` of the text config."""
+        size = getattr(text_config(self.model.config), "hidden_size", None)
+        return int(size) if size is not None else int(self.model.get_input_embeddings().weight.shape[1])
 
     @property
     def vocab_size(self) -> int:

@@ -2,7 +2,8 @@
 
 Layer id ``i`` always names the output of decoder layer ``i`` (after its residual add, before
 the final norm) = HF ``output_hidden_states[i + 1]``. SGLang and vLLM call the same tensor
-``i + 1``.
+``i + 1``. One exception on the HF side: transformers puts the FINAL-NORM output at
+``hidden_states[L]``, so for ``i = L - 1`` the captured (pre-norm) output differs from it.
 """
 
 from __future__ import annotations
