@@ -267,7 +267,7 @@ def test_aux_layer_ids_name_the_same_tensors_in_both_engines(tmp_path, draft_con
     inputs, outputs = {}, {}
     for j, layer in enumerate(target.model.layers):
         layer.register_forward_pre_hook(
-            lambda mod, args, kwargs, j=j: inputs.__setitem__(j, kwargs.get("hidden_states", args[0] if args else None)),
+            lambda mod, args, kwargs, j=j: inputs.__setitem__(j, args[0] if args else kwargs["hidden_states"]),
             with_kwargs=True)
         layer.register_forward_hook(
             lambda mod, args, out, j=j: outputs.__setitem__(j, out[0] if isinstance(out, tuple) else out))

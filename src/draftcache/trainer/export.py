@@ -237,9 +237,9 @@ def export_draft(
     Args:
         model: the trained draft.
         output_dir: created if missing; only the two files are (atomically) replaced.
-        target_config: the target's HF config (object or ``to_dict()`` form); when given, ``max_position_embeddings`` and
-            RoPE are taken from it (after checking the draft was built for it) and its
-            ``architectures`` fill the speculators verifier entry.
+        target_config: the target's HF config (object or ``to_dict()`` form); when given,
+            ``max_position_embeddings`` and RoPE are taken from it (after checking the draft
+            was built for it) and its ``architectures`` fill the speculators verifier entry.
         target_model_id: hub id or path of the target (speculators ``verifier.name_or_path``;
             vLLM serves that model when given only the speculator).
         format: ``"eagle3"`` (SGLang + vLLM) or ``"speculators"`` (vLLM / speculators).

@@ -595,7 +595,9 @@ class Eagle3DraftModel(nn.Module):
             raise ValueError(f"target lm_head weight has shape {tuple(target_lm_head_weight.shape)}, expected {(v, h)}")
         ids = self.selected_token_ids if selected_token_ids is None else selected_token_ids.to(torch.int64)
         if ids.shape != (self.config.draft_vocab_size,):
-            raise ValueError(f"selected_token_ids must have shape [{self.config.draft_vocab_size}], got {tuple(ids.shape)}")
+            raise ValueError(
+                f"selected_token_ids must have shape [{self.config.draft_vocab_size}], got {tuple(ids.shape)}"
+            )
         with torch.no_grad():
             self.lm_head.weight.copy_(target_lm_head_weight.index_select(0, ids.to(target_lm_head_weight.device)))
 
