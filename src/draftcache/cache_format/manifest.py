@@ -97,7 +97,7 @@ def new_manifest(
         "supervision": {"encoding": encoding, "topk": topk},
         "draft_vocab": {"size": len(ids), "selected_token_ids": [int(i) for i in ids]},
         "token_counts": [int(c) for c in counts],
-        "dataset": {"skipped": {}, **dict(dataset)},
+        "dataset": {**dict(dataset), "skipped": dict(dataset.get("skipped", {}))},
         "num_samples": num_samples,
         "shard_size": shard_size,
         "num_shards": _planned_shards(num_samples, shard_size),
