@@ -13,6 +13,7 @@ from draftcache.cache_format.errors import (
     FormatVersionError,
     ManifestError,
 )
+from draftcache.cache_format.inspection import VerifyReport, cache_stats, inspect_cache, show_sample, verify_cache
 from draftcache.cache_format.lock import CacheLock
 from draftcache.cache_format.manifest import Manifest, ShardEntry, new_manifest, read_manifest, validate_manifest
 from draftcache.cache_format.reader import CacheReader, open_cache
@@ -44,11 +45,14 @@ __all__ = [
     "ManifestError",
     "SampleRecord",
     "ShardEntry",
+    "VerifyReport",
     "atomic_write_bytes",
     "atomic_write_json",
+    "cache_stats",
     "collate_padded",
     "committed_prefix",
     "diff_manifest_config",
+    "inspect_cache",
     "load_manifest_schema",
     "new_manifest",
     "open_cache",
@@ -57,6 +61,8 @@ __all__ = [
     "remove_stale_temporaries",
     "sha256_file",
     "shard_filename",
+    "show_sample",
     "validate_manifest",
+    "verify_cache",
     "verify_shard",
 ]

@@ -34,7 +34,7 @@ import torch
 from draftcache.cache_format.errors import CacheCorruptError
 from draftcache.cache_format.manifest import Manifest, read_manifest
 from draftcache.cache_format.resume import committed_shards
-from draftcache.cache_format.schema import FORMAT_VERSION, encoding_tensors, storage_dtype
+from draftcache.cache_format.schema import encoding_tensors, expected_shard_tensors, shard_metadata, storage_dtype
 from draftcache.cache_format.shard_file import ShardFile
 from draftcache.data.vocab import DraftVocab, build_draft_vocab
 from draftcache.target.supervision import compute_target_distribution
@@ -234,24 +234,12 @@ class CacheReader:
         check_sum = self.verify and k not in self._verified
         shard = ShardFile(self.path / entry["file"], entry["bytes"], entry["sha256"] if check_sum else None)
         self._verified.add(k)
-        n, tokens, rows = entry["num_samples"], entry["num_tokens"], entry["num_supervised"]
-        width = {"probs": self.manifest["draft_vocab"]["size"], "topk": self._meta.topk,
-                 "hidden": self._meta.hidden_size}[self.encoding]
-        expected = {
-            "input_ids": (torch.int32, (tokens,)),
-            "loss_mask": (torch.uint8, (tokens,)),
-            "sample_offsets": (torch.int64, (n + 1,)),
-            "aux_hidden_states": (self.dtype, (tokens, self.aux_dim)),
-            "supervised_offsets": (torch.int64, (n + 1,)),
-            "target_argmax": (torch.int32, (rows,)),
-        }
-        expected.update({name: (torch.int32 if name == "topk_ids" else self.dtype, (rows, width))
-                         for name in encoding_tensors(self.encoding)})
-        shard.check(expected, {"format_version": str(FORMAT_VERSION), "first_sample": str(entry["first_sample"]),
-                               "num_samples": str(n)})
+        shard.check(expected_shard_tensors(self.manifest, entry),
+                    shard_metadata(entry["first_sample"], entry["num_samples"]))
         offsets = shard.read("sample_offsets").tolist()
         supervised = shard.read("supervised_offsets").tolist()
-        for name, values, total in (("sample_offsets", offsets, tokens), ("supervised_offsets", supervised, rows)):
+        for name, values, total in (("sample_offsets", offsets, entry["num_tokens"]),
+                                    ("supervised_offsets", supervised, entry["num_supervised"])):
             if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
                 shard.close()
                 raise CacheCorruptError(f"{shard.name}: {name} are not a non-decreasing range from 0 to {total}; "

@@ -7,6 +7,7 @@ declared once. The layout itself is described in this package's ``README.md``.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from importlib import resources
 from typing import Any
 
@@ -21,9 +22,11 @@ __all__ = [
     "STORAGE_DTYPES",
     "SIDE_FILES",
     "shard_filename",
+    "shard_metadata",
     "side_filename",
     "storage_dtype",
     "encoding_tensors",
+    "expected_shard_tensors",
     "load_manifest_schema",
 ]
 
@@ -77,6 +80,32 @@ def encoding_tensors(encoding: str) -> tuple[str, ...]:
         return ENCODINGS[encoding]
     except KeyError:
         raise ValueError(f"unknown supervision encoding {encoding!r}; expected one of {sorted(ENCODINGS)}") from None
+
+
+def expected_shard_tensors(manifest: Mapping[str, Any], entry: Mapping[str, Any]
+                           ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """``{tensor name: (dtype, shape)}`` that the shard of manifest ``entry`` must hold."""
+    n, tokens, rows = entry["num_samples"], entry["num_tokens"], entry["num_supervised"]
+    dtype = storage_dtype(manifest["dtype"])
+    encoding = manifest["supervision"]["encoding"]
+    hidden = manifest["target"]["hidden_size"]
+    width = {"probs": manifest["draft_vocab"]["size"], "topk": manifest["supervision"]["topk"], "hidden": hidden}
+    expected = {
+        "input_ids": (torch.int32, (tokens,)),
+        "loss_mask": (torch.uint8, (tokens,)),
+        "sample_offsets": (torch.int64, (n + 1,)),
+        "aux_hidden_states": (dtype, (tokens, len(manifest["capture"]["layer_ids"]) * hidden)),
+        "supervised_offsets": (torch.int64, (n + 1,)),
+        "target_argmax": (torch.int32, (rows,)),
+    }
+    for name in encoding_tensors(encoding):
+        expected[name] = (torch.int32 if name == "topk_ids" else dtype, (rows, width[encoding]))
+    return expected
+
+
+def shard_metadata(first_sample: int, num_samples: int) -> dict[str, str]:
+    """The safetensors ``__metadata__`` of a shard."""
+    return {"format_version": str(FORMAT_VERSION), "first_sample": str(first_sample), "num_samples": str(num_samples)}
 
 
 def load_manifest_schema() -> dict[str, Any]:

@@ -33,6 +33,7 @@ from draftcache.cache_format.schema import (
     MANIFEST_FILE,
     SIDE_FILES,
     shard_filename,
+    shard_metadata,
     side_filename,
     storage_dtype,
 )
@@ -294,7 +295,7 @@ class CacheWriter:
             tensors.append(("topk_ids", [r.topk_ids.to(torch.int32) for r in records]))  # [M, k] int32
         else:
             tensors.append(("final_hidden", [r.final_hidden.to(dtype) for r in records]))  # [M, H]
-        metadata = {"format_version": str(FORMAT_VERSION), "first_sample": str(first), "num_samples": str(len(records))}
+        metadata = shard_metadata(first, len(records))
         size, digest = write_safetensors(self.cache_dir / shard_filename(index), tensors, metadata, on_bytes=self._count)
         entry = ShardEntry(file=shard_filename(index), index=index, first_sample=first, num_samples=len(records),
                            num_tokens=int(lengths.sum()), num_supervised=int(supervised.sum()), bytes=size, sha256=digest)
