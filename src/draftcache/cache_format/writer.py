@@ -55,7 +55,8 @@ class CacheWriter:
     recomputed and their files replaced).
 
     Use as a context manager: a normal exit calls ``close(complete=True)``, an exception
-    ``close(complete=False)`` (full shards already queued are still committed).
+    ``abort()`` (full shards already queued are still committed). Host memory holds at most
+    ``queue_depth`` queued shards, the one being written and the one being collected.
     """
 
     def __init__(self, cache_dir: str | Path, manifest: Manifest | Mapping[str, Any], *, queue_depth: int = 2):
@@ -80,6 +81,7 @@ class CacheWriter:
         self._error: BaseException | None = None
         self._closed = False
         self.bytes_written = 0  # bytes of shards and side files written by this writer (progress bars)
+        self._count_lock = threading.Lock()  # the thread and write_side_file both count
         self._write_manifest()
         self._thread = threading.Thread(target=self._run, name="draftcache-shard-writer", daemon=True)
         self._thread.start()
@@ -217,7 +219,8 @@ class CacheWriter:
             raise RuntimeError(f"the background shard writer failed: {self._error!r}") from self._error
 
     def _count(self, n: int) -> None:
-        self.bytes_written += n
+        with self._count_lock:
+            self.bytes_written += n
 
     def _write_manifest(self) -> None:
         atomic_write_json(self.cache_dir / MANIFEST_FILE, self._manifest)
