@@ -93,6 +93,15 @@ def test_fallback_validator_reports_the_same_problems_without_jsonschema(manifes
     assert _structure_problems(manifest) == []
 
 
+def test_dataset_section_accepts_descriptive_extras_but_others_do_not(manifest):
+    extra = copy.deepcopy(manifest)
+    extra["dataset"].update({"kind": "jsonl", "datasets_fingerprint": None})
+    validate_manifest(extra)
+    extra["target"]["revision"] = "main"
+    with pytest.raises(ManifestError, match="revision"):
+        validate_manifest(extra)
+
+
 def test_cross_field_rules(manifest):
     bad = copy.deepcopy(manifest)
     bad["num_shards"] = 5
