@@ -110,5 +110,11 @@ def shard_metadata(first_sample: int, num_samples: int) -> dict[str, str]:
 
 def load_manifest_schema() -> dict[str, Any]:
     """The JSON Schema of ``manifest.json`` v1 (``schemas/cache_manifest.v1.schema.json``)."""
-    text = resources.files(__package__).joinpath("schemas", f"cache_manifest.v{FORMAT_VERSION}.schema.json").read_text()
+    name = f"cache_manifest.v{FORMAT_VERSION}.schema.json"
+    try:
+        text = resources.files(__package__).joinpath("schemas", name).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"the packaged manifest schema draftcache/cache_format/schemas/{name} is missing: the "
+                                "package was built without it (package-data must include "
+                                "'cache_format/schemas/*.json'); reinstall draftcache") from None
     return json.loads(text)
