@@ -35,6 +35,7 @@ class TargetForward:
     logits: torch.Tensor
     aux_hidden_states: torch.Tensor
     final_hidden: torch.Tensor | None = None
+    past_key_values: Any = None  # the model's KV cache, when the forward was run with one
 
 
 def _layer_output(output: Any) -> torch.Tensor:
@@ -51,6 +52,7 @@ def run_with_capture(
     attention_mask: torch.Tensor | dict[str, torch.Tensor] | None,
     position_ids: torch.Tensor | None = None,
     capture_final_hidden: bool = False,
+    past_key_values: Any = None,
 ) -> TargetForward:
     """Run ``model`` once under ``torch.no_grad`` and capture ``layers[i]``'s output for ``i in layer_ids``.
 
@@ -85,7 +87,8 @@ def run_with_capture(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                use_cache=False,
+                past_key_values=past_key_values,
+                use_cache=past_key_values is not None,
             )
     finally:
         for handle in handles:
@@ -105,4 +108,5 @@ def run_with_capture(
         logits=logits,
         aux_hidden_states=aux,
         final_hidden=final[0] if capture_final_hidden else None,
+        past_key_values=getattr(outputs, "past_key_values", None) if past_key_values is not None else None,
     )

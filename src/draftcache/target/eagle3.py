@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -84,6 +85,7 @@ class HFEagle3TargetModel:
         position_ids: torch.Tensor | None = None,
         seq_lens: torch.Tensor | None = None,
         capture_final_hidden: bool = False,
+        past_key_values: Any = None,
     ) -> TargetForward:
         """Run the target once; return UNSHIFTED ``logits [B,S,V]``, ``aux [B,S,3H]``, ``final_hidden [B,S,H]``.
 
@@ -93,6 +95,9 @@ class HFEagle3TargetModel:
         block-causal ``[B, 1, S, S]`` mask and per-document position ids (derived from
         ``seq_lens`` when ``position_ids`` is None), so each document's outputs equal running it
         alone; ``attention_mask`` is then not used for the forward.
+
+        ``past_key_values`` (a transformers ``Cache``) continues a sequence incrementally, as
+        speculative decoding's verify step does; the updated cache comes back on the result.
         """
         check_sequence_inputs(input_ids, attention_mask=attention_mask, position_ids=position_ids)
         device = self._device()
@@ -114,6 +119,7 @@ class HFEagle3TargetModel:
             attention_mask=model_mask,
             position_ids=position_ids,
             capture_final_hidden=capture_final_hidden,
+            past_key_values=past_key_values,
         )
 
     def generate_batch(

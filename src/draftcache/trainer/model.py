@@ -38,6 +38,7 @@ __all__ = [
     "Eagle3DraftConfig",
     "Eagle3DraftModel",
     "Eagle3KVCache",
+    "Eagle3DecodeCache",
     "Eagle3Output",
     "build_attention_mask",
     "document_layout",
@@ -405,6 +406,32 @@ class Eagle3KVCache:
         return 0 if self.block_k is None else 1 + len(self.diag_k)
 
 
+@dataclass
+class Eagle3DecodeCache:
+    """Plain append-only keys/values ``[B, H_kv, L, d]`` for chain drafting at inference time.
+
+    Every drafted token is one more entry, at the next RoPE position, attended causally by later
+    entries: the inference-time view of what TTT's diagonal keys simulate in training.
+    """
+
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else int(self.k.size(2))
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+    def crop(self, length: int) -> None:
+        """Forget every entry from ``length`` on (rejected draft tokens)."""
+        if self.k is not None:
+            self.k, self.v = self.k[:, :, :length], self.v[:, :, :length]
+
+
 def _attend(
     q: torch.Tensor,
     block_k: torch.Tensor,
@@ -433,10 +460,11 @@ def _attend(
         diag_scores = torch.einsum("bhgtd,bhtjd->bhgtj", qg, dk).to(wide) * scale  # [B,Hkv,g,T,k]
         scores = torch.cat([scores, diag_scores], dim=-1)
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    out = torch.matmul(probs[..., :seq], block_v.unsqueeze(2))  # [B, Hkv, g, T, d]
+    keys = block_k.size(2)  # == seq, except when decoding with Eagle3DecodeCache
+    out = torch.matmul(probs[..., :keys], block_v.unsqueeze(2))  # [B, Hkv, g, T, d]
     if diag_v:
         dv = torch.stack(diag_v, dim=-2)  # [B, Hkv, T, k, d]
-        out = out + torch.einsum("bhgtj,bhtjd->bhgtd", probs[..., seq:], dv)
+        out = out + torch.einsum("bhgtj,bhtjd->bhgtd", probs[..., keys:], dv)
     return out.reshape(batch, q_heads, seq, dim)
 
 
@@ -460,7 +488,7 @@ class Eagle3Attention(nn.Module):
         x: torch.Tensor,
         position_ids: torch.Tensor,
         mask: torch.Tensor,
-        cache: Eagle3KVCache | None = None,
+        cache: "Eagle3KVCache | Eagle3DecodeCache | None" = None,
     ) -> torch.Tensor:
         """``x [B, T, 2H]`` at ``position_ids [B, T]`` -> ``[B, T, H]``.
 
@@ -475,7 +503,10 @@ class Eagle3Attention(nn.Module):
         cos, sin = self.rotary.cos_sin(position_ids, q.dtype)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        if cache is None or cache.block_k is None:
+        if isinstance(cache, Eagle3DecodeCache):
+            block_k, block_v = cache.append(k, v)  # mask is [B, 1, T_new, T_past + T_new]
+            diag_k, diag_v = [], []
+        elif cache is None or cache.block_k is None:
             block_k, block_v, diag_k, diag_v = k, v, [], []
             if cache is not None:
                 cache.block_k, cache.block_v = k, v
@@ -505,7 +536,7 @@ class Eagle3DecoderLayer(nn.Module):
         hidden: torch.Tensor,
         position_ids: torch.Tensor,
         mask: torch.Tensor,
-        cache: Eagle3KVCache | None = None,
+        cache: "Eagle3KVCache | Eagle3DecodeCache | None" = None,
     ) -> torch.Tensor:
         """``embeds, hidden [B, T, H]`` -> pre-norm output ``[B, T, H]``."""
         normed_hidden = self.hidden_norm(hidden)
@@ -614,7 +645,7 @@ class Eagle3DraftModel(nn.Module):
         *,
         position_ids: torch.Tensor,
         mask: torch.Tensor,
-        cache: Eagle3KVCache | None = None,
+        cache: "Eagle3KVCache | Eagle3DecodeCache | None" = None,
     ) -> Eagle3Output:
         """One draft step: ``input_ids [B, T]`` (the tokens this step reads), ``hidden_states
         [B, T, H]`` (``fc`` output for the first step, the previous pre-norm output after),
@@ -622,6 +653,23 @@ class Eagle3DraftModel(nn.Module):
         embeds = self.embed_tokens(input_ids).to(hidden_states.dtype)
         out = self.midlayer(embeds, hidden_states, position_ids, mask, cache)
         return Eagle3Output(logits=self.compute_logits(out), hidden_states=out)
+
+    def decode(
+        self, input_ids: torch.Tensor, hidden_states: torch.Tensor, cache: Eagle3DecodeCache
+    ) -> Eagle3Output:
+        """Append ``n`` entries to an inference cache and return their outputs.
+
+        ``input_ids [B, n]`` (the token each entry reads), ``hidden_states [B, n, H]`` (``fc(aux)``
+        for context entries, the previous pre-norm output for drafted ones). Entries take the next
+        ``n`` positions after the cache and attend causally to everything before them.
+        """
+        batch, n = input_ids.shape
+        past = cache.length
+        position_ids = torch.arange(past, past + n, device=input_ids.device).expand(batch, n)
+        q_pos = torch.arange(past, past + n, device=input_ids.device)
+        k_pos = torch.arange(past + n, device=input_ids.device)
+        mask = (k_pos[None, :] <= q_pos[:, None]).expand(batch, 1, n, past + n)
+        return self.forward_step(input_ids, hidden_states, position_ids=position_ids, mask=mask, cache=cache)
 
     def forward(
         self,

@@ -1,0 +1,120 @@
+"""``draftcache eval``: real acceptance length and speed of a draft against its target.
+
+For each prompt (the conversation up to its first assistant turn, rendered with the target's
+chat template), the target decodes ``max_new_tokens`` greedily twice in the same process: plainly
+(one forward per token, KV cache) and speculatively with the draft. Reports the mean acceptance
+length tau (accepted + bonus tokens per verify forward), per-position acceptance rates (share
+of verify steps whose i-th draft token was accepted), both speeds, and whether every
+speculative output equalled the plain greedy one (it must).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from draftcache.target import HFEagle3TargetModel
+from draftcache.trainer.export import load_exported_draft
+from draftcache.trainer.speculative import SpecDecodeStats, greedy_generate, speculative_generate, timed
+
+__all__ = ["EvalReport", "evaluate_draft", "prompt_ids_from_conversations"]
+
+
+@dataclass
+class EvalReport:
+    num_prompts: int
+    draft_tokens: int
+    tau: float
+    acceptance_rates: list[float]
+    tokens: int
+    greedy_tokens_per_s: float
+    spec_tokens_per_s: float
+    mismatches: int
+
+    @property
+    def speedup(self) -> float:
+        return self.spec_tokens_per_s / max(self.greedy_tokens_per_s, 1e-9)
+
+    def format(self) -> str:
+        rates = " ".join(f"{r:.2f}" for r in self.acceptance_rates)
+        return "\n".join([
+            f"prompts            {self.num_prompts} ({self.tokens} generated tokens each way)",
+            f"draft tokens K     {self.draft_tokens}",
+            f"acceptance length  tau = {self.tau:.3f} tokens per verify step (accepted + bonus)",
+            f"accept rate by pos {rates}",
+            f"greedy             {self.greedy_tokens_per_s:.1f} tok/s",
+            f"speculative        {self.spec_tokens_per_s:.1f} tok/s ({self.speedup:.2f}x)",
+            f"lossless           {'yes' if self.mismatches == 0 else f'NO: {self.mismatches} prompts differ'}",
+        ])
+
+
+def prompt_ids_from_conversations(conversations, tokenizer, num_prompts: int) -> list[list[int]]:
+    """Token ids of each conversation up to its first assistant turn, with the generation prompt."""
+    prompts = []
+    for conv in conversations:
+        msgs = conv.messages
+        first = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        if first == 0:
+            continue
+        ids = tokenizer.apply_chat_template(msgs[:first], add_generation_prompt=True, tokenize=True, return_dict=True)
+        prompts.append(list(ids["input_ids"]))
+        if len(prompts) >= num_prompts:
+            break
+    if not prompts:
+        raise ValueError("no conversation with a user turn before its first assistant turn: nothing to prompt with")
+    return prompts
+
+
+@torch.no_grad()
+def evaluate_draft(
+    *,
+    draft_dir: str,
+    target_model: str | None = None,
+    input_data: str | None = None,
+    num_prompts: int = 20,
+    draft_tokens: int = 4,
+    max_new_tokens: int = 64,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+) -> EvalReport:
+    from draftcache.data import load_conversations
+    from draftcache.defaults import default_data_path, default_target_path
+    from draftcache.target.loading import load_target_model, load_tokenizer, resolve_device
+
+    if num_prompts < 1 or draft_tokens < 1 or max_new_tokens < 1:
+        raise ValueError("--num-prompts, --draft-tokens and --max-new-tokens must all be >= 1")
+    dev = resolve_device(device)
+    target_path = target_model or default_target_path()
+    tokenizer = load_tokenizer(target_path, trust_remote_code=trust_remote_code)
+    model = load_target_model(target_path, device=dev, trust_remote_code=trust_remote_code)
+    draft = load_exported_draft(draft_dir, target_embeddings=model.get_input_embeddings().weight.detach().float().cpu())
+    draft = draft.to(dev).eval()
+    if dev.type != "cpu":
+        draft = draft.to(torch.bfloat16)
+    target = HFEagle3TargetModel(model, aux_layer_ids=draft.config.aux_layer_ids)
+    conversations = load_conversations(input_data or default_data_path())
+    prompts = prompt_ids_from_conversations(conversations, tokenizer, num_prompts)
+    eos = tokenizer.eos_token_id
+
+    warm = torch.tensor(prompts[0], device=dev)
+    greedy_generate(model, warm, 4, eos)
+    speculative_generate(target, draft, warm, max_new_tokens=4, draft_tokens=draft_tokens, eos_token_id=eos)
+
+    stats = SpecDecodeStats(draft_tokens=draft_tokens)
+    t_greedy = t_spec = 0.0
+    n_greedy = n_spec = 0
+    mismatches = 0
+    for p in prompts:
+        ids = torch.tensor(p, device=dev)
+        ref, dt = timed(greedy_generate, model, ids, max_new_tokens, eos)
+        t_greedy, n_greedy = t_greedy + dt, n_greedy + len(ref)
+        out, dt = timed(speculative_generate, target, draft, ids, max_new_tokens=max_new_tokens,
+                        draft_tokens=draft_tokens, stats=stats, eos_token_id=eos)
+        t_spec, n_spec = t_spec + dt, n_spec + len(out)
+        mismatches += int(out != ref)
+    return EvalReport(
+        num_prompts=len(prompts), draft_tokens=draft_tokens, tau=stats.tau, acceptance_rates=stats.acceptance_rates,
+        tokens=n_spec, greedy_tokens_per_s=n_greedy / max(t_greedy, 1e-9), spec_tokens_per_s=n_spec / max(t_spec, 1e-9),
+        mismatches=mismatches,
+    )

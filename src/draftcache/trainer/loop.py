@@ -1,0 +1,265 @@
+"""The EAGLE-3 draft training loop: AdamW + warmup/cosine, gradient accumulation and clipping,
+per-TTT-step metrics, validation, atomic resumable checkpoints, DDP under torchrun, export at the end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from draftcache.trainer.batching import plan_epoch, split_train_val
+from draftcache.trainer.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from draftcache.trainer.config import TrainConfig
+from draftcache.trainer.distributed import DistInfo, all_reduce_sum, init_distributed
+from draftcache.trainer.model import Eagle3DraftConfig, Eagle3DraftModel
+from draftcache.trainer.ttt import simulated_acceptance_length, ttt_forward
+
+__all__ = ["train", "TrainResult", "build_draft", "evaluate_loss"]
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    steps: int
+    train_loss: float
+    val_loss: float | None
+    val_acc: list[float] = field(default_factory=list)
+    val_acceptance_length: float | None = None
+    wall_seconds: float = 0.0
+    export_dir: str | None = None
+
+
+def _hf_config_object(d: dict):
+    from transformers import AutoConfig
+
+    d = dict(d)
+    model_type = d.pop("model_type", "llama")
+    return AutoConfig.for_model(model_type, **d)
+
+
+def build_draft(source, cfg: TrainConfig, device: torch.device) -> Eagle3DraftModel:
+    """A fresh draft shaped after ``source``'s target, with frozen target embeddings and its vocab maps."""
+    info = source.info
+    dcfg = Eagle3DraftConfig.from_target_config(
+        _hf_config_object(info.hf_config), draft_vocab_size=source.vocab.size, aux_layer_ids=info.aux_layer_ids
+    )
+    model = Eagle3DraftModel(dcfg, freeze_embeddings=cfg.freeze_embeddings)
+    model.load_target_embeddings(source.target_embeddings().float())
+    model.d2t.copy_(source.vocab.d2t)
+    model.t2d.copy_(source.vocab.t2d)
+    return model.to(device)
+
+
+class _TTTModule(torch.nn.Module):
+    """Routes the TTT loss through ``forward`` so DistributedDataParallel sees the call."""
+
+    def __init__(self, draft: Eagle3DraftModel):
+        super().__init__()
+        self.draft = draft
+
+    def forward(self, inputs: dict, *, ttt_steps: int, step_weight: float):
+        return ttt_forward(self.draft, **inputs, ttt_steps=ttt_steps, step_weight=step_weight)
+
+
+def _lr_lambda(cfg: TrainConfig, total_steps: int):
+    def fn(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / max(1, cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _autocast(device: torch.device):
+    # bf16 autocast on GPUs; full fp32 on CPU (bf16 CPU matmuls are slow and hurt the loss parity).
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+@torch.no_grad()
+def evaluate_loss(model, source, plan, cfg: TrainConfig, device, dist_info: DistInfo) -> dict:
+    """Validation loss, per-step accuracy and simulated acceptance length, summed across ranks."""
+    model.eval()
+    k = cfg.ttt_steps
+    sums = torch.zeros(2 + 2 * k, dtype=torch.float64, device=device)  # loss*n, n, correct[k], valid[k]
+    for batch in source.loader(plan, cfg.batch_tokens):
+        inputs = source.supervise(_to_device(batch, device))
+        with _autocast(device):
+            out = ttt_forward(model, **inputs, ttt_steps=k, step_weight=cfg.step_weight)
+        sums[0] += float(out.loss)
+        sums[1] += 1
+        sums[2 : 2 + k] += out.correct.double()
+        sums[2 + k :] += out.valid.double()
+    all_reduce_sum(sums, dist_info)
+    model.train()
+    acc = (sums[2 : 2 + k] / sums[2 + k :].clamp_min(1)).tolist()
+    return {"loss": float(sums[0] / sums[1].clamp_min(1)), "acc": acc,
+            "acceptance_length": simulated_acceptance_length(acc)}
+
+
+def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
+    """Train a draft from ``source`` (built from ``cfg`` when None) into ``cfg.output_dir``."""
+    cfg.validate()
+    t0 = time.perf_counter()
+    dist_info = init_distributed(cfg.device)
+    device = dist_info.device
+    is_main = dist_info.rank == 0
+    run_dir = Path(cfg.output_dir)
+    if is_main:
+        if run_dir.exists() and latest_checkpoint(run_dir) is not None and not cfg.resume:
+            raise FileExistsError(
+                f"--output-dir {run_dir} already holds a training run; pass --resume to continue it or choose another directory"
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if source is None:
+        from draftcache.trainer.setup import build_source
+
+        source = build_source(cfg, device)
+
+    torch.manual_seed(cfg.seed)
+    model = build_draft(source, cfg, device)
+    train_idx, val_idx = split_train_val(len(source), cfg.val_fraction, cfg.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    per_epoch = len(plan_epoch(train_idx, source.lengths, seed=cfg.seed, epoch=0, batch_tokens=cfg.batch_tokens,
+                               batch_size=cfg.batch_size, rank=dist_info.rank, world_size=dist_info.world_size))
+    steps_per_epoch = max(1, per_epoch // cfg.grad_accum)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
+
+    state = TrainState()
+    if cfg.resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is not None:
+            state, _ = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+            log(f"resumed from {ckpt} at step {state.step} (epoch {state.epoch}, micro-batch {state.batches_in_epoch})")
+    ddp_model = _TTTModule(model)
+    if dist_info.world_size > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            ddp_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    metrics_path = run_dir / "metrics.jsonl"
+    tb = _tensorboard(run_dir) if is_main else None
+    val_plan = plan_epoch(val_idx, source.lengths, seed=cfg.seed, epoch=0, batch_tokens=cfg.batch_tokens,
+                          batch_size=cfg.batch_size, rank=dist_info.rank, world_size=dist_info.world_size,
+                          shuffle=False) if val_idx else []
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not (cfg.progress and is_main))
+    k = cfg.ttt_steps
+    window = torch.zeros(2 + 2 * k, dtype=torch.float64, device=device)
+    last_loss = float("nan")
+    val = None
+
+    def log_metrics(record: dict) -> None:
+        if not is_main:
+            return
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    tb.add_scalar(key, value, record["step"])
+                elif isinstance(value, list):
+                    for i, v in enumerate(value):
+                        tb.add_scalar(f"{key}/step{i}", v, record["step"])
+
+    def checkpoint() -> None:
+        if is_main:
+            save_checkpoint(run_dir, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
+                            config=cfg.as_dict())
+        if dist_info.world_size > 1:
+            dist.barrier()
+
+    done = state.step >= total_steps
+    micro = 0
+    while not done and state.epoch < 10**9:
+        plan = plan_epoch(train_idx, source.lengths, seed=cfg.seed, epoch=state.epoch, batch_tokens=cfg.batch_tokens,
+                          batch_size=cfg.batch_size, rank=dist_info.rank, world_size=dist_info.world_size)
+        plan = plan[state.batches_in_epoch :]
+        for batch in source.loader(plan, cfg.batch_tokens):
+            inputs = source.supervise(_to_device(batch, device))
+            sync = (micro + 1) % cfg.grad_accum == 0
+            ctx = ddp_model.no_sync() if (dist_info.world_size > 1 and not sync) else nullcontext()
+            with ctx, _autocast(device):
+                out = ddp_model(inputs, ttt_steps=k, step_weight=cfg.step_weight)
+                (out.loss / cfg.grad_accum).backward()
+            window[0] += float(out.loss.detach())
+            window[1] += 1
+            window[2 : 2 + k] += out.correct.double()
+            window[2 + k :] += out.valid.double()
+            state.batches_in_epoch += 1
+            state.tokens_seen += int(batch["attention_mask"].sum())
+            micro += 1
+            if not sync:
+                continue
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            bar.update(1)
+            if state.step % cfg.log_every == 0 or state.step == total_steps:
+                all_reduce_sum(window, dist_info)
+                acc = (window[2 : 2 + k] / window[2 + k :].clamp_min(1)).tolist()
+                last_loss = float(window[0] / window[1].clamp_min(1))
+                tau = simulated_acceptance_length(acc)
+                log_metrics({"step": state.step, "epoch": state.epoch, "loss": last_loss, "acc": acc,
+                             "sim_acceptance_length": tau, "lr": scheduler.get_last_lr()[0],
+                             "tokens_seen": state.tokens_seen, "split": "train"})
+                bar.set_postfix(loss=f"{last_loss:.3f}", tau=f"{tau:.2f}")
+                window.zero_()
+            if val_plan and (state.step % cfg.eval_every == 0 or state.step == total_steps):
+                val = evaluate_loss(model, source, val_plan, cfg, device, dist_info)
+                log_metrics({"step": state.step, "split": "val", "loss": val["loss"], "acc": val["acc"],
+                             "sim_acceptance_length": val["acceptance_length"]})
+            if state.step % cfg.save_every == 0 or state.step == total_steps:
+                checkpoint()
+            if state.step >= total_steps:
+                done = True
+                break
+        else:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+            micro = 0
+    bar.close()
+    if val_plan and val is None:
+        val = evaluate_loss(model, source, val_plan, cfg, device, dist_info)
+    export_dir = None
+    if cfg.export and is_main:
+        from draftcache.trainer.export import export_draft
+
+        export_dir = str(run_dir / "export")
+        export_draft(model, export_dir, target_config=source.info.hf_config, target_model_id=source.info.model_id,
+                     format=cfg.export_format)
+    if tb is not None:
+        tb.close()
+    result = TrainResult(
+        run_dir=str(run_dir), steps=state.step, train_loss=last_loss,
+        val_loss=val["loss"] if val else None, val_acc=val["acc"] if val else [],
+        val_acceptance_length=val["acceptance_length"] if val else None,
+        wall_seconds=time.perf_counter() - t0, export_dir=export_dir,
+    )
+    if is_main:
+        (run_dir / "result.json").write_text(json.dumps(result.__dict__, indent=1))
+    return result
+
+
+def _tensorboard(run_dir: Path):
+    """A SummaryWriter when tensorboard is installed (optional), else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))

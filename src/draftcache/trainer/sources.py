@@ -1,0 +1,149 @@
+"""Where supervision comes from: a precompute cache, or a co-located frozen target (online).
+
+Both sources hand the loop micro-batches with the same keys, already shifted (EAGLE-3
+convention): ``input_ids``, ``attention_mask``, ``loss_mask``, ``aux_hidden_states`` and either
+``target_probs`` + ``position_mask`` (cache) or ``logits`` (online; the TTT loss projects them with
+the same ``compute_target_distribution`` the precompute used), plus ``seq_lens``/``position_ids``/
+``doc_remaining`` for packed batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from draftcache.cache_format import collate_padded, open_cache, pack_samples
+from draftcache.data.vocab import DraftVocab, build_draft_vocab, count_supervised_tokens, full_vocab
+
+__all__ = ["CachedSource", "OnlineSource", "TargetInfo"]
+
+
+@dataclass
+class TargetInfo:
+    """What the draft needs to know about its target."""
+
+    model_id: str
+    hf_config: dict              # the target's HF config as a dict (for rope, max positions, heads)
+    aux_layer_ids: list[int]     # decoder-layer output convention
+    hidden_size: int
+    vocab_size: int
+
+
+class _CachePlanDataset(Dataset):
+    """Item ``b`` = the collated micro-batch ``plan[b]``; each DataLoader worker opens its own reader."""
+
+    def __init__(self, path: str, plan: list[list[int]], packed_tokens: int | None, draft_vocab):
+        self.path, self.plan, self.packed_tokens, self.draft_vocab = path, plan, packed_tokens, draft_vocab
+        self._reader = None
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, b: int) -> dict[str, torch.Tensor]:
+        if self._reader is None:
+            self._reader = open_cache(self.path, draft_vocab=self.draft_vocab)
+        samples = [self._reader[i] for i in self.plan[b]]
+        if self.packed_tokens is not None:
+            return pack_samples(samples, max(self.packed_tokens, sum(s["input_ids"].numel() for s in samples)))
+        return collate_padded(samples)
+
+
+class CachedSource:
+    """Micro-batches read from a precompute cache (no target in memory)."""
+
+    def __init__(self, path: str, *, draft_vocab_size: int | None = None, num_workers: int = 0):
+        self.path = path
+        self.reader = open_cache(path, draft_vocab=draft_vocab_size)
+        self._draft_vocab_arg = self.reader.selected_token_ids.tolist() if draft_vocab_size is not None else None
+        self.num_workers = num_workers
+        m = self.reader.manifest
+        t = m["target"]
+        self.info = TargetInfo(
+            model_id=t["model_id"], hf_config=t.get("config", {}), aux_layer_ids=list(m["capture"]["layer_ids"]),
+            hidden_size=int(t["hidden_size"]), vocab_size=int(t["vocab_size"]),
+        )
+        self.vocab: DraftVocab = self.reader.draft_vocab
+        self.lengths = self.reader.sample_lengths().tolist()
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def target_embeddings(self) -> torch.Tensor:
+        return self.reader.target_embeddings()
+
+    def loader(self, plan: list[list[int]], packed_tokens: int | None) -> DataLoader:
+        ds = _CachePlanDataset(self.path, plan, packed_tokens, self._draft_vocab_arg)
+        return DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.num_workers,
+                          persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+    def supervise(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return batch
+
+
+class _TokenPlanDataset(Dataset):
+    def __init__(self, samples, plan, packed_tokens: int | None, pad_id: int):
+        self.samples, self.plan, self.packed_tokens, self.pad_id = samples, plan, packed_tokens, pad_id
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, b: int) -> dict[str, torch.Tensor]:
+        docs = [self.samples[i] for i in self.plan[b]]
+        ids = [torch.as_tensor(d.input_ids, dtype=torch.long) for d in docs]
+        lms = [torch.as_tensor(d.loss_mask, dtype=torch.long) for d in docs]
+        if self.packed_tokens is not None:
+            lens = torch.tensor([[len(x) for x in ids]])
+            row_ids, row_lm = torch.cat(ids)[None], torch.cat(lms)[None]
+            pos = torch.cat([torch.arange(len(x)) for x in ids])[None]
+            rem = torch.cat([torch.arange(len(x) - 1, -1, -1) for x in ids])[None]
+            return {"input_ids": row_ids, "attention_mask": torch.ones_like(row_ids), "loss_mask": row_lm,
+                    "seq_lens": lens, "position_ids": pos, "doc_remaining": rem}
+        T = max(len(x) for x in ids)
+        out_ids = torch.full((len(docs), T), self.pad_id, dtype=torch.long)
+        out_lm = torch.zeros((len(docs), T), dtype=torch.long)
+        am = torch.zeros((len(docs), T), dtype=torch.long)
+        for r, (x, m) in enumerate(zip(ids, lms)):
+            out_ids[r, : len(x)], out_lm[r, : len(x)], am[r, : len(x)] = x, m, 1
+        return {"input_ids": out_ids, "attention_mask": am, "loss_mask": out_lm}
+
+
+class OnlineSource:
+    """Micro-batches supervised on the fly by a co-located frozen target."""
+
+    def __init__(self, *, target, tokenizer, samples, model_id: str, draft_vocab_size: int | None,
+                 num_workers: int = 0):
+        self.target, self.tokenizer, self.samples = target, tokenizer, samples
+        self.num_workers = num_workers
+        V = target.vocab_size
+        counts = torch.zeros(V, dtype=torch.int64)
+        for s in samples:
+            count_supervised_tokens(torch.as_tensor(s.input_ids), torch.as_tensor(s.loss_mask), V, counts)
+        specials = [getattr(tokenizer, f"{n}_token_id", None) for n in ("bos", "eos", "pad", "unk")]
+        self.vocab = full_vocab(V) if draft_vocab_size is None else build_draft_vocab(
+            counts, draft_vocab_size, [s for s in specials if s is not None])
+        cfg = target.model.config
+        self.info = TargetInfo(model_id=model_id, hf_config=cfg.to_dict(), aux_layer_ids=list(target.aux_layer_ids),
+                               hidden_size=target.hidden_size, vocab_size=V)
+        self.lengths = [len(s.input_ids) for s in samples]
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def target_embeddings(self) -> torch.Tensor:
+        return self.target.get_input_embeddings().weight.detach()
+
+    def loader(self, plan: list[list[int]], packed_tokens: int | None) -> DataLoader:
+        return DataLoader(_TokenPlanDataset(self.samples, plan, packed_tokens, self.pad_id), batch_size=None,
+                          shuffle=False, num_workers=self.num_workers)
+
+    @torch.no_grad()
+    def supervise(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = self.target.generate_batch(
+            batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+            position_ids=batch.get("position_ids"), seq_lens=batch.get("seq_lens"),
+            doc_remaining=batch.get("doc_remaining"),
+        )
+        return out.to_trainer_inputs()
