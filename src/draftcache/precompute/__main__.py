@@ -1,5 +1,3 @@
-import sys
-
 from draftcache.precompute.cli import main
 
-sys.exit(main())
+main()

@@ -12,14 +12,13 @@ set shipped inside the package.
 
 from __future__ import annotations
 
-import sys
 from typing import Optional
 
 import typer
 
 from draftcache.precompute.config import ConfigError, PrecomputeConfig, parse_layer_ids
 
-app = typer.Typer(add_completion=False, help=__doc__, pretty_exceptions_enable=False)
+app = typer.Typer(add_completion=False, help="Run a frozen target once over a chat corpus and write an EAGLE-3 supervision cache.", pretty_exceptions_enable=False)
 
 
 def _fail(message: str, code: int) -> None:
@@ -70,22 +69,10 @@ def precompute(
     typer.echo(summary.format())
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        app(args=argv, prog_name="precompute-eagle3", standalone_mode=False)
-    except typer.Exit as e:
-        return e.exit_code
-    except SystemExit as e:  # click usage errors
-        return int(e.code or 0)
-    except Exception as e:  # click.UsageError and friends
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            return e.exit_code
-        raise
-    return 0
+def main() -> None:
+    """Console entry point (Typer handles exit codes and usage errors)."""
+    app(prog_name="precompute-eagle3")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

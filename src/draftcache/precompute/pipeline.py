@@ -7,6 +7,7 @@ tests drive it with tiny real objects; the CLI only loads them.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +184,7 @@ def _build_manifest(cfg, *, target, tokenizer, conversations, model_id, vocab, c
             "vocab_size": target.vocab_size,
             "num_layers": target.num_layers,
             "torch_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "config": json.loads(model.config.to_json_string(use_diff=False)),
         },
         "tokenizer": {
             "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
