@@ -78,6 +78,107 @@ def show(
         _fail(str(e))
 
 
+@app.command()
+def train(
+    output_dir: str = typer.Option(..., "--output-dir", help="Run directory: checkpoints, metrics.jsonl, export/."),
+    cached_target_path: Optional[str] = typer.Option(None, "--cached-target-path", help="Cache written by precompute-eagle3 (no target is loaded)."),
+    target_model: Optional[str] = typer.Option(None, "--target-model", help="Online: co-located target (default: the embedded one when no cache is given)."),
+    input_data: Optional[str] = typer.Option(None, "--input-data", help="Online: chat data (default: the embedded chats)."),
+    seq_length: int = typer.Option(2048, "--seq-length", help="Online: truncate conversations to this many tokens."),
+    draft_vocab_size: Optional[int] = typer.Option(None, "--draft-vocab-size", help="Draft vocabulary size (hidden caches and online; default: the cache's own)."),
+    aux_layer_ids: Optional[str] = typer.Option(None, "--aux-layer-ids", help="Online: three decoder-layer ids such as '1,15,28'."),
+    ttt_steps: int = typer.Option(7, "--ttt-steps", help="Unrolled training-time-test steps."),
+    epochs: int = typer.Option(2, "--epochs"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
+    batch_tokens: Optional[int] = typer.Option(2048, "--batch-tokens", help="Token budget of a packed micro-batch (0 = padded batches of --batch-size)."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Samples per padded micro-batch (with --batch-tokens 0)."),
+    grad_accum: int = typer.Option(1, "--grad-accum"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    warmup_steps: int = typer.Option(20, "--warmup-steps"),
+    grad_clip: float = typer.Option(0.5, "--grad-clip"),
+    val_fraction: float = typer.Option(0.05, "--val-fraction"),
+    eval_every: int = typer.Option(100, "--eval-every"),
+    save_every: int = typer.Option(200, "--save-every"),
+    log_every: int = typer.Option(10, "--log-every"),
+    seed: int = typer.Option(0, "--seed"),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:N or cpu (default: cuda when available)."),
+    num_workers: int = typer.Option(0, "--num-workers", help="DataLoader workers reading the cache."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output-dir from its latest checkpoint."),
+    export_format: str = typer.Option("eagle3", "--export-format", help="eagle3 (SGLang + vLLM) or speculators."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Train an EAGLE-3 draft from a cache (or online from a co-located target) and export it.
+
+    Example: draftcache train --cached-target-path runs/cache --output-dir runs/draft
+    """
+    from draftcache.trainer.config import TrainConfig
+    from draftcache.trainer.loop import train as run_train
+
+    try:
+        aux = [int(x) for x in aux_layer_ids.split(",")] if aux_layer_ids else None
+    except ValueError:
+        _fail(f"--aux-layer-ids: expected comma-separated integers such as '1,15,28', got {aux_layer_ids!r}", 2)
+    try:
+        cfg = TrainConfig(
+            output_dir=output_dir, cached_target_path=cached_target_path, target_model=target_model,
+            input_data=input_data, seq_length=seq_length, draft_vocab_size=draft_vocab_size,
+            aux_layer_ids=tuple(aux) if aux else None, ttt_steps=ttt_steps, epochs=epochs, max_steps=max_steps,
+            batch_tokens=batch_tokens or None, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+            warmup_steps=warmup_steps, grad_clip=grad_clip, val_fraction=val_fraction, eval_every=eval_every,
+            save_every=save_every, log_every=log_every, seed=seed, device=device, num_workers=num_workers,
+            resume=resume, export_format=export_format, trust_remote_code=trust_remote_code, progress=not quiet,
+        ).validate()
+    except ValueError as e:
+        _fail(str(e), 2)
+    try:
+        result = run_train(cfg)
+    except _USER_ERRORS as e:
+        _fail(str(e))
+    typer.echo(result.format())
+
+
+@app.command()
+def export(
+    checkpoint: str = typer.Argument(..., help="A run directory (its latest checkpoint) or a checkpoint directory."),
+    output: str = typer.Option(..., "--output", help="Directory to write the SGLang/vLLM checkpoint into."),
+    format: str = typer.Option("eagle3", "--format", help="eagle3 (SGLang + vLLM) or speculators (vLLM speculators config)."),
+) -> None:
+    """Export a training checkpoint as a Hugging Face-style EAGLE-3 draft that SGLang and vLLM load as is."""
+    from draftcache.trainer.exporting import export_checkpoint
+
+    try:
+        path = export_checkpoint(checkpoint, output, format=format)
+    except _USER_ERRORS as e:
+        _fail(str(e))
+    typer.echo(f"exported {checkpoint} -> {path} ({format})")
+
+
+@app.command(name="eval")
+def evaluate(
+    draft: str = typer.Option(..., "--draft", help="Exported draft directory (draftcache export / train's export/)."),
+    target_model: Optional[str] = typer.Option(None, "--target-model", help="Target (default: the embedded one)."),
+    input_data: Optional[str] = typer.Option(None, "--input-data", help="Prompts: chats cut before the first assistant turn (default: embedded eval chats)."),
+    num_prompts: int = typer.Option(20, "--num-prompts"),
+    draft_tokens: int = typer.Option(4, "--draft-tokens", help="K: tokens the draft proposes per verify step."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    device: Optional[str] = typer.Option(None, "--device"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+) -> None:
+    """Real greedy chain speculative decoding: acceptance length tau, per-position acceptance, speed vs greedy."""
+    from draftcache.trainer.evaluate import evaluate_draft
+
+    try:
+        report = evaluate_draft(draft_dir=draft, target_model=target_model, input_data=input_data,
+                                num_prompts=num_prompts, draft_tokens=draft_tokens, max_new_tokens=max_new_tokens,
+                                device=device, trust_remote_code=trust_remote_code)
+    except _USER_ERRORS as e:
+        _fail(str(e))
+    typer.echo(report.format())
+    if report.mismatches:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Console entry point (Typer handles exit codes and usage errors)."""
     app(prog_name="draftcache")

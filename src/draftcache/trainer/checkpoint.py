@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["TrainState", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "CheckpointError"]
+__all__ = ["TrainState", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "read_checkpoint_meta", "CheckpointError"]
 
 
 class CheckpointError(RuntimeError):
@@ -70,6 +70,7 @@ def save_checkpoint(
     scheduler,
     state: TrainState,
     config: dict,
+    extra: dict | None = None,
     keep_last: int = 2,
 ) -> Path:
     """Write ``run_dir/step-XXXXXXX`` atomically and point ``run_dir/latest`` at it."""
@@ -96,6 +97,7 @@ def save_checkpoint(
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "python_random": _encode_py_random(random.getstate()),
         "config": config,
+        "extra": extra or {},
     }
     (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=str))
     for f in tmp.iterdir():
@@ -144,6 +146,15 @@ def latest_checkpoint(path: str | Path) -> Path | None:
             return ckpt
         raise CheckpointError(f"{pointer} names {ckpt.name}, which is missing or incomplete")
     return None
+
+
+def read_checkpoint_meta(ckpt: str | Path) -> dict:
+    """The JSON half of a checkpoint (state, train config, draft/target description)."""
+    path = Path(ckpt) / "state.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
 
 
 def load_checkpoint(ckpt: str | Path, *, model, optimizer=None, scheduler=None) -> tuple[TrainState, dict]:

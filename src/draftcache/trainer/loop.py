@@ -36,6 +36,17 @@ class TrainResult:
     wall_seconds: float = 0.0
     export_dir: str | None = None
 
+    def format(self) -> str:
+        lines = [f"run          {self.run_dir}", f"steps        {self.steps} in {self.wall_seconds:.1f} s",
+                 f"train loss   {self.train_loss:.4f}"]
+        if self.val_loss is not None:
+            acc = " ".join(f"{a:.3f}" for a in self.val_acc)
+            lines += [f"val loss     {self.val_loss:.4f}", f"val acc/step {acc}",
+                      f"val sim tau  {self.val_acceptance_length:.3f} (1 + sum_k prod_j<=k acc_j, bonus token counted)"]
+        if self.export_dir:
+            lines.append(f"export       {self.export_dir}")
+        return "\n".join(lines)
+
 
 def _hf_config_object(d: dict):
     from transformers import AutoConfig
@@ -150,6 +161,8 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             ddp_model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    describe = {"draft_config": model.config.to_dict(), "target_config": source.info.hf_config,
+                "target_model_id": source.info.model_id}
     metrics_path = run_dir / "metrics.jsonl"
     tb = _tensorboard(run_dir) if is_main else None
     val_plan = plan_epoch(val_idx, source.lengths, seed=cfg.seed, epoch=0, batch_tokens=cfg.batch_tokens,
@@ -177,7 +190,7 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
     def checkpoint() -> None:
         if is_main:
             save_checkpoint(run_dir, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
-                            config=cfg.as_dict())
+                            config=cfg.as_dict(), extra=describe)
         if dist_info.world_size > 1:
             dist.barrier()
 

@@ -1,0 +1,35 @@
+"""``draftcache export``: turn a training checkpoint into the engines' EAGLE-3 layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from draftcache.trainer.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint_meta
+from draftcache.trainer.export import export_draft
+from draftcache.trainer.model import Eagle3DraftConfig, Eagle3DraftModel
+
+__all__ = ["export_checkpoint", "load_checkpoint_draft"]
+
+
+def load_checkpoint_draft(checkpoint: str | Path) -> tuple[Eagle3DraftModel, dict]:
+    """The draft stored in a checkpoint (or a run directory's latest one) and its description."""
+    ckpt = latest_checkpoint(checkpoint)
+    if ckpt is None:
+        raise CheckpointError(
+            f"{checkpoint} is neither a checkpoint (draft.safetensors + state.json) nor a run directory with a "
+            "'latest' checkpoint; pass the --output-dir of draftcache train or one of its step-* folders"
+        )
+    extra = read_checkpoint_meta(ckpt).get("extra", {})
+    if "draft_config" not in extra:
+        raise CheckpointError(f"{ckpt}/state.json does not describe the draft (no extra.draft_config)")
+    model = Eagle3DraftModel(Eagle3DraftConfig.from_dict(extra["draft_config"]))
+    model.load_state_dict(load_file(str(ckpt / "draft.safetensors")))
+    return model, extra
+
+
+def export_checkpoint(checkpoint: str | Path, output: str | Path, *, format: str = "eagle3") -> Path:
+    model, extra = load_checkpoint_draft(checkpoint)
+    return export_draft(model, output, target_config=extra.get("target_config") or None,
+                        target_model_id=extra.get("target_model_id"), format=format)
