@@ -13,6 +13,7 @@ Each command parses its options, calls one library function and prints its resul
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import typer
@@ -135,7 +136,8 @@ def train(
         result = run_train(cfg)
     except _USER_ERRORS as e:
         _fail(str(e))
-    typer.echo(result.format())
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        typer.echo(result.format())
 
 
 @app.command()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 __all__ = ["PrecomputeConfig", "ConfigError", "SUPERVISION_CHOICES", "DTYPE_CHOICES", "parse_layer_ids"]
 
@@ -52,8 +52,7 @@ class PrecomputeConfig:
     supervision: str = "auto"            # auto | probs | topk | hidden
     target_probs_topk: int = 0           # k for the topk encoding (NeMo: >0 switches topk on)
     num_workers: int = 0                 # accepted for NeMo compatibility; tokenisation is in-process
-    progress: bool = True
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
+    progress: bool = True                # tqdm bars (--quiet turns them off)
 
     def problems(self) -> list[str]:
         """Every invalid value, each naming its flag."""
@@ -88,13 +87,35 @@ class PrecomputeConfig:
                      f"({self.draft_vocab_size})")
         if self.aux_layer_ids is not None:
             ids = list(self.aux_layer_ids)
-            if len(ids) != 3 or len(set(ids)) != 3 or min(ids) < 0:
-                p.append(f"--aux-layer-ids must be three distinct non-negative layer ids such as '1,15,28', got {ids}")
+            if len(ids) != 3:
+                p.append(f"--aux-layer-ids needs exactly three layer ids (low, mid, high) such as '1,15,28', "
+                         f"got {len(ids)}: {ids}")
+            repeated = sorted({i for i in ids if ids.count(i) > 1})
+            if repeated:
+                p.append(f"--aux-layer-ids must be distinct, got {ids} (repeated: {repeated})")
+            if any(i < 0 for i in ids):
+                p.append(f"--aux-layer-ids must be non-negative decoder-layer ids, got {ids}")
         if self.num_workers < 0:
             p.append(f"--num-workers must be >= 0, got {self.num_workers}")
         return p
 
+    def target_problems(self, *, num_layers: int, vocab_size: int) -> list[str]:
+        """Values that do not fit the target (read from its config before the weights load)."""
+        p: list[str] = []
+        if self.aux_layer_ids is not None:
+            outside = [i for i in self.aux_layer_ids if i >= num_layers]
+            if outside:
+                p.append(f"--aux-layer-ids {outside} out of range: the target has {num_layers} decoder layers, "
+                         f"so ids must lie in [0, {num_layers})")
+        if self.draft_vocab_size is not None and self.draft_vocab_size > vocab_size:
+            p.append(f"--draft-vocab-size {self.draft_vocab_size} exceeds the target vocabulary ({vocab_size}); "
+                     "omit it to use the full vocabulary")
+        if self.target_probs_topk > vocab_size:
+            p.append(f"--target-probs-topk {self.target_probs_topk} exceeds the target vocabulary ({vocab_size})")
+        return p
+
     def validate(self) -> "PrecomputeConfig":
+        """Raise ``ConfigError`` listing every invalid value; return ``self`` when all are valid."""
         problems = self.problems()
         if problems:
             raise ConfigError("invalid precompute settings:\n  - " + "\n  - ".join(problems))
@@ -106,9 +127,3 @@ class PrecomputeConfig:
         if self.supervision == "auto" and self.target_probs_topk > 0:
             return "topk"
         return self.supervision
-
-    def as_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("extra", None)
-        d["aux_layer_ids"] = list(self.aux_layer_ids) if self.aux_layer_ids is not None else None
-        return d
