@@ -3,7 +3,7 @@
 Producers (precompute), consumers (trainer) and the CLI import the format only from here.
 """
 
-from draftcache.cache_format.batching import collate_padded, pack_samples
+from draftcache.cache_format.batching import collate_padded, collate_raw, pack_samples
 from draftcache.cache_format.checksum import atomic_write_bytes, atomic_write_json, sha256_file
 from draftcache.cache_format.dataset import CacheDataset, CacheIterableDataset
 from draftcache.cache_format.errors import (
@@ -14,6 +14,7 @@ from draftcache.cache_format.errors import (
     ManifestError,
 )
 from draftcache.cache_format.inspection import VerifyReport, cache_stats, inspect_cache, show_sample, verify_cache
+from draftcache.cache_format.loader import CacheBatchLoader
 from draftcache.cache_format.lock import CacheLock
 from draftcache.cache_format.manifest import Manifest, ShardEntry, new_manifest, read_manifest, validate_manifest
 from draftcache.cache_format.reader import CacheReader, open_cache
@@ -32,6 +33,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_FILE",
     "RESUME_KEY_FIELDS",
+    "CacheBatchLoader",
     "CacheCorruptError",
     "CacheDataset",
     "CacheFormatError",
@@ -50,6 +52,7 @@ __all__ = [
     "atomic_write_json",
     "cache_stats",
     "collate_padded",
+    "collate_raw",
     "committed_prefix",
     "diff_manifest_config",
     "inspect_cache",

@@ -16,6 +16,12 @@ For ``hidden`` caches the targets are rebuilt from the stored final hidden state
 that matmul to its GPU by reading ``get_raw(i)`` in its DataLoader workers and calling
 ``rebuild_targets(raw, device)`` on the device (``reader[i] == rebuild_targets(get_raw(i))``).
 
+Batch level (the trainer's fast path): ``get_raw_batch(indices, max_tokens=...)`` reads the
+stored rows of several samples straight into one buffer (a raw batch, see ``batching.py``), and
+``expand_batch(raw, device)`` turns it on the device into exactly ``collate_padded`` /
+``pack_samples`` of the samples' ``reader[i]``: the dense ``[B, T, Vd]`` targets never exist on
+the host.
+
 Shards are opened lazily (an LRU of at most ``MAX_OPEN_SHARDS`` open files); opening checks the
 file size and header against the manifest, ``verify=True`` also its sha256.
 """
@@ -23,14 +29,16 @@ file size and header against the manifest, ``verify=True`` also its sha256.
 from __future__ import annotations
 
 import bisect
+import math
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from draftcache.cache_format.batching import raw_batch_layout
 from draftcache.cache_format.errors import CacheCorruptError
 from draftcache.cache_format.manifest import Manifest, read_manifest
 from draftcache.cache_format.resume import committed_shards
@@ -43,6 +51,8 @@ __all__ = ["MAX_OPEN_SHARDS", "CacheReader", "open_cache"]
 
 MAX_OPEN_SHARDS = 8  # open file handles per reader (each DataLoader worker has its own reader)
 _MAX_RUNS = 32  # supervised runs per sample copied slice by slice; more fall back to one index_copy
+_ALIGN = 64  # byte alignment of each field inside a raw batch buffer
+_TOKEN_FIELDS = ("input_ids", "loss_mask", "aux_hidden_states")
 
 
 def open_cache(path: str | os.PathLike, *, draft_vocab: int | Sequence[int] | None = None,
@@ -74,6 +84,7 @@ class CacheReader:
         self._len = sum(e["num_samples"] for e in self._shards)
         self.draft_vocab = self._select_vocab(draft_vocab)
         self._open: OrderedDict[int, tuple[ShardFile, list[int], list[int]]] = OrderedDict()
+        self._offsets: dict[int, tuple[list[int], list[int]]] = {}  # shard -> (sample, supervised) offsets
         self._verified: set[int] = set()
         self._lm_head: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # device -> W[selected], b[selected]
         self._lengths: torch.Tensor | None = None
@@ -134,10 +145,7 @@ class CacheReader:
         """Sample ``index`` as stored, UNSHIFTED: ``input_ids [S] int32``, ``loss_mask [S] uint8``,
         ``aux_hidden_states [S, F]``, ``target_argmax [M] int32`` and the encoding's ``[M, ...]``
         rows (``target_probs`` | ``topk_probs``, ``topk_ids`` | ``final_hidden``)."""
-        if index < 0:
-            index += self._len
-        if not 0 <= index < self._len:
-            raise IndexError(f"sample {index} is out of range: the cache has {self._len} committed samples")
+        index = self._check_index(index)
         k = bisect.bisect_right(self._first, index) - 1
         shard, offsets, supervised = self._shard(k)
         j = index - self._first[k]
@@ -199,7 +207,182 @@ class CacheReader:
             "position_mask": position_mask,  # [S, 1] bool
         }
 
+
+    def get_raw_batch(self, indices: Sequence[int], *, max_tokens: int | None = None,
+                      pad_to_multiple_of: int | None = None,
+                      allocate: Callable[[int], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Samples ``indices`` as one raw batch: equal to ``collate_raw([get_raw(i) for i in indices],
+        max_tokens=..., pad_to_multiple_of=...)`` (fields in ``batching.py``), but every stored row
+        is read with ``os.preadv`` straight into its place in ONE buffer: one copy from the page
+        cache, no per-sample tensors.
+
+        Args:
+            max_tokens: ``None``: one padded row per sample; else packed next-fit rows of at most
+                ``max_tokens`` tokens.
+            allocate: ``allocate(nbytes)`` returns the contiguous uint8 CPU buffer to fill (at least
+                ``nbytes``); the batch's fields are views into it. Default: a new tensor. A loader
+                passes a function that hands out a reused (or pinned) buffer.
+        """
+        places = []  # (shard k, sample j inside it)
+        lengths, counts = [], []
+        for index in indices:
+            index = self._check_index(int(index))
+            k = bisect.bisect_right(self._first, index) - 1
+            j = index - self._first[k]
+            offsets, supervised = self._shard_offsets(k)
+            places.append((k, j))
+            lengths.append(offsets[j + 1] - offsets[j])
+            counts.append(supervised[j + 1] - supervised[j])
+            if max_tokens is not None and lengths[-1] > max_tokens:
+                raise ValueError(f"sample {index} has {lengths[-1]} tokens, more than max_tokens {max_tokens}; raise "
+                                 "the token budget to at least the cache's seq_length")
+        layout = raw_batch_layout(lengths, counts, max_tokens=max_tokens, pad_to_multiple_of=pad_to_multiple_of)
+        names = (*_TOKEN_FIELDS, "target_argmax", *encoding_tensors(self.encoding))
+        specs, total = [], 0  # (name, dtype, shape, byte offset in the buffer)
+        header = self._shard(places[0][0])[0].tensors
+        for name in names:
+            dtype, shape, _ = header[name]
+            rows = sum(lengths) if name in _TOKEN_FIELDS else sum(counts)
+            specs.append((name, dtype, (rows, *shape[1:]), total))
+            total += -(-rows * math.prod(shape[1:]) * dtype.itemsize // _ALIGN) * _ALIGN
+        buffer = allocate(total) if allocate is not None else torch.empty(total, dtype=torch.uint8)
+        if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() < total or buffer.device.type != "cpu":
+            raise ValueError(f"allocate({total}) must return a 1-D uint8 CPU tensor of at least {total} bytes; got "
+                             f"{buffer.dtype} {tuple(buffer.shape)} on {buffer.device}")
+        raw = {name: buffer[at:at + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+               for name, dtype, shape, at in specs}
+        token_at = row_at = 0
+        for (k, j), length, count in zip(places, lengths, counts):
+            shard, offsets, supervised = self._shard(k)  # (re)opened right before its reads: LRU-safe
+            t0, r0 = offsets[j], supervised[j]
+            for name in names:
+                if name in _TOKEN_FIELDS:
+                    shard.read_into(name, t0, t0 + length, raw[name][token_at:token_at + length])
+                else:
+                    shard.read_into(name, r0, r0 + count, raw[name][row_at:row_at + count])
+            token_at += length
+            row_at += count
+        self._check_raw_batch(raw, layout, places)
+        raw.update(layout)
+        return raw
+
+    def expand_batch(self, raw: dict[str, torch.Tensor], device: torch.device | str | None = None
+                     ) -> dict[str, torch.Tensor]:
+        """Turn a raw batch (``get_raw_batch`` / ``collate_raw``) into the training batch on ``device``
+        (default: where ``raw`` is): exactly ``collate_padded`` (or ``pack_samples`` for a packed
+        raw batch) of the samples' ``reader[i]``, new tensors that never alias ``raw``.
+
+        One vectorised pass with no host synchronisation beyond reading the small layout tensors
+        (keep those on the host: pass the raw batch as the loader yields it). Slot ``t`` of a
+        sample receives position ``t+1``'s target; a supervised position 0 has no slot and its row
+        is written to a scratch row past the end (one per sample, so every index is unique).
+        """
+        device = torch.device(device) if device is not None else raw["input_ids"].device
+        num_rows, width = (int(v) for v in raw["batch_shape"].tolist())
+        packed = bool(raw["packed"])
+        offsets = raw["sample_offsets"].cpu()  # [n+1]
+        lengths = offsets[1:] - offsets[:-1]  # [n]
+        num_samples, slots = lengths.numel(), num_rows * width
+        to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        ids, mask, argmax = to(raw["input_ids"]), to(raw["loss_mask"]), to(raw["target_argmax"]).long()
+        tokens, rows = ids.numel(), argmax.numel()
+
+        # token g of sample s at local position p lands in flat slot dest[g] = row*T + start + p
+        sample_of = torch.repeat_interleave(torch.arange(num_samples, device=device), to(lengths),
+                                            output_size=tokens)  # [N]
+        local = torch.arange(tokens, device=device) - to(offsets[:-1])[sample_of]  # [N] p
+        length_of = to(lengths)[sample_of]  # [N] S of each token's sample
+        dest = (to(raw["sample_rows"] * width + raw["sample_starts"]))[sample_of] + local  # [N]
+        is_last = local == length_of - 1  # [N] slot S-1 gets the zero fill of the shift
+
+        def shifted(values: torch.Tensor) -> torch.Tensor:  # [N] -> [B*T] int64, slot t = value at t+1
+            following = torch.cat([values[1:].long(), values.new_zeros(1, dtype=torch.int64)])
+            return torch.zeros(slots, dtype=torch.int64, device=device).index_copy_(
+                0, dest, following.masked_fill(is_last, 0))
+
+        out = {
+            "input_ids": shifted(ids).view(num_rows, width),
+            "attention_mask": torch.zeros(slots, dtype=torch.int64, device=device).index_fill_(0, dest, 1)
+            .view(num_rows, width),
+            "loss_mask": shifted(mask).view(num_rows, width),
+        }
+        aux = to(raw["aux_hidden_states"])  # [N, F]
+        out["aux_hidden_states"] = torch.zeros(slots, aux.shape[1], dtype=aux.dtype, device=device).index_copy_(
+            0, dest, aux).view(num_rows, width, aux.shape[1])
+
+        # supervised row r is the r-th token with loss_mask 1; its target goes to slot dest - 1
+        row_token = torch.searchsorted(torch.cumsum(mask, 0, dtype=torch.int64),
+                                       torch.arange(1, rows + 1, device=device))  # [M] token index g
+        row_slot = torch.where(local[row_token] > 0, dest[row_token] - 1,
+                               slots + sample_of[row_token])  # [M] position 0 -> its sample's scratch row
+        vd = self.draft_vocab.size
+        t2d = self.draft_vocab.t2d.to(device)
+        target_probs = torch.zeros(slots + num_samples, vd, dtype=torch.float32, device=device)  # [B*T+n, Vd]
+        position_mask = torch.zeros(slots + num_samples, dtype=torch.bool, device=device)  # [B*T+n]
+        if self.encoding == "hidden":
+            weight, bias = self._selected_lm_head(device)  # [Vd, H] fp32, [Vd] | None
+            hidden = to(raw["final_hidden"]).float()  # [M, H]
+            logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)  # [M, Vd]
+            probs, row_mask = compute_target_distribution(
+                logits, torch.ones_like(argmax), self.selected_token_ids, t2d, target_argmax=argmax)
+            target_probs.index_copy_(0, row_slot, probs)
+            position_mask.index_copy_(0, row_slot, row_mask[:, 0])
+        else:
+            position_mask.index_copy_(0, row_slot, t2d[argmax])
+            if self.encoding == "topk":
+                ids_k = to(raw["topk_ids"]).long()  # [M, k]
+                vals = to(raw["topk_probs"]).float()  # [M, k]
+                target_probs.view(-1).scatter_(0, (row_slot.unsqueeze(1) * vd + ids_k).view(-1), vals.view(-1))
+            else:
+                target_probs.index_copy_(0, row_slot, to(raw["target_probs"]).float())
+        out["target_probs"] = target_probs[:slots].view(num_rows, width, vd)
+        out["position_mask"] = position_mask[:slots].view(num_rows, width, 1)
+        if packed:
+            out["seq_lens"] = _packed_seq_lens(raw["sample_rows"].cpu(), lengths, num_rows, width).to(device)
+            out["position_ids"] = torch.zeros(slots, dtype=torch.int64, device=device).index_copy_(
+                0, dest, local).view(num_rows, width)
+            out["doc_remaining"] = torch.zeros(slots, dtype=torch.int64, device=device).index_copy_(
+                0, dest, length_of - 1 - local).view(num_rows, width)
+        return out
+
     # ------------------------------------------------------------------ internals
+    def _check_index(self, index: int) -> int:
+        if index < 0:
+            index += self._len
+        if not 0 <= index < self._len:
+            raise IndexError(f"sample {index} is out of range: the cache has {self._len} committed samples")
+        return index
+
+    def _check_raw_batch(self, raw: dict[str, torch.Tensor], layout: dict[str, torch.Tensor],
+                         places: list[tuple[int, int]]) -> None:
+        """The per-sample checks of ``get_raw``, vectorised over a batch (``places[j]`` = (shard, index
+        inside it) of the batch's sample j)."""
+        def where(j: int) -> str:
+            k, local = places[j]
+            return f"{self._shards[k]['file']}: sample {self._first[k] + local}"
+
+        prefix = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(raw["loss_mask"], 0, dtype=torch.int64)])
+        tokens = layout["sample_offsets"]
+        found = prefix[tokens[1:]] - prefix[tokens[:-1]]  # [n] supervised positions per sample
+        stored = layout["supervised_offsets"][1:] - layout["supervised_offsets"][:-1]  # [n] stored rows
+        bad = torch.nonzero(found != stored).flatten().tolist()
+        if bad:
+            j = bad[0]
+            raise CacheCorruptError(f"{where(j)} has {int(found[j])} supervised positions but {int(stored[j])} stored "
+                                    "target rows; the shard is damaged")
+        argmax = raw["target_argmax"]
+        if argmax.numel() and int(argmax.max()) >= self._meta.vocab_size:
+            row = int(torch.nonzero(argmax >= self._meta.vocab_size)[0, 0])
+            j = int(torch.searchsorted(layout["supervised_offsets"], row, right=True)) - 1
+            raise CacheCorruptError(f"{where(j)} has target_argmax >= vocab_size {self._meta.vocab_size}; the shard "
+                                    "is damaged")
+
+    def _shard_offsets(self, k: int) -> tuple[list[int], list[int]]:
+        """Sample and supervised offsets of shard ``k``, kept after its file is closed by the LRU."""
+        if k not in self._offsets:
+            self._shard(k)
+        return self._offsets[k]
+
     def _select_vocab(self, draft_vocab: int | Sequence[int] | None) -> DraftVocab:
         vocab_size = self._meta.vocab_size
         stored = self._meta.selected_token_ids
@@ -245,6 +428,7 @@ class CacheReader:
                 raise CacheCorruptError(f"{shard.name}: {name} are not a non-decreasing range from 0 to {total}; "
                                         "the shard is damaged")
         self._open[k] = (shard, offsets, supervised)
+        self._offsets[k] = (offsets, supervised)
         if len(self._open) > MAX_OPEN_SHARDS:
             self._open.popitem(last=False)[1][0].close()
         return self._open[k]
@@ -285,6 +469,21 @@ class CacheReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _packed_seq_lens(sample_rows: torch.Tensor, lengths: torch.Tensor, num_rows: int, width: int) -> torch.Tensor:
+    """``[B, max_docs]`` int64 like ``pack_samples``: each row's document lengths in order, then its
+    padding tail as one segment, then zeros (rows sum to ``width``)."""
+    docs: list[list[int]] = [[] for _ in range(num_rows)]
+    for row, length in zip(sample_rows.tolist(), lengths.tolist()):
+        docs[row].append(length)
+    for row in docs:
+        if sum(row) < width:
+            row.append(width - sum(row))
+    out = torch.zeros(num_rows, max(len(row) for row in docs), dtype=torch.int64)
+    for b, row in enumerate(docs):
+        out[b, :len(row)] = torch.tensor(row, dtype=torch.int64)
+    return out
 
 
 def _shift(x: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 The header (``[u64 length][JSON]``) is parsed and checked against what the manifest promises;
 rows ``[start, stop)`` of a tensor are then read with one ``os.preadv`` straight into a fresh
-tensor: no whole-file load, no page-faulting through a memory map, and the file offset is never
-used, so a handle inherited by a forked DataLoader worker stays correct. Anything inconsistent
+tensor (``read``) or a caller's buffer (``read_into``): no whole-file load, no page-faulting
+through a memory map, and the file offset is never used, so a handle inherited by a forked
+DataLoader worker, or shared by threads, stays correct. Anything inconsistent
 (missing file, wrong size, bad header, short read) raises ``CacheCorruptError`` naming the file.
 """
 
@@ -107,11 +108,23 @@ class ShardFile:
 
     def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         """Rows ``[start, stop)`` (along dim 0) of tensor ``name`` as a new tensor; all rows by default."""
-        dtype, shape, offset = self.tensors[name]
+        dtype, shape, _ = self.tensors[name]
         start = 0 if start is None else start
         stop = shape[0] if stop is None else stop
         out = torch.empty((stop - start, *shape[1:]), dtype=dtype)
+        self.read_into(name, start, stop, out)
+        return out
+
+    def read_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
+        """Read rows ``[start, stop)`` of tensor ``name`` straight into ``out``, a contiguous CPU
+        tensor of that tensor's dtype holding exactly those rows (e.g. a slice of a batch buffer)."""
+        dtype, shape, offset = self.tensors[name]
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        if out.dtype != dtype or out.nbytes != (stop - start) * row_bytes or not out.is_contiguous():
+            raise ValueError(f"read_into({name!r}, {start}, {stop}): out must be a contiguous {dtype} tensor of "
+                             f"{(stop - start) * row_bytes} bytes; got {out.dtype} {tuple(out.shape)}")
+        if out.nbytes == 0:
+            return
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
         position, done = offset + start * row_bytes, 0
         while done < view.nbytes:
@@ -119,7 +132,6 @@ class ShardFile:
             if n <= 0:
                 self._fail(f"short read of tensor {name!r}: the file ended early")
             done += n
-        return out
 
     def close(self) -> None:
         fd, self._fd = getattr(self, "_fd", -1), -1
