@@ -49,24 +49,36 @@ def precompute(
     num_workers: int = typer.Option(0, "--num-workers", help="Accepted for NeMo compatibility; tokenisation runs in-process."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
+    """Write the EAGLE-3 supervision cache of a frozen target over a chat corpus.
+
+    Example: precompute-eagle3 --output-dir cache/   (the embedded target and chats)
+    """
     try:
         cfg = PrecomputeConfig(
             output_dir=output_dir, target_model=target_model, input_data=input_data, seq_length=seq_length,
             draft_vocab_size=draft_vocab_size, batch_size=batch_size, shard_size=shard_size, dtype=dtype,
             device=device, split=split, shuffle_seed=shuffle_seed, num_samples=num_samples,
-            aux_layer_ids=tuple(parse_layer_ids(aux_layer_ids)) if aux_layer_ids else None,
-            trust_remote_code=trust_remote_code, strict=strict, resume=resume, supervision=supervision,
-            target_probs_topk=target_probs_topk, num_workers=num_workers, progress=not quiet,
+            aux_layer_ids=_layer_ids(aux_layer_ids), trust_remote_code=trust_remote_code, strict=strict,
+            resume=resume, supervision=supervision, target_probs_topk=target_probs_topk, num_workers=num_workers,
+            progress=not quiet,
         ).validate()
     except ConfigError as e:
         _fail(str(e), 2)
+    from draftcache.cache_format import CacheFormatError
     from draftcache.precompute.main import PrecomputeError, precompute_from_config
 
     try:
-        summary = precompute_from_config(cfg)
-    except (ConfigError, ValueError, FileNotFoundError, PrecomputeError) as e:
-        _fail(str(e), 2 if isinstance(e, ConfigError) else 1)
+        summary = precompute_from_config(cfg, log=lambda message: typer.echo(message, err=True))
+    except ConfigError as e:
+        _fail(str(e), 2)
+    except (ValueError, OSError, PrecomputeError, CacheFormatError) as e:
+        _fail(str(e), 1)
     typer.echo(summary.format())
+
+
+def _layer_ids(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    ids = parse_layer_ids(text)
+    return tuple(ids) if ids is not None else None
 
 
 def main() -> None:

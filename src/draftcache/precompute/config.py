@@ -62,7 +62,8 @@ class PrecomputeConfig:
         if self.seq_length < 2:
             p.append(f"--seq-length must be >= 2 (one input and one next token), got {self.seq_length}")
         if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
-            p.append(f"--draft-vocab-size must be >= 1 (or omitted for the full vocabulary), got {self.draft_vocab_size}")
+            p.append(f"--draft-vocab-size must be >= 1 (or omitted for the full vocabulary), "
+                     f"got {self.draft_vocab_size}")
         if self.batch_size < 1:
             p.append(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.shard_size < 1:

@@ -1,30 +1,78 @@
-"""Wire the components for one precompute run: data first (cheap checks), then the target."""
+"""Wire the components for one precompute run, cheapest checks first: settings, device, output
+directory, the target's config, the data (read and tokenized); only then are the weights loaded."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from pathlib import Path
+
 from draftcache.data import load_conversations
-from draftcache.precompute.config import PrecomputeConfig
+from draftcache.precompute.config import ConfigError, PrecomputeConfig
+from draftcache.precompute.pipeline import (
+    PrecomputeError,
+    PrecomputeSummary,
+    check_output_dir,
+    run_precompute,
+    tokenize_conversations,
+)
+from draftcache.target import HFEagle3TargetModel, num_hidden_layers
+from draftcache.target.layout import text_config
 from draftcache.target.loading import load_target_model, load_tokenizer, resolve_device
-from draftcache.precompute.pipeline import PrecomputeError, PrecomputeSummary, check_output_dir, run_precompute
-from draftcache.target import HFEagle3TargetModel
 
-__all__ = ["precompute_from_config", "PrecomputeError"]
+__all__ = ["precompute_from_config", "DEFAULT_MODEL_ID"]
+
+#: What the manifest names the embedded default target.
+DEFAULT_MODEL_ID = "draftcache/embedded-default-target"
 
 
-def precompute_from_config(cfg: PrecomputeConfig, *, log=print) -> PrecomputeSummary:
+def precompute_from_config(cfg: PrecomputeConfig, *, log: Callable[[str], None] = print) -> PrecomputeSummary:
+    """Load the target and data named by ``cfg`` (the embedded defaults when unset) and run the precompute.
+
+    Raises ``ConfigError`` for invalid settings (before anything is loaded), ``PrecomputeError``
+    for an output directory that cannot be used or a refused resume, and the data loader's
+    errors (``FileNotFoundError``, ``BadRecordError``, ...) for unusable input.
+    """
     from draftcache.defaults import default_data_path, default_target_path
 
     cfg.validate()
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     check_output_dir(cfg.output_dir, cfg.resume)
-    device = resolve_device(cfg.device)
     target_path = cfg.target_model or default_target_path()
-    data_path = cfg.input_data or default_data_path()
-    conversations = load_conversations(data_path, split=cfg.split, strict=cfg.strict, shuffle_seed=cfg.shuffle_seed,
-                                       num_samples=cfg.num_samples, trust_remote_code=cfg.trust_remote_code)
+    _check_target_config(cfg, target_path)
+    conversations = load_conversations(cfg.input_data or default_data_path(), split=cfg.split, strict=cfg.strict,
+                                       shuffle_seed=cfg.shuffle_seed, num_samples=cfg.num_samples,
+                                       trust_remote_code=cfg.trust_remote_code)
     tokenizer = load_tokenizer(target_path, trust_remote_code=cfg.trust_remote_code)
+    samples = tokenize_conversations(cfg, tokenizer, conversations)
+    if not cfg.progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bar
     model = load_target_model(target_path, device=device, trust_remote_code=cfg.trust_remote_code)
     aux = list(cfg.aux_layer_ids) if cfg.aux_layer_ids is not None else None
     target = HFEagle3TargetModel(model, aux_layer_ids=aux)
-    model_id = cfg.target_model or "draftcache/embedded-default-target"
-    return run_precompute(cfg, target=target, tokenizer=tokenizer, conversations=conversations, model_id=model_id,
-                          log=log)
+    return run_precompute(cfg, target=target, tokenizer=tokenizer, conversations=conversations, samples=samples,
+                          model_id=cfg.target_model or DEFAULT_MODEL_ID, log=log)
+
+
+def _check_target_config(cfg: PrecomputeConfig, path: str) -> None:
+    """Check the flags that depend on the target (layer ids, vocabulary sizes) against its config."""
+    from transformers import AutoConfig
+
+    local = Path(os.path.expanduser(path))
+    if path.startswith(("/", "./", "../", "~")) and not local.exists():
+        raise PrecomputeError(f"--target-model {path} does not exist; pass a local model directory or a Hugging Face "
+                              "model name such as 'meta-llama/Llama-3.1-8B-Instruct'")
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise PrecomputeError(f"--target-model {path} is not a Hugging Face model directory (no config.json)")
+    config = AutoConfig.from_pretrained(str(local) if local.is_dir() else path, local_files_only=local.is_dir(),
+                                        trust_remote_code=cfg.trust_remote_code)
+    vocab_size = getattr(text_config(config), "vocab_size", None)
+    problems = cfg.target_problems(num_layers=num_hidden_layers(config),
+                                   vocab_size=vocab_size if isinstance(vocab_size, int) else 1 << 62)
+    if problems:
+        raise ConfigError("invalid precompute settings for this target:\n  - " + "\n  - ".join(problems))

@@ -1,14 +1,19 @@
-"""The precompute loop: tokenise once, pick the draft vocabulary, run the frozen target shard by
+"""The precompute loop: pick the draft vocabulary and the encoding, run the frozen target shard by
 shard, and hand unpadded records to the background shard writer.
 
-``run_precompute`` takes already-built components (target wrapper, tokenizer, conversations), so
-tests drive it with tiny real objects; the CLI only loads them.
+``run_precompute`` takes already-built components (target wrapper, tokenizer, conversations and
+their tokenized samples), so tests drive it with tiny real objects; ``main.py`` only loads them.
+
+Order of work, cheapest and most likely to fail first: settings, output directory, draft
+vocabulary, encoding (one probe forward), manifest; only then is the directory created and
+locked, so a refused run leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +23,8 @@ from tqdm.auto import tqdm
 import draftcache
 from draftcache.cache_format import (
     FORMAT_VERSION,
+    MANIFEST_FILE,
+    RESUME_KEY_FIELDS,
     CacheLock,
     CacheWriter,
     committed_prefix,
@@ -25,12 +32,12 @@ from draftcache.cache_format import (
     read_manifest,
     remove_stale_temporaries,
     verify_shard,
-    RESUME_KEY_FIELDS,
 )
 from draftcache.data import (
     ChatTokenizer,
     ConversationSet,
     DraftVocab,
+    TokenizedSample,
     build_draft_vocab,
     count_supervised_tokens,
     full_vocab,
@@ -47,10 +54,31 @@ from draftcache.precompute.planning import ShardPlan, length_bucketed_batches, p
 from draftcache.precompute.records import STORAGE_DTYPES, SupervisionSpec, batch_to_records
 from draftcache.target import HFEagle3TargetModel
 
-__all__ = ["run_precompute", "PrecomputeSummary", "PrecomputeError", "check_output_dir"]
+__all__ = ["run_precompute", "tokenize_conversations", "check_output_dir", "PrecomputeSummary", "PrecomputeError"]
 
 # Config keys of final-logit transforms the ``hidden`` rebuild (a plain linear lm_head) cannot reproduce.
 _LOGIT_TRANSFORM_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_logit_scale")
+
+# The flag behind each manifest field a resumed run must match, named in the refusal.
+_FIELD_FLAGS = {
+    "target.fingerprint": "--target-model weights",
+    "target.config_fingerprint": "--target-model config",
+    "tokenizer.fingerprint": "--target-model tokenizer",
+    "tokenizer.chat_template_fingerprint": "--target-model chat template",
+    "capture.layer_ids": "--aux-layer-ids",
+    "seq_length": "--seq-length",
+    "dtype": "--dtype",
+    "supervision.encoding": "--supervision",
+    "supervision.topk": "--target-probs-topk",
+    "draft_vocab.selected_token_ids": "--draft-vocab-size",
+    "dataset.input_data": "--input-data",
+    "dataset.split": "--split",
+    "dataset.shuffle_seed": "--shuffle-seed",
+    "dataset.num_samples": "--num-samples",
+    "dataset.fingerprint": "--input-data contents",
+    "shard_size": "--shard-size",
+    "num_samples": "number of usable samples",
+}
 
 
 class PrecomputeError(RuntimeError):
@@ -59,48 +87,150 @@ class PrecomputeError(RuntimeError):
 
 @dataclass
 class PrecomputeSummary:
+    """What a run left in the cache (totals over all committed shards) and what this run did."""
+
     output_dir: str
     encoding: str
-    num_samples: int = 0
-    num_tokens: int = 0
-    num_supervised: int = 0
-    bytes_written: int = 0
-    wall_seconds: float = 0.0
-    resumed_from_sample: int = 0
-    padding_fraction: float = 0.0
-    skipped: dict = field(default_factory=dict)
+    dtype: str
+    draft_vocab_size: int
+    num_samples: int                 # samples in the cache
+    num_tokens: int                  # real tokens in the cache
+    num_supervised: int              # supervised positions in the cache
+    cache_bytes: int                 # shards + side files, as the manifest records them
+    computed_samples: int            # samples this run computed (fewer than num_samples after --resume)
+    computed_tokens: int
+    resumed_from_sample: int         # 0 for a fresh run
+    bytes_written: int               # bytes this run wrote
+    wall_seconds: float
+    padding_fraction: float          # share of this run's forward token slots spent on padding
+    skipped: dict[str, int] = field(default_factory=dict)
 
     @property
     def bytes_per_token(self) -> float:
-        return self.bytes_written / max(1, self.num_tokens)
+        return self.cache_bytes / max(1, self.num_tokens)
 
     def format(self) -> str:
-        skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
-        lines = [
+        skipped = sum(self.skipped.values())
+        skipped_text = (f"{skipped} records: " + ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items()))
+                        if skipped else "none")
+        this_run = f"computed {self.computed_samples} now"
+        if self.resumed_from_sample:
+            this_run += f", resumed at sample {self.resumed_from_sample}"
+        rate = self.computed_tokens / max(self.wall_seconds, 1e-9)
+        return "\n".join([
             f"cache       {self.output_dir}",
-            f"encoding    {self.encoding}",
-            f"samples     {self.num_samples}" + (f" (resumed at sample {self.resumed_from_sample})"
-                                                 if self.resumed_from_sample else ""),
+            f"encoding    {self.encoding}, dtype {self.dtype}, draft vocab {self.draft_vocab_size}",
+            f"samples     {self.num_samples} ({this_run})",
             f"tokens      {self.num_tokens} ({self.num_supervised} supervised)",
-            f"skipped     {skipped}",
-            f"written     {self.bytes_written / 1e6:.2f} MB, {self.bytes_per_token:.1f} bytes/token",
+            f"skipped     {skipped_text}",
+            f"disk        {self.cache_bytes / 1e6:.2f} MB, {self.bytes_per_token:.1f} bytes/token "
+            f"({self.bytes_written / 1e6:.2f} MB written now)",
             f"padding     {100 * self.padding_fraction:.1f}% of forward slots",
-            f"wall time   {self.wall_seconds:.1f} s",
-        ]
-        return "\n".join(lines)
+            f"wall time   {self.wall_seconds:.1f} s ({rate:.0f} tokens/s)",
+        ])
+
+
+def tokenize_conversations(cfg: PrecomputeConfig, tokenizer, conversations: ConversationSet) -> list[TokenizedSample]:
+    """Render and tokenize every conversation with the tokenizer's chat template, truncated to
+    ``cfg.seq_length``; refused ones are counted in ``conversations.skipped`` (or, with
+    ``cfg.strict``, the first raises ``BadRecordError`` naming its file and line)."""
+    return tokenize_all(conversations, ChatTokenizer(tokenizer, cfg.seq_length), conversations.skipped,
+                        strict=cfg.strict, progress=cfg.progress)
 
 
 def check_output_dir(output_dir: str | Path, resume: bool) -> None:
-    """Refuse to overwrite an existing cache; with ``resume`` require one to continue."""
+    """Refuse a directory another live precompute holds (naming its pid), a non-empty directory
+    without ``resume``, and with ``resume`` a non-empty directory that is not a cache.
+
+    Cheap and side-effect free apart from removing a stale lock, so it runs before any model loads.
+    """
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise PrecomputeError(f"--output-dir {out} exists and is not a directory; choose another path")
-    has_content = out.is_dir() and any(p.name != ".lock" for p in out.iterdir())
-    if has_content and not resume:
-        what = "a cache" if (out / "manifest.json").exists() else "files"
-        raise PrecomputeError(
-            f"--output-dir {out} already holds {what}; pass --resume to continue it, or choose an empty directory"
-        )
+    if not out.is_dir():
+        return
+    lock = CacheLock(out)
+    if lock.path.exists():
+        with lock:  # raises CacheLockedError naming the owner while it runs; a dead owner's lock is removed
+            pass
+    _check_contents(out, resume)
+
+
+def _check_contents(out: Path, resume: bool) -> None:
+    entries = sorted(p.name for p in out.iterdir() if p.name != CacheLock(out).path.name)
+    if not entries:
+        return
+    if not resume:
+        what = "a cache" if MANIFEST_FILE in entries else f"{len(entries)} file(s) ({', '.join(entries[:3])})"
+        raise PrecomputeError(f"--output-dir {out} already holds {what}; pass --resume to continue it, or choose an "
+                              "empty directory")
+    if MANIFEST_FILE not in entries:
+        raise PrecomputeError(f"--resume: {out} holds {', '.join(entries[:3])} but no {MANIFEST_FILE}, so it is not a "
+                              "draftcache cache; choose an empty --output-dir (or empty this one)")
+
+
+@torch.no_grad()
+def run_precompute(
+    cfg: PrecomputeConfig,
+    *,
+    target: HFEagle3TargetModel,
+    tokenizer,
+    conversations: ConversationSet,
+    samples: Sequence[TokenizedSample],
+    model_id: str,
+    log: Callable[[str], None] = print,
+) -> PrecomputeSummary:
+    """Write (or with ``cfg.resume`` continue) the cache at ``cfg.output_dir``.
+
+    Args:
+        target: the frozen target; its device and dtype are used as they are.
+        tokenizer: the target's tokenizer (fingerprinted, special ids kept in the draft vocabulary).
+        conversations: the loaded input (its identity and skip counts go into the manifest).
+        samples: ``tokenize_conversations(cfg, tokenizer, conversations)``, in global order.
+        model_id: what the manifest names the target (HF name or path).
+    """
+    t0 = time.perf_counter()
+    cfg.validate()
+    if not samples:
+        raise PrecomputeError(f"no usable samples in {conversations.input_data!r} "
+                              f"({conversations.skipped.summary()}); check the input format")
+    out = Path(cfg.output_dir)
+    check_output_dir(out, cfg.resume)
+    problems = cfg.target_problems(num_layers=target.num_layers, vocab_size=target.vocab_size)
+    if problems:
+        raise ConfigError("invalid precompute settings for this target:\n  - " + "\n  - ".join(problems))
+
+    counts = _supervised_token_counts(samples, target.vocab_size)  # [V] int64
+    if cfg.draft_vocab_size is None:
+        vocab = full_vocab(target.vocab_size)
+    else:
+        vocab = build_draft_vocab(counts, cfg.draft_vocab_size, _special_ids(tokenizer))
+    encoding, why = _choose_encoding(cfg, target, samples, vocab)
+    if why:
+        log(why)
+    manifest = _build_manifest(cfg, target=target, tokenizer=tokenizer, conversations=conversations,
+                               model_id=model_id, vocab=vocab, counts=counts, encoding=encoding,
+                               num_samples=len(samples))
+    spec = SupervisionSpec(encoding=encoding, vocab=vocab, dtype=STORAGE_DTYPES[cfg.dtype],
+                           topk=cfg.target_probs_topk if encoding == "topk" else None)
+
+    created = not out.exists()
+    try:
+        with CacheLock(out):
+            _check_contents(out, cfg.resume)  # again, now that no other writer can change it
+            if (out / MANIFEST_FILE).exists():
+                manifest = _prepare_resume(out, manifest, log)
+            return _write_cache(cfg, out, manifest, spec, target, tokenizer, samples, conversations, t0)
+    finally:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # this run created the directory and wrote nothing into it
+
+
+def _supervised_token_counts(samples: Sequence[TokenizedSample], vocab_size: int) -> torch.Tensor:
+    counts = torch.zeros(vocab_size, dtype=torch.int64)  # [V]
+    for s in samples:
+        count_supervised_tokens(s.input_ids, s.loss_mask, vocab_size, counts)
+    return counts
 
 
 def _special_ids(tokenizer) -> list[int]:
@@ -108,67 +238,59 @@ def _special_ids(tokenizer) -> list[int]:
     return [int(i) for i in ids if i is not None]
 
 
-def _hidden_rebuild_problem(target: HFEagle3TargetModel, logits, final_hidden, loss_mask) -> str | None:
-    """Why the lm_head input cannot reproduce this target's logits, or None when it can."""
+def _logit_transform_in_config(target: HFEagle3TargetModel) -> str | None:
+    """A config key naming a final logit transform the ``hidden`` rebuild does not apply, or None."""
     config = getattr(target.model, "config", None)
     for cfg in (config, getattr(config, "text_config", None)):
         for key in _LOGIT_TRANSFORM_KEYS:
             value = getattr(cfg, key, None) if cfg is not None else None
             if value not in (None, 0, 0.0, 1, 1.0):
                 return f"its config sets {key}={value}, a final logit transform the rebuild does not apply"
+    return None
+
+
+def _rebuild_error(target: HFEagle3TargetModel, samples: Sequence[TokenizedSample], batch_size: int) -> str | None:
+    """Run the first batch and compare ``final_hidden @ W.T (+ b)`` with the real logits at the
+    supervised positions; a description of the mismatch, or None when they agree."""
+    indices = list(range(min(batch_size, len(samples))))
+    ids, am, lm, _ = _pad_batch(samples, indices, 0, target.model.get_input_embeddings().weight.device)
+    out = target.forward_capture(ids, am, capture_final_hidden=True)
+    sup = lm.bool()                                            # [B, T]
+    real = out.logits[sup].float()                             # [M, V]
     weight, bias = target.output_projection()
-    sup = loss_mask.bool()
-    real = logits[sup].float()
-    rebuilt = final_hidden[sup].float() @ weight.float().T
+    rebuilt = out.final_hidden[sup].float() @ weight.float().T  # [M, V]
     if bias is not None:
         rebuilt = rebuilt + bias.float()
-    scale = float(real.abs().max().clamp_min(1.0)) if real.numel() else 1.0
-    tol = (1e-4 if logits.dtype == torch.float32 else 2e-2) * scale
-    err = float((rebuilt - real).abs().max()) if real.numel() else 0.0
+    scale = float(real.abs().max().clamp_min(1.0))
+    tol = (1e-4 if out.logits.dtype == torch.float32 else 2e-2) * scale
+    err = float((rebuilt - real).abs().max())
     if err > tol:
         return f"logits rebuilt from the lm_head input differ from the real logits by {err:.3g} (tolerance {tol:.3g})"
     return None
 
 
-def _pad_batch(samples, indices, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
-    lengths = [len(samples[i].input_ids) for i in indices]
-    T = max(lengths)
-    ids = torch.full((len(indices), T), pad_id, dtype=torch.long)
-    lm = torch.zeros((len(indices), T), dtype=torch.long)
-    am = torch.zeros((len(indices), T), dtype=torch.long)
-    for row, i in enumerate(indices):
-        n = lengths[row]
-        ids[row, :n] = torch.as_tensor(samples[i].input_ids)
-        lm[row, :n] = torch.as_tensor(samples[i].loss_mask)
-        am[row, :n] = 1
-    return ids.to(device), am.to(device), lm.to(device), lengths
-
-
-def _choose_encoding(cfg: PrecomputeConfig, target, samples, vocab: DraftVocab, device, log) -> tuple[str, str | None]:
-    """Resolve ``auto``/``hidden`` with one probe forward; returns (encoding, reason for the choice)."""
+def _choose_encoding(cfg: PrecomputeConfig, target, samples, vocab: DraftVocab) -> tuple[str, str | None]:
+    """Resolve ``auto`` / check ``hidden``; returns (encoding, why it was chosen, for the log)."""
     request = cfg.encoding_request
     if request in ("probs", "topk"):
         return request, None
-    probe = list(range(min(cfg.batch_size, len(samples))))
-    ids, am, lm, _ = _pad_batch(samples, probe, 0, device)
-    out = target.forward_capture(ids, am, capture_final_hidden=True)
-    problem = _hidden_rebuild_problem(target, out.logits, out.final_hidden, lm)
+    if request == "auto" and target.hidden_size >= vocab.size:
+        return "probs", f"auto: probs, since draft vocab {vocab.size} <= hidden size {target.hidden_size}"
+    problem = _logit_transform_in_config(target) or _rebuild_error(target, samples, cfg.batch_size)
     if request == "hidden":
         if problem:
-            raise PrecomputeError(
-                f"--supervision hidden refused for this target: {problem}. "
-                "Use --supervision probs (or topk) to store the exact target distribution instead."
-            )
+            raise PrecomputeError(f"--supervision hidden refused for this target: {problem}, so logits rebuilt at "
+                                  "read time would be wrong. Use --supervision probs (or topk) to store the exact "
+                                  "target distribution instead.")
         return "hidden", None
     if problem:
-        return "probs", f"auto: hidden encoding not exact ({problem})"
-    if target.hidden_size < vocab.size:
-        return "hidden", f"auto: hidden size {target.hidden_size} < draft vocab {vocab.size} and logits rebuild exactly"
-    return "probs", f"auto: draft vocab {vocab.size} <= hidden size {target.hidden_size}"
+        return "probs", f"auto: probs, since the hidden encoding cannot rebuild this target's logits ({problem})"
+    return "hidden", (f"auto: hidden, since hidden size {target.hidden_size} < draft vocab {vocab.size} and the "
+                      "logits rebuild exactly")
 
 
-def _build_manifest(cfg, *, target, tokenizer, conversations, model_id, vocab, counts, encoding,
-                    num_samples, skipped) -> dict:
+def _build_manifest(cfg: PrecomputeConfig, *, target: HFEagle3TargetModel, tokenizer, conversations: ConversationSet,
+                    model_id: str, vocab: DraftVocab, counts: torch.Tensor, encoding: str, num_samples: int) -> dict:
     model = target.model
     return {
         "format_version": FORMAT_VERSION,
@@ -202,7 +324,7 @@ def _build_manifest(cfg, *, target, tokenizer, conversations, model_id, vocab, c
         "supervision": {"encoding": encoding, "topk": cfg.target_probs_topk if encoding == "topk" else None},
         "draft_vocab": {"size": vocab.size, "selected_token_ids": vocab.selected_token_ids.tolist()},
         "token_counts": counts.tolist(),
-        "dataset": {**conversations.identity(), "skipped": dict(skipped)},
+        "dataset": {**conversations.identity(), "skipped": conversations.skipped.as_dict()},
         "num_samples": num_samples,
         "shard_size": cfg.shard_size,
         "num_shards": -(-num_samples // cfg.shard_size),
@@ -213,13 +335,19 @@ def _build_manifest(cfg, *, target, tokenizer, conversations, model_id, vocab, c
 
 
 def _prepare_resume(out: Path, manifest: dict, log) -> dict:
-    """Check the old manifest against the new config, drop unverifiable shards; return the manifest to continue."""
+    """Check the cache's manifest against this run's, drop damaged files; return the manifest to continue.
+
+    Nothing is changed on disk when the configurations differ.
+    """
     old = read_manifest(out)
-    differences = diff_manifest_config(old, manifest, RESUME_KEY_FIELDS)
+    differences = []
+    for key in RESUME_KEY_FIELDS:
+        for line in diff_manifest_config(old, manifest, (key,)):
+            differences.append(f"{line}  [{_FIELD_FLAGS[key]}]" if key in _FIELD_FLAGS else line)
     if differences:
         raise PrecomputeError(
-            f"--resume refused: the cache in {out} was made with a different configuration:\n  - "
-            + "\n  - ".join(differences)
+            f"--resume refused: the cache in {out} was made with a different configuration "
+            f"({len(differences)} field(s) differ, cache value != this run's):\n  - " + "\n  - ".join(differences)
             + "\nRerun with the original settings, or write a new cache to another --output-dir."
         )
     for name in remove_stale_temporaries(out):
@@ -228,152 +356,144 @@ def _prepare_resume(out: Path, manifest: dict, log) -> dict:
     for entry in sorted(old["shards"], key=lambda e: e["index"]):
         problems = verify_shard(out, entry)
         if problems:
-            log(f"resume: shard {entry['file']} is damaged ({'; '.join(problems)}); it will be rewritten")
-            continue
-        kept.append(entry)
-    for name, entry in old.get("files", {}).items():
+            log(f"resume: {'; '.join(problems)}; the shard will be computed again")
+        else:
+            kept.append(entry)
+    for name, entry in old["files"].items():  # in the order they were written
+        problems = verify_shard(out, entry)
+        if problems:
+            # this one and those after it are written again, in the same order as in a fresh run,
+            # so the manifest comes out identical
+            log(f"resume: {'; '.join(problems)}; side files from {entry['file']} on will be written again")
+            break
         manifest["files"][name] = entry
-    manifest["shards"] = kept
-    manifest["stats"] = {
-        "num_tokens": sum(e["num_tokens"] for e in kept),
-        "num_supervised": sum(e["num_supervised"] for e in kept),
-    }
+    manifest["shards"] = kept  # the writer keeps the contiguous prefix and recomputes the rest
+    manifest["stats"] = {key: sum(e[key] for e in kept) for key in ("num_tokens", "num_supervised")}
     return manifest
 
 
-@torch.no_grad()
-def run_precompute(
-    cfg: PrecomputeConfig,
-    *,
-    target: HFEagle3TargetModel,
-    tokenizer,
-    conversations: ConversationSet,
-    model_id: str,
-    log=print,
-) -> PrecomputeSummary:
-    """Write (or continue) the cache at ``cfg.output_dir``. Returns what was done."""
-    t0 = time.perf_counter()
-    cfg.validate()
-    out = Path(cfg.output_dir)
-    check_output_dir(out, cfg.resume)
-    out.mkdir(parents=True, exist_ok=True)
-    device = next(target.model.parameters()).device
-    storage = STORAGE_DTYPES[cfg.dtype]
+def _write_cache(cfg, out: Path, manifest: dict, spec: SupervisionSpec, target: HFEagle3TargetModel, tokenizer,
+                 samples: Sequence[TokenizedSample], conversations: ConversationSet, t0: float) -> PrecomputeSummary:
+    start = committed_prefix(manifest)
+    plans = [p for p in plan_shards(len(samples), cfg.shard_size) if p.first_sample >= start]
+    device = target.model.get_input_embeddings().weight.device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    progress = _Progress(len(samples), start, cfg.progress)
 
-    with CacheLock(out):
-        skipped = conversations.skipped
-        samples = tokenize_all(conversations, ChatTokenizer(tokenizer, cfg.seq_length), skipped, strict=cfg.strict,
-                               progress=cfg.progress)
-        if not samples:
-            raise PrecomputeError(
-                f"no usable conversations in {conversations.identity().get('input_data')!r} "
-                f"(skipped: {skipped.as_dict() or 'none'}); check the input format"
-            )
-        V = target.vocab_size
-        counts = torch.zeros(V, dtype=torch.int64)
-        for s in samples:
-            count_supervised_tokens(torch.as_tensor(s.input_ids), torch.as_tensor(s.loss_mask), V, counts)
-        if cfg.draft_vocab_size is None:
-            vocab = full_vocab(V)
-        else:
-            if cfg.draft_vocab_size > V:
-                raise ConfigError(f"--draft-vocab-size {cfg.draft_vocab_size} exceeds the target vocabulary ({V})")
-            vocab = build_draft_vocab(counts, cfg.draft_vocab_size, _special_ids(tokenizer))
-        if cfg.target_probs_topk > vocab.size:
-            raise ConfigError(f"--target-probs-topk {cfg.target_probs_topk} exceeds the draft vocabulary ({vocab.size})")
+    writer = CacheWriter(out, manifest)
+    try:
+        _write_side_files(writer, manifest, target, spec)
+        for plan in plans:
+            records = _forward_shard(plan, samples, target, spec, pad_id, device, cfg.batch_size, progress, writer)
+            for local, record in enumerate(records):  # global order, as the writer requires
+                writer.add(plan.first_sample + local, record)
+        writer.close(complete=True)
+    except BaseException:
+        writer.abort()  # full shards already queued are still committed; --resume continues after them
+        raise
+    finally:
+        progress.close()
 
-        encoding, why = _choose_encoding(cfg, target, samples, vocab, device, log)
-        if why:
-            log(why)
-        manifest = _build_manifest(cfg, target=target, tokenizer=tokenizer, conversations=conversations,
-                                   model_id=model_id, vocab=vocab, counts=counts, encoding=encoding,
-                                   num_samples=len(samples), skipped=skipped.as_dict())
-        if cfg.resume and (out / "manifest.json").exists():
-            manifest = _prepare_resume(out, manifest, log)
-        start = committed_prefix(manifest)
-        summary = PrecomputeSummary(output_dir=str(out), encoding=encoding, resumed_from_sample=start,
-                                    skipped=skipped.as_dict())
-        spec = SupervisionSpec(encoding=encoding, vocab=vocab, dtype=storage,
-                               topk=cfg.target_probs_topk if encoding == "topk" else None)
-
-        writer = CacheWriter(out, manifest)
-        if "target_embeddings" not in manifest["files"]:
-            writer.write_side_file("target_embeddings", {"weight": target.get_input_embeddings().weight.detach()
-                                                         .to("cpu", storage).contiguous()})
-        if encoding == "hidden" and "lm_head" not in manifest["files"]:
-            weight, bias = target.output_projection()
-            side = {"weight": weight.detach().to("cpu").contiguous()}
-            if bias is not None:
-                side["bias"] = bias.detach().to("cpu").contiguous()
-            writer.write_side_file("lm_head", side)
-
-        plans = [p for p in plan_shards(len(samples), cfg.shard_size) if p.stop > start]
-        total_tokens = sum(len(s.input_ids) for s in samples[start:])
-        bar = tqdm(total=len(samples), initial=start, unit="sample", desc="precompute", disable=not cfg.progress)
-        slots = real = 0
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        try:
-            for plan in plans:
-                s_slots, s_real = _run_shard(plan, samples, target, spec, writer, pad_id, device, cfg.batch_size,
-                                             summary, bar, t0)
-                slots += s_slots
-                real += s_real
-            writer.close(complete=True)
-        except BaseException:
-            writer.abort()
-            raise
-        finally:
-            bar.close()
-        summary.padding_fraction = 0.0 if slots == 0 else 1.0 - real / slots
-        summary.bytes_written = writer.bytes_written
-        summary.wall_seconds = time.perf_counter() - t0
-        del total_tokens
-        return summary
+    final = writer.manifest
+    return PrecomputeSummary(
+        output_dir=str(out),
+        encoding=spec.encoding,
+        dtype=cfg.dtype,
+        draft_vocab_size=spec.vocab.size,
+        num_samples=final["num_samples"],
+        num_tokens=final["stats"]["num_tokens"],
+        num_supervised=final["stats"]["num_supervised"],
+        cache_bytes=sum(e["bytes"] for e in final["shards"]) + sum(e["bytes"] for e in final["files"].values()),
+        computed_samples=len(samples) - start,
+        computed_tokens=progress.tokens,
+        resumed_from_sample=start,
+        bytes_written=writer.bytes_written,
+        wall_seconds=time.perf_counter() - t0,
+        padding_fraction=0.0 if progress.slots == 0 else 1.0 - progress.tokens / progress.slots,
+        skipped=conversations.skipped.as_dict(),
+    )
 
 
-def _run_shard(plan: ShardPlan, samples, target, spec, writer, pad_id, device, batch_size, summary, bar, t0):
-    """Forward one shard's samples in length-bucketed batches; add them to the writer in global order."""
+def _write_side_files(writer: CacheWriter, manifest: dict, target: HFEagle3TargetModel, spec: SupervisionSpec) -> None:
+    """``target_embeddings`` (storage dtype) and, for ``hidden``, ``lm_head`` (the target's own dtype,
+    so read-time logits use exactly its weights); skipped when a resumed cache already has them."""
+    if "target_embeddings" not in manifest["files"]:
+        weight = target.get_input_embeddings().weight.detach()  # [V, H]
+        writer.write_side_file("target_embeddings", {"weight": weight.to("cpu", spec.dtype).contiguous()})
+    if spec.encoding == "hidden" and "lm_head" not in manifest["files"]:
+        weight, bias = target.output_projection()  # [V, H], [V] | None
+        tensors = {"weight": weight.detach().to("cpu").contiguous()}
+        if bias is not None:
+            tensors["bias"] = bias.detach().to("cpu").contiguous()
+        writer.write_side_file("lm_head", tensors)
+
+
+def _pad_batch(samples: Sequence[TokenizedSample], indices: list[int], pad_id: int, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Right-padded ``input_ids``, ``attention_mask``, ``loss_mask`` ``[B, T]`` on ``device`` and the real lengths."""
+    lengths = [len(samples[i].input_ids) for i in indices]
+    ids = torch.full((len(indices), max(lengths)), pad_id, dtype=torch.long)  # [B, T]
+    lm = torch.zeros_like(ids)                                                 # [B, T]; padding 0
+    am = torch.zeros_like(ids)                                                 # [B, T]
+    for row, i in enumerate(indices):
+        n = lengths[row]
+        ids[row, :n] = samples[i].input_ids
+        lm[row, :n] = samples[i].loss_mask
+        am[row, :n] = 1
+    return ids.to(device), am.to(device), lm.to(device), lengths
+
+
+def _forward_shard(plan: ShardPlan, samples, target: HFEagle3TargetModel, spec: SupervisionSpec, pad_id: int,
+                   device: torch.device, batch_size: int, progress: "_Progress", writer: CacheWriter) -> list[dict]:
+    """Run one shard's samples through the target in length-bucketed batches; return their records
+    in shard order. At most one shard of records is held here (``shard_size`` bounds host memory)."""
     shard_samples = samples[plan.first_sample : plan.stop]
     lengths = [len(s.input_ids) for s in shard_samples]
-    batches = length_bucketed_batches(lengths, batch_size)
-    done: dict[int, dict] = {}
-    pending = None  # (event, indices, records): the previous batch, whose host copy may still be in flight
-    slots = 0
-    for indices in batches:
+    records: list[dict | None] = [None] * plan.num_samples
+    pending = None  # (event, indices, records) of the previous batch, whose device-to-host copy may be in flight
+    for indices in length_bucketed_batches(lengths, batch_size):
         ids, am, lm, lens = _pad_batch(shard_samples, indices, pad_id, device)
         out = target.forward_capture(ids, am, capture_final_hidden=spec.encoding == "hidden")
-        records = batch_to_records(logits=out.logits, aux_hidden_states=out.aux_hidden_states,
-                                   final_hidden=out.final_hidden, input_ids=ids, loss_mask=lm, lengths=lens,
-                                   spec=spec)
+        batch = batch_to_records(logits=out.logits, aux_hidden_states=out.aux_hidden_states,
+                                 final_hidden=out.final_hidden, input_ids=ids, loss_mask=lm, lengths=lens, spec=spec)
         event = None
         if device.type == "cuda":
+            # Wait for this batch's copies only after the next forward has been queued, so the
+            # copies overlap it; the last batch of the shard is waited for after the loop.
             event = torch.cuda.Event()
             event.record()
-        slots += ids.numel()
         if pending is not None:
-            _finish(pending, done)
-        pending = (event, indices, records)
-        del out
+            _collect(pending, records)
+        pending = (event, indices, batch)
+        progress.update(len(indices), sum(lens), ids.numel(), writer.bytes_written)
     if pending is not None:
-        _finish(pending, done)
-    next_global = plan.first_sample
-    for local in range(plan.num_samples):
-        rec = done.pop(local)
-        writer.add(plan.first_sample + local, rec)
-        n = int(rec["input_ids"].numel())
-        summary.num_samples += 1
-        summary.num_tokens += n
-        summary.num_supervised += int(rec["target_argmax"].numel())
-        next_global += 1
-    bar.update(plan.num_samples)
-    elapsed = max(time.perf_counter() - t0, 1e-9)
-    bar.set_postfix(tok_s=f"{summary.num_tokens / elapsed:.0f}", written=f"{writer.bytes_written / 1e6:.1f}MB")
-    return slots, sum(lengths)
+        _collect(pending, records)
+    return records
 
 
-def _finish(pending, done: dict) -> None:
-    event, indices, records = pending
+def _collect(pending, records: list) -> None:
+    event, indices, batch = pending
     if event is not None:
         event.synchronize()
-    for i, rec in zip(indices, records):
-        done[i] = rec
+    for i, record in zip(indices, batch):
+        records[i] = record
+
+
+class _Progress:
+    """The tqdm bar (samples, tokens/s, MB written) and this run's token and slot counts."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = tqdm(total=total, initial=initial, unit="sample", desc="precompute", disable=not enabled)
+        self.t0 = time.perf_counter()
+        self.tokens = 0  # real tokens forwarded by this run
+        self.slots = 0   # token slots forwarded, padding included
+
+    def update(self, samples: int, tokens: int, slots: int, bytes_written: int) -> None:
+        self.tokens += tokens
+        self.slots += slots
+        rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix(tok_s=f"{rate:.0f}", written=f"{bytes_written / 1e6:.1f}MB", refresh=False)
+        self.bar.update(samples)
+
+    def close(self) -> None:
+        self.bar.close()

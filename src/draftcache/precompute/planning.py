@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ShardPlan", "plan_shards", "length_bucketed_batches", "padding_fraction"]
+__all__ = ["ShardPlan", "plan_shards", "length_bucketed_batches"]
 
 
 @dataclass(frozen=True)
 class ShardPlan:
+    """Shard ``index`` holds global samples ``[first_sample, first_sample + num_samples)``."""
+
     index: int
     first_sample: int
     num_samples: int
@@ -25,6 +27,7 @@ class ShardPlan:
 
 
 def plan_shards(num_samples: int, shard_size: int) -> list[ShardPlan]:
+    """Every shard of a cache of ``num_samples`` samples, in order (the last one may be short)."""
     return [
         ShardPlan(k, start, min(shard_size, num_samples - start))
         for k, start in enumerate(range(0, num_samples, shard_size))
@@ -36,10 +39,3 @@ def length_bucketed_batches(lengths: list[int], batch_size: int) -> list[list[in
     out-of-memory error shows up on the first batch rather than hours in)."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def padding_fraction(lengths: list[int], batches: list[list[int]]) -> float:
-    """Share of the forward's token slots that are padding."""
-    real = sum(lengths)
-    slots = sum(max(lengths[i] for i in b) * len(b) for b in batches)
-    return 0.0 if slots == 0 else 1.0 - real / slots

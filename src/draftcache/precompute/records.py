@@ -50,9 +50,11 @@ def batch_to_records(
         input_ids, loss_mask: ``[B, T]``; padding has ``loss_mask == 0``.
         lengths: real length ``S_b`` of each row.
 
-    Returns one dict per row with ``input_ids [S]``, ``loss_mask [S]``, ``aux_hidden_states [S, F]``,
-    ``target_argmax [M]`` and the encoding's rows (``target_probs [M, Vd]`` | ``topk_probs``/``topk_ids
-    [M, k]`` | ``final_hidden [M, H]``), ``M = loss_mask[:S].sum()``.
+    Returns one dict per row (``SampleRecord`` fields, views of one host copy per tensor) with
+    ``input_ids [S] int32``, ``loss_mask [S] uint8``, ``aux_hidden_states [S, F]``, ``target_argmax
+    [M] int32`` and the encoding's rows (``target_probs [M, Vd]`` | ``topk_probs``/``topk_ids [M, k]``
+    | ``final_hidden [M, H]``), ``M = loss_mask[:S].sum()``. On CUDA the copies are asynchronous:
+    synchronise (e.g. a ``torch.cuda.Event`` recorded after this call) before reading them.
     """
     sup = loss_mask.bool()                                   # [B, T]
     rows = logits[sup]                                       # [M_total, V]
@@ -72,26 +74,25 @@ def batch_to_records(
             top_p, top_i = probs.topk(spec.topk, dim=-1)     # [M_total, k]
             top_p = top_p / top_p.sum(dim=-1, keepdim=True)
             payload = {"topk_probs": top_p.to(spec.dtype), "topk_ids": top_i.to(torch.int32)}
-    aux = aux_hidden_states.to(spec.dtype)
     counts = sup.sum(dim=1).tolist()
-    # One device-to-host copy per tensor; on CUDA it is asynchronous into pinned memory, so the
-    # caller must synchronise (an event) before the records are read.
-    non_blocking = aux.device.type == "cuda"
-    host = lambda t: t.to("cpu", non_blocking=non_blocking)  # noqa: E731
-    aux, target_argmax = host(aux), host(target_argmax)
-    input_ids, loss_mask = host(input_ids), host(loss_mask)
-    payload = {k: host(v) for k, v in payload.items()}
+    # Every conversion happens on the device, BEFORE the copy: on CUDA the copy is asynchronous
+    # into pinned memory, so the host tensors may not be read until the caller has synchronised
+    # (an event); below they are only sliced (views, no reads).
+    device_tensors = {
+        "input_ids": input_ids.to(torch.int32),                   # [B, T]
+        "loss_mask": loss_mask.to(torch.uint8),                   # [B, T]
+        "aux_hidden_states": aux_hidden_states.to(spec.dtype),    # [B, T, F]
+        "target_argmax": target_argmax,                           # [M_total]
+        **payload,                                                # [M_total, ...]
+    }
+    non_blocking = logits.device.type == "cuda"
+    host = {name: t.to("cpu", non_blocking=non_blocking) for name, t in device_tensors.items()}
     records = []
     start = 0
     for b, length in enumerate(lengths):
         stop = start + counts[b]
-        rec = {
-            "input_ids": input_ids[b, :length].to(torch.int32),
-            "loss_mask": loss_mask[b, :length].to(torch.uint8),
-            "aux_hidden_states": aux[b, :length],
-            "target_argmax": target_argmax[start:stop],
-        }
-        rec.update({k: v[start:stop] for k, v in payload.items()})
+        rec = {name: host[name][b, :length] for name in ("input_ids", "loss_mask", "aux_hidden_states")}
+        rec.update({name: host[name][start:stop] for name in ("target_argmax", *payload)})
         records.append(rec)
         start = stop
     return records
