@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 __all__ = ["PrecomputeConfig", "ConfigError", "SUPERVISION_CHOICES", "DTYPE_CHOICES", "parse_layer_ids"]
 
@@ -128,3 +128,10 @@ class PrecomputeConfig:
         if self.supervision == "auto" and self.target_probs_topk > 0:
             return "topk"
         return self.supervision
+
+    def as_dict(self) -> dict:
+        """Every setting as a JSON-able dict (``aux_layer_ids`` as a list); ``dataclasses.replace``
+        is the way to derive a changed config."""
+        d = asdict(self)
+        d["aux_layer_ids"] = list(self.aux_layer_ids) if self.aux_layer_ids is not None else None
+        return d

@@ -197,6 +197,9 @@ def run_precompute(
     out = Path(cfg.output_dir)
     check_output_dir(out, cfg.resume)
     problems = cfg.target_problems(num_layers=target.num_layers, vocab_size=target.vocab_size)
+    if cfg.aux_layer_ids is not None and list(cfg.aux_layer_ids) != target.aux_layer_ids:
+        problems.append(f"--aux-layer-ids {list(cfg.aux_layer_ids)} but the target captures {target.aux_layer_ids}; "
+                        "build HFEagle3TargetModel with the same ids")
     if problems:
         raise ConfigError("invalid precompute settings for this target:\n  - " + "\n  - ".join(problems))
 
