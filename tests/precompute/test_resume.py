@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 from draftcache.precompute import PrecomputeConfig, PrecomputeError, precompute_from_config
 from draftcache.precompute.cli import app
 
-from .helpers import SUBPROCESS_ENV, default_dims, file_digests, precompute_cmd, read_manifest_json, run_cli, \
-    target_dir, write_chat_subset
+from .helpers import SUBPROCESS_ENV, default_dims, file_digests, precompute_cmd, read_manifest_json, target_dir, \
+    write_chat_subset
 
 NUM_SAMPLES = 160
 SHARD_SIZE = 8
@@ -54,7 +54,7 @@ def runs(tmp_path_factory):
 
     While the doomed run holds its directory, a second precompute is started on it and must be
     refused by the lock. The uninterrupted run goes through the same CLI in-process (while the
-    doomed one starts up): with one thread on each side, fp32 results are equal across processes.
+    resumed one starts up): with one thread on each side, fp32 results are equal across processes.
     """
     root = tmp_path_factory.mktemp("resume")
     data = write_chat_subset(root / "chat.jsonl", NUM_SAMPLES + 20)
@@ -62,8 +62,6 @@ def runs(tmp_path_factory):
     doomed = subprocess.Popen(precompute_cmd(*_args(killed, data)), env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
     try:
-        reference = CliRunner().invoke(app, _args(full, data))
-        assert reference.exit_code == 0, reference.stderr
         _wait_for_first_shard(doomed, killed)
         second = CliRunner().invoke(app, _args(killed, data))
         second_resume = CliRunner().invoke(app, _args(killed, data, "--resume"))
@@ -76,7 +74,17 @@ def runs(tmp_path_factory):
     after_kill = read_manifest_json(killed)
     lock_after_kill = json.loads((killed / ".lock").read_text())
     (killed / STALE_TEMPORARY).write_bytes(b"half a shard")
-    resumed = run_cli(*_args(killed, data, "--resume"), timeout=300)
+    resuming = subprocess.Popen(precompute_cmd(*_args(killed, data, "--resume")), env=SUBPROCESS_ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        reference = CliRunner().invoke(app, _args(full, data))  # while the resumed run starts up
+        stdout, stderr = resuming.communicate(timeout=300)
+    finally:
+        if resuming.poll() is None:
+            resuming.kill()
+            resuming.wait()
+    assert reference.exit_code == 0, reference.stderr
+    resumed = subprocess.CompletedProcess(resuming.args, resuming.returncode, stdout, stderr)
     return dict(root=root, data=data, full=full, killed=killed, doomed_pid=doomed.pid, second=second,
                 second_resume=second_resume, after_kill=after_kill, lock_after_kill=lock_after_kill,
                 resumed=resumed)
