@@ -25,7 +25,8 @@ from typing import Any
 from draftcache.cache_format.checksum import TMP_MARKER, sha256_file
 
 __all__ = ["RESUME_KEY_FIELDS", "remove_stale_temporaries", "verify_shard", "committed_prefix",
-           "committed_shards", "diff_manifest_config"]
+           "committed_shards", "diff_manifest_config", "JOURNAL_SUFFIX", "journal_path", "journal_files",
+           "read_journals"]
 
 # Every manifest field that shapes the shard contents or their order: a resumed run must match
 # all of them, or its new shards would not line up with the committed ones.
@@ -51,6 +52,11 @@ RESUME_KEY_FIELDS: tuple[str, ...] = (
     "shard_size",
     "num_samples",
 )
+
+#: Suffix of the per-rank commit journals (``rank-<R>.commits.jsonl``) a distributed precompute
+#: keeps next to its shards until rank 0 has folded them into ``manifest.json``.
+JOURNAL_SUFFIX = ".commits.jsonl"
+_JOURNAL = re.compile(r"^rank-(\d+)" + re.escape(JOURNAL_SUFFIX) + "$")
 
 _TEMPORARY = re.compile(re.escape(TMP_MARKER) + r"\d+$")
 _MISSING = object()
@@ -141,3 +147,32 @@ def _first_difference(a: Any, b: Any) -> str:
                 return f" (first difference at index {i}: {json.dumps(x)} != {json.dumps(y)})"
         return f" (lengths {len(a)} != {len(b)})"
     return ""
+
+
+def journal_path(cache_dir: str | os.PathLike, rank: int) -> Path:
+    """``<cache_dir>/rank-<rank>.commits.jsonl``: where rank ``rank`` records the shards it committed."""
+    if rank < 0:
+        raise ValueError(f"rank must be >= 0; got {rank}")
+    return Path(cache_dir) / f"rank-{rank}{JOURNAL_SUFFIX}"
+
+
+def journal_files(cache_dir: str | os.PathLike) -> list[Path]:
+    """The commit journals in ``cache_dir``, by rank."""
+    found = [(int(m.group(1)), p) for p in Path(cache_dir).iterdir() if (m := _JOURNAL.match(p.name)) and p.is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def read_journals(cache_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every shard entry recorded in the commit journals, in journal then line order. Lines that do
+    not parse as a JSON object (the torn tail of an append cut short by a crash) are skipped; the
+    entries are not verified here (use ``verify_shard``)."""
+    entries = []
+    for path in journal_files(cache_dir):
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and {"file", "index", "bytes", "sha256"} <= entry.keys():
+                entries.append(entry)
+    return entries

@@ -13,11 +13,13 @@ The caller should hold ``CacheLock(cache_dir)`` for the writer's lifetime.
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import os
 import queue
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from draftcache.cache_format.checksum import atomic_write_json
 from draftcache.cache_format.container import write_safetensors
 from draftcache.cache_format.manifest import Manifest, ShardEntry, validate_manifest
 from draftcache.cache_format.record import SampleRecord
-from draftcache.cache_format.resume import RESUME_KEY_FIELDS, committed_shards
+from draftcache.cache_format.resume import RESUME_KEY_FIELDS, committed_shards, journal_path
 from draftcache.cache_format.schema import (
     FORMAT_VERSION,
     MANIFEST_FILE,
@@ -38,7 +40,7 @@ from draftcache.cache_format.schema import (
     storage_dtype,
 )
 
-__all__ = ["CacheWriter"]
+__all__ = ["CacheWriter", "write_shard_file", "write_side_file", "append_commit"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,15 +130,9 @@ class CacheWriter:
         """Commit ``<name>.safetensors`` (e.g. ``target_embeddings``: ``weight [V, H]``; ``lm_head``:
         ``weight [V, H]`` and optional ``bias [V]``) and record its size and sha256 in ``files``."""
         self._check_open()
-        if not _SIDE_NAME.match(name):
-            raise ValueError(f"side file name {name!r} may only contain letters, digits, '_', '.' and '-'")
-        if name in SIDE_FILES:
-            self._check_side_tensors(name, tensors)
-        ordered = [(key, tensors[key].detach().cpu().contiguous()) for key in sorted(tensors)]
-        size, digest = write_safetensors(self.cache_dir / side_filename(name), ordered,
-                                         {"format_version": str(FORMAT_VERSION)}, on_bytes=self._count)
+        entry = write_side_file(self.cache_dir, self._meta, name, tensors, on_bytes=self._count)
         with self._lock:
-            self._manifest["files"][name] = {"file": side_filename(name), "bytes": size, "sha256": digest}
+            self._manifest["files"][name] = entry
             self._write_manifest()
 
     def set_manifest_field(self, dotted_path: str, value: Any) -> None:
@@ -226,44 +222,7 @@ class CacheWriter:
         atomic_write_json(self.cache_dir / MANIFEST_FILE, self._manifest)
 
     def _check_record(self, index: int, record: SampleRecord) -> None:
-        meta = self._meta
-        problems = []
-        if not isinstance(record, SampleRecord):
-            raise TypeError(f"add() takes a SampleRecord; got {type(record).__name__}")
-        devices = {t.device.type for t in vars(record).values() if torch.is_tensor(t)}
-        if devices != {"cpu"}:
-            raise ValueError(f"sample {index} has tensors on {sorted(devices - {'cpu'})}; copy them to the CPU first")
-        if record.encoding != meta.encoding:
-            problems.append(f"it carries the {record.encoding!r} encoding but the cache stores {meta.encoding!r}")
-        if record.num_tokens > meta.seq_length:
-            problems.append(f"it has {record.num_tokens} tokens, more than seq_length {meta.seq_length}")
-        if record.aux_hidden_states.shape[1] != meta.aux_dim:
-            problems.append(f"aux_hidden_states has width {record.aux_hidden_states.shape[1]}, expected "
-                            f"len(layer_ids) * hidden_size = {meta.aux_dim}")
-        expected_width = {"probs": len(meta.selected_token_ids), "topk": meta.topk, "hidden": meta.hidden_size}[meta.encoding]
-        rows = {"probs": record.target_probs, "topk": record.topk_probs, "hidden": record.final_hidden}[meta.encoding]
-        if rows is not None and rows.shape[1] != expected_width:
-            problems.append(f"its {meta.encoding!r} rows have width {rows.shape[1]}, expected {expected_width}")
-        for name, tensor, limit in (("input_ids", record.input_ids, meta.vocab_size),
-                                    ("target_argmax", record.target_argmax, meta.vocab_size),
-                                    ("topk_ids", record.topk_ids, len(meta.selected_token_ids))):
-            if tensor is not None and tensor.numel() and (int(tensor.min()) < 0 or int(tensor.max()) >= limit):
-                problems.append(f"{name} has values outside [0, {limit})")
-        if problems:
-            raise ValueError(f"sample {index} does not fit the cache: " + "; ".join(problems))
-
-    def _check_side_tensors(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
-        allowed = SIDE_FILES[name]
-        vocab, hidden = self._meta.vocab_size, self._meta.hidden_size
-        problems = [f"unexpected tensor {k!r} (allowed: {list(allowed)})" for k in tensors if k not in allowed]
-        if "weight" not in tensors:
-            problems.append("tensor 'weight' is missing")
-        elif tuple(tensors["weight"].shape) != (vocab, hidden):
-            problems.append(f"weight has shape {tuple(tensors['weight'].shape)}, expected [V, H] = ({vocab}, {hidden})")
-        if "bias" in tensors and tuple(tensors["bias"].shape) != (vocab,):
-            problems.append(f"bias has shape {tuple(tensors['bias'].shape)}, expected [V] = ({vocab},)")
-        if problems:
-            raise ValueError(f"side file {name!r}: " + "; ".join(problems))
+        _check_record(self._meta, index, record)
 
     def _run(self) -> None:
         while True:
@@ -278,33 +237,121 @@ class CacheWriter:
                 self._error = exc
 
     def _write_shard(self, index: int, records: list[SampleRecord]) -> None:
-        dtype = self._dtype
-        first = index * self._meta.shard_size
-        lengths = torch.tensor([0] + [r.num_tokens for r in records], dtype=torch.int64)
-        supervised = torch.tensor([0] + [r.num_supervised for r in records], dtype=torch.int64)
-        tensors: list[tuple[str, Any]] = [
-            ("input_ids", [r.input_ids.to(torch.int32) for r in records]),  # [N] int32
-            ("loss_mask", [r.loss_mask.to(torch.uint8) for r in records]),  # [N] uint8
-            ("sample_offsets", torch.cumsum(lengths, 0)),  # [n+1] int64
-            ("aux_hidden_states", [r.aux_hidden_states.to(dtype) for r in records]),  # [N, F]
-            ("supervised_offsets", torch.cumsum(supervised, 0)),  # [n+1] int64
-            ("target_argmax", [r.target_argmax.to(torch.int32) for r in records]),  # [M] int32
-        ]
-        encoding = self._meta.encoding
-        if encoding == "probs":
-            tensors.append(("target_probs", [r.target_probs.to(dtype) for r in records]))  # [M, Vd]
-        elif encoding == "topk":
-            tensors.append(("topk_probs", [r.topk_probs.to(dtype) for r in records]))  # [M, k]
-            tensors.append(("topk_ids", [r.topk_ids.to(torch.int32) for r in records]))  # [M, k] int32
-        else:
-            tensors.append(("final_hidden", [r.final_hidden.to(dtype) for r in records]))  # [M, H]
-        metadata = shard_metadata(first, len(records))
-        size, digest = write_safetensors(self.cache_dir / shard_filename(index), tensors, metadata, on_bytes=self._count)
-        entry = ShardEntry(file=shard_filename(index), index=index, first_sample=first, num_samples=len(records),
-                           num_tokens=int(lengths.sum()), num_supervised=int(supervised.sum()), bytes=size, sha256=digest)
+        entry = write_shard_file(self.cache_dir, self._meta, index, records, on_bytes=self._count)
         with self._lock:
             self._manifest["shards"].append(entry.to_dict())
             self._manifest["shards"].sort(key=lambda e: e["index"])
             self._manifest["stats"]["num_tokens"] += entry.num_tokens
             self._manifest["stats"]["num_supervised"] += entry.num_supervised
             self._write_manifest()
+
+
+# ---------------------------------------------------------------------- shared by CacheWriter and distributed writers
+def write_shard_file(cache_dir: str | Path, meta: Manifest, index: int, records: list[SampleRecord], *,
+                     on_bytes: Callable[[int], None] | None = None, check: bool = False) -> ShardEntry:
+    """Commit ``shard-<index>.safetensors`` (global samples ``[index * shard_size, ...)``, records in
+    global order) atomically (temporary file, fsync, rename) and return its manifest entry.
+
+    Touches nothing else: recording the entry (``manifest.json`` or a commit journal) is the
+    caller's job. With ``check`` every record is checked against ``meta`` first.
+    """
+    expected = meta.shard_num_samples(index)
+    if len(records) != expected:
+        raise ValueError(f"shard {index} must hold {expected} samples; got {len(records)}")
+    first = index * meta.shard_size
+    if check:
+        for offset, record in enumerate(records):
+            _check_record(meta, first + offset, record)
+    dtype = storage_dtype(meta.dtype)
+    lengths = torch.tensor([0] + [r.num_tokens for r in records], dtype=torch.int64)
+    supervised = torch.tensor([0] + [r.num_supervised for r in records], dtype=torch.int64)
+    tensors: list[tuple[str, Any]] = [
+        ("input_ids", [r.input_ids.to(torch.int32) for r in records]),  # [N] int32
+        ("loss_mask", [r.loss_mask.to(torch.uint8) for r in records]),  # [N] uint8
+        ("sample_offsets", torch.cumsum(lengths, 0)),  # [n+1] int64
+        ("aux_hidden_states", [r.aux_hidden_states.to(dtype) for r in records]),  # [N, F]
+        ("supervised_offsets", torch.cumsum(supervised, 0)),  # [n+1] int64
+        ("target_argmax", [r.target_argmax.to(torch.int32) for r in records]),  # [M] int32
+    ]
+    encoding = meta.encoding
+    if encoding == "probs":
+        tensors.append(("target_probs", [r.target_probs.to(dtype) for r in records]))  # [M, Vd]
+    elif encoding == "topk":
+        tensors.append(("topk_probs", [r.topk_probs.to(dtype) for r in records]))  # [M, k]
+        tensors.append(("topk_ids", [r.topk_ids.to(torch.int32) for r in records]))  # [M, k] int32
+    else:
+        tensors.append(("final_hidden", [r.final_hidden.to(dtype) for r in records]))  # [M, H]
+    metadata = shard_metadata(first, len(records))
+    size, digest = write_safetensors(Path(cache_dir) / shard_filename(index), tensors, metadata, on_bytes=on_bytes)
+    entry = ShardEntry(file=shard_filename(index), index=index, first_sample=first, num_samples=len(records),
+                       num_tokens=int(lengths.sum()), num_supervised=int(supervised.sum()), bytes=size, sha256=digest)
+    return entry
+
+
+def write_side_file(cache_dir: str | Path, meta: Manifest, name: str, tensors: Mapping[str, torch.Tensor], *,
+                    on_bytes: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Commit ``<name>.safetensors`` atomically and return its ``files`` entry ``{file, bytes, sha256}``."""
+    if not _SIDE_NAME.match(name):
+        raise ValueError(f"side file name {name!r} may only contain letters, digits, '_', '.' and '-'")
+    if name in SIDE_FILES:
+        _check_side_tensors(meta, name, tensors)
+    ordered = [(key, tensors[key].detach().cpu().contiguous()) for key in sorted(tensors)]
+    size, digest = write_safetensors(Path(cache_dir) / side_filename(name), ordered,
+                                     {"format_version": str(FORMAT_VERSION)}, on_bytes=on_bytes)
+    return {"file": side_filename(name), "bytes": size, "sha256": digest}
+
+
+def append_commit(cache_dir: str | Path, rank: int, entry: ShardEntry | Mapping[str, Any]) -> None:
+    """Record a committed shard in ``rank-<rank>.commits.jsonl`` (one JSON line, fsynced): the
+    journal a distributed rank keeps instead of touching ``manifest.json``, which only the
+    manifest owner (rank 0) writes. A torn last line (crash mid-append) is ignored by readers."""
+    data = entry.to_dict() if isinstance(entry, ShardEntry) else dict(entry)
+    line = (json.dumps(data, separators=(",", ":")) + "\n").encode()
+    fd = os.open(journal_path(cache_dir, rank), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_record(meta: Manifest, index: int, record: SampleRecord) -> None:
+    problems = []
+    if not isinstance(record, SampleRecord):
+        raise TypeError(f"add() takes a SampleRecord; got {type(record).__name__}")
+    devices = {t.device.type for t in vars(record).values() if torch.is_tensor(t)}
+    if devices != {"cpu"}:
+        raise ValueError(f"sample {index} has tensors on {sorted(devices - {'cpu'})}; copy them to the CPU first")
+    if record.encoding != meta.encoding:
+        problems.append(f"it carries the {record.encoding!r} encoding but the cache stores {meta.encoding!r}")
+    if record.num_tokens > meta.seq_length:
+        problems.append(f"it has {record.num_tokens} tokens, more than seq_length {meta.seq_length}")
+    if record.aux_hidden_states.shape[1] != meta.aux_dim:
+        problems.append(f"aux_hidden_states has width {record.aux_hidden_states.shape[1]}, expected "
+                        f"len(layer_ids) * hidden_size = {meta.aux_dim}")
+    expected_width = {"probs": len(meta.selected_token_ids), "topk": meta.topk, "hidden": meta.hidden_size}[meta.encoding]
+    rows = {"probs": record.target_probs, "topk": record.topk_probs, "hidden": record.final_hidden}[meta.encoding]
+    if rows is not None and rows.shape[1] != expected_width:
+        problems.append(f"its {meta.encoding!r} rows have width {rows.shape[1]}, expected {expected_width}")
+    for name, tensor, limit in (("input_ids", record.input_ids, meta.vocab_size),
+                                ("target_argmax", record.target_argmax, meta.vocab_size),
+                                ("topk_ids", record.topk_ids, len(meta.selected_token_ids))):
+        if tensor is not None and tensor.numel() and (int(tensor.min()) < 0 or int(tensor.max()) >= limit):
+            problems.append(f"{name} has values outside [0, {limit})")
+    if problems:
+        raise ValueError(f"sample {index} does not fit the cache: " + "; ".join(problems))
+
+
+def _check_side_tensors(meta: Manifest, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    allowed = SIDE_FILES[name]
+    vocab, hidden = meta.vocab_size, meta.hidden_size
+    problems = [f"unexpected tensor {k!r} (allowed: {list(allowed)})" for k in tensors if k not in allowed]
+    if "weight" not in tensors:
+        problems.append("tensor 'weight' is missing")
+    elif tuple(tensors["weight"].shape) != (vocab, hidden):
+        problems.append(f"weight has shape {tuple(tensors['weight'].shape)}, expected [V, H] = ({vocab}, {hidden})")
+    if "bias" in tensors and tuple(tensors["bias"].shape) != (vocab,):
+        problems.append(f"bias has shape {tuple(tensors['bias'].shape)}, expected [V] = ({vocab},)")
+    if problems:
+        raise ValueError(f"side file {name!r}: " + "; ".join(problems))
+
