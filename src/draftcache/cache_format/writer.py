@@ -247,7 +247,8 @@ class CacheWriter:
 
 
 # ---------------------------------------------------------------------- shared by CacheWriter and distributed writers
-def write_shard_file(cache_dir: str | Path, meta: Manifest, index: int, records: list[SampleRecord], *,
+def write_shard_file(cache_dir: str | Path, meta: Manifest, index: int,
+                     records: list[SampleRecord] | list[Mapping[str, torch.Tensor]], *,
                      on_bytes: Callable[[int], None] | None = None, check: bool = False) -> ShardEntry:
     """Commit ``shard-<index>.safetensors`` (global samples ``[index * shard_size, ...)``, records in
     global order) atomically (temporary file, fsync, rename) and return its manifest entry.
@@ -259,6 +260,7 @@ def write_shard_file(cache_dir: str | Path, meta: Manifest, index: int, records:
     if len(records) != expected:
         raise ValueError(f"shard {index} must hold {expected} samples; got {len(records)}")
     first = index * meta.shard_size
+    records = [SampleRecord(**r) if isinstance(r, Mapping) else r for r in records]
     if check:
         for offset, record in enumerate(records):
             _check_record(meta, first + offset, record)
@@ -318,7 +320,7 @@ def append_commit(cache_dir: str | Path, rank: int, entry: ShardEntry | Mapping[
 def _check_record(meta: Manifest, index: int, record: SampleRecord) -> None:
     problems = []
     if not isinstance(record, SampleRecord):
-        raise TypeError(f"add() takes a SampleRecord; got {type(record).__name__}")
+        raise TypeError(f"sample {index}: expected a SampleRecord; got {type(record).__name__}")
     devices = {t.device.type for t in vars(record).values() if torch.is_tensor(t)}
     if devices != {"cpu"}:
         raise ValueError(f"sample {index} has tensors on {sorted(devices - {'cpu'})}; copy them to the CPU first")

@@ -8,6 +8,10 @@ Example::
 
 With neither ``--target-model`` nor ``--input-data`` it runs on the small trained target and chat
 set shipped inside the package.
+
+Under ``torchrun --nproc_per_node=N -m draftcache.precompute ...`` the ranks share the shards and
+write the same cache as one process; a failure on any rank ends every rank with
+``error: rank R failed: <cause>`` and exit status 1 (see ``draftcache.precompute.distributed``).
 """
 
 from __future__ import annotations
@@ -65,15 +69,28 @@ def precompute(
     except ConfigError as e:
         _fail(str(e), 2)
     from draftcache.cache_format import CacheFormatError
+    from draftcache.precompute.distributed import DistContext, RankFailedError
     from draftcache.precompute.main import PrecomputeError, precompute_from_config
 
     try:
-        summary = precompute_from_config(cfg, log=lambda message: typer.echo(message, err=True))
-    except ConfigError as e:
+        ctx = DistContext.from_env()
+    except ValueError as e:
         _fail(str(e), 2)
-    except (ValueError, OSError, PrecomputeError, CacheFormatError) as e:
+    try:
+        summary = precompute_from_config(cfg, log=lambda message: typer.echo(message, err=True))
+    except RankFailedError as e:
         _fail(str(e), 1)
-    typer.echo(summary.format())
+    except ConfigError as e:
+        _fail(str(e) if not ctx.is_distributed else f"rank {ctx.rank} failed: {e}", 2)
+    except (ValueError, OSError, PrecomputeError, CacheFormatError) as e:
+        _fail(str(e) if not ctx.is_distributed else f"rank {ctx.rank} failed: {e}", 1)
+    except Exception as e:
+        if not ctx.is_distributed:
+            raise
+        # e.g. a collective that broke because another rank died: name this rank and the cause
+        _fail(f"rank {ctx.rank} failed: {type(e).__name__}: {e}", 1)
+    if ctx.is_main:
+        typer.echo(summary.format())
 
 
 def _layer_ids(text: Optional[str]) -> Optional[tuple[int, ...]]:

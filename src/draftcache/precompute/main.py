@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from draftcache.data import load_conversations
 from draftcache.precompute.config import ConfigError, PrecomputeConfig
+from draftcache.precompute.distributed import DistContext, init_distributed, run_step, shutdown_distributed
 from draftcache.precompute.pipeline import (
     PrecomputeError,
     PrecomputeSummary,
@@ -32,31 +34,63 @@ def precompute_from_config(cfg: PrecomputeConfig, *, log: Callable[[str], None] 
     Raises ``ConfigError`` for invalid settings (before anything is loaded), ``PrecomputeError``
     for an output directory that cannot be used or a refused resume, and the data loader's
     errors (``FileNotFoundError``, ``BadRecordError``, ...) for unusable input.
-    """
-    from draftcache.defaults import default_data_path, default_target_path
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) it joins the process group first (gloo on the CPU,
+    NCCL on ``cuda:<LOCAL_RANK>``), every rank loads the same data and the target, and the ranks
+    share the shards (see ``draftcache.precompute.sharded``); a failure on any rank raises
+    ``RankFailedError`` on every rank.
+    """
     cfg.validate()
+    ctx = DistContext.from_env()
     try:
         device = resolve_device(cfg.device)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    check_output_dir(cfg.output_dir, cfg.resume)
+    import torch.distributed as torch_dist
+
+    joined = ctx.is_distributed and not torch_dist.is_initialized()  # leave a caller's process group alone
+    device = init_distributed(ctx, device)
+    try:
+        return _run(cfg, ctx, device, log)
+    finally:
+        if joined:
+            shutdown_distributed(ctx)
+
+
+def _run(cfg: PrecomputeConfig, ctx: DistContext, device, log: Callable[[str], None]) -> PrecomputeSummary:
+    from draftcache.defaults import default_data_path, default_target_path
+
     target_path = cfg.target_model or default_target_path()
-    _check_target_config(cfg, target_path)
-    conversations = load_conversations(cfg.input_data or default_data_path(), split=cfg.split, strict=cfg.strict,
-                                       shuffle_seed=cfg.shuffle_seed, num_samples=cfg.num_samples,
-                                       trust_remote_code=cfg.trust_remote_code)
-    tokenizer = load_tokenizer(target_path, trust_remote_code=cfg.trust_remote_code)
-    samples = tokenize_conversations(cfg, tokenizer, conversations)
-    if not cfg.progress:
+
+    def check() -> None:
+        if ctx.is_main:  # rank 0 alone owns the directory; the others would see its lock
+            check_output_dir(cfg.output_dir, cfg.resume)
+        _check_target_config(cfg, target_path)
+
+    run_step(ctx, "checking the output directory and target", check)
+
+    def load():
+        conversations = load_conversations(cfg.input_data or default_data_path(), split=cfg.split, strict=cfg.strict,
+                                           shuffle_seed=cfg.shuffle_seed, num_samples=cfg.num_samples,
+                                           trust_remote_code=cfg.trust_remote_code)
+        tokenizer = load_tokenizer(target_path, trust_remote_code=cfg.trust_remote_code)
+        samples = tokenize_conversations(replace(cfg, progress=cfg.progress and ctx.is_main), tokenizer, conversations)
+        return conversations, tokenizer, samples
+
+    conversations, tokenizer, samples = run_step(ctx, "loading and tokenising the data", load)
+    if not cfg.progress or not ctx.is_main:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bar
-    model = load_target_model(target_path, device=device, trust_remote_code=cfg.trust_remote_code)
-    aux = list(cfg.aux_layer_ids) if cfg.aux_layer_ids is not None else None
-    target = HFEagle3TargetModel(model, aux_layer_ids=aux)
+
+    def load_target() -> HFEagle3TargetModel:
+        model = load_target_model(target_path, device=device, trust_remote_code=cfg.trust_remote_code)
+        aux = list(cfg.aux_layer_ids) if cfg.aux_layer_ids is not None else None
+        return HFEagle3TargetModel(model, aux_layer_ids=aux)
+
+    target = run_step(ctx, f"loading the target onto {device}", load_target)
     return run_precompute(cfg, target=target, tokenizer=tokenizer, conversations=conversations, samples=samples,
-                          model_id=cfg.target_model or DEFAULT_MODEL_ID, log=log)
+                          model_id=cfg.target_model or DEFAULT_MODEL_ID, log=log, dist=ctx)
 
 
 def _check_target_config(cfg: PrecomputeConfig, path: str) -> None:

@@ -31,6 +31,7 @@ from draftcache.cache_format import (
     diff_manifest_config,
     read_manifest,
     remove_stale_temporaries,
+    shard_filename,
     verify_shard,
 )
 from draftcache.data import (
@@ -43,7 +44,9 @@ from draftcache.data import (
     full_vocab,
     tokenize_all,
 )
+from draftcache.cache_format.resume import committed_shards, journal_files
 from draftcache.precompute.config import ConfigError, PrecomputeConfig
+from draftcache.precompute.distributed import DistContext, all_reduce_sum, run_step
 from draftcache.precompute.fingerprint import (
     chat_template_fingerprint,
     config_fingerprint,
@@ -54,7 +57,8 @@ from draftcache.precompute.planning import ShardPlan, length_bucketed_batches, p
 from draftcache.precompute.records import STORAGE_DTYPES, SupervisionSpec, batch_to_records
 from draftcache.target import HFEagle3TargetModel
 
-__all__ = ["run_precompute", "tokenize_conversations", "check_output_dir", "PrecomputeSummary", "PrecomputeError"]
+__all__ = ["run_precompute", "tokenize_conversations", "check_output_dir", "needs_sharded_resume", "PrecomputeSummary",
+           "PrecomputeError"]
 
 # Config keys of final-logit transforms the ``hidden`` rebuild (a plain linear lm_head) cannot reproduce.
 _LOGIT_TRANSFORM_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_logit_scale")
@@ -179,6 +183,7 @@ def run_precompute(
     samples: Sequence[TokenizedSample],
     model_id: str,
     log: Callable[[str], None] = print,
+    dist: DistContext | None = None,
 ) -> PrecomputeSummary:
     """Write (or with ``cfg.resume`` continue) the cache at ``cfg.output_dir``.
 
@@ -186,37 +191,58 @@ def run_precompute(
         target: the frozen target; its device and dtype are used as they are.
         tokenizer: the target's tokenizer (fingerprinted, special ids kept in the draft vocabulary).
         conversations: the loaded input (its identity and skip counts go into the manifest).
-        samples: ``tokenize_conversations(cfg, tokenizer, conversations)``, in global order.
+        samples: ``tokenize_conversations(cfg, tokenizer, conversations)``, in global order
+            (the same on every rank).
         model_id: what the manifest names the target (HF name or path).
+        dist: this rank's place in a ``torchrun`` job whose process group is joined (see
+            ``draftcache.precompute.distributed``); None for one process. Every rank must call
+            ``run_precompute`` with the same arguments; each writes its share of the shards and
+            rank 0 the manifest, so the cache equals a one-process run's.
     """
+    ctx = dist or DistContext()
     t0 = time.perf_counter()
-    cfg.validate()
-    if not samples:
-        raise PrecomputeError(f"no usable samples in {conversations.input_data!r} "
-                              f"({conversations.skipped.summary()}); check the input format")
     out = Path(cfg.output_dir)
-    check_output_dir(out, cfg.resume)
-    problems = cfg.target_problems(num_layers=target.num_layers, vocab_size=target.vocab_size)
-    if cfg.aux_layer_ids is not None and list(cfg.aux_layer_ids) != target.aux_layer_ids:
-        problems.append(f"--aux-layer-ids {list(cfg.aux_layer_ids)} but the target captures {target.aux_layer_ids}; "
-                        "build HFEagle3TargetModel with the same ids")
-    if problems:
-        raise ConfigError("invalid precompute settings for this target:\n  - " + "\n  - ".join(problems))
+    log = log if ctx.is_main else (lambda message: None)
 
-    counts = _supervised_token_counts(samples, target.vocab_size)  # [V] int64
-    if cfg.draft_vocab_size is None:
-        vocab = full_vocab(target.vocab_size)
-    else:
-        vocab = build_draft_vocab(counts, cfg.draft_vocab_size, _special_ids(tokenizer))
-    encoding, why = _choose_encoding(cfg, target, samples, vocab)
-    if why:
-        log(why)
-    manifest = _build_manifest(cfg, target=target, tokenizer=tokenizer, conversations=conversations,
-                               model_id=model_id, vocab=vocab, counts=counts, encoding=encoding,
-                               num_samples=len(samples))
-    spec = SupervisionSpec(encoding=encoding, vocab=vocab, dtype=STORAGE_DTYPES[cfg.dtype],
-                           topk=cfg.target_probs_topk if encoding == "topk" else None)
+    def check() -> None:
+        cfg.validate()
+        if not samples:
+            raise PrecomputeError(f"no usable samples in {conversations.input_data!r} "
+                                  f"({conversations.skipped.summary()}); check the input format")
+        if ctx.is_main:
+            check_output_dir(out, cfg.resume)
+        problems = cfg.target_problems(num_layers=target.num_layers, vocab_size=target.vocab_size)
+        if cfg.aux_layer_ids is not None and list(cfg.aux_layer_ids) != target.aux_layer_ids:
+            problems.append(f"--aux-layer-ids {list(cfg.aux_layer_ids)} but the target captures "
+                            f"{target.aux_layer_ids}; build HFEagle3TargetModel with the same ids")
+        if problems:
+            raise ConfigError("invalid precompute settings for this target:\n  - " + "\n  - ".join(problems))
 
+    run_step(ctx, "checking the settings", check)
+    # each rank counts a disjoint part of the samples; the sum is the one-process count
+    counts = all_reduce_sum(ctx, _supervised_token_counts(samples, target.vocab_size, ctx))  # [V] int64
+
+    def plan() -> tuple[dict, SupervisionSpec]:
+        if cfg.draft_vocab_size is None:
+            vocab = full_vocab(target.vocab_size)
+        else:
+            vocab = build_draft_vocab(counts, cfg.draft_vocab_size, _special_ids(tokenizer))
+        encoding, why = _choose_encoding(cfg, target, samples, vocab)
+        if why:
+            log(why)
+        manifest = _build_manifest(cfg, target=target, tokenizer=tokenizer, conversations=conversations,
+                                   model_id=model_id, vocab=vocab, counts=counts, encoding=encoding,
+                                   num_samples=len(samples))
+        spec = SupervisionSpec(encoding=encoding, vocab=vocab, dtype=STORAGE_DTYPES[cfg.dtype],
+                               topk=cfg.target_probs_topk if encoding == "topk" else None)
+        return manifest, spec
+
+    manifest, spec = run_step(ctx, "choosing the draft vocabulary and encoding", plan)
+
+    if ctx.is_distributed or (cfg.resume and needs_sharded_resume(out)):
+        from draftcache.precompute.sharded import write_cache_sharded
+
+        return write_cache_sharded(cfg, ctx, out, manifest, spec, target, tokenizer, samples, conversations, t0, log)
     created = not out.exists()
     try:
         with CacheLock(out):
@@ -229,9 +255,27 @@ def run_precompute(
             out.rmdir()  # this run created the directory and wrote nothing into it
 
 
-def _supervised_token_counts(samples: Sequence[TokenizedSample], vocab_size: int) -> torch.Tensor:
+def needs_sharded_resume(out: Path) -> bool:
+    """Whether resuming ``out`` needs the sharded path even in one process: a distributed run left
+    commit journals, or its manifest lists shards after a gap (which the sequential writer drops)."""
+    if not (out / MANIFEST_FILE).is_file():
+        return False
+    if journal_files(out):
+        return True
+    try:
+        shards = read_manifest(out)["shards"]
+    except (OSError, ValueError, KeyError):
+        return False  # the sequential path reports an unreadable manifest
+    return len(committed_shards({"shards": shards})) != len(shards)
+
+
+def _supervised_token_counts(samples: Sequence[TokenizedSample], vocab_size: int,
+                             ctx: DistContext | None = None) -> torch.Tensor:
+    """``[V]`` int64 counts of supervised target tokens over this rank's samples (every
+    ``world_size``-th one from ``rank``; all of them for one process)."""
+    rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
     counts = torch.zeros(vocab_size, dtype=torch.int64)  # [V]
-    for s in samples:
+    for s in samples[rank::world]:
         count_supervised_tokens(s.input_ids, s.loss_mask, vocab_size, counts)
     return counts
 
@@ -337,10 +381,12 @@ def _build_manifest(cfg: PrecomputeConfig, *, target: HFEagle3TargetModel, token
     }
 
 
-def _prepare_resume(out: Path, manifest: dict, log) -> dict:
+def _prepare_resume(out: Path, manifest: dict, log, journal_entries: Sequence[dict] = ()) -> dict:
     """Check the cache's manifest against this run's, drop damaged files; return the manifest to continue.
 
-    Nothing is changed on disk when the configurations differ.
+    ``journal_entries`` (shards a distributed run recorded in its commit journals) are verified
+    like the manifest's own entries and kept when sound. Nothing is changed on disk when the
+    configurations differ.
     """
     old = read_manifest(out)
     differences = []
@@ -355,13 +401,17 @@ def _prepare_resume(out: Path, manifest: dict, log) -> dict:
         )
     for name in remove_stale_temporaries(out):
         log(f"resume: removed stale temporary {name}")
-    kept = []
-    for entry in sorted(old["shards"], key=lambda e: e["index"]):
-        problems = verify_shard(out, entry)
+    kept, seen = [], set()
+    for entry in [*sorted(old["shards"], key=lambda e: e["index"]), *journal_entries]:
+        if entry["index"] in seen:
+            continue
+        problems = _entry_problems(entry, manifest) or verify_shard(out, entry)
         if problems:
             log(f"resume: {'; '.join(problems)}; the shard will be computed again")
         else:
             kept.append(entry)
+            seen.add(entry["index"])
+    kept.sort(key=lambda e: e["index"])
     for name, entry in old["files"].items():  # in the order they were written
         problems = verify_shard(out, entry)
         if problems:
@@ -373,6 +423,19 @@ def _prepare_resume(out: Path, manifest: dict, log) -> dict:
     manifest["shards"] = kept  # the writer keeps the contiguous prefix and recomputes the rest
     manifest["stats"] = {key: sum(e[key] for e in kept) for key in ("num_tokens", "num_supervised")}
     return manifest
+
+
+def _entry_problems(entry: dict, manifest: dict) -> list[str]:
+    """Problems with a shard entry's place in this run's layout (not its file; see ``verify_shard``)."""
+    index, size, total = entry.get("index"), manifest["shard_size"], manifest["num_samples"]
+    if not isinstance(index, int) or not 0 <= index < manifest["num_shards"]:
+        return [f"shard entry {entry.get('file')!r}: index {index!r} is outside this cache's "
+                f"{manifest['num_shards']} shards"]
+    expected = (shard_filename(index), index * size, min(size, total - index * size))
+    found = (entry.get("file"), entry.get("first_sample"), entry.get("num_samples"))
+    if found != expected:
+        return [f"shard entry {index}: (file, first_sample, num_samples) = {found}, expected {expected}"]
+    return []
 
 
 def _write_cache(cfg, out: Path, manifest: dict, spec: SupervisionSpec, target: HFEagle3TargetModel, tokenizer,
