@@ -1,0 +1,206 @@
+"""Shared pieces of the benchmark scripts: clocks, random-init targets shaped like real models,
+a word-level chat tokenizer of any vocabulary size, chats with realistic lengths, and the embedded
+default target.
+
+Nothing is downloaded: models are built from configs (``AutoModelForCausalLM.from_config``, random
+weights: throughput and bytes do not depend on trained values) and the tokenizer is built in
+memory. Run the scripts from the repository root (``python benchmarks/<script>.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "MODEL_SHAPES", "build_llama", "build_word_tokenizer", "write_chats", "ChatLengths", "load_embedded",
+    "synchronize", "timed", "drop_page_cache", "median", "line", "gb", "resolve_device",
+]
+
+# Dimensions of real configs (Meta's Llama 3.2 1B / 3.1 8B and a 1024-wide model with a 32k
+# vocabulary); ``num_hidden_layers`` is chosen per run so a CPU can afford the forward.
+MODEL_SHAPES: dict[str, dict] = {
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
+                         head_dim=64, vocab_size=128256, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                         max_position_embeddings=131072, rope_parameters={"rope_type": "default",
+                                                                          "rope_theta": 500000.0}),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                         head_dim=128, vocab_size=128256, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                         max_position_embeddings=131072, rope_parameters={"rope_type": "default",
+                                                                          "rope_theta": 500000.0}),
+    "1024-32k": dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4,
+                     head_dim=64, vocab_size=32000, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                     max_position_embeddings=4096, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+}
+
+# ChatML, assistant content + <|im_end|> inside {% generation %} (like the embedded default's template)
+_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}"
+    "{% endgeneration %}{{ '\n' }}{% else %}{{ message['content'] + '<|im_end|>' + '\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_SPECIALS = ["<|pad|>", "<|bos|>", "<|im_start|>", "<|im_end|>", "<unk>", "user", "assistant", "system"]
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work before reading a clock (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of ``fn()``, synchronising the device before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def drop_page_cache() -> bool:
+    """Flush dirty pages and drop the page cache (root only); False when the kernel refuses."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def gb(nbytes: float) -> float:
+    return nbytes / 1e9
+
+
+def line(name: str, **fields: object) -> str:
+    """One result line: ``name  key=value  key=value``."""
+    parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items()]
+    return f"{name:<34s} " + "  ".join(parts)
+
+
+def build_llama(shape: str, *, num_layers: int, vocab_size: int | None = None, intermediate_size: int | None = None,
+                dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", seed: int = 0):
+    """A random-init ``LlamaForCausalLM`` with ``MODEL_SHAPES[shape]``'s dimensions and ``num_layers``
+    decoder layers (``vocab_size`` / ``intermediate_size`` override the shape's)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if shape not in MODEL_SHAPES:
+        raise ValueError(f"unknown model shape {shape!r}; choose one of {', '.join(MODEL_SHAPES)}")
+    dims = dict(MODEL_SHAPES[shape])
+    if vocab_size is not None:
+        dims["vocab_size"] = vocab_size
+    if intermediate_size is not None:
+        dims["intermediate_size"] = intermediate_size
+    config = LlamaConfig(num_hidden_layers=num_layers, bos_token_id=1, eos_token_id=3, pad_token_id=0, **dims)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.to(device).eval()
+
+
+def build_word_tokenizer(vocab_size: int):
+    """A fast word-level tokenizer with exactly ``vocab_size`` ids and a ChatML template with
+    ``{% generation %}`` tags: ids 0-7 are ``<|pad|> <|bos|> <|im_start|> <|im_end|> <unk>`` and the
+    role names, then words ``t8 .. t{V-1}`` (one token each, so chat lengths are exact)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(_SPECIALS)}
+    vocab.update({f"t{i}": i for i in range(len(_SPECIALS), vocab_size)})
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|bos|>", eos_token="<|im_end|>",
+                                        pad_token="<|pad|>", unk_token="<unk>",
+                                        additional_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    tokenizer.name_or_path = f"benchmark-word-level-{vocab_size}"
+    return tokenizer
+
+
+class ChatLengths:
+    """Conversation lengths in tokens: log-normal with ``median`` and ``sigma``, clipped to
+    ``[min_tokens, max_tokens]``. The default (median 512, sigma 0.8: mean ~700 tokens) is our
+    assumption for ShareGPT-style chats, whose published caches imply roughly 550-1000 tokens per
+    sample (see ../shared/REFERENCE.md); change it with the scripts' flags."""
+
+    def __init__(self, median: float = 512, sigma: float = 0.8, min_tokens: int = 32, max_tokens: int = 2048):
+        self.median, self.sigma, self.min_tokens, self.max_tokens = median, sigma, min_tokens, max_tokens
+
+    def draw(self, count: int, rng: random.Random) -> list[int]:
+        """``count`` lengths at the distribution's quantiles ``(i + 0.5) / count``, shuffled: even a
+        dozen samples then have the distribution's mean length (random draws would not)."""
+        normal = statistics.NormalDist()
+        drawn = [self.median * math.exp(self.sigma * normal.inv_cdf((i + 0.5) / count)) for i in range(count)]
+        rng.shuffle(drawn)
+        return [int(min(self.max_tokens, max(self.min_tokens, round(x)))) for x in drawn]
+
+    def mean(self, count: int = 100_000) -> float:
+        """Mean length after clipping (over ``count`` quantiles)."""
+        return statistics.fmean(self.draw(count, random.Random(0)))
+
+    def __str__(self) -> str:
+        return f"lognormal(median={self.median:g}, sigma={self.sigma:g}) tokens"
+
+
+def write_chats(path: Path, count: int, *, vocab_size: int, lengths: ChatLengths, seed: int = 0,
+                assistant_share: float = 0.65) -> list[int]:
+    """Write ``count`` OpenAI-style chats to ``path`` (JSONL) whose rendered length with
+    ``build_word_tokenizer(vocab_size)`` follows ``lengths`` (the template adds 3 tokens per message
+    and a BOS). 1-4 user/assistant turns, ``assistant_share`` of the words in assistant replies,
+    words drawn from a Zipf(1.1) law over the vocabulary so a draft vocabulary of the most frequent
+    tokens covers most targets, as with real text. Returns the drawn lengths."""
+    rng = random.Random(seed)
+    first = len(_SPECIALS)
+    ranks = list(range(vocab_size - first))
+    weights = [1.0 / (r + 1) ** 1.1 for r in ranks]
+    words_by_rank = [f"t{first + r}" for r in rng.sample(ranks, len(ranks))]  # frequent words spread over ids
+    drawn = lengths.draw(count, rng)
+    with open(path, "w") as f:
+        for total in drawn:
+            turns = min(rng.randint(1, 4), max(1, (total - 1) // 16))
+            budget = max(2 * turns, total - 1 - 6 * turns)  # tokens left for words after BOS and headers
+            reply = max(turns, round(budget * assistant_share))
+            ask = max(turns, budget - reply)
+            words = iter(rng.choices(words_by_rank, weights=weights, k=ask + reply))
+            messages = []
+            for t in range(turns):
+                n_ask = ask // turns + (t < ask % turns)
+                n_reply = reply // turns + (t < reply % turns)
+                messages.append({"role": "user", "content": " ".join(next(words) for _ in range(n_ask))})
+                messages.append({"role": "assistant", "content": " ".join(next(words) for _ in range(n_reply))})
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return drawn
+
+
+def load_embedded(target_dir: str | None, data_path: str | None):
+    """The embedded default target (model on CPU in fp32, tokenizer) and chat data path, from
+    ``draftcache.defaults`` unless given."""
+    from draftcache.target.loading import load_target_model, load_tokenizer
+
+    if target_dir is None or data_path is None:
+        from draftcache.defaults import default_data_path, default_target_path
+
+        target_dir = target_dir or default_target_path()
+        data_path = data_path or default_data_path()
+    model = load_target_model(target_dir, device=torch.device("cpu"))
+    return model, load_tokenizer(target_dir), data_path

@@ -1,0 +1,296 @@
+"""Reader: samples/s and GB/s from cache to training batches, divided by a raw sequential read of
+the same shard files in the same run. Goal: >= 0.8.
+
+Throughput counts the STORED bytes of the samples delivered into training batches (input ids,
+loss mask, aux hidden states, target argmax and the encoding's rows; the trainer consumes the
+stored representation and expands the dense ``[B, T, Vd]`` targets on its device). The raw read
+(the ratio's denominator) reads every shard file whole, in order, into one reused shard-sized
+buffer (64 MiB ``preadv`` calls): the bytes land in memory a consumer could use, with no parsing.
+The ratio against an 8 MiB-chunk read into one cache-resident buffer (``dd bs=8M``) is printed
+too. Each path's timed pass directly follows a raw read, and the ratio is the median of those
+pairs over ``--repeats``. Everything is measured warm (files in the page cache; each path has an
+untimed pass first) unless ``--cold`` drops the page cache before every timed pass (root only).
+
+Paths measured, on the training plan the trainer makes (``plan_epoch``: shuffled samples, packed
+``--batch-tokens`` rows, or ``--batch-size`` padded batches):
+
+* ``loader``: ``CacheBatchLoader`` raw batches (reader threads, reused buffers), the fast path;
+  its second epoch is timed (the first warms its buffers, as every epoch after the first would).
+* ``loader + expand_batch on cpu``: the same plus ``reader.expand_batch`` to the dense batch on
+  the CPU (on a GPU trainer this expansion runs on the device); timed on the first
+  ``--dense-batches`` batches and scaled to the epoch.
+* ``DataLoader workers, get_raw_batch``: map-style dataset of raw batches in worker processes
+  (fresh buffers, shared-memory transport).
+* ``get_raw + collate_raw``: per-sample reads, then concatenation.
+* ``reader[i] + pack/collate (old trainer path)``: dense float32 targets per sample on the host,
+  then ``pack_samples`` / ``collate_padded`` (what ``trainer/sources.py`` does today); timed on
+  the first ``--dense-batches`` batches, since a ``hidden`` cache runs the lm_head on the CPU here.
+
+The caches are written with ``CacheWriter`` from random tensors of the real shapes (throughput
+does not depend on values): ``--hidden-size`` 2048 (Llama-3.2-1B), aux ``3H``, bf16, chat lengths
+log-normal (median 512, sigma 0.8, at most 2048 tokens), 65% supervised.
+
+    python benchmarks/reader_throughput.py                    # ~2 min, three encodings
+    python benchmarks/reader_throughput.py --encodings hidden --num-samples 512 --cold
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ChatLengths, drop_page_cache, gb, line, median  # noqa: E402
+
+from draftcache.cache_format import (  # noqa: E402
+    CacheBatchLoader, CacheWriter, SampleRecord, collate_padded, collate_raw, new_manifest, open_cache, pack_samples,
+)
+from draftcache.trainer.batching import plan_epoch  # noqa: E402
+
+_DATA_FIELDS = ("input_ids", "loss_mask", "aux_hidden_states", "target_argmax", "target_probs", "topk_probs",
+                "topk_ids", "final_hidden")
+
+
+def write_cache(path: Path, *, encoding: str, num_samples: int, hidden: int, vocab: int, draft_vocab: int, topk: int,
+                lengths: ChatLengths, shard_size: int, seed: int = 0) -> None:
+    """A cache of ``num_samples`` samples with the real tensor shapes (random values)."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    drawn = lengths.draw(num_samples, rng)
+    longest = max(drawn)
+    aux = torch.randn(longest, 3 * hidden, generator=gen).bfloat16()  # sliced per sample: values do not matter
+    rows = {"hidden": {"final_hidden": torch.randn(longest, hidden, generator=gen).bfloat16()},
+            "probs": {"target_probs": torch.rand(longest, draft_vocab, generator=gen).bfloat16()},
+            "topk": {"topk_probs": torch.rand(longest, topk, generator=gen).bfloat16(),
+                     "topk_ids": torch.randint(0, draft_vocab, (longest, topk), generator=gen, dtype=torch.int32)}
+            }[encoding]
+    manifest = new_manifest(
+        target={"model_id": "benchmark", "fingerprint": "0" * 64, "config_fingerprint": "0" * 64,
+                "architecture": "LlamaForCausalLM", "hidden_size": hidden, "vocab_size": vocab, "num_layers": 16,
+                "torch_dtype": "bfloat16"},
+        tokenizer={"name_or_path": "benchmark", "fingerprint": "0" * 64, "chat_template_fingerprint": "0" * 64},
+        layer_ids=[1, 7, 12], seq_length=lengths.max_tokens, dtype="bf16", encoding=encoding,
+        topk=topk if encoding == "topk" else None, selected_token_ids=range(draft_vocab),
+        token_counts=[1] * draft_vocab + [0] * (vocab - draft_vocab),
+        dataset={"input_data": "synthetic", "split": None, "shuffle_seed": 42, "num_samples": None,
+                 "fingerprint": "0" * 64},
+        num_samples=num_samples, shard_size=shard_size)
+    with CacheWriter(path, manifest) as writer:
+        for i, seq in enumerate(drawn):
+            mask = torch.zeros(seq, dtype=torch.uint8)
+            start = max(1, round(seq * 0.35))
+            mask[start:] = 1  # the last 65% supervised (assistant turns)
+            m = seq - start
+            writer.add(i, SampleRecord(
+                input_ids=torch.randint(0, vocab, (seq,), generator=gen, dtype=torch.int32), loss_mask=mask,
+                aux_hidden_states=aux[:seq], target_argmax=torch.randint(0, draft_vocab, (m,), generator=gen,
+                                                                          dtype=torch.int32),
+                **{name: t[:m] for name, t in rows.items()}))
+        writer.write_side_file("target_embeddings", {"weight": torch.zeros(vocab, hidden, dtype=torch.bfloat16)})
+        if encoding == "hidden":
+            writer.write_side_file("lm_head", {"weight": torch.randn(vocab, hidden, generator=gen).bfloat16()})
+
+
+class RawRead:
+    """Read every shard file in order into one reused, already paged-in buffer: the whole file at
+    its place in a shard-sized buffer (``chunk=None``, 64 MiB calls), or ``chunk`` bytes at a time
+    into the same small buffer (``dd bs=8M``: the buffer stays in the CPU caches, so this is an
+    upper bound that delivers nothing a consumer could keep)."""
+
+    def __init__(self, files: list[Path], chunk: int | None = None):
+        self.files, self.chunk = files, chunk
+        size = chunk or max(f.stat().st_size for f in files)
+        self.buffer = torch.from_numpy(np.zeros(size, dtype=np.uint8))  # zero-filled: no page faults when timed
+        self.view = memoryview(self.buffer.numpy())
+
+    def __call__(self) -> None:
+        step = self.chunk or (64 << 20)
+        for path in self.files:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                position = 0
+                while True:
+                    at = 0 if self.chunk else position
+                    n = os.preadv(fd, [self.view[at:at + step]], position)
+                    if n <= 0:
+                        break
+                    position += n
+            finally:
+                os.close(fd)
+
+
+def stored_bytes(raw: dict[str, torch.Tensor]) -> int:
+    return sum(raw[name].nbytes for name in _DATA_FIELDS if name in raw)
+
+
+class _RawBatches(Dataset):
+    """Map-style: item b = ``get_raw_batch(plan[b])`` (each worker opens its own reader)."""
+
+    def __init__(self, path: Path, plan, max_tokens):
+        self.path, self.plan, self.max_tokens, self.reader = path, plan, max_tokens, None
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, b: int) -> dict[str, torch.Tensor]:
+        if self.reader is None:
+            self.reader = open_cache(self.path)
+        return self.reader.get_raw_batch(self.plan[b], max_tokens=self.max_tokens)
+
+
+def measure_cache(path: Path, encoding: str, args) -> None:
+    reader = open_cache(path)
+    files = [path / e["file"] for e in reader.manifest["shards"]]
+    file_bytes = sum(f.stat().st_size for f in files)
+    lengths = reader.sample_lengths().tolist()
+    n = len(reader)
+    plans = [plan_epoch(list(range(n)), lengths, seed=0, epoch=e, batch_tokens=args.batch_tokens,
+                        batch_size=args.batch_size) for e in range(2)]
+    # the trainer packs each planned micro-batch into one row (pack_samples with max(budget, its total))
+    max_tokens = None if args.batch_tokens is None else max(args.batch_tokens, max(lengths))
+    per_sample = [stored_bytes(reader.get_raw(i)) for i in range(n)]
+    epoch_bytes = [sum(per_sample[i] for batch in plan for i in batch) for plan in plans]
+    print(line(f"cache {encoding}", samples=n, tokens=sum(lengths), shards=len(files), file_MB=file_bytes / 1e6,
+               stored_MB=sum(per_sample) / 1e6, batches=len(plans[1]),
+               layout=f"packed {args.batch_tokens}" if max_tokens else f"padded x{args.batch_size}"))
+
+    def timed_pass(fn) -> float:
+        if args.cold:
+            drop_page_cache()
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    raw_read, raw_chunked = RawRead(files), RawRead(files, chunk=8 << 20)
+    raw_read()  # warm-up (and page cache fill when warm)
+    raw_chunked()
+    chunked_seconds: list[float] = []
+    results: dict[str, list[tuple[float, float]]] = {}  # name -> [(seconds, raw seconds)]
+
+    def record(name: str, seconds: float, raw_seconds: float) -> None:
+        results.setdefault(name, []).append((seconds, raw_seconds))
+
+    loaders = {t: CacheBatchLoader(path, plans[0], max_tokens=max_tokens, num_threads=t, prefetch=args.prefetch,
+                                   pin_memory=False) for t in args.loader_threads}
+    for loader in loaders.values():
+        for _ in loader:  # warm-up epoch: buffers grow and are paged in
+            pass
+        loader.set_plan(plans[1])
+    workers = None
+    if args.workers:
+        workers = DataLoader(_RawBatches(path, plans[1], max_tokens), batch_size=None, num_workers=args.workers,
+                             persistent_workers=True, prefetch_factor=2)
+        for _ in workers:  # warm-up epoch (worker start-up)
+            pass
+
+    for _ in range(args.repeats):
+        chunked_seconds.append(timed_pass(raw_chunked))
+        for threads, loader in loaders.items():
+            raw_s = timed_pass(raw_read)
+            record(f"loader ({threads} threads)", timed_pass(lambda: [None for _ in loader]), raw_s)
+        if workers is not None:
+            raw_s = timed_pass(raw_read)
+            record(f"DataLoader {args.workers} workers, get_raw_batch", timed_pass(lambda: [None for _ in workers]),
+                   raw_s)
+        raw_s = timed_pass(raw_read)
+        record("get_raw + collate_raw", timed_pass(lambda: [
+            collate_raw([reader.get_raw(i) for i in batch], max_tokens=max_tokens) for batch in plans[1]]), raw_s)
+
+    # dense batches on the CPU, timed on a prefix of the plan and scaled to the epoch (a hidden cache
+    # runs the lm_head matmul here): the expansion of the fast path, and the old path where
+    # reader[i] materialises [S, Vd] float32 per sample
+    prefix = plans[1][:args.dense_batches]
+    prefix_bytes = sum(per_sample[i] for batch in prefix for i in batch)
+    expand_loader = CacheBatchLoader(path, prefix, max_tokens=max_tokens, num_threads=args.loader_threads[0],
+                                     prefetch=args.prefetch, pin_memory=False)
+    for raw in expand_loader:  # warm-up
+        reader.expand_batch(raw)
+    raw_s = timed_pass(raw_read)
+    expand_s = timed_pass(lambda: [reader.expand_batch(raw) for raw in expand_loader]) * epoch_bytes[1] / prefix_bytes
+    record(f"loader + expand_batch on cpu ({len(prefix)} batches)", expand_s, raw_s)
+
+    def dense() -> None:
+        for batch in prefix:
+            samples = [reader[i] for i in batch]
+            if max_tokens is None:
+                collate_padded(samples)
+            else:
+                pack_samples(samples, max(args.batch_tokens, sum(s["input_ids"].numel() for s in samples)))
+
+    dense()  # warm-up
+    raw_s = timed_pass(raw_read)
+    dense_s = timed_pass(dense) * epoch_bytes[1] / prefix_bytes  # scaled to the whole epoch
+    record(f"reader[i] + pack/collate (old path, {len(prefix)} batches)", dense_s, raw_s)
+
+    raw_rates = [file_bytes / r for runs in results.values() for _, r in runs]
+    chunked_rate = median([file_bytes / s for s in chunked_seconds])
+    print(line("raw sequential read (whole shards)", GB_per_s=gb(median(raw_rates)), min=gb(min(raw_rates)),
+               max=gb(max(raw_rates)), cold=args.cold))
+    print(line("raw read, 8 MiB chunks (dd bs=8M)", GB_per_s=gb(chunked_rate)))
+    for name, runs in results.items():
+        ratios = [(epoch_bytes[1] / s) / (file_bytes / r) for s, r in runs]
+        rate = median([epoch_bytes[1] / s for s, _ in runs])
+        extra = {"goal": ">=0.8", "met": median(ratios) >= 0.8} if name.startswith("loader (") else {}
+        print(line(f"  {name}", GB_per_s=gb(rate), samples_per_s=n * rate / epoch_bytes[1], ratio=median(ratios),
+                   ratio_vs_8MiB=rate / chunked_rate, per_repeat=" ".join(f"{x:.2f}" for x in ratios), **extra))
+    if workers is not None:
+        del workers
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--encodings", default="hidden,topk,probs")
+    parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--hidden-size", type=int, default=2048)
+    parser.add_argument("--vocab-size", type=int, default=128256)
+    parser.add_argument("--draft-vocab-size", type=int, default=8192)
+    parser.add_argument("--topk", type=int, default=20)
+    parser.add_argument("--median-tokens", type=float, default=512)
+    parser.add_argument("--sigma", type=float, default=0.8)
+    parser.add_argument("--seq-length", type=int, default=2048)
+    parser.add_argument("--shard-size", type=int, default=32)
+    parser.add_argument("--batch-tokens", type=int, default=2048, help="packed rows (the trainer's default); 0: "
+                        "padded batches of --batch-size")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--loader-threads", default="1,2", help="comma-separated reader thread counts to compare")
+    parser.add_argument("--prefetch", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the comparison (0: skip)")
+    parser.add_argument("--dense-batches", type=int, default=4, help="batches timed on the old dense path")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before every timed pass (root)")
+    parser.add_argument("--cache-dir", default=None, help="where to write the caches (default: a temp dir)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (expand_batch, dense path)")
+    args = parser.parse_args(argv)
+    args.batch_tokens = args.batch_tokens or None
+    args.loader_threads = [int(t) for t in args.loader_threads.split(",")]
+    torch.set_num_threads(args.threads)
+    if args.cold and not drop_page_cache():
+        parser.error("--cold needs permission to write /proc/sys/vm/drop_caches (root)")
+    lengths = ChatLengths(args.median_tokens, args.sigma, max_tokens=args.seq_length)
+    print(f"hidden {args.hidden_size} (aux {3 * args.hidden_size}), bf16, chats {lengths} (mean {lengths.mean():.0f}),"
+          f" draft vocab {args.draft_vocab_size}, torch threads {args.threads}, "
+          f"{'cold' if args.cold else 'warm'} page cache, {os.cpu_count()} CPUs")
+    with tempfile.TemporaryDirectory(prefix="draftcache-reader-", dir=args.cache_dir) as tmp:
+        for encoding in args.encodings.split(","):
+            path = Path(tmp) / encoding
+            start = time.perf_counter()
+            write_cache(path, encoding=encoding, num_samples=args.num_samples, hidden=args.hidden_size,
+                        vocab=args.vocab_size, draft_vocab=args.draft_vocab_size, topk=args.topk, lengths=lengths,
+                        shard_size=args.shard_size)
+            print(f"-- {encoding}: cache written in {time.perf_counter() - start:.1f} s")
+            measure_cache(path, encoding, args)
+            for f in path.iterdir():
+                f.unlink()
+
+
+if __name__ == "__main__":
+    main()
