@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -139,11 +140,16 @@ def test_shards_are_dealt_round_robin_without_gaps():
     plans = plan_shards(23, 4)  # 6 shards, the last one short
     per_rank = [[p.index for p in assign_shards(plans, r, 4) if p is not None] for r in range(4)]
     assert per_rank == [[0, 4], [1, 5], [2], [3]]
-    assert sorted(sum(per_rank, [])) == [p.index for p in plans]
+    assert sorted(i for shards in per_rank for i in shards) == [p.index for p in plans]
 
 
 def test_killed_rank_fails_the_job_fast_and_leaves_journaled_shards(caches):
     assert caches["job_rc"] != 0
+    stderr = caches["job_stderr"]
+    # torchrun names the killed rank and its signal; rank 0 says why it stopped instead of hanging
+    assert re.search(r"rank\s+: 1 \(local_rank: 1\)\n\s+exitcode\s+: -9", stderr), stderr[-3000:]
+    if "rank 0 stopped" in stderr:  # it was in a collective when rank 1 died (otherwise torchrun stopped it first)
+        assert "another rank stopped answering" in stderr
     assert caches["teardown_s"] < 60, f"the job took {caches['teardown_s']:.0f} s to end after a rank was killed"
     killed = caches["killed"]
     assert (killed / "manifest.json").is_file()

@@ -69,7 +69,7 @@ def precompute(
     except ConfigError as e:
         _fail(str(e), 2)
     from draftcache.cache_format import CacheFormatError
-    from draftcache.precompute.distributed import DistContext, RankFailedError
+    from draftcache.precompute.distributed import DistContext, PeerLostError, RankFailedError
     from draftcache.precompute.main import PrecomputeError, precompute_from_config
 
     try:
@@ -78,7 +78,7 @@ def precompute(
         _fail(str(e), 2)
     try:
         summary = precompute_from_config(cfg, log=lambda message: typer.echo(message, err=True))
-    except RankFailedError as e:
+    except (RankFailedError, PeerLostError) as e:
         _fail(str(e), 1)
     except ConfigError as e:
         _fail(str(e) if not ctx.is_distributed else f"rank {ctx.rank} failed: {e}", 2)

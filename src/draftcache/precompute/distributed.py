@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["DistContext", "RankFailedError", "init_distributed", "shutdown_distributed", "run_step",
+__all__ = ["DistContext", "RankFailedError", "PeerLostError", "init_distributed", "shutdown_distributed", "run_step",
            "gather_step", "all_reduce_sum", "TIMEOUT_ENV", "DEFAULT_TIMEOUT_S"]
 
 TIMEOUT_ENV = "DRAFTCACHE_DIST_TIMEOUT_S"
@@ -46,6 +46,10 @@ class RankFailedError(RuntimeError):
         self.cause = cause
         others = f" (also failed: rank {', '.join(map(str, also))})" if also else ""
         super().__init__(f"rank {rank} failed: {cause}{others}")
+
+
+class PeerLostError(RuntimeError):
+    """A collective broke because another rank vanished (killed, crashed) without reporting why."""
 
 
 @dataclass(frozen=True)
@@ -156,7 +160,12 @@ def _step(ctx: DistContext, what: str, fn: Callable[[], T], share: bool) -> Any:
     except Exception as exc:  # every kind of failure must reach the other ranks
         outcome = (False, f"{what}: {_describe(exc)}")
     outcomes: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(outcomes, outcome)
+    try:
+        dist.all_gather_object(outcomes, outcome)
+    except Exception as exc:  # the collective itself broke: a peer died without reporting
+        raise PeerLostError(f"rank {ctx.rank} stopped: another rank stopped answering while this one was "
+                            f"{what} (it crashed or was killed; torchrun's report names it and its exit code): "
+                            f"{_describe(exc)}") from exc
     failed = [r for r, (ok, _) in enumerate(outcomes) if not ok]
     if failed:
         rank = ctx.rank if ctx.rank in failed else failed[0]

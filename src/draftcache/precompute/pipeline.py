@@ -34,6 +34,7 @@ from draftcache.cache_format import (
     shard_filename,
     verify_shard,
 )
+from draftcache.cache_format.resume import committed_shards, journal_files
 from draftcache.data import (
     ChatTokenizer,
     ConversationSet,
@@ -44,7 +45,6 @@ from draftcache.data import (
     full_vocab,
     tokenize_all,
 )
-from draftcache.cache_format.resume import committed_shards, journal_files
 from draftcache.precompute.config import ConfigError, PrecomputeConfig
 from draftcache.precompute.distributed import DistContext, all_reduce_sum, run_step
 from draftcache.precompute.fingerprint import (

@@ -31,7 +31,7 @@ from draftcache.cache_format.manifest import Manifest
 from draftcache.cache_format.resume import journal_files, read_journals
 from draftcache.cache_format.writer import append_commit, write_shard_file, write_side_file
 from draftcache.data import ConversationSet, TokenizedSample
-from draftcache.precompute.distributed import DistContext, gather_step, run_step
+from draftcache.precompute.distributed import DistContext, gather_step
 from draftcache.precompute.pipeline import (
     PrecomputeSummary,
     _check_contents,
