@@ -93,6 +93,8 @@ DEFAULT_OUT = REPO_ROOT / "src" / "draftcache" / "assets"
 SHIPPED_SEED = 20240601
 TRAIN_SEED = 7
 SHIPPED_CONVERSATIONS = 600
+EVAL_SEED = 31337  # held out from both the target's and the draft's training data
+EVAL_CONVERSATIONS = 60
 TRAIN_CONVERSATIONS = 40_000
 TOKENIZER_SEED = 11
 TOKENIZER_CONVERSATIONS = 6_000
@@ -698,6 +700,13 @@ def write_dataset(convs: list[dict], path: Path) -> None:
             f.write(json.dumps(conv, ensure_ascii=False) + "\n")
 
 
+def write_eval_set(out: Path) -> Path:
+    """``default_data/eval.jsonl``: prompts for ``draftcache eval``, unseen by target and draft."""
+    path = out / "default_data" / "eval.jsonl"
+    write_dataset(ConversationGenerator(EVAL_SEED).conversations(EVAL_CONVERSATIONS), path)
+    return path
+
+
 def write_target(model, tokenizer, target_dir: Path) -> None:
     from transformers import GenerationConfig
 
@@ -753,6 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     target_dir, data_path = args.out / "default_target", args.out / "default_data" / "chat.jsonl"
     write_target(model, tokenizer, target_dir)
     write_dataset(shipped, data_path)
+    write_eval_set(args.out)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

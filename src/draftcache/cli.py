@@ -18,6 +18,8 @@ from typing import Optional
 
 import typer
 
+from draftcache.trainer.config import TrainConfig
+
 app = typer.Typer(add_completion=False, help="Look inside a draftcache cache, train an EAGLE-3 draft from it, export and evaluate it.", pretty_exceptions_enable=False, no_args_is_help=True)
 
 # Errors a user can cause and fix; anything else is a bug and keeps its traceback.
@@ -79,6 +81,9 @@ def show(
         _fail(str(e))
 
 
+_TRAIN_DEFAULTS = TrainConfig(output_dir="")  # the CLI shows the library's defaults
+
+
 @app.command()
 def train(
     output_dir: str = typer.Option(..., "--output-dir", help="Run directory: checkpoints, metrics.jsonl, export/."),
@@ -89,12 +94,12 @@ def train(
     draft_vocab_size: Optional[int] = typer.Option(None, "--draft-vocab-size", help="Draft vocabulary size (hidden caches and online; default: the cache's own)."),
     aux_layer_ids: Optional[str] = typer.Option(None, "--aux-layer-ids", help="Online: three decoder-layer ids such as '1,15,28'."),
     ttt_steps: int = typer.Option(7, "--ttt-steps", help="Unrolled training-time-test steps."),
-    epochs: int = typer.Option(2, "--epochs"),
+    epochs: int = typer.Option(_TRAIN_DEFAULTS.epochs, "--epochs"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
-    batch_tokens: Optional[int] = typer.Option(2048, "--batch-tokens", help="Token budget of a packed micro-batch (0 = padded batches of --batch-size)."),
+    batch_tokens: Optional[int] = typer.Option(_TRAIN_DEFAULTS.batch_tokens, "--batch-tokens", help="Token budget of a packed micro-batch (0 = padded batches of --batch-size)."),
     batch_size: int = typer.Option(4, "--batch-size", help="Samples per padded micro-batch (with --batch-tokens 0)."),
     grad_accum: int = typer.Option(1, "--grad-accum"),
-    lr: float = typer.Option(1e-3, "--lr"),
+    lr: float = typer.Option(_TRAIN_DEFAULTS.lr, "--lr", help="Peak learning rate (the default suits the tiny embedded draft; 1e-4 for 8B targets)."),
     warmup_steps: int = typer.Option(20, "--warmup-steps"),
     grad_clip: float = typer.Option(0.5, "--grad-clip"),
     val_fraction: float = typer.Option(0.05, "--val-fraction"),
@@ -113,7 +118,6 @@ def train(
 
     Example: draftcache train --cached-target-path runs/cache --output-dir runs/draft
     """
-    from draftcache.trainer.config import TrainConfig
     from draftcache.trainer.loop import train as run_train
 
     try:

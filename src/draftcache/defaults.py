@@ -16,12 +16,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["DEFAULT_TARGET_DIR", "DEFAULT_DATA_PATH", "default_target_path", "default_data_path"]
+__all__ = ["DEFAULT_TARGET_DIR", "DEFAULT_DATA_PATH", "DEFAULT_EVAL_DATA_PATH", "default_target_path", "default_data_path",
+           "default_eval_data_path"]
 
 _ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
 DEFAULT_TARGET_DIR: Path = _ASSETS_DIR / "default_target"
 DEFAULT_DATA_PATH: Path = _ASSETS_DIR / "default_data" / "chat.jsonl"
+DEFAULT_EVAL_DATA_PATH: Path = _ASSETS_DIR / "default_data" / "eval.jsonl"  # held out, for draftcache eval
 
 _REBUILD_HINT = (
     "the package was installed without its assets; reinstall draftcache, or rebuild them with "
@@ -49,3 +51,10 @@ def default_data_path() -> str:
     if not DEFAULT_DATA_PATH.is_file():
         raise FileNotFoundError(f"default chat dataset not found at {DEFAULT_DATA_PATH}: {_REBUILD_HINT}")
     return str(DEFAULT_DATA_PATH)
+
+
+def default_eval_data_path() -> str:
+    """Return the held-out prompts ``draftcache eval`` uses by default (generated with another seed)."""
+    if not DEFAULT_EVAL_DATA_PATH.is_file():
+        raise FileNotFoundError(f"default eval data not found at {DEFAULT_EVAL_DATA_PATH}: {_REBUILD_HINT}")
+    return str(DEFAULT_EVAL_DATA_PATH)

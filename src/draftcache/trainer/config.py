@@ -28,12 +28,12 @@ class TrainConfig:
     aux_layer_ids: tuple[int, ...] | None = None  # online only; a cache fixes its own
     ttt_steps: int = 7                     # unrolled training-time-test steps (EAGLE-3: 7)
     step_weight: float = 0.8               # loss weight decay per TTT step
-    epochs: int = 2
+    epochs: int = 4                       # sized for the embedded default (a few CPU minutes)
     max_steps: int | None = None           # stop after this many optimizer steps (None = all epochs)
-    batch_tokens: int | None = 2048        # token budget of a packed micro-batch (None = padded batches)
+    batch_tokens: int | None = 1024        # token budget of a packed micro-batch (None = padded batches)
     batch_size: int = 4                    # samples per padded micro-batch when batch_tokens is None
     grad_accum: int = 1                    # micro-batches per optimizer step
-    lr: float = 1e-3                       # peak learning rate (tiny drafts; 1e-4..5e-5 for 8B targets)
+    lr: float = 3e-3                       # peak lr for the tiny embedded draft; use 1e-4..5e-5 for 8B targets
     min_lr_ratio: float = 0.1              # cosine floor as a fraction of lr
     warmup_steps: int = 20
     weight_decay: float = 0.0

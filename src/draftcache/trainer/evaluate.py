@@ -79,7 +79,7 @@ def evaluate_draft(
     trust_remote_code: bool = False,
 ) -> EvalReport:
     from draftcache.data import load_conversations
-    from draftcache.defaults import default_data_path, default_target_path
+    from draftcache.defaults import default_eval_data_path, default_target_path
     from draftcache.target.loading import load_target_model, load_tokenizer, resolve_device
 
     if num_prompts < 1 or draft_tokens < 1 or max_new_tokens < 1:
@@ -93,7 +93,7 @@ def evaluate_draft(
     if dev.type != "cpu":
         draft = draft.to(torch.bfloat16)
     target = HFEagle3TargetModel(model, aux_layer_ids=draft.config.aux_layer_ids)
-    conversations = load_conversations(input_data or default_data_path())
+    conversations = load_conversations(input_data or default_eval_data_path())
     prompts = prompt_ids_from_conversations(conversations, tokenizer, num_prompts)
     eos = tokenizer.eos_token_id
 
