@@ -296,6 +296,9 @@ def _logit_transform_in_config(target: HFEagle3TargetModel) -> str | None:
     return None
 
 
+_REBUILD_CHECK_ROWS = 256  # supervised rows compared; a transform the rebuild misses shows on any of them
+
+
 def _rebuild_error(target: HFEagle3TargetModel, samples: Sequence[TokenizedSample], batch_size: int) -> str | None:
     """Run the first batch and compare ``final_hidden @ W.T (+ b)`` with the real logits at the
     supervised positions; a description of the mismatch, or None when they agree."""
@@ -303,9 +306,9 @@ def _rebuild_error(target: HFEagle3TargetModel, samples: Sequence[TokenizedSampl
     ids, am, lm, _ = _pad_batch(samples, indices, 0, target.model.get_input_embeddings().weight.device)
     out = target.forward_capture(ids, am, capture_final_hidden=True)
     sup = lm.bool()                                            # [B, T]
-    real = out.logits[sup].float()                             # [M, V]
+    real = out.logits[sup][:_REBUILD_CHECK_ROWS].float()       # [m, V]
     weight, bias = target.output_projection()
-    rebuilt = out.final_hidden[sup].float() @ weight.float().T  # [M, V]
+    rebuilt = out.final_hidden[sup][:_REBUILD_CHECK_ROWS].float() @ weight.float().T  # [m, V]
     if bias is not None:
         rebuilt = rebuilt + bias.float()
     scale = float(real.abs().max().clamp_min(1.0))

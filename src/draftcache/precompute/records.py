@@ -57,13 +57,13 @@ def batch_to_records(
     synchronise (e.g. a ``torch.cuda.Event`` recorded after this call) before reading them.
     """
     sup = loss_mask.bool()                                   # [B, T]
-    rows = logits[sup]                                       # [M_total, V]
-    target_argmax = rows.argmax(dim=-1).to(torch.int32)      # [M_total]
+    target_argmax = logits.argmax(dim=-1)[sup].to(torch.int32)  # [M_total]; no [M, V] copy for it
     if spec.encoding == "hidden":
         if final_hidden is None:
             raise ValueError("the hidden encoding needs the target's final hidden state (capture_final_hidden=True)")
         payload = {"final_hidden": final_hidden[sup].to(spec.dtype)}
     else:
+        rows = logits[sup]                                   # [M_total, V]
         ones = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
         probs, _ = compute_target_distribution(
             rows, ones, spec.vocab.selected_token_ids.to(rows.device), spec.vocab.t2d.to(rows.device)

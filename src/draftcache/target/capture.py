@@ -83,12 +83,15 @@ def run_with_capture(
                 )
             handles.append(head.register_forward_pre_hook(final_hook, with_kwargs=True))
         with torch.no_grad():
+            # only a decoding caller (speculative verify) passes a cache; plain capture keeps the
+            # model's call signature minimal so custom layouts without cache support still work
+            cache_kwargs = {"past_key_values": past_key_values} if past_key_values is not None else {}
             outputs = model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=past_key_values is not None,
+                **cache_kwargs,
             )
     finally:
         for handle in handles:
