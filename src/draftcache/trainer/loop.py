@@ -90,10 +90,6 @@ def _lr_lambda(cfg: TrainConfig, total_steps: int):
     return fn
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 def _autocast(device: torch.device):
     # bf16 autocast on GPUs; full fp32 on CPU (bf16 CPU matmuls are slow and hurt the loss parity).
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -106,7 +102,7 @@ def evaluate_loss(model, source, plan, cfg: TrainConfig, device, dist_info: Dist
     k = cfg.ttt_steps
     sums = torch.zeros(2 + 2 * k, dtype=torch.float64, device=device)  # loss*n, n, correct[k], valid[k]
     for batch in source.loader(plan, cfg.batch_tokens):
-        inputs = source.supervise(_to_device(batch, device))
+        inputs = source.supervise(batch, device)
         with _autocast(device):
             out = ttt_forward(model, **inputs, ttt_steps=k, step_weight=cfg.step_weight)
         sums[0] += float(out.loss)
@@ -201,7 +197,7 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
                           batch_size=cfg.batch_size, rank=dist_info.rank, world_size=dist_info.world_size)
         plan = plan[state.batches_in_epoch :]
         for batch in source.loader(plan, cfg.batch_tokens):
-            inputs = source.supervise(_to_device(batch, device))
+            inputs = source.supervise(batch, device)
             sync = (micro + 1) % cfg.grad_accum == 0
             ctx = ddp_model.no_sync() if (dist_info.world_size > 1 and not sync) else nullcontext()
             with ctx, _autocast(device):
@@ -212,7 +208,7 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
             window[2 : 2 + k] += out.correct.double()
             window[2 + k :] += out.valid.double()
             state.batches_in_epoch += 1
-            state.tokens_seen += int(batch["attention_mask"].sum())
+            state.tokens_seen += int(inputs["attention_mask"].sum())
             micro += 1
             if not sync:
                 continue

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from draftcache.cache_format import collate_padded, open_cache, pack_samples
+from draftcache.cache_format import CacheBatchLoader, open_cache
 from draftcache.data.vocab import DraftVocab, build_draft_vocab, count_supervised_tokens, full_vocab
 
 __all__ = ["CachedSource", "OnlineSource", "TargetInfo"]
@@ -31,32 +31,12 @@ class TargetInfo:
     vocab_size: int
 
 
-class _CachePlanDataset(Dataset):
-    """Item ``b`` = the collated micro-batch ``plan[b]``; each DataLoader worker opens its own reader."""
-
-    def __init__(self, path: str, plan: list[list[int]], packed_tokens: int | None, draft_vocab):
-        self.path, self.plan, self.packed_tokens, self.draft_vocab = path, plan, packed_tokens, draft_vocab
-        self._reader = None
-
-    def __len__(self) -> int:
-        return len(self.plan)
-
-    def __getitem__(self, b: int) -> dict[str, torch.Tensor]:
-        if self._reader is None:
-            self._reader = open_cache(self.path, draft_vocab=self.draft_vocab)
-        samples = [self._reader[i] for i in self.plan[b]]
-        if self.packed_tokens is not None:
-            return pack_samples(samples, max(self.packed_tokens, sum(s["input_ids"].numel() for s in samples)))
-        return collate_padded(samples)
-
-
 class CachedSource:
     """Micro-batches read from a precompute cache (no target in memory)."""
 
     def __init__(self, path: str, *, draft_vocab_size: int | None = None, num_workers: int = 0):
         self.path = path
         self.reader = open_cache(path, draft_vocab=draft_vocab_size)
-        self._draft_vocab_arg = self.reader.selected_token_ids.tolist() if draft_vocab_size is not None else None
         self.num_workers = num_workers
         m = self.reader.manifest
         t = m["target"]
@@ -73,13 +53,14 @@ class CachedSource:
     def target_embeddings(self) -> torch.Tensor:
         return self.reader.target_embeddings()
 
-    def loader(self, plan: list[list[int]], packed_tokens: int | None) -> DataLoader:
-        ds = _CachePlanDataset(self.path, plan, packed_tokens, self._draft_vocab_arg)
-        return DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.num_workers,
-                          persistent_workers=False, pin_memory=torch.cuda.is_available())
+    def loader(self, plan: list[list[int]], packed_tokens: int | None) -> CacheBatchLoader:
+        """Raw (stored-representation) batches read by background threads into reused buffers;
+        ``supervise`` expands each on the training device before the next one is requested."""
+        max_tokens = None if packed_tokens is None else max(packed_tokens, max(self.lengths))
+        return CacheBatchLoader(self.path, plan, max_tokens=max_tokens, num_threads=max(2, self.num_workers))
 
-    def supervise(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return batch
+    def supervise(self, raw: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        return self.reader.expand_batch(raw, device)
 
 
 class _TokenPlanDataset(Dataset):
@@ -140,7 +121,8 @@ class OnlineSource:
                           shuffle=False, num_workers=self.num_workers)
 
     @torch.no_grad()
-    def supervise(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def supervise(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         out = self.target.generate_batch(
             batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
             position_ids=batch.get("position_ids"), seq_lens=batch.get("seq_lens"),
