@@ -109,6 +109,21 @@ class PrecomputeSummary:
     padding_fraction: float          # share of this run's forward token slots spent on padding
     skipped: dict[str, int] = field(default_factory=dict)
 
+    @classmethod
+    def from_manifest(cls, manifest: dict, *, output_dir, encoding: str, dtype: str, draft_vocab_size: int,
+                      computed_samples: int, computed_tokens: int, slots: int, resumed_from_sample: int,
+                      bytes_written: int, wall_seconds: float, skipped: dict) -> "PrecomputeSummary":
+        """Cache totals from the final manifest plus what this run did (``slots``: forward token slots)."""
+        files = list(manifest["shards"]) + list(manifest["files"].values())
+        return cls(
+            output_dir=str(output_dir), encoding=encoding, dtype=dtype, draft_vocab_size=draft_vocab_size,
+            num_samples=manifest["num_samples"], num_tokens=manifest["stats"]["num_tokens"],
+            num_supervised=manifest["stats"]["num_supervised"], cache_bytes=sum(e["bytes"] for e in files),
+            computed_samples=computed_samples, computed_tokens=computed_tokens,
+            resumed_from_sample=resumed_from_sample, bytes_written=bytes_written, wall_seconds=wall_seconds,
+            padding_fraction=0.0 if slots == 0 else 1.0 - computed_tokens / slots, skipped=skipped,
+        )
+
     @property
     def bytes_per_token(self) -> float:
         return self.cache_bytes / max(1, self.num_tokens)
@@ -463,22 +478,10 @@ def _write_cache(cfg, out: Path, manifest: dict, spec: SupervisionSpec, target: 
     finally:
         progress.close()
 
-    final = writer.manifest
-    return PrecomputeSummary(
-        output_dir=str(out),
-        encoding=spec.encoding,
-        dtype=cfg.dtype,
-        draft_vocab_size=spec.vocab.size,
-        num_samples=final["num_samples"],
-        num_tokens=final["stats"]["num_tokens"],
-        num_supervised=final["stats"]["num_supervised"],
-        cache_bytes=sum(e["bytes"] for e in final["shards"]) + sum(e["bytes"] for e in final["files"].values()),
-        computed_samples=len(samples) - start,
-        computed_tokens=progress.tokens,
-        resumed_from_sample=start,
-        bytes_written=writer.bytes_written,
-        wall_seconds=time.perf_counter() - t0,
-        padding_fraction=0.0 if progress.slots == 0 else 1.0 - progress.tokens / progress.slots,
+    return PrecomputeSummary.from_manifest(
+        writer.manifest, output_dir=out, encoding=spec.encoding, dtype=cfg.dtype, draft_vocab_size=spec.vocab.size,
+        computed_samples=len(samples) - start, computed_tokens=progress.tokens, slots=progress.slots,
+        resumed_from_sample=start, bytes_written=writer.bytes_written, wall_seconds=time.perf_counter() - t0,
         skipped=conversations.skipped.as_dict(),
     )
 

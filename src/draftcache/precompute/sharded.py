@@ -178,20 +178,8 @@ def write_cache_sharded(cfg, ctx: DistContext, out: Path, manifest: dict, spec: 
             out.rmdir()  # this run created the directory and wrote nothing into it
 
     tokens, slots, written = (sum(v[i] for v in per_rank) for i in range(3))
-    return PrecomputeSummary(
-        output_dir=str(out),
-        encoding=spec.encoding,
-        dtype=cfg.dtype,
-        draft_vocab_size=spec.vocab.size,
-        num_samples=final["num_samples"],
-        num_tokens=final["stats"]["num_tokens"],
-        num_supervised=final["stats"]["num_supervised"],
-        cache_bytes=sum(e["bytes"] for e in final["shards"]) + sum(e["bytes"] for e in final["files"].values()),
-        computed_samples=len(samples) - done,
-        computed_tokens=tokens,
-        resumed_from_sample=done,
-        bytes_written=written,
-        wall_seconds=time.perf_counter() - t0,
-        padding_fraction=0.0 if slots == 0 else 1.0 - tokens / slots,
-        skipped=conversations.skipped.as_dict(),
+    return PrecomputeSummary.from_manifest(
+        final, output_dir=out, encoding=spec.encoding, dtype=cfg.dtype, draft_vocab_size=spec.vocab.size,
+        computed_samples=len(samples) - done, computed_tokens=tokens, slots=slots, resumed_from_sample=done,
+        bytes_written=written, wall_seconds=time.perf_counter() - t0, skipped=conversations.skipped.as_dict(),
     )
