@@ -110,6 +110,7 @@ def train(
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:N or cpu (default: cuda when available)."),
     num_workers: int = typer.Option(0, "--num-workers", help="DataLoader workers reading the cache."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output-dir from its latest checkpoint."),
+    init_lm_head: bool = typer.Option(False, "--init-lm-head", help="Warm-start lm_head from the target's rows of the draft vocabulary (hidden caches or online)."),
     export_format: str = typer.Option("eagle3", "--export-format", help="eagle3 (SGLang + vLLM) or speculators."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
@@ -132,7 +133,7 @@ def train(
             batch_tokens=batch_tokens or None, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
             warmup_steps=warmup_steps, grad_clip=grad_clip, val_fraction=val_fraction, eval_every=eval_every,
             save_every=save_every, log_every=log_every, seed=seed, device=device, num_workers=num_workers,
-            resume=resume, export_format=export_format, trust_remote_code=trust_remote_code, progress=not quiet,
+            resume=resume, init_lm_head=init_lm_head, export_format=export_format, trust_remote_code=trust_remote_code, progress=not quiet,
         ).validate()
     except ValueError as e:
         _fail(str(e), 2)

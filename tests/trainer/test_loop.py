@@ -144,3 +144,14 @@ def test_export_of_a_missing_checkpoint_is_a_clear_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "draftcache.cli", "export", str(tmp_path), "--output",
                         str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode == 1 and "neither a checkpoint" in r.stderr
+
+
+def test_lm_head_warm_start_from_the_target_rows(tiny):
+    online = build_source(_cfg(tiny["root"] / "unused", target_model=str(tiny["target"]),
+                               input_data=str(tiny["data"]), seq_length=128, draft_vocab_size=200),
+                          torch.device("cpu"))
+    draft = build_draft(online, _cfg("unused", init_lm_head=True), torch.device("cpu"))
+    weight = online.target.output_projection()[0]
+    assert torch.equal(draft.lm_head.weight, weight[online.vocab.selected_token_ids])
+    with pytest.raises(ValueError, match="hidden"):  # a probs cache does not store the lm_head
+        build_draft(CachedSource(str(tiny["cache"])), _cfg("unused", init_lm_head=True), torch.device("cpu"))

@@ -137,6 +137,12 @@ class CacheReader:
         """``[V, H]`` the target's input embeddings (``target_embeddings.safetensors``)."""
         return self._side_file("target_embeddings").read("weight")
 
+    def target_lm_head(self) -> torch.Tensor | None:
+        """``[V, H]`` the target's output projection, stored by ``hidden`` caches only (else None)."""
+        if "lm_head" not in self.manifest.get("files", {}):
+            return None
+        return self._side_file("lm_head").read("weight")
+
     # ------------------------------------------------------------------ samples
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return self.rebuild_targets(self.get_raw(index))

@@ -47,6 +47,7 @@ class TrainConfig:
     device: str | None = None              # None = cuda when available, else cpu
     num_workers: int = 0                   # DataLoader workers reading the cache
     freeze_embeddings: bool = True
+    init_lm_head: bool = False             # warm-start lm_head from the target's rows (hidden caches, online)
     resume: bool = False
     export: bool = True                    # write an SGLang/vLLM export at the end
     export_format: str = "eagle3"          # eagle3 | speculators

@@ -64,8 +64,15 @@ def build_draft(source, cfg: TrainConfig, device: torch.device) -> Eagle3DraftMo
     )
     model = Eagle3DraftModel(dcfg, freeze_embeddings=cfg.freeze_embeddings)
     model.load_target_embeddings(source.target_embeddings().float())
-    model.d2t.copy_(source.vocab.d2t)
-    model.t2d.copy_(source.vocab.t2d)
+    model.set_draft_vocab(source.vocab)
+    if cfg.init_lm_head:
+        weight = source.target_lm_head()
+        if weight is None:
+            raise ValueError(
+                "--init-lm-head needs the target's lm_head, which only hidden-encoding caches store; "
+                "train online (--target-model) or from a cache made with --supervision hidden, or drop the flag"
+            )
+        model.init_lm_head_from_target(weight.float())
     return model.to(device)
 
 

@@ -53,6 +53,9 @@ class CachedSource:
     def target_embeddings(self) -> torch.Tensor:
         return self.reader.target_embeddings()
 
+    def target_lm_head(self) -> torch.Tensor | None:
+        return self.reader.target_lm_head()
+
     def loader(self, plan: list[list[int]], packed_tokens: int | None) -> CacheBatchLoader:
         """Raw (stored-representation) batches read by background threads into reused buffers;
         ``supervise`` expands each on the training device before the next one is requested."""
@@ -115,6 +118,9 @@ class OnlineSource:
 
     def target_embeddings(self) -> torch.Tensor:
         return self.target.get_input_embeddings().weight.detach()
+
+    def target_lm_head(self) -> torch.Tensor | None:
+        return self.target.output_projection()[0].detach()
 
     def loader(self, plan: list[list[int]], packed_tokens: int | None) -> DataLoader:
         return DataLoader(_TokenPlanDataset(self.samples, plan, packed_tokens, self.pad_id), batch_size=None,
