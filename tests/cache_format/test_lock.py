@@ -66,3 +66,26 @@ def test_lock_is_not_reentrant_in_one_process(tmp_path):
     with CacheLock(tmp_path):
         with pytest.raises(CacheLockedError):
             CacheLock(tmp_path).acquire()
+
+
+def test_lock_of_a_reused_pid_is_stale(tmp_path):
+    """A dead owner's pid now belongs to another live process: its start time differs, so the lock is stale."""
+    import json as _json
+    import socket as _socket
+    import subprocess as _subprocess
+    import sys as _sys
+    import warnings as _warnings
+
+    from draftcache.cache_format import CacheLock
+
+    other = _subprocess.Popen([_sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / ".lock").write_text(_json.dumps({"pid": other.pid, "hostname": _socket.gethostname(),
+                                                     "started": "then", "pid_start": 1}))
+        with _warnings.catch_warnings(record=True):
+            _warnings.simplefilter("always")
+            with CacheLock(tmp_path):
+                assert _json.loads((tmp_path / ".lock").read_text())["pid"] != other.pid
+    finally:
+        other.kill()
+        other.wait()

@@ -40,7 +40,8 @@ class CacheLock:
     def acquire(self) -> None:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         content = json.dumps({"pid": os.getpid(), "hostname": socket.gethostname(),
-                              "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}).encode()
+                              "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                              "pid_start": _process_start_ticks(os.getpid())}).encode()
         for _ in range(3):  # later tries follow the removal of a stale lock or a release meanwhile
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -83,7 +84,7 @@ class CacheLock:
                 f"{self.path} exists but does not name its owner (contents {raw[:100]!r}); if no draftcache process "
                 f"is writing to {self.cache_dir}, delete {self.path} and retry")
         pid, host = owner.get("pid"), owner.get("hostname")
-        if host == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid):
+        if host == socket.gethostname() and isinstance(pid, int) and not _owner_alive(pid, owner.get("pid_start")):
             # re-read right before removing, so a lock that was just replaced by a live owner survives
             if self.path.read_bytes() == raw:
                 warnings.warn(f"removing stale lock {self.path} left by process {pid} on {host} "
@@ -111,6 +112,24 @@ class CacheLock:
                 pass
             time.sleep(0.05)
         return raw, None
+
+
+def _process_start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux ``/proc``), or None elsewhere."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2 :].split()[19])  # field 22; the name may contain spaces
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _owner_alive(pid: int, recorded_start: int | None) -> bool:
+    """Whether the lock's owner still runs: its pid is alive and, where both are known, it is the same
+    process (a dead owner's pid can be reused by an unrelated process)."""
+    if not _pid_alive(pid):
+        return False
+    current = _process_start_ticks(pid)
+    return recorded_start is None or current is None or current == recorded_start
 
 
 def _pid_alive(pid: int) -> bool:

@@ -55,7 +55,7 @@ from draftcache.precompute.fingerprint import (
 )
 from draftcache.precompute.planning import ShardPlan, length_bucketed_batches, plan_shards
 from draftcache.precompute.records import STORAGE_DTYPES, SupervisionSpec, batch_to_records
-from draftcache.target import HFEagle3TargetModel
+from draftcache.target import HFEagle3TargetModel, TargetForward
 
 __all__ = ["run_precompute", "tokenize_conversations", "check_output_dir", "needs_sharded_resume", "PrecomputeSummary",
            "PrecomputeError"]
@@ -242,7 +242,7 @@ def run_precompute(
             vocab = full_vocab(target.vocab_size)
         else:
             vocab = build_draft_vocab(counts, cfg.draft_vocab_size, _special_ids(tokenizer))
-        encoding, why = _choose_encoding(cfg, target, samples, vocab)
+        encoding, why, probe = _choose_encoding(cfg, target, samples, vocab, _pad_id(tokenizer))
         if why:
             log(why)
         manifest = _build_manifest(cfg, target=target, tokenizer=tokenizer, conversations=conversations,
@@ -250,21 +250,22 @@ def run_precompute(
                                    num_samples=len(samples))
         spec = SupervisionSpec(encoding=encoding, vocab=vocab, dtype=STORAGE_DTYPES[cfg.dtype],
                                topk=cfg.target_probs_topk if encoding == "topk" else None)
-        return manifest, spec
+        return manifest, spec, probe
 
-    manifest, spec = run_step(ctx, "choosing the draft vocabulary and encoding", plan)
+    manifest, spec, probe = run_step(ctx, "choosing the draft vocabulary and encoding", plan)
 
     if ctx.is_distributed or (cfg.resume and needs_sharded_resume(out)):
         from draftcache.precompute.sharded import write_cache_sharded
 
-        return write_cache_sharded(cfg, ctx, out, manifest, spec, target, tokenizer, samples, conversations, t0, log)
+        return write_cache_sharded(cfg, ctx, out, manifest, spec, target, tokenizer, samples, conversations, t0, log,
+                                   probe=probe)
     created = not out.exists()
     try:
         with CacheLock(out):
             _check_contents(out, cfg.resume)  # again, now that no other writer can change it
             if (out / MANIFEST_FILE).exists():
                 manifest = _prepare_resume(out, manifest, log)
-            return _write_cache(cfg, out, manifest, spec, target, tokenizer, samples, conversations, t0)
+            return _write_cache(cfg, out, manifest, spec, target, tokenizer, samples, conversations, t0, probe=probe)
     finally:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # this run created the directory and wrote nothing into it
@@ -314,12 +315,29 @@ def _logit_transform_in_config(target: HFEagle3TargetModel) -> str | None:
 _REBUILD_CHECK_ROWS = 256  # supervised rows compared; a transform the rebuild misses shows on any of them
 
 
-def _rebuild_error(target: HFEagle3TargetModel, samples: Sequence[TokenizedSample], batch_size: int) -> str | None:
-    """Run the first batch and compare ``final_hidden @ W.T (+ b)`` with the real logits at the
-    supervised positions; a description of the mismatch, or None when they agree."""
-    indices = list(range(min(batch_size, len(samples))))
-    ids, am, lm, _ = _pad_batch(samples, indices, 0, target.model.get_input_embeddings().weight.device)
+@dataclass
+class _Probe:
+    """The forward that decided the encoding: the first length-bucketed batch of shard 0, kept so
+    that shard 0 reuses it instead of computing it twice (``indices`` are positions in shard 0)."""
+
+    indices: list[int]
+    out: TargetForward
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def _rebuild_error(target: HFEagle3TargetModel, samples: Sequence[TokenizedSample], cfg: PrecomputeConfig,
+                   pad_id: int) -> tuple[str | None, _Probe]:
+    """Run shard 0's first batch and compare ``final_hidden @ W.T (+ b)`` with the real logits at
+    supervised positions; (a description of the mismatch or None, the probe forward for reuse)."""
+    first = plan_shards(len(samples), cfg.shard_size)[0]
+    shard_samples = samples[first.first_sample : first.stop]
+    indices = length_bucketed_batches([len(s.input_ids) for s in shard_samples], cfg.batch_size)[0]
+    ids, am, lm, _ = _pad_batch(shard_samples, indices, pad_id, target.model.get_input_embeddings().weight.device)
     out = target.forward_capture(ids, am, capture_final_hidden=True)
+    probe = _Probe(indices=list(indices), out=out)
     sup = lm.bool()                                            # [B, T]
     real = out.logits[sup][:_REBUILD_CHECK_ROWS].float()       # [m, V]
     weight, bias = target.output_projection()
@@ -330,28 +348,31 @@ def _rebuild_error(target: HFEagle3TargetModel, samples: Sequence[TokenizedSampl
     tol = (1e-4 if out.logits.dtype == torch.float32 else 2e-2) * scale
     err = float((rebuilt - real).abs().max())
     if err > tol:
-        return f"logits rebuilt from the lm_head input differ from the real logits by {err:.3g} (tolerance {tol:.3g})"
-    return None
+        return f"logits rebuilt from the lm_head input differ from the real logits by {err:.3g} (tolerance {tol:.3g})", probe
+    return None, probe
 
 
-def _choose_encoding(cfg: PrecomputeConfig, target, samples, vocab: DraftVocab) -> tuple[str, str | None]:
-    """Resolve ``auto`` / check ``hidden``; returns (encoding, why it was chosen, for the log)."""
+def _choose_encoding(cfg: PrecomputeConfig, target, samples, vocab: DraftVocab,
+                     pad_id: int) -> tuple[str, str | None, _Probe | None]:
+    """Resolve ``auto`` / check ``hidden``; returns (encoding, why it was chosen, the probe forward if any)."""
     request = cfg.encoding_request
     if request in ("probs", "topk"):
-        return request, None
+        return request, None, None
     if request == "auto" and target.hidden_size >= vocab.size:
-        return "probs", f"auto: probs, since draft vocab {vocab.size} <= hidden size {target.hidden_size}"
-    problem = _logit_transform_in_config(target) or _rebuild_error(target, samples, cfg.batch_size)
+        return "probs", f"auto: probs, since draft vocab {vocab.size} <= hidden size {target.hidden_size}", None
+    problem, probe = _logit_transform_in_config(target), None
+    if problem is None:
+        problem, probe = _rebuild_error(target, samples, cfg, pad_id)
     if request == "hidden":
         if problem:
             raise PrecomputeError(f"--supervision hidden refused for this target: {problem}, so logits rebuilt at "
                                   "read time would be wrong. Use --supervision probs (or topk) to store the exact "
                                   "target distribution instead.")
-        return "hidden", None
+        return "hidden", None, probe
     if problem:
-        return "probs", f"auto: probs, since the hidden encoding cannot rebuild this target's logits ({problem})"
+        return "probs", f"auto: probs, since the hidden encoding cannot rebuild this target's logits ({problem})", probe
     return "hidden", (f"auto: hidden, since hidden size {target.hidden_size} < draft vocab {vocab.size} and the "
-                      "logits rebuild exactly")
+                      "logits rebuild exactly"), probe
 
 
 def _build_manifest(cfg: PrecomputeConfig, *, target: HFEagle3TargetModel, tokenizer, conversations: ConversationSet,
@@ -457,18 +478,20 @@ def _entry_problems(entry: dict, manifest: dict) -> list[str]:
 
 
 def _write_cache(cfg, out: Path, manifest: dict, spec: SupervisionSpec, target: HFEagle3TargetModel, tokenizer,
-                 samples: Sequence[TokenizedSample], conversations: ConversationSet, t0: float) -> PrecomputeSummary:
+                 samples: Sequence[TokenizedSample], conversations: ConversationSet, t0: float,
+                 probe: _Probe | None = None) -> PrecomputeSummary:
     start = committed_prefix(manifest)
     plans = [p for p in plan_shards(len(samples), cfg.shard_size) if p.first_sample >= start]
     device = target.model.get_input_embeddings().weight.device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = _pad_id(tokenizer)
     progress = _Progress(len(samples), start, cfg.progress)
 
     writer = CacheWriter(out, manifest)
     try:
         _write_side_files(writer, manifest, target, spec)
         for plan in plans:
-            records = _forward_shard(plan, samples, target, spec, pad_id, device, cfg.batch_size, progress, writer)
+            records = _forward_shard(plan, samples, target, spec, pad_id, device, cfg.batch_size, progress, writer,
+                                     probe=probe)
             for local, record in enumerate(records):  # global order, as the writer requires
                 writer.add(plan.first_sample + local, record)
         writer.close(complete=True)
@@ -516,16 +539,21 @@ def _pad_batch(samples: Sequence[TokenizedSample], indices: list[int], pad_id: i
 
 
 def _forward_shard(plan: ShardPlan, samples, target: HFEagle3TargetModel, spec: SupervisionSpec, pad_id: int,
-                   device: torch.device, batch_size: int, progress: "_Progress", writer: CacheWriter) -> list[dict]:
+                   device: torch.device, batch_size: int, progress: "_Progress", writer: CacheWriter,
+                   probe: _Probe | None = None) -> list[dict]:
     """Run one shard's samples through the target in length-bucketed batches; return their records
     in shard order. At most one shard of records is held here (``shard_size`` bounds host memory)."""
     shard_samples = samples[plan.first_sample : plan.stop]
     lengths = [len(s.input_ids) for s in shard_samples]
     records: list[dict | None] = [None] * plan.num_samples
     pending = None  # (event, indices, records) of the previous batch, whose device-to-host copy may be in flight
+    reuse = probe if probe is not None and plan.index == 0 else None
     for indices in length_bucketed_batches(lengths, batch_size):
         ids, am, lm, lens = _pad_batch(shard_samples, indices, pad_id, device)
-        out = target.forward_capture(ids, am, capture_final_hidden=spec.encoding == "hidden")
+        if reuse is not None and list(indices) == reuse.indices:
+            out, reuse = reuse.out, None  # the encoding probe already ran exactly this batch
+        else:
+            out = target.forward_capture(ids, am, capture_final_hidden=spec.encoding == "hidden")
         batch = batch_to_records(logits=out.logits, aux_hidden_states=out.aux_hidden_states,
                                  final_hidden=out.final_hidden, input_ids=ids, loss_mask=lm, lengths=lens, spec=spec)
         event = None

@@ -117,7 +117,8 @@ def drop_journals(out: Path) -> None:
 
 def write_cache_sharded(cfg, ctx: DistContext, out: Path, manifest: dict, spec: SupervisionSpec,
                         target: HFEagle3TargetModel, tokenizer, samples: Sequence[TokenizedSample],
-                        conversations: ConversationSet, t0: float, log: Callable[[str], None]) -> PrecomputeSummary:
+                        conversations: ConversationSet, t0: float, log: Callable[[str], None],
+                        probe=None) -> PrecomputeSummary:
     """Write (or complete) the cache at ``out`` with this rank's share of the shards; every rank of
     ``ctx`` calls it with the same arguments (see the module docstring)."""
     counter = _ByteCount()
@@ -149,7 +150,7 @@ def write_cache_sharded(cfg, ctx: DistContext, out: Path, manifest: dict, spec: 
                     if plan is None:
                         return None
                     records = _forward_shard(plan, samples, target, spec, pad_id, device, cfg.batch_size,
-                                             progress, counter)
+                                             progress, counter, probe=probe)
                     entry = write_shard_file(out, meta, plan.index, records, on_bytes=counter.count, check=True)
                     append_commit(out, ctx.rank, entry)
                     return entry.to_dict()
