@@ -4,7 +4,7 @@ A checkpoint is a directory ``step-0000123/`` holding ``draft.safetensors`` (the
 dict), ``optimizer.safetensors`` (AdamW moments, flattened as ``<param_index>.<key>``),
 ``rng.safetensors`` (torch CPU/CUDA generator states) and ``state.json`` (step, epoch, batches
 consumed in the epoch, scheduler state, optimizer hyper-parameters, the resolved train config).
-It is written to ``step-XXXXXXX.tmp-<pid>``, every file fsync'd, then renamed into place, and
+It is written to ``step-NNNNNNN.tmp-<pid>``, every file fsync'd, then renamed into place, and
 ``latest`` (a one-line file naming the newest checkpoint) is replaced atomically afterwards:
 a run killed at any moment leaves the previous checkpoint intact.
 """
@@ -73,7 +73,7 @@ def save_checkpoint(
     extra: dict | None = None,
     keep_last: int = 2,
 ) -> Path:
-    """Write ``run_dir/step-XXXXXXX`` atomically and point ``run_dir/latest`` at it."""
+    """Write ``run_dir/step-NNNNNNN`` atomically and point ``run_dir/latest`` at it."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     name = f"step-{state.step:07d}"
