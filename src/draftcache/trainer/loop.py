@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -102,25 +101,36 @@ def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
+def _accumulate(sums: torch.Tensor, out, k: int) -> None:
+    """Add one micro-batch to ``sums`` = [loss sum, micro-batches, correct[k], valid[k]], on device
+    (no host sync per micro-batch)."""
+    sums[0] += out.loss.detach().double()
+    sums[1] += 1
+    sums[2 : 2 + k] += out.correct.double()
+    sums[2 + k :] += out.valid.double()
+
+
+def _summarize(sums: torch.Tensor, k: int) -> tuple[float, list[float]]:
+    """Mean micro-batch loss and per-TTT-step accuracy from (all-reduced) ``sums``."""
+    acc = (sums[2 : 2 + k] / sums[2 + k :].clamp_min(1)).tolist()
+    return float(sums[0] / sums[1].clamp_min(1)), acc
+
+
 @torch.no_grad()
 def evaluate_loss(model, source, plan, cfg: TrainConfig, device, dist_info: DistInfo) -> dict:
     """Validation loss, per-step accuracy and simulated acceptance length, summed across ranks."""
     model.eval()
     k = cfg.ttt_steps
-    sums = torch.zeros(2 + 2 * k, dtype=torch.float64, device=device)  # loss*n, n, correct[k], valid[k]
+    sums = torch.zeros(2 + 2 * k, dtype=torch.float64, device=device)
     for batch in source.loader(plan, cfg.batch_tokens):
         inputs = source.supervise(batch, device)
         with _autocast(device):
             out = ttt_forward(model, **inputs, ttt_steps=k, step_weight=cfg.step_weight)
-        sums[0] += float(out.loss)
-        sums[1] += 1
-        sums[2 : 2 + k] += out.correct.double()
-        sums[2 + k :] += out.valid.double()
+        _accumulate(sums, out, k)
     all_reduce_sum(sums, dist_info)
     model.train()
-    acc = (sums[2 : 2 + k] / sums[2 + k :].clamp_min(1)).tolist()
-    return {"loss": float(sums[0] / sums[1].clamp_min(1)), "acc": acc,
-            "acceptance_length": simulated_acceptance_length(acc)}
+    loss, acc = _summarize(sums, k)
+    return {"loss": loss, "acc": acc, "acceptance_length": simulated_acceptance_length(acc)}
 
 
 def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
@@ -210,10 +220,7 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
             with ctx, _autocast(device):
                 out = ddp_model(inputs, ttt_steps=k, step_weight=cfg.step_weight)
                 (out.loss / cfg.grad_accum).backward()
-            window[0] += float(out.loss.detach())
-            window[1] += 1
-            window[2 : 2 + k] += out.correct.double()
-            window[2 + k :] += out.valid.double()
+            _accumulate(window, out, k)
             state.batches_in_epoch += 1
             state.tokens_seen += int(inputs["attention_mask"].sum())
             micro += 1
@@ -228,8 +235,7 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == total_steps:
                 all_reduce_sum(window, dist_info)
-                acc = (window[2 : 2 + k] / window[2 + k :].clamp_min(1)).tolist()
-                last_loss = float(window[0] / window[1].clamp_min(1))
+                last_loss, acc = _summarize(window, k)
                 tau = simulated_acceptance_length(acc)
                 log_metrics({"step": state.step, "epoch": state.epoch, "loss": last_loss, "acc": acc,
                              "sim_acceptance_length": tau, "lr": scheduler.get_last_lr()[0],
