@@ -15,9 +15,6 @@ import torch
 from safetensors.torch import load_file
 
 from draftcache.cache_format import collate_padded, open_cache
-from draftcache.data import ChatTokenizer, load_conversations, tokenize_all
-from draftcache.target import HFEagle3TargetModel
-from draftcache.target.loading import load_target_model, load_tokenizer
 from draftcache.trainer.config import TrainConfig
 from draftcache.trainer.exporting import export_checkpoint
 from draftcache.trainer.export import load_exported_draft
