@@ -45,7 +45,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str | None = None              # None = cuda when available, else cpu
-    num_workers: int = 0                   # DataLoader workers reading the cache
+    num_workers: int = 0                   # cache: reader threads (min 2); online: DataLoader processes
     freeze_embeddings: bool = True
     init_lm_head: bool = False             # warm-start lm_head from the target's rows (hidden caches, online)
     resume: bool = False
@@ -74,6 +74,8 @@ class TrainConfig:
             p.append(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.val_fraction < 1:
             p.append(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.num_workers < 0:
+            p.append(f"--num-workers must be >= 0, got {self.num_workers}")
         if self.grad_clip < 0:
             p.append(f"--grad-clip must be >= 0 (0 = off), got {self.grad_clip}")
         if self.export_format not in ("eagle3", "speculators"):
