@@ -237,3 +237,18 @@ def test_module_dict_with_bad_keys():
     model.layers = nn.ModuleDict({"0": _Block(16), "two": _Block(16)})
     with pytest.raises(TargetLayoutError, match=r"ModuleDict with keys \['0', 'two'\]; expected the keys '0'..'1'"):
         find_decoder_layers(model)
+
+
+@pytest.mark.parametrize("wrapper", ["eagle3", "dflash", "runner"])
+def test_every_hf_wrapper_rejects_a_config_deeper_than_the_model(wrapper):
+    from draftcache.target import HFDFlashTargetModel, HFTargetRunner
+
+    model = build_model("llama", fresh=True)
+    model.config.num_hidden_layers = LAYERS + 1
+    build = {
+        "eagle3": lambda: HFEagle3TargetModel(model, aux_layer_ids=[0, 1, 2]),
+        "dflash": lambda: HFDFlashTargetModel(model, [0, 1]),
+        "runner": lambda: HFTargetRunner(model),
+    }[wrapper]
+    with pytest.raises(TargetLayoutError, match=rf"config says {LAYERS + 1} decoder layers but the model holds {LAYERS}"):
+        build()

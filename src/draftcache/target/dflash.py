@@ -15,7 +15,7 @@ from torch import nn
 from .batch import TargetBatchError, check_sequence_inputs
 from .capture import run_with_capture
 from .layer_ids import validate_dflash_layer_ids
-from .layout import TargetLayoutError, find_decoder_layers, num_hidden_layers
+from .layout import decoder_layers_and_depth
 
 __all__ = ["DFlashTargetBatch", "HFDFlashTargetModel"]
 
@@ -59,12 +59,7 @@ class HFDFlashTargetModel:
 
     def __init__(self, model: nn.Module, target_layer_ids: Sequence[int]) -> None:
         self.model = model.eval()
-        self._layers = find_decoder_layers(model)
-        self._num_layers = num_hidden_layers(model.config)
-        if len(self._layers) < self._num_layers:
-            raise TargetLayoutError(
-                f"config says {self._num_layers} decoder layers but the model holds {len(self._layers)}"
-            )
+        self._layers, self._num_layers = decoder_layers_and_depth(model)
         self._target_layer_ids = validate_dflash_layer_ids(target_layer_ids, self._num_layers)
 
     @property

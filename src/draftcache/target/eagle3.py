@@ -11,7 +11,7 @@ from torch import nn
 from .batch import Eagle3TargetBatch, check_sequence_inputs, shifted_eagle3_batch
 from .capture import TargetForward, run_with_capture
 from .layer_ids import default_eagle3_aux_layer_ids, validate_eagle3_aux_layer_ids
-from .layout import TargetLayoutError, find_decoder_layers, num_hidden_layers, text_config
+from .layout import TargetLayoutError, decoder_layers_and_depth, text_config
 from .packing import packed_attention_mask, packed_position_ids, validate_seq_lens
 
 __all__ = ["HFEagle3TargetModel"]
@@ -33,12 +33,7 @@ class HFEagle3TargetModel:
 
     def __init__(self, model: nn.Module, aux_layer_ids: Sequence[int] | None = None) -> None:
         self.model = model.eval()
-        self._layers = find_decoder_layers(model)
-        self._num_layers = num_hidden_layers(model.config)
-        if len(self._layers) < self._num_layers:
-            raise TargetLayoutError(
-                f"config says {self._num_layers} decoder layers but the model holds {len(self._layers)}"
-            )
+        self._layers, self._num_layers = decoder_layers_and_depth(model)
         ids = default_eagle3_aux_layer_ids(self._num_layers) if aux_layer_ids is None else aux_layer_ids
         self._aux_layer_ids = validate_eagle3_aux_layer_ids(ids, self._num_layers)
 

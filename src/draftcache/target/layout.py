@@ -10,7 +10,13 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["find_decoder_layers", "text_config", "num_hidden_layers", "TargetLayoutError"]
+__all__ = [
+    "find_decoder_layers",
+    "decoder_layers_and_depth",
+    "text_config",
+    "num_hidden_layers",
+    "TargetLayoutError",
+]
 
 # Attribute paths tried in order. Multimodal models in transformers 5.x keep the text decoder
 # under ``model.language_model`` (e.g. Llava, Gemma3, Qwen2-VL); GPT-2 style models under
@@ -87,3 +93,12 @@ def num_hidden_layers(config: Any) -> int:
             "(on config.text_config for multimodal models, else on config)"
         )
     return depth
+
+
+def decoder_layers_and_depth(model: nn.Module) -> tuple[list[nn.Module], int]:
+    """``(find_decoder_layers(model), L)`` with L from the config; raise if the model holds fewer than L layers."""
+    layers = find_decoder_layers(model)
+    depth = num_hidden_layers(model.config)
+    if len(layers) < depth:
+        raise TargetLayoutError(f"config says {depth} decoder layers but the model holds {len(layers)}")
+    return layers, depth

@@ -19,7 +19,7 @@ from torch import nn
 from .batch import Eagle3TargetBatch, TargetBatchError, check_sequence_inputs, shifted_eagle3_batch
 from .capture import run_with_capture
 from .layer_ids import default_eagle3_aux_layer_ids, validate_eagle3_aux_layer_ids
-from .layout import find_decoder_layers, num_hidden_layers
+from .layout import decoder_layers_and_depth, num_hidden_layers
 
 __all__ = ["TargetRunner", "RunnerEagle3TargetModel", "HFTargetRunner", "RunnerError"]
 
@@ -65,8 +65,7 @@ class HFTargetRunner:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model.eval()
-        self._layers = find_decoder_layers(model)
-        self._num_layers = num_hidden_layers(model.config)
+        self._layers, self._num_layers = decoder_layers_and_depth(model)
         self._aux_layer_ids: list[int] | None = None
         self._closed = False
 
