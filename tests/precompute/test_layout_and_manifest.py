@@ -16,7 +16,7 @@ from draftcache.data import ChatTokenizer, load_conversations, tokenize_all
 from draftcache.precompute import PrecomputeConfig, precompute_from_config
 from draftcache.target.loading import load_tokenizer
 
-from .helpers import default_dims, file_digests, read_manifest_json, target_dir, write_chat_subset
+from .helpers import default_dims, read_manifest_json, target_dir, write_chat_subset
 
 NUM_SAMPLES = 20
 SHARD_SIZE = 8

@@ -32,7 +32,7 @@ from draftcache.cache_format.schema import (
     side_filename,
 )
 
-__all__ = ["ShardEntry", "Manifest", "new_manifest", "validate_manifest", "read_manifest"]
+__all__ = ["ShardEntry", "Manifest", "new_manifest", "validate_manifest", "read_manifest", "shard_stats"]
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,12 @@ def _planned_shards(num_samples: Any, shard_size: Any) -> int:
     if isinstance(num_samples, int) and isinstance(shard_size, int) and shard_size > 0:
         return math.ceil(num_samples / shard_size)
     return 0  # invalid inputs: validate_manifest reports num_samples / shard_size themselves
+
+
+def shard_stats(shards: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """The manifest's ``stats``: ``num_tokens`` and ``num_supervised`` summed over ``shards``."""
+    shards = list(shards)
+    return {key: sum(s[key] for s in shards) for key in ("num_tokens", "num_supervised")}
 
 
 def validate_manifest(manifest: Mapping[str, Any]) -> None:
@@ -327,8 +333,7 @@ def _rule_problems(m: Mapping[str, Any]) -> list[str]:
             out.append(f"{where}.num_supervised {shard['num_supervised']} exceeds num_tokens {shard['num_tokens']}")
         if shard["num_tokens"] > shard["num_samples"] * m["seq_length"]:
             out.append(f"{where}.num_tokens {shard['num_tokens']} exceeds num_samples * seq_length")
-    for key in ("num_tokens", "num_supervised"):
-        total = sum(s[key] for s in m["shards"])
+    for key, total in shard_stats(m["shards"]).items():
         if m["stats"][key] != total:
             out.append(f"stats.{key} is {m['stats'][key]} but the shards sum to {total}")
     if m["complete"]:

@@ -27,7 +27,7 @@ import torch
 
 from draftcache.cache_format.checksum import atomic_write_json
 from draftcache.cache_format.container import write_safetensors
-from draftcache.cache_format.manifest import Manifest, ShardEntry, validate_manifest
+from draftcache.cache_format.manifest import Manifest, ShardEntry, shard_stats, validate_manifest
 from draftcache.cache_format.record import SampleRecord
 from draftcache.cache_format.resume import RESUME_KEY_FIELDS, committed_shards, journal_path
 from draftcache.cache_format.schema import (
@@ -69,7 +69,7 @@ class CacheWriter:
         if data["complete"]:
             raise ValueError(f"the manifest for {cache_dir} is already complete; there is nothing left to write")
         data["shards"] = [dict(e) for e in committed_shards(data)]
-        data["stats"] = {key: sum(e[key] for e in data["shards"]) for key in ("num_tokens", "num_supervised")}
+        data["stats"] = shard_stats(data["shards"])
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._meta = Manifest(data)

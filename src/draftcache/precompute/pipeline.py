@@ -34,7 +34,9 @@ from draftcache.cache_format import (
     shard_filename,
     verify_shard,
 )
+from draftcache.cache_format.manifest import shard_stats
 from draftcache.cache_format.resume import committed_shards, journal_files
+from draftcache.cache_format.schema import storage_dtype
 from draftcache.data import (
     ChatTokenizer,
     ConversationSet,
@@ -54,7 +56,7 @@ from draftcache.precompute.fingerprint import (
     tokenizer_fingerprint,
 )
 from draftcache.precompute.planning import ShardPlan, length_bucketed_batches, plan_shards
-from draftcache.precompute.records import STORAGE_DTYPES, SupervisionSpec, batch_to_records
+from draftcache.precompute.records import SupervisionSpec, batch_to_records
 from draftcache.target import HFEagle3TargetModel, TargetForward
 
 __all__ = ["run_precompute", "tokenize_conversations", "check_output_dir", "needs_sharded_resume", "PrecomputeSummary",
@@ -248,7 +250,7 @@ def run_precompute(
         manifest = _build_manifest(cfg, target=target, tokenizer=tokenizer, conversations=conversations,
                                    model_id=model_id, vocab=vocab, counts=counts, encoding=encoding,
                                    num_samples=len(samples))
-        spec = SupervisionSpec(encoding=encoding, vocab=vocab, dtype=STORAGE_DTYPES[cfg.dtype],
+        spec = SupervisionSpec(encoding=encoding, vocab=vocab, dtype=storage_dtype(cfg.dtype),
                                topk=cfg.target_probs_topk if encoding == "topk" else None)
         return manifest, spec, probe
 
@@ -460,7 +462,7 @@ def _prepare_resume(out: Path, manifest: dict, log, journal_entries: Sequence[di
             break
         manifest["files"][name] = entry
     manifest["shards"] = kept  # the writer keeps the contiguous prefix and recomputes the rest
-    manifest["stats"] = {key: sum(e[key] for e in kept) for key in ("num_tokens", "num_supervised")}
+    manifest["stats"] = shard_stats(kept)
     return manifest
 
 

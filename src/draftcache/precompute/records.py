@@ -14,9 +14,7 @@ import torch
 from draftcache.data.vocab import DraftVocab
 from draftcache.target.supervision import compute_target_distribution
 
-__all__ = ["SupervisionSpec", "batch_to_records", "STORAGE_DTYPES"]
-
-STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+__all__ = ["SupervisionSpec", "batch_to_records"]
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from draftcache.cache_format import MANIFEST_FILE, CacheLock, validate_manifest
 from draftcache.cache_format.checksum import atomic_write_json, fsync_dir
-from draftcache.cache_format.manifest import Manifest
+from draftcache.cache_format.manifest import Manifest, shard_stats
 from draftcache.cache_format.resume import journal_files, read_journals
 from draftcache.cache_format.writer import append_commit, write_shard_file, write_side_file
 from draftcache.data import ConversationSet, TokenizedSample
@@ -36,6 +36,7 @@ from draftcache.precompute.pipeline import (
     PrecomputeSummary,
     _check_contents,
     _forward_shard,
+    _pad_id,
     _prepare_resume,
     _Progress,
     _write_side_files,
@@ -102,8 +103,7 @@ class _ManifestOwner:
         drop_journals(self.out)
 
     def _restat(self) -> None:
-        self.manifest["stats"] = {key: sum(e[key] for e in self.manifest["shards"])
-                                  for key in ("num_tokens", "num_supervised")}
+        self.manifest["stats"] = shard_stats(self.manifest["shards"])
 
 
 def drop_journals(out: Path) -> None:
@@ -140,7 +140,7 @@ def write_cache_sharded(cfg, ctx: DistContext, out: Path, manifest: dict, spec: 
         todo = [p for p in plan_shards(len(samples), cfg.shard_size) if p.index not in committed]
         meta = Manifest(manifest)
         device = target.model.get_input_embeddings().weight.device
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        pad_id = _pad_id(tokenizer)
         # samples already committed (not necessarily a prefix: a crashed distributed run leaves gaps)
         done = sum(p.num_samples for p in plan_shards(len(samples), cfg.shard_size) if p.index in committed)
         progress = _Progress(len(samples), done, cfg.progress and ctx.is_main)
