@@ -4,7 +4,9 @@ Prints the training time, the trainer's simulated acceptance length and the real
 tau (accepted + bonus tokens per target verify forward, greedy chain drafting with K tokens), and
 checks that speculative decoding reproduced plain greedy decoding exactly.
 
-    python benchmarks/quality_gate.py --out /tmp/qg --epochs 2 --draft-tokens 4
+    python benchmarks/quality_gate.py --out /tmp/qg --draft-tokens 4
+
+Training uses ``draftcache train``'s defaults (those the README's main job uses) unless overridden.
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ from pathlib import Path
 
 import torch
 
+from draftcache.trainer.config import TrainConfig
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="/tmp/draftcache-quality")
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--ttt-steps", type=int, default=7)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--batch-tokens", type=int, default=2048)
+    defaults = TrainConfig(output_dir="")
+    ap.add_argument("--epochs", type=int, default=defaults.epochs)
+    ap.add_argument("--ttt-steps", type=int, default=defaults.ttt_steps)
+    ap.add_argument("--lr", type=float, default=defaults.lr)
+    ap.add_argument("--batch-tokens", type=int, default=defaults.batch_tokens)
     ap.add_argument("--draft-tokens", type=int, default=4)
     ap.add_argument("--num-prompts", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -34,7 +39,6 @@ def main() -> None:
 
     from draftcache.precompute.config import PrecomputeConfig
     from draftcache.precompute.main import precompute_from_config
-    from draftcache.trainer.config import TrainConfig
     from draftcache.trainer.evaluate import evaluate_draft
     from draftcache.trainer.loop import train
 

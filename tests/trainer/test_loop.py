@@ -152,3 +152,13 @@ def test_lm_head_warm_start_from_the_target_rows(tiny):
     assert torch.equal(draft.lm_head.weight, weight[online.vocab.selected_token_ids])
     with pytest.raises(ValueError, match="hidden"):  # a probs cache does not store the lm_head
         build_draft(CachedSource(str(tiny["cache"])), _cfg("unused", init_lm_head=True), torch.device("cpu"))
+
+
+def test_resume_with_different_settings_is_refused_naming_them(tiny, tmp_path):
+    train(_cfg(tmp_path / "run", cached_target_path=str(tiny["cache"]), max_steps=2, save_every=1))
+    with pytest.raises(ValueError) as err:
+        train(_cfg(tmp_path / "run", cached_target_path=str(tiny["cache"]), max_steps=2, resume=True,
+                   seed=5, batch_size=3, eval_every=7))
+    message = str(err.value)
+    assert "seed: 0 != 5" in message and "batch_size: 2 != 3" in message
+    assert "eval_every" not in message  # logging cadence does not shape the run

@@ -15,7 +15,13 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from draftcache.trainer.batching import plan_epoch, split_train_val
-from draftcache.trainer.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from draftcache.trainer.checkpoint import (
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    read_checkpoint_meta,
+    save_checkpoint,
+)
 from draftcache.trainer.config import TrainConfig
 from draftcache.trainer.distributed import DistInfo, all_reduce_sum, init_distributed
 from draftcache.trainer.model import Eagle3DraftConfig, Eagle3DraftModel
@@ -133,6 +139,26 @@ def evaluate_loss(model, source, plan, cfg: TrainConfig, device, dist_info: Dist
     return {"loss": loss, "acc": acc, "acceptance_length": simulated_acceptance_length(acc)}
 
 
+# Settings that do not change which micro-batches a step sees or how they are optimised.
+_RESUME_FREE_FIELDS = frozenset({"output_dir", "resume", "progress", "device", "num_workers", "eval_every",
+                                 "save_every", "log_every", "export", "export_format", "trust_remote_code"})
+
+
+def _check_resume_config(ckpt: Path, cfg: TrainConfig, world_size: int) -> None:
+    """Refuse to resume with settings that shape the data order or the optimisation, naming each."""
+    meta = read_checkpoint_meta(ckpt)
+    saved = dict(meta.get("config", {}))
+    saved["world_size"] = meta.get("extra", {}).get("world_size", 1)
+    current = {**cfg.as_dict(), "world_size": world_size}
+    diffs = [f"{key}: {saved.get(key)!r} != {value!r}" for key, value in sorted(current.items())
+             if key not in _RESUME_FREE_FIELDS and key in saved and saved[key] != value]
+    if diffs:
+        raise ValueError(
+            f"--resume refused: {ckpt} was trained with different settings:\n  - " + "\n  - ".join(diffs)
+            + "\nRerun with the original settings (and number of ranks), or start a new --output-dir."
+        )
+
+
 def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
     """Train a draft from ``source`` (built from ``cfg`` when None) into ``cfg.output_dir``."""
     cfg.validate()
@@ -167,6 +193,7 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
     if cfg.resume:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is not None:
+            _check_resume_config(ckpt, cfg, dist_info.world_size)
             state, _ = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
             log(f"resumed from {ckpt} at step {state.step} (epoch {state.epoch}, micro-batch {state.batches_in_epoch})")
     ddp_model = _TTTModule(model)
@@ -175,7 +202,7 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
             ddp_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     describe = {"draft_config": model.config.to_dict(), "target_config": source.info.hf_config,
-                "target_model_id": source.info.model_id}
+                "target_model_id": source.info.model_id, "world_size": dist_info.world_size}
     metrics_path = run_dir / "metrics.jsonl"
     tb = _tensorboard(run_dir) if is_main else None
     val_plan = plan_epoch(val_idx, source.lengths, seed=cfg.seed, epoch=0, batch_tokens=cfg.batch_tokens,
