@@ -137,10 +137,13 @@ def train(
         ).validate()
     except ValueError as e:
         _fail(str(e), 2)
+    from draftcache.trainer.distributed import shutdown_distributed
+
     try:
         result = run_train(cfg)
     except _USER_ERRORS as e:
-        _fail(str(e))
+        _fail(str(e))  # exit at once: torchrun then stops the other ranks (a barrier here could hang)
+    shutdown_distributed()
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         typer.echo(result.format())
 

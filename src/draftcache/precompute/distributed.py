@@ -121,6 +121,13 @@ def shutdown_distributed(ctx: DistContext) -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
+        try:
+            # Let every rank reach teardown before any rank closes its gloo connections: a peer that
+            # exits first can abort the other's gloo thread ("terminate called without an active
+            # exception", SIGABRT) while it is still destroying its group.
+            dist.barrier()
+        except Exception:
+            pass  # a peer is already gone (failure path): nothing left to wait for
         dist.destroy_process_group()
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "all_reduce_sum"]
+__all__ = ["DistInfo", "init_distributed", "all_reduce_sum", "shutdown_distributed"]
 
 
 @dataclass(frozen=True)
@@ -41,3 +41,14 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.world_size > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def shutdown_distributed() -> None:
+    """Barrier, then leave the process group, so no rank closes its connections while a peer is still
+    tearing down (gloo can abort that peer with SIGABRT). A no-op without a process group."""
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        except Exception:
+            pass  # a peer is already gone: nothing to wait for
+        dist.destroy_process_group()
