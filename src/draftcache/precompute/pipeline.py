@@ -140,6 +140,11 @@ class PrecomputeSummary:
         skipped = sum(self.skipped.values())
         skipped_text = (f"{skipped} records: " + ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items()))
                         if skipped else "none")
+        dropped_text = "none"
+        if self.dropped_turns:
+            turns, records = self.dropped_turns, self.dropped_turn_records
+            dropped_text = (f"{turns} turn{'s' * (turns != 1)} before the first user turn, in "
+                            f"{records} record{'s' * (records != 1)}")
         this_run = f"computed {self.computed_samples} now"
         if self.resumed_from_sample:
             this_run += f", resumed at sample {self.resumed_from_sample}"
@@ -150,7 +155,7 @@ class PrecomputeSummary:
             f"samples     {self.num_samples} ({this_run})",
             f"tokens      {self.num_tokens} ({self.num_supervised} supervised)",
             f"skipped     {skipped_text}",
-            f"dropped     {self.dropped_turns} turns before the first user turn, in {self.dropped_turn_records} records",
+            f"dropped     {dropped_text}",
             f"disk        {self.cache_bytes / 1e6:.2f} MB, {self.bytes_per_token:.1f} bytes/token "
             f"({self.bytes_written / 1e6:.2f} MB written now)",
             f"padding     {100 * self.padding_fraction:.1f}% of forward slots",
