@@ -50,6 +50,22 @@ def test_chat_template_flag_is_checked_with_the_other_settings():
                         "(template text contains '{{' or '{%'); pass the path of a Jinja file or the template itself"]
 
 
+def test_the_commands_take_chat_template(tmp_path):
+    from typer.testing import CliRunner
+
+    from draftcache.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "--output-dir", str(tmp_path / "run"), "--cached-target-path",
+                                 str(tmp_path / "cache"), "--chat-template", NO_SYSTEM])
+    assert result.exit_code == 2
+    assert "--chat-template applies to online training only" in result.stderr
+    missing = tmp_path / "missing.jinja"
+    result = runner.invoke(app, ["eval", "--draft", str(tmp_path / "draft"), "--chat-template", str(missing)])
+    assert result.exit_code == 1
+    assert f"error: --chat-template '{missing}': no such file, and not template text either" in result.stderr
+
+
 def test_online_source_drops_leading_turns_and_skips_what_the_template_refuses(tmp_path):
     target = build_tiny_target_dir(tmp_path / "target")
     data = _write(tmp_path / "chats.jsonl", [
