@@ -84,6 +84,11 @@ def test_a_template_that_refuses_every_record_is_a_run_level_error(make_tokenize
     with pytest.raises(NoConversationsError, match=r"no conversation survived tokenization \(skipped 1 record: "
                                                    r"no_supervised_tokens=1"):
         tokenize_all([Conversation(_long_prompt()["messages"], "l:1")], chat, SkipCounts())
+    unread = load_conversations(str(_write(tmp_path / "bad.jsonl", ["{x", {"messages": []}])), lazy=True)
+    with pytest.raises(NoConversationsError, match=r"no valid conversation \(skipped 2 records: empty_conversation=1 "
+                                                   r".*invalid_json=1 .*\); each record needs"):
+        tokenize_all(unread, chat, unread.skipped)
+    assert tokenize_all([], chat, SkipCounts()) == []  # no input at all is not an error here
 
 
 def test_limit_keeps_n_usable_samples_and_reads_no_further(make_tokenizer, tmp_path):

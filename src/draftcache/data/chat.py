@@ -344,8 +344,13 @@ def tokenize_all(
             source, detail = tally.first_template_error
             raise ChatTemplateError(f"the chat template refused every conversation ({tally.attempted}; the first, at "
                                     f"{source}: {detail}); {_FIX}")
-        if tally.attempted or skipped.total:
+        if tally.attempted:
             raise NoConversationsError(f"no conversation survived tokenization ({skipped.summary()})")
+        if skipped.total:  # every record was refused while reading (a lazily read input)
+            raise NoConversationsError(
+                f"no valid conversation ({skipped.summary()}); each record needs a 'conversations' (ShareGPT) or "
+                "'messages' (OpenAI) list with an assistant turn after a user turn"
+            )
     return tally.samples
 
 
