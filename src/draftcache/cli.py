@@ -83,6 +83,9 @@ def show(
 
 _TRAIN_DEFAULTS = TrainConfig(output_dir="")  # the CLI shows the library's defaults
 
+_CHAT_TEMPLATE_HELP = ("{what} replacing the tokenizer's own: the path of a Jinja file, or the template text itself "
+                       "(a value that is not an existing file must contain '{{{{' or '{{%').")
+
 
 @app.command()
 def train(
@@ -91,6 +94,7 @@ def train(
     target_model: Optional[str] = typer.Option(None, "--target-model", help="Online: co-located target (default: the embedded one when no cache is given)."),
     input_data: Optional[str] = typer.Option(None, "--input-data", help="Online: chat data (default: the embedded chats)."),
     seq_length: int = typer.Option(_TRAIN_DEFAULTS.seq_length, "--seq-length", help="Online: truncate conversations to this many tokens."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help=_CHAT_TEMPLATE_HELP.format(what="Online: chat template")),
     draft_vocab_size: Optional[int] = typer.Option(None, "--draft-vocab-size", help="Draft vocabulary size (hidden caches and online; default: the cache's own)."),
     aux_layer_ids: Optional[str] = typer.Option(None, "--aux-layer-ids", help="Online: three decoder-layer ids such as '1,15,28'."),
     ttt_steps: int = typer.Option(_TRAIN_DEFAULTS.ttt_steps, "--ttt-steps", help="Unrolled training-time-test steps."),
@@ -128,7 +132,7 @@ def train(
     try:
         cfg = TrainConfig(
             output_dir=output_dir, cached_target_path=cached_target_path, target_model=target_model,
-            input_data=input_data, seq_length=seq_length, draft_vocab_size=draft_vocab_size,
+            input_data=input_data, seq_length=seq_length, chat_template=chat_template, draft_vocab_size=draft_vocab_size,
             aux_layer_ids=tuple(aux) if aux else None, ttt_steps=ttt_steps, epochs=epochs, max_steps=max_steps,
             batch_tokens=batch_tokens or None, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
             warmup_steps=warmup_steps, grad_clip=grad_clip, val_fraction=val_fraction, eval_every=eval_every,
@@ -168,7 +172,8 @@ def export(
 def evaluate(
     draft: str = typer.Option(..., "--draft", help="Exported draft directory (draftcache export / train's export/)."),
     target_model: Optional[str] = typer.Option(None, "--target-model", help="Target (default: the embedded one)."),
-    input_data: Optional[str] = typer.Option(None, "--input-data", help="Prompts: chats cut before the first assistant turn (default: embedded eval chats)."),
+    input_data: Optional[str] = typer.Option(None, "--input-data", help="Prompts: chats cut before their first assistant turn, or records with user turns only (default: embedded eval chats)."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help=_CHAT_TEMPLATE_HELP.format(what="Chat template the prompts are rendered with,")),
     num_prompts: int = typer.Option(20, "--num-prompts"),
     draft_tokens: int = typer.Option(4, "--draft-tokens", help="K: tokens the draft proposes per verify step."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
@@ -181,7 +186,7 @@ def evaluate(
     try:
         report = evaluate_draft(draft_dir=draft, target_model=target_model, input_data=input_data,
                                 num_prompts=num_prompts, draft_tokens=draft_tokens, max_new_tokens=max_new_tokens,
-                                device=device, trust_remote_code=trust_remote_code)
+                                device=device, trust_remote_code=trust_remote_code, chat_template=chat_template)
     except _USER_ERRORS as e:
         _fail(str(e))
     typer.echo(report.format())

@@ -19,6 +19,8 @@ SPECIAL_TOKENS = [
     "<|start_header_id|>",
     "<|end_header_id|>",
     "<|eot_id|>",
+    "<start_of_turn>",
+    "<end_of_turn>",
 ]
 
 # ChatML as in Qwen2.5: a default system prompt when the conversation has none.

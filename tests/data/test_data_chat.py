@@ -155,8 +155,16 @@ def test_template_that_rewrites_history_is_refused(make_tokenizer):
     )
     chat = ChatTokenizer(make_tokenizer(template), 512)
     with pytest.raises(ChatTemplateError, match=r"chat\.jsonl:1: the chat template is not prefix-stable at message 1 "
-                                                r"\(assistant\).*\{% generation %\}"):
+                                                r"\(assistant\).*\{% generation %\}.*\(pass it with --chat-template\)"):
         chat.encode(MULTI_TURN)
+    # in a run it is that record's skip, named, and the template's run-level error only when every record fails
+    one_turn = Conversation(MULTI_TURN.messages[:2], "chat.jsonl:2")
+    skipped = SkipCounts()
+    assert [s.source for s in tokenize_all([MULTI_TURN, one_turn], chat, skipped)] == ["chat.jsonl:2"]
+    assert skipped.first_source == {"template_error": "chat.jsonl:1"}
+    with pytest.raises(BadRecordError, match=r"^chat\.jsonl:1: bad record \(template_error\): the chat template is not "
+                                             "prefix-stable at message 1"):
+        tokenize_all([MULTI_TURN, one_turn], chat, SkipCounts(), strict=True)
 
 
 def test_truncation_keeps_the_prefix(make_tokenizer):
@@ -210,9 +218,10 @@ def test_template_exception_is_counted(make_tokenizer):
 
 
 def test_chat_tokenizer_rejects_bad_arguments(make_tokenizer):
-    with pytest.raises(ValueError, match="seq_length must be an integer >= 2; got 1"):
+    with pytest.raises(ValueError, match=r"seq_length must be an integer >= 2 \(or None\); got 1"):
         ChatTokenizer(make_tokenizer(CHATML_TEMPLATE), 1)
-    with pytest.raises(ChatTemplateError, match="has no usable chat template"):
+    with pytest.raises(ChatTemplateError, match="has no usable chat template .*; pass a template that works with "
+                                                r"--chat-template \(the path of a Jinja file, or the template text\)"):
         ChatTokenizer(make_tokenizer(None), 16)
     # an explicit template overrides a missing one
     assert ChatTokenizer(make_tokenizer(None), 16, chat_template=LLAMA3_TEMPLATE).chat_template == LLAMA3_TEMPLATE

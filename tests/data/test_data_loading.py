@@ -16,6 +16,7 @@ from draftcache.data import (
     NoConversationsError,
     load_conversations,
 )
+from draftcache.data import loading
 
 
 def _sharegpt(i: int) -> dict:
@@ -216,6 +217,7 @@ def test_fingerprint_follows_content_not_location(tmp_path: Path):
         "num_samples": None,
         "fingerprint": first.fingerprint,
         "datasets_fingerprint": None,
+        "dropped_leading_turns": {"turns": 0, "records": 0},
     }
     json.dumps(identity)
 
@@ -260,3 +262,135 @@ def test_hub_names_are_not_mistaken_for_local_paths(tmp_path: Path, monkeypatch:
     (tmp_path / "org").mkdir()
     (tmp_path / "org" / "name").mkdir()
     assert _local_path("org/name") == (tmp_path / "org" / "name").resolve()  # an existing folder wins
+
+
+# ---- truncated JSON arrays, chunked reading ---------------------------------------------------
+
+def _array_text(records: list) -> str:
+    return json.dumps(records, indent=2, ensure_ascii=False)
+
+
+@pytest.mark.parametrize("cut", ["inside a string", "inside a key", "after a comma", "after an element"])
+def test_truncated_json_array_keeps_every_complete_record(tmp_path: Path, cut: str):
+    full = _array_text([_sharegpt(0), _openai(1), _sharegpt(2)])
+    last = full.index("\n  {", full.index('"a1"')) + 1  # where the third element starts
+    ends = {
+        "inside a string": full.index('"q2"') + 2,  # like the real ShareGPT split file
+        "inside a key": full.index('"from"', last) + 3,
+        "after a comma": full.rindex(",", 0, last) + 1,
+        "after an element": full.rindex("}", 0, last) + 1,
+    }
+    path = tmp_path / "cut.json"
+    path.write_text(full[: ends[cut]], encoding="utf-8")
+    result = load_conversations(str(path))
+    assert _answers(result) == ["a0", "a1"]
+    assert result.skipped.as_dict() == {"invalid_json": 1}
+    # a cut element is named by its first line; a cut between elements by the last line
+    line = full.count("\n", 0, last) + 1 if cut.startswith("inside") else full.count("\n", 0, ends[cut]) + 1
+    assert line == (26 if cut.startswith("inside") else 25)
+    assert result.skipped.first_source == {"invalid_json": f"{path}:{line}"}
+
+    with pytest.raises(BadRecordError, match=rf"{path}:{line}: bad record \(invalid_json\): the file ends inside the "
+                                             r"JSON array \(.*\): it is truncated, so this last element is lost"):
+        load_conversations(str(path), strict=True)
+
+
+def test_a_syntax_error_inside_an_array_is_still_a_file_error(tmp_path: Path):
+    path = tmp_path / "broken.json"
+    path.write_text('[\n  {"messages": []},\n  {"messages": [}\n]\n' + " " * 100, encoding="utf-8")
+    with pytest.raises(DataFileError, match=rf"{path}:3: the JSON array is not valid JSON"):
+        load_conversations(str(path))
+    path.write_text('[{"messages": []}, ]', encoding="utf-8")  # a trailing comma is not truncation
+    with pytest.raises(DataFileError, match="the JSON array is not valid JSON"):
+        load_conversations(str(path))
+    path.write_text('[{"messages": []}] x', encoding="utf-8")
+    with pytest.raises(DataFileError, match="extra data after the closing"):
+        load_conversations(str(path))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64])
+def test_chunked_array_reading_equals_json_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int):
+    # chunk boundaries fall inside multi-byte characters, escapes, literals and numbers
+    records = [
+        {"messages": [{"role": "user", "content": "caf\u00e9 \u2603 \U0001F600 \"quoted\" \\ back"},
+                      {"role": "assistant", "content": "x" * 50}], "score": -12.5e-3, "ok": True, "none": None},
+        {"conversations": [{"from": "human", "value": "\u00fcber"}, {"from": "gpt", "value": "1234567890"}],
+         "n": 1234567890123, "flags": [False, True, None]},
+        [1, 2], 42, "text",
+    ]
+    text = json.dumps(records, indent=1, ensure_ascii=False)
+    path = tmp_path / "arr.json"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # with a BOM
+    monkeypatch.setattr(loading, "_READ_CHUNK", chunk)
+    rows = list(loading._json_file(path))
+    assert [value for _, value in rows] == json.loads(text)
+    starts = [i + 1 for i, line in enumerate(text.splitlines()) if line.rstrip(",") in (" {", " [", " 42", ' "text"')]
+    assert [source for source, _ in rows] == [f"{path}:{n}" for n in starts]
+
+
+def test_json_array_not_utf8_is_a_file_error(tmp_path: Path):
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b'[{"messages": [{"role": "user", "content": "caf\xe9"}]}]')
+    with pytest.raises(DataFileError, match=rf"{path}: not UTF-8 text \(bad byte at offset 47\)"):
+        load_conversations(str(path))
+
+
+# ---- lazy sets, dropped turns, prompts ----------------------------------------------------------
+
+def test_lazy_set_reads_only_what_is_taken(tmp_path: Path):
+    path = _write_jsonl(tmp_path / "lazy.jsonl", [json.dumps(_openai(0)), "bad", json.dumps(_openai(2)), "bad",
+                                                 json.dumps(_openai(4))])
+    result = load_conversations(str(path), lazy=True, num_samples=2)
+    assert result.lazy and result.skipped.total == 0 and result.conversations == []
+    with pytest.raises(TypeError, match="a lazily read ConversationSet has no length"):
+        len(result)
+    stream = iter(result)
+    assert next(stream).source == f"{path}:1"
+    assert result.skipped.total == 0             # line 2 not read yet
+    assert next(stream).source == f"{path}:3"
+    assert result.skipped.as_dict() == {"invalid_json": 1}
+    stream.close()
+    assert result.identity()["num_samples"] == 2  # recorded for the consumer, not applied while reading
+    with pytest.raises(RuntimeError, match="were already iterated"):
+        iter(result)
+
+    everything = load_conversations(str(path), lazy=True, num_samples=1)
+    assert _answers(everything) == ["a0", "a2", "a4"]
+    assert everything.skipped.as_dict() == {"invalid_json": 2}
+
+
+def test_lazy_strict_raises_when_the_bad_record_is_reached(tmp_path: Path):
+    path = _write_jsonl(tmp_path / "s.jsonl", [json.dumps(_openai(0)), "[]"])
+    stream = iter(load_conversations(str(path), lazy=True, strict=True))
+    assert next(stream).source == f"{path}:1"
+    with pytest.raises(BadRecordError, match=rf"{path}:2: bad record \(not_an_object\)"):
+        next(stream)
+
+
+def test_leading_assistant_turns_are_dropped_and_counted(tmp_path: Path):
+    split = {"conversations": [{"from": "gpt", "value": "...the end of an answer"}, {"from": "human", "value": "q"},
+                               {"from": "gpt", "value": "a"}]}
+    two = {"conversations": [{"from": "system", "value": "s"}, {"from": "gpt", "value": "x"},
+                             {"from": "bard", "value": "y"}, {"from": "human", "value": "q"},
+                             {"from": "gpt", "value": "a"}]}
+    only_reply = {"conversations": [{"from": "gpt", "value": "orphan"}]}
+    path = _write_jsonl(tmp_path / "split.jsonl", [json.dumps(r) for r in (split, _openai(1), two, only_reply)])
+    result = load_conversations(str(path))
+    assert [[m["role"] for m in c.messages] for c in result] == [
+        ["user", "assistant"], ["user", "assistant"], ["system", "user", "assistant"]]
+    assert (result.dropped_turns, result.dropped_turn_records) == (3, 2)
+    assert result.identity()["dropped_leading_turns"] == {"turns": 3, "records": 2}
+    assert result.skipped.as_dict() == {"no_assistant_turn": 1}
+    assert result.skipped.first_source == {"no_assistant_turn": f"{path}:4"}
+
+
+def test_prompts_only_input(tmp_path: Path):
+    lines = [json.dumps({"messages": [{"role": "user", "content": "What is 2+2?"}]}),
+             json.dumps(_openai(1)),
+             json.dumps({"messages": [{"role": "system", "content": "only a system prompt"}]})]
+    path = _write_jsonl(tmp_path / "prompts.jsonl", lines)
+    with pytest.raises(NoConversationsError, match="with an assistant turn after a user turn"):
+        load_conversations(str(_write_jsonl(tmp_path / "q.jsonl", [lines[0]])))  # not training data
+    result = load_conversations(str(path), prompts=True)
+    assert [c.prompt_messages()[-1]["content"] for c in result] == ["What is 2+2?", "q1"]
+    assert result.skipped.as_dict() == {"no_user_turn": 1}

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from draftcache.data import SKIP_REASONS, BadRecordError, Conversation, SkipCounts
-from draftcache.data.records import _Skip, normalize_record
+from draftcache.data import SKIP_REASONS, BadRecordError, Conversation, SkipCounts, SkippedRecord
+from draftcache.data.records import normalize_record
 
 
-def _reason(record) -> str:
-    with pytest.raises(_Skip) as info:
-        normalize_record(record, "f.jsonl:1")
-    return info.value.reason
+def _reason(record, **options) -> str:
+    result = normalize_record(record, "f.jsonl:1", **options)
+    assert isinstance(result, SkippedRecord), result
+    assert result.source == "f.jsonl:1"
+    return result.reason
+
+
+def _turns(*roles: str) -> dict:
+    return {"messages": [{"role": role, "content": f"{role} {i}"} for i, role in enumerate(roles)]}
 
 
 def test_sharegpt_roles_map_to_openai_roles():
@@ -74,6 +79,9 @@ def test_arrow_style_rows_with_null_fields_are_accepted():
         ({"messages": [{"role": "user", "content": {"a": 1}}]}, "non_text_content"),
         ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  \n"}]}, "empty_content"),
         ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}, "no_assistant_turn"),
+        (_turns("assistant"), "no_assistant_turn"),
+        (_turns("system", "assistant"), "no_assistant_turn"),
+        (_turns("assistant", "user"), "no_assistant_turn"),  # the only reply came before the question
     ],
 )
 def test_bad_records_name_their_reason(record, reason):
@@ -109,3 +117,47 @@ def test_bad_record_error_names_source_reason_and_fix():
         "Fix: drop the record or run without --strict (bad records are then skipped and counted)."
     )
     assert (error.source, error.reason) == ("/d/a.jsonl:7", "unknown_role")
+
+
+@pytest.mark.parametrize(
+    ("roles", "kept", "dropped"),
+    [
+        (("user", "assistant"), (0, 1), 0),
+        (("assistant", "user", "assistant"), (1, 2), 1),                      # a split ShareGPT record
+        (("assistant", "assistant", "user", "assistant", "user"), (2, 3, 4), 2),
+        (("system", "assistant", "user", "assistant"), (0, 2, 3), 1),         # the system message stays
+        (("system", "system", "user", "assistant"), (0, 2, 3), 1),            # only a leading one does
+        (("user", "assistant", "assistant", "system", "user"), (0, 1, 2, 3, 4), 0),  # later turns are untouched
+    ],
+)
+def test_turns_before_the_first_user_turn_are_dropped_and_counted(roles, kept, dropped):
+    record = _turns(*roles)
+    conv = normalize_record(record, "s.json:3")
+    assert isinstance(conv, Conversation)
+    assert conv.messages == [{"role": roles[i], "content": f"{roles[i]} {i}"} for i in kept]
+    assert conv.dropped_turns == dropped
+
+
+def test_prompts_mode_keeps_unanswered_records_and_needs_a_user_turn():
+    conv = normalize_record(_turns("assistant", "system", "user", "user"), "p.jsonl:2", prompts=True)
+    assert isinstance(conv, Conversation) and conv.dropped_turns == 2
+    assert [m["role"] for m in conv.messages] == ["user", "user"]
+    assert conv.prompt_messages() == conv.messages
+    assert _reason(_turns("system", "assistant"), prompts=True) == "no_user_turn"
+    assert _reason(_turns("system"), prompts=True) == "no_user_turn"
+    assert _reason(_turns("user")) == "no_assistant_turn"  # the same record is not training data
+
+
+def test_prompt_is_the_conversation_up_to_its_first_assistant_turn_ending_with_a_user_turn():
+    conv = normalize_record(_turns("system", "user", "system", "assistant", "user", "assistant"), "a:1")
+    assert conv.prompt_messages() == [{"role": "system", "content": "system 0"}, {"role": "user", "content": "user 1"}]
+    conv = normalize_record(_turns("user", "user", "assistant"), "a:2")
+    assert [m["content"] for m in conv.prompt_messages()] == ["user 0", "user 1"]
+    assert Conversation([{"role": "system", "content": "s"}], "a:3").prompt_messages() == []
+
+
+def test_skipped_record_details_name_the_roles():
+    skipped = normalize_record(_turns("assistant", "user"), "x.json:9")
+    assert skipped == SkippedRecord("x.json:9", "no_assistant_turn",
+                                    "no assistant message after the first user message (roles: assistant, user)")
+    assert str(skipped.error()).startswith("x.json:9: bad record (no_assistant_turn): no assistant message after")

@@ -27,12 +27,15 @@ BAD = {
     8: json.dumps({"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "ok"}]}),
     9: LONG_PROMPT,  # the assistant turn starts after --seq-length tokens: nothing left to supervise
 }
+# a split ShareGPT record (it starts with the end of an answer): kept, its leading turn dropped
+SPLIT = json.dumps({"conversations": [{"from": "gpt", "value": "27, 28, 29."}, {"from": "human", "value": "Count on."},
+                                      {"from": "gpt", "value": "30, 31."}]})
 
 
 @pytest.fixture
 def messy_file(tmp_path):
     good = iter(_good(6))
-    lines = [BAD[n] if n in BAD else next(good) for n in range(1, 12)]
+    lines = [BAD[n] if n in BAD else next(good) for n in range(1, 12)] + [SPLIT]
     path = tmp_path / "messy.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -50,9 +53,11 @@ def test_bad_records_are_skipped_and_counted(tmp_path, messy_file):
                 "unknown_role": 1}
     manifest = read_manifest_json(tmp_path / "cache")
     assert manifest["dataset"]["skipped"] == expected
-    assert manifest["num_samples"] == 6
+    assert manifest["dataset"]["dropped_leading_turns"] == {"turns": 1, "records": 1}
+    assert manifest["num_samples"] == 7
     assert ("skipped     5 records: empty_content=1, invalid_json=1, no_assistant_turn=1, no_supervised_tokens=1, "
             "unknown_role=1") in result.stdout
+    assert "dropped     1 turn before the first user turn, in 1 record" in result.stdout
 
 
 @pytest.mark.parametrize("line,reason", [(3, "invalid_json"), (9, "no_supervised_tokens")])
@@ -73,3 +78,15 @@ def test_strict_stops_at_the_first_bad_record_and_writes_nothing(tmp_path, messy
         assert list(out.iterdir()) == []  # no lock, no manifest: a later run can use it as is
     else:
         assert not out.exists()
+
+
+def test_truncated_json_array_strict_names_the_broken_tail(tmp_path):
+    records = [json.loads(line) for line in _good(3)]
+    text = json.dumps(records, indent=1)
+    path = tmp_path / "cut.json"
+    path.write_text(text[: text.rindex('"content"') + 5], encoding="utf-8")  # ends inside the last record's key
+    tail = text.count("\n", 0, text.rindex("\n {")) + 2  # the line the last record starts on
+    result = _invoke(path, tmp_path / "cache", "--strict")
+    assert result.exit_code == 1
+    assert f"{path}:{tail}: bad record (invalid_json): the file ends inside the JSON array" in result.stderr
+    assert not (tmp_path / "cache").exists()

@@ -50,6 +50,10 @@ FLAG_CASES = [
     (["--num-samples", "0"], "--num-samples must be >= 1"),
     (["--num-workers", "-1"], "--num-workers must be >= 0"),
     (["--device", "tpu"], "--device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
+    (["--chat-template", "no/such/template.jinja"],
+     "--chat-template 'no/such/template.jinja': no such file, and not template text either (template text contains "
+     "'{{' or '{%'); pass the path of a Jinja file or the template itself"),
+    (["--chat-template", " "], "--chat-template must be a file path or the Jinja template text, got an empty value"),
     # need the target's config (read before the weights)
     (["--aux-layer-ids", f"1,3,{LAYERS}"], f"--aux-layer-ids [{LAYERS}] out of range: the target has {LAYERS} decoder"),
     (["--draft-vocab-size", "5000"], f"--draft-vocab-size 5000 exceeds the target vocabulary ({VOCAB})"),

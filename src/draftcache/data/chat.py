@@ -12,30 +12,49 @@ template text:
   ``[len(render(messages[:i], add_generation_prompt=True)), len(render(messages[:i+1])))`` in
   the characters of the whole rendering, with trailing whitespace (the turn separator) cut off.
   This is exact only if each partial rendering is a prefix of the next and of the whole; that is
-  checked on every conversation and a template that breaks it raises :class:`ChatTemplateError`
-  instead of producing a wrong mask. The full text is tokenized once (``add_special_tokens=False``:
-  templates write their own BOS) and a token is supervised when its character span overlaps an
-  assistant span, so a token straddling a boundary counts as assistant output (the same rule
-  ``transformers`` applies to generation blocks).
+  checked on every conversation and a conversation that breaks it raises
+  :class:`ChatTemplateError` instead of producing a wrong mask. The full text is tokenized once
+  (``add_special_tokens=False``: templates write their own BOS) and a token is supervised when
+  its character span overlaps an assistant span, so a token straddling a boundary counts as
+  assistant output (the same rule ``transformers`` applies to generation blocks).
 
 Both ways need a fast (Rust) tokenizer for character offsets. Samples are truncated to
 ``seq_length`` tokens after masking.
+
+Template problems, per record or per run: :class:`ChatTokenizer` renders a synthetic chat (one
+user turn, one assistant turn) when it is built; a template that fails it is a run-level
+:class:`ChatTemplateError` naming ``--chat-template``. After that, a template that refuses one
+conversation (``raise_exception(...)``, any Jinja error, or the prefix check) makes that
+conversation a ``template_error`` skip; :func:`tokenize_all` raises the run-level error only
+when the template refused every conversation it was given.
+
+:func:`tokenize_all` can spread the rendering over worker processes (``num_workers``): a spawned
+pool (no fork of a process that may hold torch or CUDA state), one :class:`ChatTokenizer` per
+worker built once by the pool initializer, conversations sent in ordered chunks. Results are
+consumed in input order, so the samples, their order and the skip counts equal a one-process
+run's exactly. This module imports torch only where a sample is built, so workers start without it.
 """
 
 from __future__ import annotations
 
-import hashlib
+import multiprocessing
 import re
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from itertools import islice
+from typing import TYPE_CHECKING, Any, Union
 
 import jinja2
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from draftcache.data.records import BadRecordError, Conversation, NoConversationsError, SkipCounts
+from draftcache.data.templates import ChatTemplateError, template_sha256
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "ChatTemplateError",
@@ -46,12 +65,22 @@ __all__ = [
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
-# Show a progress bar by default from this many conversations on.
+# Show a progress bar by default from this many conversations (or samples asked for) on.
 _PROGRESS_MIN = 1000
 
+# Conversations per task sent to a tokenization worker, and tasks in flight per worker.
+_CHUNK = 16
+_INFLIGHT_PER_WORKER = 2
 
-class ChatTemplateError(ValueError):
-    """The chat template cannot yield an exact assistant mask (a template problem, not a data one)."""
+# The start-up probe: the smallest chat every usable template must render.
+_PROBE = Conversation([{"role": "user", "content": "Hello!"},
+                       {"role": "assistant", "content": "Hi! How can I help?"}], "<start-up probe: user, assistant>")
+
+_FIX = "pass a template that works with --chat-template (the path of a Jinja file, or the template text)"
+
+# What encoding one conversation gives: (input_ids [S], loss_mask [S]) int64 arrays, or the reason
+# the template refused it.
+_Outcome = Union[tuple[np.ndarray, np.ndarray], str]
 
 
 @dataclass(frozen=True)
@@ -73,15 +102,29 @@ class TokenizedSample:
     def num_supervised(self) -> int:
         return int(self.loss_mask.sum())
 
+    @classmethod
+    def from_arrays(cls, input_ids: np.ndarray, loss_mask: np.ndarray, source: str) -> "TokenizedSample":
+        """From ``[S]`` int64 arrays (copied)."""
+        import torch  # here, not at module level: tokenization workers never load torch
+
+        return cls(torch.from_numpy(np.array(input_ids, dtype=np.int64)),   # [S]
+                   torch.from_numpy(np.array(loss_mask, dtype=np.int64)),   # [S]
+                   source)
+
 
 class ChatTokenizer:
     """Tokenize conversations with ``tokenizer``'s chat template (or ``chat_template``: a Jinja
-    string or the name of one of the tokenizer's templates) into samples of at most ``seq_length``.
+    string or the name of one of the tokenizer's templates) into samples of at most
+    ``seq_length`` tokens (None: no truncation).
+
+    Building one renders a synthetic two-turn chat; a template that fails it raises
+    :class:`ChatTemplateError` (a run-level error: no conversation could be encoded).
     """
 
-    def __init__(self, tokenizer: Any, seq_length: int, *, chat_template: str | None = None) -> None:
-        if isinstance(seq_length, bool) or not isinstance(seq_length, int) or seq_length < 2:
-            raise ValueError(f"seq_length must be an integer >= 2; got {seq_length!r}")
+    def __init__(self, tokenizer: Any, seq_length: int | None, *, chat_template: str | None = None) -> None:
+        if seq_length is not None and (isinstance(seq_length, bool) or not isinstance(seq_length, int)
+                                       or seq_length < 2):
+            raise ValueError(f"seq_length must be an integer >= 2 (or None); got {seq_length!r}")
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError(
                 f"{type(tokenizer).__name__} is not a fast tokenizer; the loss mask needs character offsets. "
@@ -92,12 +135,13 @@ class ChatTokenizer:
         except ValueError as exc:
             raise ChatTemplateError(
                 f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} has no usable chat "
-                f"template ({exc}); pass one with chat_template=... or set tokenizer.chat_template"
+                f"template ({exc}); {_FIX}"
             ) from None
         self.tokenizer = tokenizer
         self.seq_length = seq_length
         self.chat_template: str = template
         self.mask_method = "generation_tags" if _GENERATION_TAG.search(template) else "prefix_spans"
+        self._probe()
 
     def identity(self) -> dict[str, Any]:
         """What decides the tokens and masks, for a cache manifest."""
@@ -105,7 +149,7 @@ class ChatTokenizer:
             "tokenizer": getattr(self.tokenizer, "name_or_path", None),
             "seq_length": self.seq_length,
             "mask_method": self.mask_method,
-            "chat_template_sha256": hashlib.sha256(self.chat_template.encode("utf-8")).hexdigest(),
+            "chat_template_sha256": template_sha256(self.chat_template),
         }
 
     def encode(self, conversation: Conversation) -> TokenizedSample:
@@ -114,31 +158,51 @@ class ChatTokenizer:
         Raises ``jinja2.TemplateError`` when the template refuses the conversation and
         :class:`ChatTemplateError` when the ``prefix_spans`` check fails.
         """
+        ids, mask = self._encode_arrays(conversation)
+        return TokenizedSample.from_arrays(ids[: self.seq_length], mask[: self.seq_length], conversation.source)
+
+    def encode_prompt(self, conversation: Conversation) -> list[int]:
+        """Token ids of ``conversation.prompt_messages()`` rendered with the generation prompt (not
+        truncated): what a model is asked to continue. Raises ``ValueError`` without a user turn
+        and ``jinja2.TemplateError`` when the template refuses the prompt."""
+        messages = conversation.prompt_messages()
+        if not messages:
+            raise ValueError(f"{conversation.source}: no user turn to prompt with")
+        out = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=True,
+                                                 return_dict=True, add_generation_prompt=True)
+        return list(out["input_ids"])
+
+    def _probe(self) -> None:
+        try:
+            _, mask = self._encode_arrays(_PROBE)
+            prompt = self.encode_prompt(_PROBE)
+        except (ChatTemplateError, jinja2.TemplateError) as exc:
+            raise ChatTemplateError(f"the chat template fails on a plain chat (one user turn, one assistant turn): "
+                                    f"{exc}; {_FIX}") from None
+        if not mask[1:].any() or not prompt:
+            raise ChatTemplateError(f"the chat template marks no assistant token in a plain chat (one user turn, one "
+                                    f"assistant turn; {self.mask_method} masking); {_FIX}")
+
+    def _encode_arrays(self, conversation: Conversation) -> tuple[np.ndarray, np.ndarray]:
+        """Untruncated ``(input_ids [T], loss_mask [T])`` int64."""
         messages = conversation.messages
         if self.mask_method == "generation_tags":
             out = self.tokenizer.apply_chat_template(
                 messages, chat_template=self.chat_template, tokenize=True, return_dict=True,
                 return_assistant_tokens_mask=True,
             )
-            ids = np.asarray(out["input_ids"], dtype=np.int64)
-            mask = np.asarray(out["assistant_masks"], dtype=np.int64)
-        else:
-            try:
-                ids, mask = self._encode_prefix_spans(messages, conversation.source)
-            except ChatTemplateError:
-                # Templates that print today's date (strftime_now) differ between two renderings
-                # made across midnight; a real prefix problem fails again.
-                ids, mask = self._encode_prefix_spans(messages, conversation.source)
-        return TokenizedSample(
-            input_ids=torch.from_numpy(ids[: self.seq_length].copy()),  # [S] int64
-            loss_mask=torch.from_numpy(mask[: self.seq_length].copy()),  # [S] int64
-            source=conversation.source,
-        )
+            return np.asarray(out["input_ids"], dtype=np.int64), np.asarray(out["assistant_masks"], dtype=np.int64)
+        try:
+            return self._encode_prefix_spans(messages, conversation.source)
+        except ChatTemplateError:
+            # Templates that print today's date (strftime_now) differ between two renderings
+            # made across midnight; a real prefix problem fails again.
+            return self._encode_prefix_spans(messages, conversation.source)
 
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         if not messages:
             # apply_chat_template refuses an empty list; the header before a leading assistant
-            # turn still comes from the template itself.
+            # turn (a Conversation built by hand: loaders drop such turns) comes from the template.
             from transformers.utils.chat_template_utils import render_jinja_template
 
             return render_jinja_template(
@@ -164,8 +228,9 @@ class ChatTokenizer:
                     f"{source}: the chat template is not prefix-stable at message {i} (assistant): rendering "
                     f"messages[:{i}] with the generation prompt, messages[:{i + 1}] and the whole conversation do not "
                     f"extend each other (first difference at character {at}: {shorter[at:at + 40]!r} vs "
-                    f"{longer[at:at + 40]!r}), so the assistant tokens cannot be located exactly. Use a chat template "
-                    "that marks assistant output with {% generation %} ... {% endgeneration %} (chat_template=...)"
+                    f"{longer[at:at + 40]!r}), so the assistant tokens cannot be located exactly. Use a template that "
+                    "renders each turn the same whatever follows it, or marks assistant output with "
+                    "{% generation %} ... {% endgeneration %} (pass it with --chat-template)"
                 )
             start, end = len(before), len(upto.rstrip())
             spans.append((start, max(start, end)))
@@ -178,41 +243,171 @@ class ChatTokenizer:
         return ids, overlap.any(axis=1).astype(np.int64)
 
 
+def _attempt(chat: ChatTokenizer, conversation: Conversation) -> _Outcome:
+    """Encode one conversation (truncated), or say why the template refused it."""
+    try:
+        ids, mask = chat._encode_arrays(conversation)
+    except ChatTemplateError as exc:
+        return str(exc).removeprefix(f"{conversation.source}: ")
+    except jinja2.TemplateError as exc:
+        return f"the chat template raised: {exc}"
+    return ids[: chat.seq_length], mask[: chat.seq_length]
+
+
+class _Tally:
+    """Consumes encodings in input order: keeps samples, counts (or in strict mode raises on) the
+    refused ones, and knows when ``limit`` samples are kept."""
+
+    def __init__(self, chat: ChatTokenizer, skipped: SkipCounts, strict: bool, limit: int | None, bar) -> None:
+        self.chat, self.skipped, self.strict, self.limit, self.bar = chat, skipped, strict, limit, bar
+        self.samples: list[TokenizedSample] = []
+        self.attempted = 0
+        self.template_errors = 0
+        self.first_template_error: tuple[str, str] | None = None
+
+    @property
+    def wanted(self) -> int | None:
+        """Samples still needed (None: all)."""
+        return None if self.limit is None else self.limit - len(self.samples)
+
+    def add(self, conversation: Conversation, outcome: _Outcome) -> bool:
+        """Take one conversation's encoding; True once ``limit`` samples are kept."""
+        self.attempted += 1
+        if isinstance(outcome, str):
+            reason, detail = "template_error", outcome
+            self.template_errors += 1
+            if self.first_template_error is None:
+                self.first_template_error = (conversation.source, detail)
+        else:
+            ids, mask = outcome
+            # after the EAGLE shift position 0 is never a target: a sample needs a 1 in loss_mask[1:]
+            if mask[1:].any():
+                self.samples.append(TokenizedSample.from_arrays(ids, mask, conversation.source))
+                self.bar.update(1)
+                return self.wanted == 0
+            reason = "no_supervised_tokens"
+            detail = (f"no assistant token within the first {self.chat.seq_length} tokens; raise --seq-length or "
+                      "shorten the prompt") if self.chat.seq_length is not None else "no assistant token after position 0"
+        if self.strict:
+            raise BadRecordError(conversation.source, reason, detail)
+        self.skipped.add(reason, conversation.source)
+        return False
+
+
 def tokenize_all(
-    conversations: Sequence[Conversation],
+    conversations: Iterable[Conversation],
     chat_tokenizer: ChatTokenizer,
     skipped: SkipCounts,
     strict: bool = False,
     *,
     progress: bool | None = None,
+    limit: int | None = None,
+    num_workers: int = 0,
 ) -> list[TokenizedSample]:
-    """Tokenize every conversation; count the ones the template refuses (``template_error``) or
-    that keep no supervised target after truncation (``no_supervised_tokens``) in ``skipped``,
-    or raise :class:`BadRecordError` at the first one when ``strict``.
+    """Tokenize conversations in order until ``limit`` samples are kept (all when None).
 
-    A sample needs a 1 in ``loss_mask[1:]``: after the EAGLE shift position 0 is never a target.
-    ``progress=None`` shows a bar from 1000 conversations on. Raises
-    :class:`NoConversationsError` when conversations were given and none survives.
+    Conversations the template refuses (``template_error``) or that keep no supervised target
+    after truncation (``no_supervised_tokens``) are counted in ``skipped``, or with ``strict``
+    the first raises :class:`BadRecordError`. A sample needs a 1 in ``loss_mask[1:]``: after the
+    EAGLE shift position 0 is never a target.
+
+    ``conversations`` is read lazily and never past the conversation that completes ``limit``
+    samples (a lazy ``ConversationSet`` then counts exactly the records before it). With
+    ``num_workers > 0`` the rendering runs in that many spawned processes (see the module
+    docstring); the result equals the one-process one, errors included. ``progress=None`` shows
+    a bar from 1000 conversations (or ``limit``) on.
+
+    Raises :class:`ChatTemplateError` (naming ``--chat-template``) when the template refused
+    every conversation, and :class:`NoConversationsError` when records were read and none survived.
     """
-    show = len(conversations) >= _PROGRESS_MIN if progress is None else progress
-    samples: list[TokenizedSample] = []
-    for conversation in tqdm(conversations, desc="tokenizing", unit="conv", disable=not show):
-        try:
-            sample = chat_tokenizer.encode(conversation)
-        except jinja2.TemplateError as exc:
-            reason, detail = "template_error", f"the chat template raised: {exc}"
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive integer or None; got {limit!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be an integer >= 0; got {num_workers!r}")
+    try:
+        known = len(conversations)  # type: ignore[arg-type]
+    except TypeError:  # a generator or a lazily read set
+        known = None
+    expected = min(x for x in (known, limit) if x is not None) if (known, limit) != (None, None) else None
+    show = (expected is None or expected >= _PROGRESS_MIN) if progress is None else progress
+    with tqdm(total=expected, desc="tokenizing", unit="sample", disable=not show) as bar:
+        tally = _Tally(chat_tokenizer, skipped, strict, limit, bar)
+        stream = iter(conversations)
+        if num_workers == 0:
+            for conversation in stream:
+                if tally.add(conversation, _attempt(chat_tokenizer, conversation)):
+                    break
         else:
-            if bool(sample.loss_mask[1:].any()):
-                samples.append(sample)
-                continue
-            reason = "no_supervised_tokens"
-            detail = (
-                f"no assistant token within the first {chat_tokenizer.seq_length} tokens; "
-                "raise --seq-length or shorten the prompt"
+            _tokenize_in_pool(stream, chat_tokenizer, tally, num_workers)
+    if not tally.samples:
+        if tally.attempted and tally.template_errors == tally.attempted:
+            source, detail = tally.first_template_error
+            raise ChatTemplateError(f"the chat template refused every conversation ({tally.attempted}; the first, at "
+                                    f"{source}: {detail}); {_FIX}")
+        if tally.attempted:
+            raise NoConversationsError(f"no conversation survived tokenization ({skipped.summary()})")
+        if skipped.total:  # every record was refused while reading (a lazily read input)
+            raise NoConversationsError(
+                f"no valid conversation ({skipped.summary()}); each record needs a 'conversations' (ShareGPT) or "
+                "'messages' (OpenAI) list with an assistant turn after a user turn"
             )
-        if strict:
-            raise BadRecordError(conversation.source, reason, detail)
-        skipped.add(reason, conversation.source)
-    if conversations and not samples:
-        raise NoConversationsError(f"no conversation survived tokenization ({skipped.summary()})")
-    return samples
+    return tally.samples
+
+
+# ---- worker processes ------------------------------------------------------------------------
+
+_WORKER: ChatTokenizer | None = None
+
+
+def _init_worker(tokenizer: Any, seq_length: int | None, chat_template: str) -> None:
+    global _WORKER
+    _WORKER = ChatTokenizer(tokenizer, seq_length, chat_template=chat_template)
+
+
+def _encode_chunk(conversations: list[Conversation]) -> list[_Outcome]:
+    assert _WORKER is not None, "the pool initializer did not run"
+    return [_attempt(_WORKER, c) for c in conversations]
+
+
+def _tokenize_in_pool(stream: Iterator[Conversation], chat: ChatTokenizer, tally: _Tally, num_workers: int) -> None:
+    """Feed ``stream`` to a spawned pool in chunks and consume the results in order.
+
+    Never more conversations are in flight than samples are still wanted, so no conversation is
+    read that a one-process run would not read. An error raised while reading (a strict-mode bad
+    record, an unreadable file) is raised after the conversations read before it, as in order.
+    """
+    pool = ProcessPoolExecutor(max_workers=num_workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker,
+                               initargs=(chat.tokenizer, chat.seq_length, chat.chat_template))
+    inflight: deque[tuple[list[Conversation], Future]] = deque()
+    queued = 0
+    exhausted = False
+    error: Exception | None = None
+    try:
+        while True:
+            while not exhausted and error is None and len(inflight) < _INFLIGHT_PER_WORKER * num_workers:
+                wanted = tally.wanted
+                size = _CHUNK if wanted is None else min(_CHUNK, wanted - queued)
+                if size <= 0:
+                    break
+                chunk: list[Conversation] = []
+                try:
+                    for conversation in islice(stream, size):
+                        chunk.append(conversation)
+                except Exception as exc:  # noqa: BLE001 - re-raised below, after the records read before it
+                    error = exc
+                exhausted = error is None and len(chunk) < size
+                if chunk:
+                    inflight.append((chunk, pool.submit(_encode_chunk, chunk)))
+                    queued += len(chunk)
+            if not inflight:
+                break
+            chunk, future = inflight.popleft()
+            queued -= len(chunk)
+            for conversation, outcome in zip(chunk, future.result()):
+                if tally.add(conversation, outcome):
+                    return  # nothing else is in flight: at most `wanted` conversations were
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    if error is not None:
+        raise error

@@ -9,6 +9,13 @@ A message may use either key pair (``from``/``value`` or ``role``/``content``) i
 Roles map case-insensitively to ``system``/``user``/``assistant`` (:data:`ROLE_ALIASES`); any
 other role (``tool``, ``function``, ...) is a bad record.
 
+Turns before the first user turn are dropped (a leading system message is kept), as SpecForge
+does: split ShareGPT records often start in the middle of a reply. The count is kept on the
+conversation (``dropped_turns``) so loaders can report it.
+
+A prompts-only input (``prompts=True``, for evaluation) keeps records without an assistant turn;
+:meth:`Conversation.prompt_messages` is then what a model is asked.
+
 Bad records are never fatal and never silent: the loader counts them by reason in
 :class:`SkipCounts`, or raises :class:`BadRecordError` at the first one in strict mode. The
 reasons are stable strings (they end up in manifests and logs), listed in :data:`SKIP_REASONS`.
@@ -27,6 +34,7 @@ __all__ = [
     "Conversation",
     "NoConversationsError",
     "SkipCounts",
+    "SkippedRecord",
     "normalize_record",
 ]
 
@@ -51,7 +59,8 @@ SKIP_REASONS: dict[str, str] = {
     "unknown_role": "a message role is not one of " + ", ".join(sorted(ROLE_ALIASES)),
     "non_text_content": "a message text is not a string (a list, an object or null)",
     "empty_content": "a message text is empty or only whitespace",
-    "no_assistant_turn": "the conversation has no assistant message to supervise",
+    "no_assistant_turn": "the conversation has no assistant message after its first user message",
+    "no_user_turn": "the conversation has no user message to prompt with",
     "template_error": "the chat template refused the conversation (e.g. roles that do not alternate)",
     "no_supervised_tokens": "no assistant token is left after truncation to seq_length",
 }
@@ -78,11 +87,35 @@ class NoConversationsError(ValueError):
 @dataclass(frozen=True)
 class Conversation:
     """A normalised chat: ``messages`` are ``{"role", "content"}`` dicts with role in
-    ``system``/``user``/``assistant`` and non-empty string content; ``source`` names where the
-    record came from (``/path/data.jsonl:12`` or ``hub:name[train]#7``)."""
+    ``system``/``user``/``assistant`` and non-empty string content, starting with an optional
+    system message and then a user message; ``source`` names where the record came from
+    (``/path/data.jsonl:12`` or ``hub:name[train]#7``); ``dropped_turns`` counts the turns before
+    the first user turn that normalisation removed."""
 
     messages: list[dict[str, str]]
     source: str
+    dropped_turns: int = 0
+
+    def prompt_messages(self) -> list[dict[str, str]]:
+        """The prompt: the messages before the first assistant turn, up to the last user turn among
+        them (render it with ``add_generation_prompt=True``); empty without a user turn."""
+        first = next((i for i, m in enumerate(self.messages) if m["role"] == "assistant"), len(self.messages))
+        last_user = max((i for i in range(first) if self.messages[i]["role"] == "user"), default=-1)
+        return self.messages[: last_user + 1]
+
+
+@dataclass(frozen=True)
+class SkippedRecord:
+    """A record left out of the data: where it is, the reason (a key of :data:`SKIP_REASONS`) and
+    what exactly is wrong."""
+
+    source: str
+    reason: str
+    detail: str
+
+    def error(self) -> BadRecordError:
+        """The strict-mode error for this record."""
+        return BadRecordError(self.source, self.reason, self.detail)
 
 
 @dataclass
@@ -116,7 +149,7 @@ class SkipCounts:
 
 
 class _Skip(Exception):
-    """Internal: a record is bad for ``reason``; ``detail`` says which field/value."""
+    """Internal control flow: a record is bad for ``reason``; ``detail`` says which field/value."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
@@ -155,18 +188,37 @@ def _normalize_message(index: int, message: Any) -> dict[str, str]:
     return {"role": ROLE_ALIASES[role.lower()], "content": content}
 
 
-def normalize_record(record: Any, source: str) -> Conversation:
-    """Normalise one parsed record or raise ``_Skip(reason, detail)`` (see :data:`SKIP_REASONS`).
+def _drop_leading_turns(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], int]:
+    """Drop the turns between an optional leading system message and the first user message;
+    (kept messages, number dropped). Without a user message only the system message is kept."""
+    start = 1 if messages[0]["role"] == "system" else 0
+    first_user = next((i for i in range(start, len(messages)) if messages[i]["role"] == "user"), len(messages))
+    return messages[:start] + messages[first_user:], first_user - start
+
+
+def normalize_record(record: Any, source: str, *, prompts: bool = False) -> Conversation | SkippedRecord:
+    """Normalise one parsed record, or say why it is skipped (see :data:`SKIP_REASONS`).
 
     Empty or whitespace-only text in any message skips the whole record: an empty assistant turn
-    would only teach "end the turn now", and an empty user turn is a data error.
+    would only teach "end the turn now", and an empty user turn is a data error. Turns before the
+    first user turn are dropped (see the module docstring). A training record then needs an
+    assistant turn (``no_assistant_turn``); with ``prompts=True`` a record needs only a user turn
+    (``no_user_turn``).
     """
-    if not isinstance(record, dict):
-        raise _Skip("not_an_object", f"the record is a {type(record).__name__}, not a JSON object")
-    raw = _messages_field(record)
-    if not raw:
-        raise _Skip("empty_conversation", "the message list is empty")
-    messages = [_normalize_message(i, m) for i, m in enumerate(raw)]
-    if not any(m["role"] == "assistant" for m in messages):
-        raise _Skip("no_assistant_turn", "no assistant message (roles: " + ", ".join(m["role"] for m in messages) + ")")
-    return Conversation(messages=messages, source=source)
+    try:
+        if not isinstance(record, dict):
+            raise _Skip("not_an_object", f"the record is a {type(record).__name__}, not a JSON object")
+        raw = _messages_field(record)
+        if not raw:
+            raise _Skip("empty_conversation", "the message list is empty")
+        messages = [_normalize_message(i, m) for i, m in enumerate(raw)]
+        kept, dropped = _drop_leading_turns(messages)
+        roles = ", ".join(m["role"] for m in messages[:12]) + (", ..." if len(messages) > 12 else "")
+        if prompts and not any(m["role"] == "user" for m in kept):
+            raise _Skip("no_user_turn", f"no user message (roles: {roles})")
+        if not prompts and not any(m["role"] == "assistant" for m in kept):
+            where = " after the first user message" if any(m["role"] == "assistant" for m in messages) else ""
+            raise _Skip("no_assistant_turn", f"no assistant message{where} (roles: {roles})")
+    except _Skip as skip:
+        return SkippedRecord(source, skip.reason, skip.detail)
+    return Conversation(messages=kept, source=source, dropped_turns=dropped)

@@ -43,14 +43,15 @@ def precompute(
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:N or cpu (default: cuda when available)."),
     split: Optional[str] = typer.Option(None, "--split", help="Split of a HF dataset (default: train)."),
     shuffle_seed: int = typer.Option(42, "--shuffle-seed", help="Shuffle seed for HF datasets (local files keep file order)."),
-    num_samples: Optional[int] = typer.Option(None, "--num-samples", help="Keep only the first N valid conversations."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", help="Cache N usable samples: records are read in order until N of them survive loading and tokenization (bad records, template errors and records with nothing to supervise within --seq-length are skipped, counted and not part of N; later records are never read). Default: all."),
     aux_layer_ids: Optional[str] = typer.Option(None, "--aux-layer-ids", help="Three decoder-layer ids, e.g. '1,15,28' (default: 1, L/2-1, L-4)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code from the hub (off by default)."),
     strict: bool = typer.Option(False, "--strict", help="Fail on the first bad record instead of skipping and counting it."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --output-dir (same settings required)."),
     supervision: str = typer.Option("auto", "--supervision", help="auto, probs, topk or hidden."),
     target_probs_topk: int = typer.Option(0, "--target-probs-topk", help="Keep the top-k draft-vocab probabilities (topk encoding)."),
-    num_workers: int = typer.Option(0, "--num-workers", help="Accepted for NeMo compatibility; tokenisation runs in-process."),
+    num_workers: int = typer.Option(0, "--num-workers", help="Tokenize in N worker processes (spawned, one tokenizer each; the result is identical to 0 = in this process). Worth it for large corpora: each worker takes a few seconds to start."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Chat template replacing the tokenizer's own: the path of a Jinja file, or the template text itself (a value that is not an existing file must contain '{{' or '{%'). The manifest fingerprints the template used, so --resume needs the same one."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Write the EAGLE-3 supervision cache of a frozen target over a chat corpus.
@@ -64,7 +65,7 @@ def precompute(
             device=device, split=split, shuffle_seed=shuffle_seed, num_samples=num_samples,
             aux_layer_ids=_layer_ids(aux_layer_ids), trust_remote_code=trust_remote_code, strict=strict,
             resume=resume, supervision=supervision, target_probs_topk=target_probs_topk, num_workers=num_workers,
-            progress=not quiet,
+            chat_template=chat_template, progress=not quiet,
         ).validate()
     except ConfigError as e:
         _fail(str(e), 2)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from draftcache.data.templates import chat_template_problem
+
 __all__ = ["PrecomputeConfig", "ConfigError", "SUPERVISION_CHOICES", "DTYPE_CHOICES", "parse_layer_ids"]
 
 SUPERVISION_CHOICES = ("auto", "probs", "topk", "hidden")
@@ -44,14 +46,15 @@ class PrecomputeConfig:
     device: str | None = None            # None = cuda when available, else cpu
     split: str | None = None             # HF dataset split (default "train")
     shuffle_seed: int | None = 42        # order of hub datasets (local files keep file order)
-    num_samples: int | None = None       # keep the first N valid conversations
+    num_samples: int | None = None       # read records until N usable samples (after every skip); None = all
     aux_layer_ids: tuple[int, ...] | None = None  # decoder-layer outputs; None = [1, L//2-1, L-4]
     trust_remote_code: bool = False
     strict: bool = False                 # first bad record is an error naming file and line
     resume: bool = False
     supervision: str = "auto"            # auto | probs | topk | hidden
     target_probs_topk: int = 0           # k for the topk encoding (NeMo: >0 switches topk on)
-    num_workers: int = 0                 # accepted for NeMo compatibility; tokenisation is in-process
+    num_workers: int = 0                 # tokenisation processes (spawned); 0 = in this process
+    chat_template: str | None = None     # Jinja file or text replacing the tokenizer's template (fingerprinted)
     progress: bool = True                # tqdm bars (--quiet turns them off)
 
     def problems(self) -> list[str]:
@@ -98,6 +101,9 @@ class PrecomputeConfig:
                 p.append(f"--aux-layer-ids must be non-negative decoder-layer ids, got {ids}")
         if self.num_workers < 0:
             p.append(f"--num-workers must be >= 0, got {self.num_workers}")
+        template = chat_template_problem(self.chat_template)
+        if template:
+            p.append(template)
         return p
 
     def target_problems(self, *, num_layers: int, vocab_size: int) -> list[str]:

@@ -12,6 +12,8 @@ import json
 
 import torch
 
+from draftcache.data.templates import template_sha256
+
 __all__ = ["model_fingerprint", "config_fingerprint", "tokenizer_fingerprint", "chat_template_fingerprint"]
 
 _SAMPLES_PER_TENSOR = 4096
@@ -53,7 +55,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def chat_template_fingerprint(tokenizer) -> str:
-    template = getattr(tokenizer, "chat_template", None) or ""
-    if isinstance(template, dict):
-        template = json.dumps(template, sort_keys=True)
-    return _sha(template.encode())
+    """sha256 of ``tokenizer.chat_template``: the template conversations are rendered with, since a
+    ``--chat-template`` is put on the tokenizer (``draftcache.data.set_chat_template``) before use."""
+    return template_sha256(getattr(tokenizer, "chat_template", None))

@@ -8,9 +8,10 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from draftcache.data import load_conversations
+from draftcache.data import load_conversations, set_chat_template
 from draftcache.precompute.config import ConfigError, PrecomputeConfig
 from draftcache.precompute.distributed import DistContext, init_distributed, run_step, shutdown_distributed
+from draftcache.precompute.fingerprint import chat_template_fingerprint
 from draftcache.precompute.pipeline import (
     PrecomputeError,
     PrecomputeSummary,
@@ -70,10 +71,14 @@ def _run(cfg: PrecomputeConfig, ctx: DistContext, device, log: Callable[[str], N
     run_step(ctx, "checking the output directory and target", check)
 
     def load():
+        # lazy: records are read while tokenizing, only until --num-samples samples survive
         conversations = load_conversations(cfg.input_data or default_data_path(), split=cfg.split, strict=cfg.strict,
                                            shuffle_seed=cfg.shuffle_seed, num_samples=cfg.num_samples,
-                                           trust_remote_code=cfg.trust_remote_code)
+                                           trust_remote_code=cfg.trust_remote_code, lazy=True)
         tokenizer = load_tokenizer(target_path, trust_remote_code=cfg.trust_remote_code)
+        set_chat_template(tokenizer, cfg.chat_template)
+        if cfg.resume and ctx.is_main:
+            _check_resume_template(Path(cfg.output_dir), tokenizer)
         samples = tokenize_conversations(replace(cfg, progress=cfg.progress and ctx.is_main), tokenizer, conversations)
         return conversations, tokenizer, samples
 
@@ -110,3 +115,23 @@ def _check_target_config(cfg: PrecomputeConfig, path: str) -> None:
                                    vocab_size=vocab_size if isinstance(vocab_size, int) else 1 << 62)
     if problems:
         raise ConfigError("invalid precompute settings for this target:\n  - " + "\n  - ".join(problems))
+
+
+def _check_resume_template(out: Path, tokenizer) -> None:
+    """Refuse, before any data is tokenized, to resume a cache made with another chat template."""
+    from draftcache.cache_format import MANIFEST_FILE, read_manifest
+
+    if not (out / MANIFEST_FILE).is_file():
+        return
+    try:
+        made_with = read_manifest(out)["tokenizer"]["chat_template_fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # the resume check proper reports a damaged manifest
+    now = chat_template_fingerprint(tokenizer)
+    if made_with != now:
+        raise PrecomputeError(
+            f"--resume refused: the cache in {out} was made with a different chat template "
+            f"(tokenizer.chat_template_fingerprint: {made_with} != {now})  [--chat-template]. Rerun with the "
+            "--chat-template it was made with (none for the tokenizer's own), or write a new cache to another "
+            "--output-dir."
+        )

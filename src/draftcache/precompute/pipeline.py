@@ -45,6 +45,7 @@ from draftcache.data import (
     build_draft_vocab,
     count_supervised_tokens,
     full_vocab,
+    set_chat_template,
     tokenize_all,
 )
 from draftcache.precompute.config import ConfigError, PrecomputeConfig
@@ -110,13 +111,17 @@ class PrecomputeSummary:
     wall_seconds: float
     padding_fraction: float          # share of this run's forward token slots spent on padding
     skipped: dict[str, int] = field(default_factory=dict)
+    dropped_turns: int = 0           # turns before the first user turn removed from the records read
+    dropped_turn_records: int = 0    # records that lost such turns
 
     @classmethod
     def from_manifest(cls, manifest: dict, *, output_dir, encoding: str, dtype: str, draft_vocab_size: int,
                       computed_samples: int, computed_tokens: int, slots: int, resumed_from_sample: int,
                       bytes_written: int, wall_seconds: float, skipped: dict) -> "PrecomputeSummary":
-        """Cache totals from the final manifest plus what this run did (``slots``: forward token slots)."""
+        """Cache totals from the final manifest (and the dropped-turn counts of its ``dataset``
+        section) plus what this run did (``slots``: forward token slots)."""
         files = list(manifest["shards"]) + list(manifest["files"].values())
+        dropped = manifest["dataset"].get("dropped_leading_turns") or {}
         return cls(
             output_dir=str(output_dir), encoding=encoding, dtype=dtype, draft_vocab_size=draft_vocab_size,
             num_samples=manifest["num_samples"], num_tokens=manifest["stats"]["num_tokens"],
@@ -124,6 +129,7 @@ class PrecomputeSummary:
             computed_samples=computed_samples, computed_tokens=computed_tokens,
             resumed_from_sample=resumed_from_sample, bytes_written=bytes_written, wall_seconds=wall_seconds,
             padding_fraction=0.0 if slots == 0 else 1.0 - computed_tokens / slots, skipped=skipped,
+            dropped_turns=int(dropped.get("turns", 0)), dropped_turn_records=int(dropped.get("records", 0)),
         )
 
     @property
@@ -134,6 +140,11 @@ class PrecomputeSummary:
         skipped = sum(self.skipped.values())
         skipped_text = (f"{skipped} records: " + ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items()))
                         if skipped else "none")
+        dropped_text = "none"
+        if self.dropped_turns:
+            turns, records = self.dropped_turns, self.dropped_turn_records
+            dropped_text = (f"{turns} turn{'s' * (turns != 1)} before the first user turn, in "
+                            f"{records} record{'s' * (records != 1)}")
         this_run = f"computed {self.computed_samples} now"
         if self.resumed_from_sample:
             this_run += f", resumed at sample {self.resumed_from_sample}"
@@ -144,6 +155,7 @@ class PrecomputeSummary:
             f"samples     {self.num_samples} ({this_run})",
             f"tokens      {self.num_tokens} ({self.num_supervised} supervised)",
             f"skipped     {skipped_text}",
+            f"dropped     {dropped_text}",
             f"disk        {self.cache_bytes / 1e6:.2f} MB, {self.bytes_per_token:.1f} bytes/token "
             f"({self.bytes_written / 1e6:.2f} MB written now)",
             f"padding     {100 * self.padding_fraction:.1f}% of forward slots",
@@ -152,11 +164,19 @@ class PrecomputeSummary:
 
 
 def tokenize_conversations(cfg: PrecomputeConfig, tokenizer, conversations: ConversationSet) -> list[TokenizedSample]:
-    """Render and tokenize every conversation with the tokenizer's chat template, truncated to
-    ``cfg.seq_length``; refused ones are counted in ``conversations.skipped`` (or, with
-    ``cfg.strict``, the first raises ``BadRecordError`` naming its file and line)."""
+    """Render and tokenize conversations, truncated to ``cfg.seq_length``, until ``cfg.num_samples``
+    samples survive (all when None), in ``cfg.num_workers`` processes.
+
+    ``cfg.chat_template`` (when set) is first made the tokenizer's template, so the manifest
+    ``run_precompute`` writes fingerprints the template actually used. A lazily loaded
+    ``conversations`` is read only as far as needed, so its skip counts describe exactly the
+    records read. Refused conversations are counted in ``conversations.skipped`` (or, with
+    ``cfg.strict``, the first raises ``BadRecordError`` naming its file and line); a template that
+    fails the start-up probe or refuses every conversation raises ``ChatTemplateError``.
+    """
+    set_chat_template(tokenizer, cfg.chat_template)
     return tokenize_all(conversations, ChatTokenizer(tokenizer, cfg.seq_length), conversations.skipped,
-                        strict=cfg.strict, progress=cfg.progress)
+                        strict=cfg.strict, progress=cfg.progress, limit=cfg.num_samples, num_workers=cfg.num_workers)
 
 
 def check_output_dir(output_dir: str | Path, resume: bool) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from draftcache.data.templates import chat_template_problem
+
 __all__ = ["TrainConfig", "TrainConfigError"]
 
 
@@ -24,6 +26,7 @@ class TrainConfig:
     target_model: str | None = None        # online: HF name/dir; None = embedded default target
     input_data: str | None = None          # online: chats; None = embedded default chats
     seq_length: int = 2048                 # online: truncate conversations
+    chat_template: str | None = None       # online: Jinja file or text replacing the tokenizer's template
     draft_vocab_size: int | None = None    # hidden caches / online: pick N most frequent; None = cache's own
     aux_layer_ids: tuple[int, ...] | None = None  # online only; a cache fixes its own
     ttt_steps: int = 7                     # unrolled training-time-test steps (EAGLE-3: 7)
@@ -84,6 +87,12 @@ class TrainConfig:
             p.append("--cached-target-path excludes --target-model/--input-data: the cache already fixes both")
         if self.cached_target_path is not None and self.aux_layer_ids is not None:
             p.append("--aux-layer-ids applies to online training only; a cache fixes its captured layers")
+        if self.cached_target_path is not None and self.chat_template is not None:
+            p.append("--chat-template applies to online training only; a cache was rendered with its own template "
+                     "(pass --chat-template to precompute-eagle3)")
+        template = chat_template_problem(self.chat_template)
+        if template:
+            p.append(template)
         for name in ("eval_every", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

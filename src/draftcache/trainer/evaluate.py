@@ -1,7 +1,8 @@
 """``draftcache eval``: real acceptance length and speed of a draft against its target.
 
-For each prompt (the conversation up to its first assistant turn, rendered with the target's
-chat template), the target decodes ``max_new_tokens`` greedily twice in the same process: plainly
+For each prompt (the conversation up to its first assistant turn, ending with a user turn, rendered
+with the target's chat template or ``--chat-template`` and the generation prompt; records without
+an assistant turn are prompts as they are, so a prompts-only file works), the target decodes ``max_new_tokens`` greedily twice in the same process: plainly
 (one forward per token, KV cache) and speculatively with the draft. Reports the mean acceptance
 length tau (accepted + bonus tokens per verify forward), per-position acceptance rates (share
 of verify steps whose i-th draft token was accepted), both speeds, and whether every
@@ -10,10 +11,12 @@ speculative output equalled the plain greedy one (it must).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import jinja2
 import torch
 
+from draftcache.data import ChatTokenizer, SkipCounts
 from draftcache.target import HFEagle3TargetModel
 from draftcache.trainer.export import load_exported_draft
 from draftcache.trainer.speculative import SpecDecodeStats, greedy_generate, speculative_generate, timed
@@ -31,6 +34,7 @@ class EvalReport:
     greedy_tokens_per_s: float
     spec_tokens_per_s: float
     mismatches: int
+    skipped: dict[str, int] = field(default_factory=dict)  # records read but not used as prompts, by reason
 
     @property
     def speedup(self) -> float:
@@ -38,8 +42,10 @@ class EvalReport:
 
     def format(self) -> str:
         rates = " ".join(f"{r:.2f}" for r in self.acceptance_rates)
+        skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
         return "\n".join([
             f"prompts            {self.num_prompts} ({self.tokens} generated tokens each way)",
+            f"skipped records    {skipped}",
             f"draft tokens K     {self.draft_tokens}",
             f"acceptance length  tau = {self.tau:.3f} tokens per verify step (accepted + bonus)",
             f"accept rate by pos {rates}",
@@ -49,20 +55,29 @@ class EvalReport:
         ])
 
 
-def prompt_ids_from_conversations(conversations, tokenizer, num_prompts: int) -> list[list[int]]:
-    """Token ids of each conversation up to its first assistant turn, with the generation prompt."""
+def prompt_ids_from_conversations(conversations, tokenizer, num_prompts: int,
+                                  skipped: SkipCounts | None = None) -> list[list[int]]:
+    """Token ids of the first ``num_prompts`` prompts: each conversation's ``prompt_messages()``
+    rendered with ``tokenizer``'s chat template and the generation prompt. Conversations without a
+    user turn (``no_user_turn``) or that the template refuses (``template_error``) are passed over
+    and counted in ``skipped``; reading stops once ``num_prompts`` prompts are built."""
+    chat = ChatTokenizer(tokenizer, None)  # a template that fails a plain chat is refused here
+    skipped = skipped if skipped is not None else SkipCounts()
     prompts = []
     for conv in conversations:
-        msgs = conv.messages
-        first = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        if first == 0:
+        if not conv.prompt_messages():
+            skipped.add("no_user_turn", conv.source)
             continue
-        ids = tokenizer.apply_chat_template(msgs[:first], add_generation_prompt=True, tokenize=True, return_dict=True)
-        prompts.append(list(ids["input_ids"]))
+        try:
+            prompts.append(chat.encode_prompt(conv))
+        except jinja2.TemplateError:
+            skipped.add("template_error", conv.source)
+            continue
         if len(prompts) >= num_prompts:
             break
     if not prompts:
-        raise ValueError("no conversation with a user turn before its first assistant turn: nothing to prompt with")
+        raise ValueError(f"no prompt could be built ({skipped.summary()}); --input-data needs records with a user "
+                         "turn, and --chat-template a template that accepts them")
     return prompts
 
 
@@ -77,8 +92,12 @@ def evaluate_draft(
     max_new_tokens: int = 64,
     device: str | None = None,
     trust_remote_code: bool = False,
+    chat_template: str | None = None,
 ) -> EvalReport:
-    from draftcache.data import load_conversations
+    """Measure the draft in ``draft_dir`` against its target on ``num_prompts`` prompts from
+    ``input_data`` (chats or a prompts-only file; default: the embedded held-out chats), rendered
+    with ``chat_template`` (a ``--chat-template`` value) or the tokenizer's own."""
+    from draftcache.data import load_conversations, set_chat_template
     from draftcache.defaults import default_eval_data_path, default_target_path
     from draftcache.target.loading import load_target_model, load_tokenizer, resolve_device
 
@@ -87,14 +106,16 @@ def evaluate_draft(
     dev = resolve_device(device)
     target_path = target_model or default_target_path()
     tokenizer = load_tokenizer(target_path, trust_remote_code=trust_remote_code)
+    set_chat_template(tokenizer, chat_template)
+    # prompts-only records are welcome here; read only as many records as the prompts need
+    conversations = load_conversations(input_data or default_eval_data_path(), prompts=True, lazy=True)
+    prompts = prompt_ids_from_conversations(conversations, tokenizer, num_prompts, conversations.skipped)
     model = load_target_model(target_path, device=dev, trust_remote_code=trust_remote_code)
     draft = load_exported_draft(draft_dir, target_embeddings=model.get_input_embeddings().weight.detach().float().cpu())
     draft = draft.to(dev).eval()
     if dev.type != "cpu":
         draft = draft.to(torch.bfloat16)
     target = HFEagle3TargetModel(model, aux_layer_ids=draft.config.aux_layer_ids)
-    conversations = load_conversations(input_data or default_eval_data_path())
-    prompts = prompt_ids_from_conversations(conversations, tokenizer, num_prompts)
     eos = tokenizer.eos_token_id
 
     warm = torch.tensor(prompts[0], device=dev)
@@ -116,5 +137,5 @@ def evaluate_draft(
     return EvalReport(
         num_prompts=len(prompts), draft_tokens=draft_tokens, tau=stats.tau, acceptance_rates=stats.acceptance_rates,
         tokens=n_spec, greedy_tokens_per_s=n_greedy / max(t_greedy, 1e-9), spec_tokens_per_s=n_spec / max(t_spec, 1e-9),
-        mismatches=mismatches,
+        mismatches=mismatches, skipped=conversations.skipped.as_dict(),
     )
