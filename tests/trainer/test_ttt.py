@@ -256,3 +256,41 @@ def test_simulated_acceptance_length():
     assert simulated_acceptance_length([]) == 1.0
     with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
         simulated_acceptance_length([1.5])
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused (SDPA) attention against the eager reference: outputs and every gradient
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("query_chunk", [None, 5])  # one SDPA call per step; chunks of 5 (12 = 5 + 5 + 2)
+@pytest.mark.parametrize("steps", [1, 3, 7])
+@pytest.mark.parametrize("kind", ["plain", "padding", "packed"])
+def test_sdpa_attention_matches_eager_outputs_and_gradients(draft_config, kind, steps, query_chunk):
+    fused = random_draft(draft_config)
+    eager = copy.deepcopy(fused)
+    eager.attn_implementation = "eager"
+    assert fused.attn_implementation == "sdpa"  # the default
+    fused.midlayer.self_attn.query_chunk = query_chunk
+    batch = make_batch(kind, seed=steps)
+    a = ttt_forward(fused, **batch, ttt_steps=steps, return_logits=True)
+    b = ttt_forward(eager, **batch, ttt_steps=steps, return_logits=True)
+    for k in range(steps):
+        torch.testing.assert_close(a.logits[k], b.logits[k], rtol=1e-5, atol=1e-5, msg=f"step {k} logits")
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-6, atol=1e-6)
+    assert a.correct.tolist() == b.correct.tolist()
+    a.loss.backward()
+    b.loss.backward()
+    grads = 0
+    for (name, pa), (_, pb) in zip(fused.named_parameters(), eager.named_parameters()):
+        if not pa.requires_grad:
+            continue
+        assert pa.grad is not None and pb.grad is not None, name
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6, msg=name)
+        grads += 1
+    assert grads == 13  # every trainable parameter (all but the frozen embeddings)
+
+
+def test_attention_implementation_is_validated(draft_config):
+    with pytest.raises(ValueError, match=r"attn_implementation must be one of \('sdpa', 'eager'\), got 'flash'"):
+        Eagle3DraftModel(draft_config, attn_implementation="flash")
