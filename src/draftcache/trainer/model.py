@@ -494,8 +494,12 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)
 
 
-#: Queries per fused attention call in TTT steps with diagonal keys (see :func:`attend_sdpa`).
-SDPA_QUERY_CHUNK = 512
+#: Queries per fused attention call in TTT steps with diagonal keys (see :func:`attend_sdpa`). Measured
+#: on CPU (benchmarks/ttt_memory.py, T=2048, 7 steps, fused only): one call per step 1097 MiB and
+#: 10.6 s CPU, chunks of 512 830 MiB / 6.9 s, 256 794 MiB / 5.9 s, 128 667 MiB / 5.5 s. Smaller chunks
+#: shrink the masks SDPA keeps (``C x (b + k * C)`` each) but launch more, smaller kernels; 256 keeps
+#: enough query tiles per call for a GPU (not measured there: sweep ``--query-chunk`` on one).
+SDPA_QUERY_CHUNK = 256
 
 
 def attend_sdpa(

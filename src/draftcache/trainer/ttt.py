@@ -8,7 +8,8 @@ Step ``k`` (0-based) simulates the draft's ``k``-th chained prediction from slot
 
 * tokens, ``loss_mask``, ``target_probs`` and ``position_mask`` are shifted left by ``k`` in
   total (zero-filled), so step ``k`` at slot ``t`` reads ``x_{t+1+k}`` and is scored against
-  the target's distribution at position ``t + 1 + k``;
+  the target's distribution at position ``t + 1 + k`` (``target_probs`` is read as the view
+  ``target_probs[:, k:]`` over slots ``[0, T - k)``: its zero-filled tail would supervise nothing);
 * the hidden input is the previous step's pre-norm output at the *same* slot ``t`` (not
   shifted): slot ``t``'s chain keeps its own state, exactly as SpecForge / NeMo / the EAGLE-3
   reference feed ``hidden_states`` from one step to the next without moving it;
@@ -186,12 +187,11 @@ def ttt_forward(
 
     cache = Eagle3KVCache()
     hidden = model.fc(aux_hidden_states.to(model.fc.weight.dtype))  # [B, T, H]
-    ids, probs, pmask, lmask = input_ids, target_probs, position_mask.bool(), loss_mask.bool()
+    ids, pmask, lmask = input_ids, position_mask.bool(), loss_mask.bool()
     step_losses, step_sums, step_correct, step_valid, step_supervised, kept = [], [], [], [], [], []
     for step in range(ttt_steps):
         if step > 0:
             ids = shift_left_with_zero(ids)
-            probs = shift_left_with_zero(probs)
             pmask = shift_left_with_zero(pmask)
             lmask = shift_left_with_zero(lmask)
         out = model.forward_step(ids, hidden, position_ids=position_ids + step, mask=mask, cache=cache)
@@ -202,16 +202,20 @@ def ttt_forward(
             in_doc = doc_remaining.to(device) > step  # [B, T]: slot t + step is still in t's document
             valid = valid & in_doc.unsqueeze(-1)
             supervised = supervised & in_doc
+        # Target probs shifted by ``step`` are the view target_probs[:, step:] against slots [0, T - step):
+        # the shifted-in zero tail supervises nothing, and no [B, T, Vd] copy is made or kept per step.
+        rows = max(seq - step, 0)
+        probs = target_probs[:, step:]  # [B, rows, Vd]
         wide = torch.promote_types(out.logits.dtype, torch.float32)  # loss in at least fp32
-        weight = valid.to(wide)
-        log_probs = F.log_softmax(out.logits.to(wide), dim=-1)  # [B, T, Vd]
-        per_slot = -(weight * probs.to(wide) * log_probs).sum(-1)  # [B, T]
+        weight = valid[:, :rows].squeeze(-1).to(wide)  # [B, rows]
+        log_probs = F.log_softmax(out.logits[:, :rows].to(wide), dim=-1)  # [B, rows, Vd]
+        per_slot = -(probs.to(wide) * log_probs).sum(-1) * weight  # [B, rows]
         loss_sum = per_slot.sum()
         count = weight.sum()
         step_sums.append(loss_sum)
         step_losses.append(loss_sum / count.clamp(min=1))
         with torch.no_grad():
-            hit = (out.logits.argmax(-1) == probs.argmax(-1)) & valid.squeeze(-1)
+            hit = (out.logits[:, :rows].argmax(-1) == probs.argmax(-1)) & valid[:, :rows].squeeze(-1)
             step_correct.append(hit.sum())
             step_valid.append(valid.sum())
             step_supervised.append(supervised.sum())
