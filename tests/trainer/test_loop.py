@@ -146,6 +146,19 @@ def test_export_of_a_missing_checkpoint_is_a_clear_error(tmp_path):
     assert r.returncode == 1 and "neither a checkpoint" in r.stderr
 
 
+def test_online_source_describes_its_samples(tiny, tmp_path):
+    """What an online run trained on: its target and a fingerprint of the tokenised samples."""
+    def describe(chats: Path) -> dict:
+        return build_source(_cfg(tmp_path / "unused", target_model=str(tiny["target"]), input_data=str(chats),
+                                 seq_length=128), torch.device("cpu")).describe()
+
+    full = describe(tiny["data"])
+    assert (full["kind"], full["target_model"], full["num_samples"]) == ("online", str(tiny["target"]), 24)
+    assert describe(tiny["data"]) == full
+    fewer = describe(write_chats(tmp_path / "fewer.jsonl", 23))
+    assert fewer["num_samples"] == 23 and fewer["samples_fingerprint"] != full["samples_fingerprint"]
+
+
 def test_lm_head_warm_start_from_the_target_rows(tiny):
     online = build_source(_cfg(tiny["root"] / "unused", target_model=str(tiny["target"]),
                                input_data=str(tiny["data"]), seq_length=128, draft_vocab_size=200),

@@ -180,7 +180,9 @@ class OnlineSource:
         tokens and loss masks (another input file or chat template changes it)."""
         digest = hashlib.sha256()
         for s in self.samples:
-            digest.update(torch.as_tensor(s.input_ids, dtype=torch.int64).numpy().tobytes())
+            ids = torch.as_tensor(s.input_ids, dtype=torch.int64)
+            digest.update(len(ids).to_bytes(8, "little"))  # sample boundaries are part of the data
+            digest.update(ids.numpy().tobytes())
             digest.update(torch.as_tensor(s.loss_mask, dtype=torch.int64).numpy().tobytes())
         return {"kind": "online", "target_model": self.info.model_id, "num_samples": len(self.samples),
                 "samples_fingerprint": digest.hexdigest()}
