@@ -495,10 +495,10 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor)
 
 
 #: Queries per fused attention call in TTT steps with diagonal keys (see :func:`attend_sdpa`). Measured
-#: on CPU (benchmarks/ttt_memory.py, T=2048, 7 steps, fused only): one call per step 1097 MiB and
-#: 10.6 s CPU, chunks of 512 830 MiB / 6.9 s, 256 794 MiB / 5.9 s, 128 667 MiB / 5.5 s. Smaller chunks
-#: shrink the masks SDPA keeps (``C x (b + k * C)`` each) but launch more, smaller kernels; 256 keeps
-#: enough query tiles per call for a GPU (not measured there: sweep ``--query-chunk`` on one).
+#: on CPU (benchmarks/ttt_memory.py defaults, T=2048, 7 steps, fused only, peak / CPU time per pass):
+#: one call per step 968 MiB / 11.9 s, chunks of 512 702 MiB / 6.4 s, 256 666 MiB / 5.4 s, 128
+#: 668 MiB / 6.1 s. Smaller chunks keep smaller masks (``C x (b + k * C)``) and skip more block keys
+#: but launch more, smaller kernels. Not measured on a GPU: sweep ``--query-chunk`` there.
 SDPA_QUERY_CHUNK = 256
 
 
