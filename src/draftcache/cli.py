@@ -91,6 +91,7 @@ _CHAT_TEMPLATE_HELP = ("{what} replacing the tokenizer's own: the path of a Jinj
 def train(
     output_dir: str = typer.Option(..., "--output-dir", help="Run directory: checkpoints, metrics.jsonl, export/."),
     cached_target_path: Optional[str] = typer.Option(None, "--cached-target-path", help="Cache written by precompute-eagle3 (no target is loaded)."),
+    allow_partial_cache: bool = typer.Option(False, "--allow-partial-cache", help="Train on an unfinished cache's committed samples (refused otherwise: a crashed or running precompute)."),
     target_model: Optional[str] = typer.Option(None, "--target-model", help="Online: co-located target (default: the embedded one when no cache is given)."),
     input_data: Optional[str] = typer.Option(None, "--input-data", help="Online: chat data (default: the embedded chats)."),
     seq_length: int = typer.Option(_TRAIN_DEFAULTS.seq_length, "--seq-length", help="Online: truncate conversations to this many tokens."),
@@ -131,8 +132,9 @@ def train(
         _fail(f"--aux-layer-ids: expected comma-separated integers such as '1,15,28', got {aux_layer_ids!r}", 2)
     try:
         cfg = TrainConfig(
-            output_dir=output_dir, cached_target_path=cached_target_path, target_model=target_model,
-            input_data=input_data, seq_length=seq_length, chat_template=chat_template, draft_vocab_size=draft_vocab_size,
+            output_dir=output_dir, cached_target_path=cached_target_path, allow_partial_cache=allow_partial_cache,
+            target_model=target_model, input_data=input_data, seq_length=seq_length, chat_template=chat_template,
+            draft_vocab_size=draft_vocab_size,
             aux_layer_ids=tuple(aux) if aux else None, ttt_steps=ttt_steps, epochs=epochs, max_steps=max_steps,
             batch_tokens=batch_tokens or None, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
             warmup_steps=warmup_steps, grad_clip=grad_clip, val_fraction=val_fraction, eval_every=eval_every,

@@ -173,3 +173,31 @@ def test_forward_equals_first_ttt_step_and_norm_before_residual_changes_output(d
     other = Eagle3DraftModel(Eagle3DraftConfig.from_dict({**draft_config.to_dict(), "norm_before_residual": True}))
     other.load_state_dict(model.state_dict())
     assert not torch.allclose(other(ids, aux).logits, out.logits)
+
+
+def test_decode_cache_path_is_the_same_with_fused_and_eager_attention(draft_config):
+    """Chain drafting at inference (Eagle3DecodeCache: context entries, then one entry per drafted
+    token, each causal over everything before it) gives the same outputs with both implementations."""
+    import copy
+
+    from draftcache.trainer.model import Eagle3DecodeCache
+
+    fused = random_draft(draft_config).eval()
+    eager = copy.deepcopy(fused)
+    eager.attn_implementation = "eager"
+    torch.manual_seed(4)
+    ids, aux = torch.randint(0, 128, (1, 7)), torch.randn(1, 7, 96)
+    outs = []
+    for model in (fused, eager):
+        cache = Eagle3DecodeCache()
+        with torch.no_grad():
+            step = model.decode(ids, model.fc(aux), cache)
+            logits = [step.logits]
+            for _ in range(3):
+                token = model.selected_token_ids[step.logits[0, -1].argmax()].view(1, 1)
+                step = model.decode(token, step.hidden_states[:, -1:], cache)
+                logits.append(step.logits)
+        assert cache.length == 10
+        outs.append(logits)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -66,18 +66,48 @@ def test_random_draft_is_lossless(target, K):
         ref = greedy_generate(target.model, prompt, 30)
         stats = SpecDecodeStats(draft_tokens=K)
         assert speculative_generate(target, draft, prompt, max_new_tokens=30, draft_tokens=K, stats=stats) == ref
-        assert stats.verify_steps >= 1 and stats.committed >= stats.verify_steps
+        assert stats.num_drafts >= 1 and stats.emitted_tokens == 29  # the first token is the prompt forward's
+        assert stats.num_draft_tokens == K * stats.num_drafts
+        assert stats.num_accepted_tokens == sum(stats.num_accepted_tokens_per_pos)
 
 
 @pytest.mark.parametrize("K", [1, 3, 5])
 def test_perfect_draft_commits_k_plus_one_per_verify_step(target, K):
+    """39 tokens after the prompt's first, in rounds of K + 1: the last round is cut at max_new_tokens.
+    tau counts what was emitted; the raw counters count every accepted draft token, as vLLM does."""
     prompt = _prompt(7)
     ref = greedy_generate(target.model, prompt, 60)  # the oracle knows beyond the 40 we ask for
     draft = OracleDraft(prompt.tolist() + ref, target.hidden_size)
     stats = SpecDecodeStats(draft_tokens=K)
     assert speculative_generate(target, draft, prompt, max_new_tokens=40, draft_tokens=K, stats=stats) == ref[:40]
-    assert stats.tau == pytest.approx(K + 1)
+    rounds = -(-39 // (K + 1))
+    assert (stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens) == (rounds, K * rounds, K * rounds)
+    assert stats.num_accepted_tokens_per_pos == [rounds] * K
+    assert stats.emitted_tokens == 39
+    assert stats.tau == pytest.approx(39 / rounds)
+    assert stats.mean_acceptance_length == pytest.approx(K + 1)
     assert stats.acceptance_rates == [1.0] * K
+
+
+def test_tau_counts_only_tokens_emitted_before_eos(target):
+    """A perfect draft keeps proposing past EOS; the output stops at EOS and so does tau."""
+    K = 3
+    prompt = _prompt(11)
+    ref = greedy_generate(target.model, prompt, 60)
+    cut = next(j for j in range(9, 60) if ref[j] not in ref[:j])  # an EOS first seen at output index cut
+    assert cut % (K + 1) != 0  # the last round is cut short
+    eos = ref[cut]
+    expected = greedy_generate(target.model, prompt, 60, eos_token_id=eos)
+    assert expected == ref[: cut + 1]
+    draft = OracleDraft(prompt.tolist() + ref, target.hidden_size)
+    stats = SpecDecodeStats(draft_tokens=K)
+    out = speculative_generate(target, draft, prompt, max_new_tokens=60, draft_tokens=K, stats=stats, eos_token_id=eos)
+    assert out == expected
+    rounds = -(-cut // (K + 1))
+    assert stats.num_drafts == rounds and stats.num_accepted_tokens == K * rounds
+    assert stats.emitted_tokens == cut
+    assert stats.tau == pytest.approx(cut / rounds)
+    assert stats.tau < stats.mean_acceptance_length == pytest.approx(K + 1)
 
 
 def test_draft_wrong_at_second_proposal_accepts_exactly_one(target):
@@ -86,6 +116,7 @@ def test_draft_wrong_at_second_proposal_accepts_exactly_one(target):
     ref = greedy_generate(target.model, prompt, 40)
     draft = OracleDraft(prompt.tolist() + ref, target.hidden_size, wrong_at=2)
     stats = SpecDecodeStats(draft_tokens=K)
-    assert speculative_generate(target, draft, prompt, max_new_tokens=30, draft_tokens=K, stats=stats) == ref[:30]
-    assert stats.tau == pytest.approx(2.0)
+    assert speculative_generate(target, draft, prompt, max_new_tokens=31, draft_tokens=K, stats=stats) == ref[:31]
+    assert stats.num_drafts == 15 and stats.num_accepted_tokens_per_pos == [15, 0, 0, 0]
+    assert stats.tau == pytest.approx(2.0) and stats.mean_acceptance_length == pytest.approx(2.0)
     assert stats.acceptance_rates == [1.0, 0.0, 0.0, 0.0]

@@ -70,13 +70,15 @@ def reference_ttt(model: Eagle3DraftModel, batch: dict, steps: int, weight: floa
 
     hidden = batch["aux_hidden_states"] @ model.fc.weight.T
     keys, values = [], []  # per step: [B, Hkv, T, d]
-    all_logits, losses, correct, valid = [], [], [], []
+    all_logits, losses, correct, valid, supervised = [], [], [], [], []
     for k in range(steps):
         ids = _shift(batch["input_ids"], k)
         probs = _shift(batch["target_probs"], k)
         pmask = _shift(batch["position_mask"], k).squeeze(-1).bool()
+        lmask = _shift(batch["loss_mask"], k).bool()
         if seq_lens is not None:
             pmask = pmask & (remaining > k)
+            lmask = lmask & (remaining > k)
 
         normed = _rms(hidden, layer.hidden_norm.weight, eps)
         residual = normed if cfg.norm_before_residual else hidden
@@ -110,10 +112,11 @@ def reference_ttt(model: Eagle3DraftModel, batch: dict, steps: int, weight: floa
         losses.append((ce * pmask).sum() / max(int(pmask.sum()), 1))
         correct.append(int(((logits.argmax(-1) == probs.argmax(-1)) & pmask).sum()))
         valid.append(int(pmask.sum()))
+        supervised.append(int(lmask.sum()))
         all_logits.append(logits)
     w = torch.tensor([weight ** k for k in range(steps)])
     total = (w * torch.stack(losses)).sum() / w.sum()
-    return all_logits, torch.stack(losses), total, correct, valid
+    return all_logits, torch.stack(losses), total, correct, valid, supervised
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +157,7 @@ def test_ttt_matches_slow_reference(draft_config, kind, steps):
     batch = make_batch(kind)
     out = ttt_forward(model, **batch, ttt_steps=steps, step_weight=0.8, return_logits=True)
     with torch.no_grad():
-        ref_logits, ref_losses, ref_total, ref_correct, ref_valid = reference_ttt(model, batch, steps, 0.8)
+        ref_logits, ref_losses, ref_total, ref_correct, ref_valid, ref_supervised = reference_ttt(model, batch, steps, 0.8)
     assert len(out.logits) == steps
     for k in range(steps):
         assert torch.allclose(out.logits[k], ref_logits[k], atol=1e-5, rtol=1e-5), f"step {k} logits"
@@ -162,6 +165,8 @@ def test_ttt_matches_slow_reference(draft_config, kind, steps):
     assert torch.allclose(out.loss, ref_total, atol=1e-5, rtol=1e-5)
     assert out.correct.tolist() == ref_correct
     assert out.valid.tolist() == ref_valid
+    assert out.supervised.tolist() == ref_supervised
+    assert torch.allclose(out.accuracies, torch.tensor(ref_correct) / torch.tensor(ref_supervised).clamp(min=1))
     assert torch.allclose(out.loss_sums / out.valid.clamp(min=1), out.losses, atol=1e-6)
 
 
@@ -171,7 +176,7 @@ def test_ttt_matches_reference_exactly_in_float64(draft_config):
     batch = {k: (v.double() if v.is_floating_point() else v) for k, v in make_batch("packed", seed=9).items()}
     out = ttt_forward(model, **batch, ttt_steps=7, return_logits=True)
     with torch.no_grad():
-        ref_logits, ref_losses, _, _, _ = reference_ttt(model, batch, 7, 0.8)
+        ref_logits, ref_losses, _, _, _, _ = reference_ttt(model, batch, 7, 0.8)
     for k in range(7):
         assert torch.allclose(out.logits[k], ref_logits[k], atol=1e-10, rtol=0), f"step {k}"
     assert torch.allclose(out.losses.double(), ref_losses, atol=1e-10, rtol=0)
@@ -183,7 +188,7 @@ def test_ttt_matches_reference_with_norm_before_residual(draft_config):
     batch = make_batch("packed", seed=5)
     out = ttt_forward(model, **batch, ttt_steps=3, return_logits=True)
     with torch.no_grad():
-        ref_logits, _, ref_total, _, _ = reference_ttt(model, batch, 3, 0.8)
+        ref_logits, _, ref_total, _, _, _ = reference_ttt(model, batch, 3, 0.8)
     assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-5) for a, b in zip(out.logits, ref_logits))
     assert torch.allclose(out.loss, ref_total, atol=1e-5, rtol=1e-5)
 
@@ -202,6 +207,33 @@ def test_packed_supervision_respects_doc_remaining(draft_config):
     remaining = _layout(batch["seq_lens"], batch["attention_mask"])[2]
     explicit = ttt_forward(model, **batch, doc_remaining=remaining, ttt_steps=4)
     assert torch.equal(explicit.loss, derived.loss)
+
+
+def test_accuracy_counts_targets_outside_the_draft_vocabulary_as_misses(draft_config):
+    """A draft right wherever it can be: a third of the supervised targets lie outside its vocabulary.
+
+    Its honest step-0 accuracy is 2/3 (it cannot propose those tokens, so serving rejects them);
+    the accuracy over in-vocabulary positions alone reads 1.0."""
+    model = random_draft(draft_config)
+    batch = make_batch("plain", seed=3)
+    for key in ("target_probs", "position_mask"):
+        batch.pop(key)
+    batch["loss_mask"] = torch.ones(B, T, dtype=torch.long)
+    with torch.no_grad():
+        first = ttt_forward(model, **batch, target_probs=torch.full((B, T, 64), 1 / 64), ttt_steps=1,
+                            return_logits=True)
+    drafted = model.selected_token_ids[first.logits[0].argmax(-1)]  # [B, T] the draft's tokens
+    outside = (~model.t2d).nonzero().flatten()
+    logits = torch.zeros(B, T, 128)
+    logits.scatter_(-1, drafted.unsqueeze(-1), 10.0)  # the target agrees with the draft ...
+    unreachable = torch.arange(B * T).view(B, T) % 3 == 0  # ... except on every third slot,
+    logits[unreachable, outside[0]] = 20.0  # where its argmax lies outside the draft vocabulary
+    out = ttt_forward(model, **batch, logits=logits, ttt_steps=1)
+    assert out.supervised.tolist() == [B * T] and out.valid.tolist() == [B * T - 8]
+    assert out.correct.tolist() == [B * T - 8]
+    assert out.accuracies.tolist() == pytest.approx([2 / 3])
+    assert out.acc_in_draft_vocab.tolist() == [1.0]
+    assert simulated_acceptance_length(out.accuracies) == pytest.approx(1 + 2 / 3)
 
 
 def test_gradients_reach_trainable_parts_but_not_frozen_embeddings(draft_config):
@@ -256,3 +288,41 @@ def test_simulated_acceptance_length():
     assert simulated_acceptance_length([]) == 1.0
     with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
         simulated_acceptance_length([1.5])
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused (SDPA) attention against the eager reference: outputs and every gradient
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("query_chunk", [None, 5])  # one SDPA call per step; chunks of 5 (12 = 5 + 5 + 2)
+@pytest.mark.parametrize("steps", [1, 3, 7])
+@pytest.mark.parametrize("kind", ["plain", "padding", "packed"])
+def test_sdpa_attention_matches_eager_outputs_and_gradients(draft_config, kind, steps, query_chunk):
+    fused = random_draft(draft_config)
+    eager = copy.deepcopy(fused)
+    eager.attn_implementation = "eager"
+    assert fused.attn_implementation == "sdpa"  # the default
+    fused.midlayer.self_attn.query_chunk = query_chunk
+    batch = make_batch(kind, seed=steps)
+    a = ttt_forward(fused, **batch, ttt_steps=steps, return_logits=True)
+    b = ttt_forward(eager, **batch, ttt_steps=steps, return_logits=True)
+    for k in range(steps):
+        torch.testing.assert_close(a.logits[k], b.logits[k], rtol=1e-5, atol=1e-5, msg=f"step {k} logits")
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-6, atol=1e-6)
+    assert a.correct.tolist() == b.correct.tolist()
+    a.loss.backward()
+    b.loss.backward()
+    grads = 0
+    for (name, pa), (_, pb) in zip(fused.named_parameters(), eager.named_parameters()):
+        if not pa.requires_grad:
+            continue
+        assert pa.grad is not None and pb.grad is not None, name
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6, msg=name)
+        grads += 1
+    assert grads == 13  # every trainable parameter (all but the frozen embeddings)
+
+
+def test_attention_implementation_is_validated(draft_config):
+    with pytest.raises(ValueError, match=r"attn_implementation must be one of \('sdpa', 'eager'\), got 'flash'"):
+        Eagle3DraftModel(draft_config, attn_implementation="flash")

@@ -23,6 +23,7 @@ class TrainConfig:
 
     output_dir: str
     cached_target_path: str | None = None  # cache from precompute-eagle3; None = online target
+    allow_partial_cache: bool = False      # train on an unfinished cache's committed prefix (else refused)
     target_model: str | None = None        # online: HF name/dir; None = embedded default target
     input_data: str | None = None          # online: chats; None = embedded default chats
     seq_length: int = 2048                 # online: truncate conversations
@@ -85,6 +86,8 @@ class TrainConfig:
             p.append(f"--export-format must be eagle3 or speculators, got {self.export_format!r}")
         if self.cached_target_path is not None and (self.target_model or self.input_data):
             p.append("--cached-target-path excludes --target-model/--input-data: the cache already fixes both")
+        if self.allow_partial_cache and self.cached_target_path is None:
+            p.append("--allow-partial-cache applies to --cached-target-path only; online data is never partial")
         if self.cached_target_path is not None and self.aux_layer_ids is not None:
             p.append("--aux-layer-ids applies to online training only; a cache fixes its captured layers")
         if self.cached_target_path is not None and self.chat_template is not None:

@@ -2,11 +2,13 @@
 
 For each prompt (the conversation up to its first assistant turn, ending with a user turn, rendered
 with the target's chat template or ``--chat-template`` and the generation prompt; records without
-an assistant turn are prompts as they are, so a prompts-only file works), the target decodes ``max_new_tokens`` greedily twice in the same process: plainly
-(one forward per token, KV cache) and speculatively with the draft. Reports the mean acceptance
-length tau (accepted + bonus tokens per verify forward), per-position acceptance rates (share
-of verify steps whose i-th draft token was accepted), both speeds, and whether every
-speculative output equalled the plain greedy one (it must).
+an assistant turn are prompts as they are, so a prompts-only file works), the target decodes
+``max_new_tokens`` greedily twice in the same process: plainly (one forward per token, KV cache)
+and speculatively with the draft. Reports the acceptance length tau (tokens emitted per verify
+forward, after truncation at EOS and max_new_tokens), the raw counters an engine keeps (drafts,
+draft tokens, accepted tokens, accepted per position, counted as vLLM counts them, and vLLM's mean
+acceptance length from them), both speeds, and whether every speculative output equalled the
+plain greedy one (it must).
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ __all__ = ["EvalReport", "evaluate_draft", "prompt_ids_from_conversations"]
 
 @dataclass
 class EvalReport:
+    """``tau`` is what the user gets (emitted tokens per verify step); ``stats`` holds the raw,
+    engine-comparable counters (see :class:`~draftcache.trainer.speculative.SpecDecodeStats`)."""
+
     num_prompts: int
     draft_tokens: int
     tau: float
@@ -35,10 +40,19 @@ class EvalReport:
     spec_tokens_per_s: float
     mismatches: int
     skipped: dict[str, int] = field(default_factory=dict)  # records read but not used as prompts, by reason
+    stats: SpecDecodeStats | None = None
 
     @property
     def speedup(self) -> float:
         return self.spec_tokens_per_s / max(self.greedy_tokens_per_s, 1e-9)
+
+    def _engine_lines(self) -> list[str]:
+        if self.stats is None:
+            return []
+        st = self.stats
+        return [f"engine counters    drafts {st.num_drafts}, draft tokens {st.num_draft_tokens}, accepted "
+                f"{st.num_accepted_tokens}, accepted per position {st.num_accepted_tokens_per_pos}",
+                f"engine mean length {st.mean_acceptance_length:.3f} (vLLM's 1 + accepted / drafts, before truncation)"]
 
     def format(self) -> str:
         rates = " ".join(f"{r:.2f}" for r in self.acceptance_rates)
@@ -47,8 +61,9 @@ class EvalReport:
             f"prompts            {self.num_prompts} ({self.tokens} generated tokens each way)",
             f"skipped records    {skipped}",
             f"draft tokens K     {self.draft_tokens}",
-            f"acceptance length  tau = {self.tau:.3f} tokens per verify step (accepted + bonus)",
-            f"accept rate by pos {rates}",
+            f"acceptance length  tau = {self.tau:.3f} emitted tokens per verify step (accepted + bonus, cut at EOS / max-new-tokens)",
+            *self._engine_lines(),
+            f"accept rate by pos {rates} (accepted at position i / drafts)",
             f"greedy             {self.greedy_tokens_per_s:.1f} tok/s",
             f"speculative        {self.spec_tokens_per_s:.1f} tok/s ({self.speedup:.2f}x)",
             f"lossless           {'yes' if self.mismatches == 0 else f'NO: {self.mismatches} prompts differ'}",
@@ -137,5 +152,5 @@ def evaluate_draft(
     return EvalReport(
         num_prompts=len(prompts), draft_tokens=draft_tokens, tau=stats.tau, acceptance_rates=stats.acceptance_rates,
         tokens=n_spec, greedy_tokens_per_s=n_greedy / max(t_greedy, 1e-9), spec_tokens_per_s=n_spec / max(t_spec, 1e-9),
-        mismatches=mismatches, skipped=conversations.skipped.as_dict(),
+        mismatches=mismatches, skipped=conversations.skipped.as_dict(), stats=stats,
     )

@@ -27,29 +27,42 @@ from draftcache.trainer.distributed import DistInfo, all_reduce_sum, init_distri
 from draftcache.trainer.model import Eagle3DraftConfig, Eagle3DraftModel
 from draftcache.trainer.ttt import simulated_acceptance_length, ttt_forward
 
-__all__ = ["train", "TrainResult", "build_draft", "evaluate_loss"]
+__all__ = ["train", "TrainResult", "build_draft", "evaluate_loss", "accumulation_group"]
 
 
 @dataclass
 class TrainResult:
+    """What a run reached. ``val_acc`` counts over every supervised position (a target outside the
+    draft vocabulary is a miss) and ``val_acceptance_length`` is built from it; the ``*_in_draft_vocab``
+    figures count only positions whose target is in the draft vocabulary (optimistic upper bounds,
+    what this trainer reported before they were told apart)."""
+
     run_dir: str
     steps: int
     train_loss: float
     val_loss: float | None
     val_acc: list[float] = field(default_factory=list)
     val_acceptance_length: float | None = None
+    val_acc_in_draft_vocab: list[float] = field(default_factory=list)
+    val_acceptance_length_in_draft_vocab: float | None = None
     wall_seconds: float = 0.0
     export_dir: str | None = None
 
     def format(self) -> str:
-        lines = [f"run          {self.run_dir}", f"steps        {self.steps} in {self.wall_seconds:.1f} s",
-                 f"train loss   {self.train_loss:.4f}"]
+        lines = [f"run                     {self.run_dir}",
+                 f"steps                   {self.steps} in {self.wall_seconds:.1f} s",
+                 f"train loss              {self.train_loss:.4f}"]
         if self.val_loss is not None:
             acc = " ".join(f"{a:.3f}" for a in self.val_acc)
-            lines += [f"val loss     {self.val_loss:.4f}", f"val acc/step {acc}",
-                      f"val sim tau  {self.val_acceptance_length:.3f} (1 + sum_k prod_j<=k acc_j, bonus token counted)"]
+            in_vocab = " ".join(f"{a:.3f}" for a in self.val_acc_in_draft_vocab)
+            lines += [f"val loss                {self.val_loss:.4f}",
+                      f"val acc/step            {acc} (over supervised positions)",
+                      f"val sim tau             {self.val_acceptance_length:.3f} "
+                      "(1 + sum_k prod_j<=k acc_j, bonus token counted)",
+                      f"val acc in draft vocab  {in_vocab} (targets outside the draft vocabulary left out)",
+                      f"val sim tau in vocab    {self.val_acceptance_length_in_draft_vocab:.3f} (upper bound)"]
         if self.export_dir:
-            lines.append(f"export       {self.export_dir}")
+            lines.append(f"export                  {self.export_dir}")
         return "\n".join(lines)
 
 
@@ -107,27 +120,39 @@ def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
+def _metric_sums(k: int, device) -> torch.Tensor:
+    """Running sums ``[loss sum, micro-batches, correct[k], valid[k], supervised[k]]`` (float64)."""
+    return torch.zeros(2 + 3 * k, dtype=torch.float64, device=device)
+
+
 def _accumulate(sums: torch.Tensor, out, k: int) -> None:
-    """Add one micro-batch to ``sums`` = [loss sum, micro-batches, correct[k], valid[k]], on device
-    (no host sync per micro-batch)."""
+    """Add one micro-batch to ``sums`` on device (no host sync per micro-batch)."""
     sums[0] += out.loss.detach().double()
     sums[1] += 1
     sums[2 : 2 + k] += out.correct.double()
-    sums[2 + k :] += out.valid.double()
+    sums[2 + k : 2 + 2 * k] += out.valid.double()
+    sums[2 + 2 * k :] += out.supervised.double()
 
 
-def _summarize(sums: torch.Tensor, k: int) -> tuple[float, list[float]]:
-    """Mean micro-batch loss and per-TTT-step accuracy from (all-reduced) ``sums``."""
-    acc = (sums[2 : 2 + k] / sums[2 + k :].clamp_min(1)).tolist()
-    return float(sums[0] / sums[1].clamp_min(1)), acc
+def _summarize(sums: torch.Tensor, k: int) -> dict:
+    """Mean micro-batch loss, per-TTT-step accuracies and simulated acceptance lengths from
+    (all-reduced) ``sums``: ``acc`` over supervised positions, ``acc_in_draft_vocab`` over those
+    whose target is in the draft vocabulary (the same hits, a smaller denominator)."""
+    correct, valid, supervised = sums[2 : 2 + k], sums[2 + k : 2 + 2 * k], sums[2 + 2 * k :]
+    acc = (correct / supervised.clamp_min(1)).tolist()
+    in_vocab = (correct / valid.clamp_min(1)).tolist()
+    return {"loss": float(sums[0] / sums[1].clamp_min(1)), "acc": acc, "acc_in_draft_vocab": in_vocab,
+            "sim_acceptance_length": simulated_acceptance_length(acc),
+            "sim_acceptance_length_in_draft_vocab": simulated_acceptance_length(in_vocab)}
 
 
 @torch.no_grad()
 def evaluate_loss(model, source, plan, cfg: TrainConfig, device, dist_info: DistInfo) -> dict:
-    """Validation loss, per-step accuracy and simulated acceptance length, summed across ranks."""
+    """Validation loss, per-step accuracies and simulated acceptance lengths (see :func:`_summarize`),
+    summed across ranks."""
     model.eval()
     k = cfg.ttt_steps
-    sums = torch.zeros(2 + 2 * k, dtype=torch.float64, device=device)
+    sums = _metric_sums(k, device)
     for batch in source.loader(plan, cfg.batch_tokens):
         inputs = source.supervise(batch, device)
         with _autocast(device):
@@ -135,27 +160,47 @@ def evaluate_loss(model, source, plan, cfg: TrainConfig, device, dist_info: Dist
         _accumulate(sums, out, k)
     all_reduce_sum(sums, dist_info)
     model.train()
-    loss, acc = _summarize(sums, k)
-    return {"loss": loss, "acc": acc, "acceptance_length": simulated_acceptance_length(acc)}
+    return _summarize(sums, k)
+
+
+def accumulation_group(position: int, micro_batches: int, grad_accum: int) -> tuple[int, bool]:
+    """``(size, last)`` of the gradient-accumulation group holding micro-batch ``position`` of an
+    epoch of ``micro_batches``: groups of ``grad_accum`` from the epoch's start, the last one taking
+    what is left; ``last`` when ``position`` ends its group (the optimizer steps after it).
+
+    Each micro-batch's loss is divided by its group's size, so a short final group is a mean
+    too, and every step ends inside its epoch: no gradient carries over into the next one."""
+    start = position - position % grad_accum
+    size = min(grad_accum, micro_batches - start)
+    return size, position == start + size - 1
 
 
 # Settings that do not change which micro-batches a step sees or how they are optimised.
+# (allow_partial_cache only permits; what the run reads is compared as its data source.)
 _RESUME_FREE_FIELDS = frozenset({"output_dir", "resume", "progress", "device", "num_workers", "eval_every",
-                                 "save_every", "log_every", "export", "export_format", "trust_remote_code"})
+                                 "save_every", "log_every", "export", "export_format", "trust_remote_code",
+                                 "allow_partial_cache"})
 
 
-def _check_resume_config(ckpt: Path, cfg: TrainConfig, world_size: int) -> None:
-    """Refuse to resume with settings that shape the data order or the optimisation, naming each."""
+def _check_resume(ckpt: Path, cfg: TrainConfig, world_size: int, data_source: dict) -> None:
+    """Refuse to resume with settings that shape the data order or the optimisation, or on data
+    that changed since the checkpoint (a cache that grew changes the train/validation split and
+    every epoch's plan), naming each difference."""
     meta = read_checkpoint_meta(ckpt)
     saved = dict(meta.get("config", {}))
     saved["world_size"] = meta.get("extra", {}).get("world_size", 1)
     current = {**cfg.as_dict(), "world_size": world_size}
     diffs = [f"{key}: {saved.get(key)!r} != {value!r}" for key, value in sorted(current.items())
              if key not in _RESUME_FREE_FIELDS and key in saved and saved[key] != value]
+    trained_on = meta.get("extra", {}).get("data_source")
+    if trained_on is not None:  # checkpoints written before the data source was recorded lack it
+        diffs += [f"data {key}: {trained_on.get(key, '<not recorded>')!r} != {value!r}"
+                  for key, value in data_source.items() if trained_on.get(key, "<not recorded>") != value]
     if diffs:
         raise ValueError(
-            f"--resume refused: {ckpt} was trained with different settings:\n  - " + "\n  - ".join(diffs)
-            + "\nRerun with the original settings (and number of ranks), or start a new --output-dir."
+            f"--resume refused: {ckpt} was trained with different settings or data:\n  - " + "\n  - ".join(diffs)
+            + "\nRerun with the original settings (and number of ranks) on the data it was trained on, "
+            "or start a new --output-dir."
         )
 
 
@@ -167,16 +212,21 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
     device = dist_info.device
     is_main = dist_info.rank == 0
     run_dir = Path(cfg.output_dir)
-    if is_main:
-        if run_dir.exists() and latest_checkpoint(run_dir) is not None and not cfg.resume:
-            raise FileExistsError(
-                f"--output-dir {run_dir} already holds a training run; pass --resume to continue it or choose another directory"
-            )
-        run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main and run_dir.exists() and latest_checkpoint(run_dir) is not None and not cfg.resume:
+        raise FileExistsError(
+            f"--output-dir {run_dir} already holds a training run; pass --resume to continue it or choose another directory"
+        )
     if source is None:
         from draftcache.trainer.setup import build_source
 
         source = build_source(cfg, device)
+    source.check_complete(allow_partial=cfg.allow_partial_cache)  # before anything is written
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    data_source = source.describe()
+    if data_source.get("complete") is False:
+        log(f"training on an incomplete cache (--allow-partial-cache): {data_source['committed_samples']} of "
+            f"{data_source['num_samples']} samples committed")
 
     torch.manual_seed(cfg.seed)
     model = build_draft(source, cfg, device)
@@ -185,7 +235,7 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     per_epoch = len(plan_epoch(train_idx, source.lengths, seed=cfg.seed, epoch=0, batch_tokens=cfg.batch_tokens,
                                batch_size=cfg.batch_size, rank=dist_info.rank, world_size=dist_info.world_size))
-    steps_per_epoch = max(1, per_epoch // cfg.grad_accum)
+    steps_per_epoch = -(-per_epoch // cfg.grad_accum)  # a short last group is a step too
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
 
@@ -193,7 +243,7 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
     if cfg.resume:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is not None:
-            _check_resume_config(ckpt, cfg, dist_info.world_size)
+            _check_resume(ckpt, cfg, dist_info.world_size, data_source)
             state, _ = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
             log(f"resumed from {ckpt} at step {state.step} (epoch {state.epoch}, micro-batch {state.batches_in_epoch})")
     ddp_model = _TTTModule(model)
@@ -202,7 +252,8 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
             ddp_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     describe = {"draft_config": model.config.to_dict(), "target_config": source.info.hf_config,
-                "target_model_id": source.info.model_id, "world_size": dist_info.world_size}
+                "target_model_id": source.info.model_id, "world_size": dist_info.world_size,
+                "data_source": data_source}
     metrics_path = run_dir / "metrics.jsonl"
     tb = _tensorboard(run_dir) if is_main else None
     val_plan = plan_epoch(val_idx, source.lengths, seed=cfg.seed, epoch=0, batch_tokens=cfg.batch_tokens,
@@ -210,7 +261,7 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
                           shuffle=False) if val_idx else []
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not (cfg.progress and is_main))
     k = cfg.ttt_steps
-    window = torch.zeros(2 + 2 * k, dtype=torch.float64, device=device)
+    window = _metric_sums(k, device)
     last_loss = float("nan")
     val = None
 
@@ -235,22 +286,21 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
             dist.barrier()
 
     done = state.step >= total_steps
-    micro = 0
     while not done and state.epoch < 10**9:
         plan = plan_epoch(train_idx, source.lengths, seed=cfg.seed, epoch=state.epoch, batch_tokens=cfg.batch_tokens,
                           batch_size=cfg.batch_size, rank=dist_info.rank, world_size=dist_info.world_size)
-        plan = plan[state.batches_in_epoch :]
-        for batch in source.loader(plan, cfg.batch_tokens):
+        micro_batches = len(plan)  # equal on every rank, so all ranks sync on the same micro-batch
+        # checkpoints follow optimizer steps, so a resumed epoch restarts at a group boundary
+        for batch in source.loader(plan[state.batches_in_epoch :], cfg.batch_tokens):
             inputs = source.supervise(batch, device)
-            sync = (micro + 1) % cfg.grad_accum == 0
+            group, sync = accumulation_group(state.batches_in_epoch, micro_batches, cfg.grad_accum)
             ctx = ddp_model.no_sync() if (dist_info.world_size > 1 and not sync) else nullcontext()
             with ctx, _autocast(device):
                 out = ddp_model(inputs, ttt_steps=k, step_weight=cfg.step_weight)
-                (out.loss / cfg.grad_accum).backward()
+                (out.loss / group).backward()
             _accumulate(window, out, k)
             state.batches_in_epoch += 1
             state.tokens_seen += int(inputs["attention_mask"].sum())
-            micro += 1
             if not sync:
                 continue
             if cfg.grad_clip > 0:
@@ -262,17 +312,15 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == total_steps:
                 all_reduce_sum(window, dist_info)
-                last_loss, acc = _summarize(window, k)
-                tau = simulated_acceptance_length(acc)
-                log_metrics({"step": state.step, "epoch": state.epoch, "loss": last_loss, "acc": acc,
-                             "sim_acceptance_length": tau, "lr": scheduler.get_last_lr()[0],
+                summary = _summarize(window, k)
+                last_loss = summary["loss"]
+                log_metrics({"step": state.step, "epoch": state.epoch, **summary, "lr": scheduler.get_last_lr()[0],
                              "tokens_seen": state.tokens_seen, "split": "train"})
-                bar.set_postfix(loss=f"{last_loss:.3f}", tau=f"{tau:.2f}")
+                bar.set_postfix(loss=f"{last_loss:.3f}", tau=f"{summary['sim_acceptance_length']:.2f}")
                 window.zero_()
             if val_plan and (state.step % cfg.eval_every == 0 or state.step == total_steps):
                 val = evaluate_loss(model, source, val_plan, cfg, device, dist_info)
-                log_metrics({"step": state.step, "split": "val", "loss": val["loss"], "acc": val["acc"],
-                             "sim_acceptance_length": val["acceptance_length"]})
+                log_metrics({"step": state.step, "split": "val", **val})
             if state.step % cfg.save_every == 0 or state.step == total_steps:
                 checkpoint()
             if state.step >= total_steps:
@@ -281,7 +329,6 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
         else:
             state.epoch += 1
             state.batches_in_epoch = 0
-            micro = 0
     bar.close()
     if val_plan and val is None:
         val = evaluate_loss(model, source, val_plan, cfg, device, dist_info)
@@ -297,7 +344,9 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
     result = TrainResult(
         run_dir=str(run_dir), steps=state.step, train_loss=last_loss,
         val_loss=val["loss"] if val else None, val_acc=val["acc"] if val else [],
-        val_acceptance_length=val["acceptance_length"] if val else None,
+        val_acceptance_length=val["sim_acceptance_length"] if val else None,
+        val_acc_in_draft_vocab=val["acc_in_draft_vocab"] if val else [],
+        val_acceptance_length_in_draft_vocab=val["sim_acceptance_length_in_draft_vocab"] if val else None,
         wall_seconds=time.perf_counter() - t0, export_dir=export_dir,
     )
     if is_main:

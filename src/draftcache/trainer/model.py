@@ -18,6 +18,12 @@ attends causally over the sequence and caches its keys/values; every later step 
 attends to those cached keys of slots ``<= t`` plus one "diagonal" key per later step, all
 produced at slot ``t`` itself. This is how the engines' chain drafting sees the draft's own
 earlier predictions, and what TTT simulates during training.
+
+Two attention implementations give the same result: :func:`attend_sdpa` (the default) runs
+``scaled_dot_product_attention`` and never materialises a ``T x T`` score tensor;
+:func:`attend_eager` computes the scores explicitly and is kept as the reference
+(``Eagle3DraftModel(config, attn_implementation="eager")``). ``benchmarks/ttt_memory.py``
+measures both.
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ __all__ = [
     "Eagle3KVCache",
     "Eagle3DecodeCache",
     "Eagle3Output",
+    "ATTENTION_IMPLEMENTATIONS",
+    "SDPA_QUERY_CHUNK",
+    "attend_eager",
+    "attend_sdpa",
     "build_attention_mask",
     "document_layout",
     "rope_inverse_frequencies",
@@ -432,7 +442,7 @@ class Eagle3DecodeCache:
             self.k, self.v = self.k[:, :, :length], self.v[:, :, :length]
 
 
-def _attend(
+def attend_eager(
     q: torch.Tensor,
     block_k: torch.Tensor,
     block_v: torch.Tensor,
@@ -440,12 +450,14 @@ def _attend(
     diag_k: list[torch.Tensor],
     diag_v: list[torch.Tensor],
 ) -> torch.Tensor:
-    """One softmax over ``[causal block keys (T) | diagonal keys (k)]`` per query.
+    """Reference attention: one explicit softmax over ``[block keys (S) | diagonal keys (k)]`` per query.
 
-    ``q [B, Hq, T, d]``, ``block_k/v [B, Hkv, T, d]``, ``mask [B, 1, T, T]`` bool,
-    ``diag_k/v``: k tensors ``[B, Hkv, T, d]``. Returns ``[B, Hq, T, d]``. Memory is
-    ``O(T*T + T*k)`` per head: the diagonal keys are scored with an elementwise product,
-    never expanded to ``T x T x k``.
+    ``q [B, Hq, T, d]``, ``block_k/v [B, Hkv, S, d]`` (``S == T`` in TTT, ``past + T`` when
+    decoding with :class:`Eagle3DecodeCache`), ``mask [B, 1, T, S]`` bool, ``diag_k/v``: k
+    tensors ``[B, Hkv, T, d]`` (key ``j`` at slot ``t`` is seen only by query ``t``). Returns
+    ``[B, Hq, T, d]``. Materialises fp32 scores ``[B, Hkv, g, T, S + k]`` (and autograd keeps
+    copies of them): simple and exact, but ``O(Hq * T * S)`` memory per step. Training uses
+    :func:`attend_sdpa`; this stays as the reference it is tested against.
     """
     batch, q_heads, seq, dim = q.shape
     kv_heads = block_k.size(1)
@@ -453,19 +465,88 @@ def _attend(
     scale = dim ** -0.5
     wide = torch.promote_types(q.dtype, torch.float32)  # softmax in at least fp32
     qg = q.reshape(batch, kv_heads, groups, seq, dim)  # GQA: query heads grouped per kv head
-    scores = torch.matmul(qg, block_k.unsqueeze(2).transpose(-1, -2)).to(wide) * scale  # [B,Hkv,g,T,T]
+    scores = torch.matmul(qg, block_k.unsqueeze(2).transpose(-1, -2)).to(wide) * scale  # [B,Hkv,g,T,S]
     scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
     if diag_k:
         dk = torch.stack(diag_k, dim=-2)  # [B, Hkv, T, k, d]
         diag_scores = torch.einsum("bhgtd,bhtjd->bhgtj", qg, dk).to(wide) * scale  # [B,Hkv,g,T,k]
         scores = torch.cat([scores, diag_scores], dim=-1)
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    keys = block_k.size(2)  # == seq, except when decoding with Eagle3DecodeCache
+    keys = block_k.size(2)
     out = torch.matmul(probs[..., :keys], block_v.unsqueeze(2))  # [B, Hkv, g, T, d]
     if diag_v:
         dv = torch.stack(diag_v, dim=-2)  # [B, Hkv, T, k, d]
         out = out + torch.einsum("bhgtj,bhtjd->bhgtd", probs[..., keys:], dv)
     return out.reshape(batch, q_heads, seq, dim)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Fused attention ``q [B, Hq, T, d]`` over ``k/v [B, Hkv, S, d]`` under a bool ``mask [B, 1, T, S]``.
+
+    On CPU the flash kernel takes the mask and grouped kv heads as they are. On CUDA a mask with
+    ``enable_gqa`` sends SDPA to its unfused math kernel, so kv heads are repeated instead (the
+    copy is ``O(Hq * S * d)``, far below the ``O(Hq * T * S)`` scores it avoids)."""
+    groups = q.size(1) // k.size(1)
+    if groups > 1 and q.device.type != "cpu":
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)
+
+
+#: Queries per fused attention call in TTT steps with diagonal keys (see :func:`attend_sdpa`). Measured
+#: on CPU (benchmarks/ttt_memory.py defaults, T=2048, 7 steps, fused only, peak / CPU time per pass):
+#: one call per step 968 MiB / 11.9 s, chunks of 512 702 MiB / 6.4 s, 256 666 MiB / 5.4 s, 128
+#: 668 MiB / 6.1 s. Smaller chunks keep smaller masks (``C x (b + k * C)``) and skip more block keys
+#: but launch more, smaller kernels. Not measured on a GPU: sweep ``--query-chunk`` there.
+SDPA_QUERY_CHUNK = 256
+
+
+def attend_sdpa(
+    q: torch.Tensor,
+    block_k: torch.Tensor,
+    block_v: torch.Tensor,
+    mask: torch.Tensor,
+    diag_k: list[torch.Tensor],
+    diag_v: list[torch.Tensor],
+    *,
+    query_chunk: int | None = SDPA_QUERY_CHUNK,
+) -> torch.Tensor:
+    """The same attention as :func:`attend_eager` through ``scaled_dot_product_attention``: no
+    ``T x S`` score tensor is materialised or kept for backward.
+
+    Without diagonal keys (TTT step 0, decoding) this is one fused call under ``mask``. At TTT
+    step ``k >= 1`` each chunk of queries ``[a, b)`` attends one key set: the block keys
+    ``[0, b)`` (the block mask is causal, so later block keys are never attended) followed by
+    the ``k`` diagonal keys of slots ``[a, b)``, under ``cat(mask[a:b, :b], I, ..., I)`` (the
+    identity lets query ``t`` see only its own diagonal keys). Keys and mask are ``O(b + k * C)``
+    per chunk of ``C`` queries; with one chunk (``query_chunk=None``) the key set is
+    ``(k + 1) * T`` and the kernel scores ``k * T`` diagonal keys per query, almost all masked.
+    Chunking bounds that waste to ``k * C`` and skips the block keys after each chunk.
+
+    Requires ``block_k.size(2) == T`` and a causal ``mask`` when ``diag_k`` is given (what
+    :func:`build_attention_mask` builds). Shapes as in :func:`attend_eager`.
+    """
+    if not diag_k:
+        return _sdpa(q, block_k, block_v, mask)
+    batch, _, seq, _ = q.shape
+    steps = len(diag_k)
+    chunk = seq if query_chunk is None else max(1, min(int(query_chunk), seq))
+    eye = torch.eye(chunk, dtype=torch.bool, device=q.device)
+    outs = []
+    for start in range(0, seq, chunk):
+        end = min(start + chunk, seq)
+        n = end - start
+        keys = torch.cat([block_k[:, :, :end]] + [d[:, :, start:end] for d in diag_k], dim=2)  # [B,Hkv,end+k*n,d]
+        values = torch.cat([block_v[:, :, :end]] + [d[:, :, start:end] for d in diag_v], dim=2)
+        diagonal = eye[:n, :n].expand(batch, 1, n, n)
+        chunk_mask = torch.cat([mask[:, :, start:end, :end]] + [diagonal] * steps, dim=-1)  # [B,1,n,end+k*n]
+        outs.append(_sdpa(q[:, :, start:end], keys, values, chunk_mask))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+#: ``Eagle3DraftModel(attn_implementation=...)``: ``sdpa`` (fused, the default) or ``eager`` (reference).
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 class Eagle3Attention(nn.Module):
@@ -482,6 +563,8 @@ class Eagle3Attention(nn.Module):
         self.v_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.rotary = _Rotary(config)
+        self.attn_implementation = "sdpa"  # or "eager" (the reference); set via Eagle3DraftModel
+        self.query_chunk: int | None = SDPA_QUERY_CHUNK
 
     def forward(
         self,
@@ -514,7 +597,10 @@ class Eagle3Attention(nn.Module):
             cache.diag_k.append(k)
             cache.diag_v.append(v)
             block_k, block_v, diag_k, diag_v = cache.block_k, cache.block_v, cache.diag_k, cache.diag_v
-        out = _attend(q, block_k, block_v, mask, diag_k, diag_v)  # [B, Hq, T, d]
+        if self.attn_implementation == "eager":
+            out = attend_eager(q, block_k, block_v, mask, diag_k, diag_v)  # [B, Hq, T, d]
+        else:
+            out = attend_sdpa(q, block_k, block_v, mask, diag_k, diag_v, query_chunk=self.query_chunk)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim))
 
 
@@ -562,7 +648,8 @@ class Eagle3Output:
 class Eagle3DraftModel(nn.Module):
     """EAGLE-3 draft; ``state_dict()`` keys are exactly the exported checkpoint names."""
 
-    def __init__(self, config: Eagle3DraftConfig, *, freeze_embeddings: bool = True) -> None:
+    def __init__(self, config: Eagle3DraftConfig, *, freeze_embeddings: bool = True,
+                 attn_implementation: str = "sdpa") -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.target_vocab_size, config.hidden_size)
@@ -577,6 +664,18 @@ class Eagle3DraftModel(nn.Module):
         self.register_buffer("t2d", t2d)
         if freeze_embeddings:
             self.embed_tokens.weight.requires_grad_(False)
+        self.attn_implementation = attn_implementation
+
+    @property
+    def attn_implementation(self) -> str:
+        """``sdpa`` (fused attention, the default) or ``eager`` (explicit scores, the reference)."""
+        return self.midlayer.self_attn.attn_implementation
+
+    @attn_implementation.setter
+    def attn_implementation(self, value: str) -> None:
+        if value not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {value!r}")
+        self.midlayer.self_attn.attn_implementation = value
 
     # ---- vocabulary and warm starts -----------------------------------------------------
 

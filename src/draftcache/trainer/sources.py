@@ -5,19 +5,48 @@ convention): ``input_ids``, ``attention_mask``, ``loss_mask``, ``aux_hidden_stat
 ``target_probs`` + ``position_mask`` (cache) or ``logits`` (online; the TTT loss projects them with
 the same ``compute_target_distribution`` the precompute used), plus ``seq_lens``/``position_ids``/
 ``doc_remaining`` for packed batches.
+
+Each source also says what it serves (``describe()``: recorded in every checkpoint, compared on
+``--resume``) and refuses to serve an incomplete cache unless asked (``check_complete``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from draftcache.cache_format import CacheBatchLoader, open_cache
+from draftcache.cache_format import RESUME_KEY_FIELDS, CacheBatchLoader, open_cache
 from draftcache.data.vocab import DraftVocab, build_draft_vocab, count_supervised_tokens, full_vocab
 
-__all__ = ["CachedSource", "OnlineSource", "TargetInfo"]
+__all__ = ["CachedSource", "OnlineSource", "TargetInfo", "IncompleteCacheError", "cache_identity_fingerprint"]
+
+
+class IncompleteCacheError(ValueError):
+    """Training was asked to read a cache whose precompute has not finished."""
+
+
+def _dotted(mapping: Mapping[str, Any], path: str) -> Any:
+    value: Any = mapping
+    for part in path.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def cache_identity_fingerprint(manifest: Mapping[str, Any]) -> str:
+    """sha256 over the manifest fields that fix what every sample holds and in which order
+    (``RESUME_KEY_FIELDS``: target, tokenizer, capture, supervision, draft vocabulary, dataset,
+    plan); equal for a cache at any stage of its precompute, different for another cache."""
+    identity = {path: _dotted(manifest, path) for path in RESUME_KEY_FIELDS}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
@@ -49,6 +78,33 @@ class CachedSource:
 
     def __len__(self) -> int:
         return len(self.reader)
+
+    def check_complete(self, *, allow_partial: bool = False) -> None:
+        """Raise :class:`IncompleteCacheError` when the cache's precompute has not finished (it
+        crashed or still runs): training would silently use only its committed prefix."""
+        if self.reader.complete or allow_partial:
+            return
+        total = self.reader.manifest["num_samples"]
+        raise IncompleteCacheError(
+            f"cache {self.path} is incomplete: {len(self.reader)} of {total} samples are committed (its "
+            "precompute-eagle3 run crashed or is still running). Finish it (precompute-eagle3 --resume with the "
+            f"same settings), or pass --allow-partial-cache to train on the {len(self.reader)} committed samples."
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """What this run trains on: the cache, its planned and committed samples, whether it is
+        complete, and fingerprints of its target, its dataset and its identity."""
+        manifest = self.reader.manifest
+        return {
+            "kind": "cache",
+            "cache_path": str(Path(self.path).resolve()),
+            "num_samples": int(manifest["num_samples"]),
+            "committed_samples": len(self.reader),
+            "complete": bool(self.reader.complete),
+            "target_fingerprint": manifest["target"]["fingerprint"],
+            "dataset_fingerprint": manifest["dataset"]["fingerprint"],
+            "manifest_fingerprint": cache_identity_fingerprint(manifest),
+        }
 
     def target_embeddings(self) -> torch.Tensor:
         return self.reader.target_embeddings()
@@ -115,6 +171,21 @@ class OnlineSource:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def check_complete(self, *, allow_partial: bool = False) -> None:
+        """Online data is tokenised whole before training: never partial."""
+
+    def describe(self) -> dict[str, Any]:
+        """What this run trains on: the target, the number of samples and a fingerprint of their
+        tokens and loss masks (another input file or chat template changes it)."""
+        digest = hashlib.sha256()
+        for s in self.samples:
+            ids = torch.as_tensor(s.input_ids, dtype=torch.int64)
+            digest.update(len(ids).to_bytes(8, "little"))  # sample boundaries are part of the data
+            digest.update(ids.numpy().tobytes())
+            digest.update(torch.as_tensor(s.loss_mask, dtype=torch.int64).numpy().tobytes())
+        return {"kind": "online", "target_model": self.info.model_id, "num_samples": len(self.samples),
+                "samples_fingerprint": digest.hexdigest()}
 
     def target_embeddings(self) -> torch.Tensor:
         return self.target.get_input_embeddings().weight.detach()

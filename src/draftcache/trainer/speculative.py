@@ -11,7 +11,8 @@ One round, with ``x_0..x_m`` committed and the target's KV cache covering ``x_0.
    draft's new context entries.
 
 Every committed token is the target's own greedy choice, so the output equals plain greedy
-decoding; ``tau`` = mean tokens committed per verify forward (accepted + bonus).
+decoding. ``tau`` = tokens emitted per verify forward (accepted + bonus, cut at EOS and at
+``max_new_tokens``); the raw engine-style counters are kept beside it (:class:`SpecDecodeStats`).
 """
 
 from __future__ import annotations
@@ -29,24 +30,53 @@ __all__ = ["SpecDecodeStats", "speculative_generate", "greedy_generate"]
 
 @dataclass
 class SpecDecodeStats:
-    """Counters over one or more generations."""
+    """Counters over one or more generations, of two kinds.
+
+    What the user gets: ``emitted_tokens`` counts the tokens the verify rounds added to the returned
+    outputs, after truncation at EOS and ``max_new_tokens`` (the first token, from the prompt's
+    forward, is not a round's), and ``tau = emitted_tokens / num_drafts``.
+
+    What an engine counts, per verify round before any truncation, named and counted as vLLM's
+    ``SpecDecodingStats`` does, so the two can be compared directly: ``num_drafts`` (rounds),
+    ``num_draft_tokens`` (``K`` per round), ``num_accepted_tokens`` and ``num_accepted_tokens_per_pos``
+    (``[K]``: rounds whose ``i``-th draft token was accepted). vLLM logs
+    ``mean_acceptance_length = 1 + num_accepted_tokens / num_drafts`` and per-position rates
+    ``num_accepted_tokens_per_pos[i] / num_drafts``. It exceeds ``tau`` by what truncation dropped.
+    """
 
     draft_tokens: int                      # K
-    verify_steps: int = 0
-    committed: int = 0                     # tokens produced by verify steps (accepted + bonus)
-    accepted_at: list[int] = field(default_factory=list)  # [K]: rounds whose i-th draft token was accepted
+    num_drafts: int = 0                    # verify rounds (= target verify forwards)
+    num_draft_tokens: int = 0              # draft tokens proposed
+    num_accepted_tokens: int = 0           # of those, accepted (bonus tokens not included)
+    num_accepted_tokens_per_pos: list[int] = field(default_factory=list)  # [K]
+    emitted_tokens: int = 0                # tokens the rounds added to the outputs, after truncation
 
     def __post_init__(self) -> None:
-        if not self.accepted_at:
-            self.accepted_at = [0] * self.draft_tokens
+        if not self.num_accepted_tokens_per_pos:
+            self.num_accepted_tokens_per_pos = [0] * self.draft_tokens
+
+    def observe_round(self, accepted: int) -> None:
+        """Count one verify round that accepted ``accepted`` of its ``K`` draft tokens."""
+        self.num_drafts += 1
+        self.num_draft_tokens += self.draft_tokens
+        self.num_accepted_tokens += accepted
+        for i in range(accepted):
+            self.num_accepted_tokens_per_pos[i] += 1
 
     @property
     def tau(self) -> float:
-        return self.committed / max(1, self.verify_steps)
+        """Emitted tokens per verify round (accepted + bonus, as far as the output kept them)."""
+        return self.emitted_tokens / max(1, self.num_drafts)
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """vLLM's figure: ``1 + accepted / drafts`` from the raw counters (no truncation)."""
+        return 1.0 + self.num_accepted_tokens / max(1, self.num_drafts)
 
     @property
     def acceptance_rates(self) -> list[float]:
-        return [a / max(1, self.verify_steps) for a in self.accepted_at]
+        """``[K]`` share of rounds whose ``i``-th draft token was accepted (vLLM's per-position rate)."""
+        return [a / max(1, self.num_drafts) for a in self.num_accepted_tokens_per_pos]
 
 
 def _new_cache(model):
@@ -113,10 +143,7 @@ def speculative_generate(
         while accepted < K and proposal[accepted] == preds[accepted]:
             accepted += 1
         new = proposal[:accepted] + [preds[accepted]]
-        stats.verify_steps += 1
-        stats.committed += len(new)
-        for i in range(accepted):
-            stats.accepted_at[i] += 1
+        stats.observe_round(accepted)
         # target cache now covers x_0..x_m, d_1..d_K; keep x_m and the accepted d_1..d_a
         if accepted < K:
             t_cache.crop(-(K - accepted))  # negative = drop that many from the end (transformers 4.x and 5.x)
@@ -127,7 +154,9 @@ def speculative_generate(
             new = new[: new.index(eos_token_id) + 1]
         out.extend(new)
         last = out[-1]
-    return out[:max_new_tokens]
+    out = out[:max_new_tokens]
+    stats.emitted_tokens += len(out) - 1  # out[0] came from the prompt's forward, not from a round
+    return out
 
 
 def timed(fn, *args, **kwargs):

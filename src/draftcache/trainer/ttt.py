@@ -8,7 +8,8 @@ Step ``k`` (0-based) simulates the draft's ``k``-th chained prediction from slot
 
 * tokens, ``loss_mask``, ``target_probs`` and ``position_mask`` are shifted left by ``k`` in
   total (zero-filled), so step ``k`` at slot ``t`` reads ``x_{t+1+k}`` and is scored against
-  the target's distribution at position ``t + 1 + k``;
+  the target's distribution at position ``t + 1 + k`` (``target_probs`` is read as the view
+  ``target_probs[:, k:]`` over slots ``[0, T - k)``: its zero-filled tail would supervise nothing);
 * the hidden input is the previous step's pre-norm output at the *same* slot ``t`` (not
   shifted): slot ``t``'s chain keeps its own state, exactly as SpecForge / NeMo / the EAGLE-3
   reference feed ``hidden_states`` from one step to the next without moving it;
@@ -22,6 +23,12 @@ averaged over the step's valid positions (``position_mask.sum()``, at least 1), 
 SpecForge instead divides by all ``B*T`` slots, which makes the loss scale with the padding
 fraction and shrink for later steps; averaging over valid positions keeps every step's loss a
 per-token quantity. The total is ``sum_k w^k L_k / sum_k w^k`` with ``w = step_weight``.
+
+Per-step accuracy counts over the step's *supervised* slots (``loss_mask`` after the shift, and
+``k < doc_remaining`` in packed rows), as SpecForge does: a slot whose target argmax lies outside
+the draft vocabulary is a miss, because the draft cannot propose that token. The accuracy over
+``position_mask`` slots only (target argmax inside the draft vocabulary) is kept as
+``acc_in_draft_vocab``; it ignores those slots and so overstates what serving will accept.
 """
 
 from __future__ import annotations
@@ -52,8 +59,11 @@ class TTTOutput:
         losses: ``[K]`` per-step mean loss over that step's valid positions.
         loss_sums: ``[K]`` per-step summed loss (divide the all-reduced sums by ``valid``).
         correct: ``[K]`` int64 count of valid positions where the draft argmax equals the
-            target argmax over the draft vocabulary.
-        valid: ``[K]`` int64 count of valid positions (``position_mask`` after the shift).
+            target argmax over the draft vocabulary (the draft's token is the target's).
+        valid: ``[K]`` int64 count of valid positions (``position_mask`` after the shift: supervised
+            and the target argmax in the draft vocabulary); the loss averages over these.
+        supervised: ``[K]`` int64 count of supervised positions (``loss_mask`` after the shift,
+            gated by ``doc_remaining``), whatever the target argmax; ``valid <= supervised``.
         logits: per-step ``[B, T, Vd]`` draft logits when ``return_logits`` was set.
     """
 
@@ -62,11 +72,19 @@ class TTTOutput:
     loss_sums: torch.Tensor
     correct: torch.Tensor
     valid: torch.Tensor
+    supervised: torch.Tensor
     logits: list[torch.Tensor] | None = None
 
     @property
     def accuracies(self) -> torch.Tensor:
-        """``[K]`` float per-step accuracy (0 where a step had no valid positions)."""
+        """``[K]`` per-step accuracy over supervised positions (``correct / supervised``): a target
+        outside the draft vocabulary counts as a miss. 0 where a step supervised nothing."""
+        return self.correct.float() / self.supervised.clamp(min=1).float()
+
+    @property
+    def acc_in_draft_vocab(self) -> torch.Tensor:
+        """``[K]`` accuracy over positions whose target is in the draft vocabulary only
+        (``correct / valid``); an upper bound of :attr:`accuracies`."""
         return self.correct.float() / self.valid.clamp(min=1).float()
 
 
@@ -169,31 +187,38 @@ def ttt_forward(
 
     cache = Eagle3KVCache()
     hidden = model.fc(aux_hidden_states.to(model.fc.weight.dtype))  # [B, T, H]
-    ids, probs, pmask = input_ids, target_probs, position_mask.bool()
-    step_losses, step_sums, step_correct, step_valid, kept = [], [], [], [], []
+    ids, pmask, lmask = input_ids, position_mask.bool(), loss_mask.bool()
+    step_losses, step_sums, step_correct, step_valid, step_supervised, kept = [], [], [], [], [], []
     for step in range(ttt_steps):
         if step > 0:
             ids = shift_left_with_zero(ids)
-            probs = shift_left_with_zero(probs)
             pmask = shift_left_with_zero(pmask)
+            lmask = shift_left_with_zero(lmask)
         out = model.forward_step(ids, hidden, position_ids=position_ids + step, mask=mask, cache=cache)
         hidden = out.hidden_states  # slot t keeps its own chain state
 
-        valid = pmask
+        valid, supervised = pmask, lmask  # [B, T, 1], [B, T]
         if doc_remaining is not None:
-            valid = valid & (doc_remaining.to(device) > step).unsqueeze(-1)  # [B, T, 1]
+            in_doc = doc_remaining.to(device) > step  # [B, T]: slot t + step is still in t's document
+            valid = valid & in_doc.unsqueeze(-1)
+            supervised = supervised & in_doc
+        # Target probs shifted by ``step`` are the view target_probs[:, step:] against slots [0, T - step):
+        # the shifted-in zero tail supervises nothing, and no [B, T, Vd] copy is made or kept per step.
+        rows = max(seq - step, 0)
+        probs = target_probs[:, step:]  # [B, rows, Vd]
         wide = torch.promote_types(out.logits.dtype, torch.float32)  # loss in at least fp32
-        weight = valid.to(wide)
-        log_probs = F.log_softmax(out.logits.to(wide), dim=-1)  # [B, T, Vd]
-        per_slot = -(weight * probs.to(wide) * log_probs).sum(-1)  # [B, T]
+        weight = valid[:, :rows].squeeze(-1).to(wide)  # [B, rows]
+        log_probs = F.log_softmax(out.logits[:, :rows].to(wide), dim=-1)  # [B, rows, Vd]
+        per_slot = -(probs.to(wide) * log_probs).sum(-1) * weight  # [B, rows]
         loss_sum = per_slot.sum()
         count = weight.sum()
         step_sums.append(loss_sum)
         step_losses.append(loss_sum / count.clamp(min=1))
         with torch.no_grad():
-            hit = (out.logits.argmax(-1) == probs.argmax(-1)) & valid.squeeze(-1)
+            hit = (out.logits[:, :rows].argmax(-1) == probs.argmax(-1)) & valid[:, :rows].squeeze(-1)
             step_correct.append(hit.sum())
             step_valid.append(valid.sum())
+            step_supervised.append(supervised.sum())
         if return_logits:
             kept.append(out.logits)
 
@@ -205,5 +230,6 @@ def ttt_forward(
         loss_sums=torch.stack(step_sums),
         correct=torch.stack(step_correct).to(torch.int64),
         valid=torch.stack(step_valid).to(torch.int64),
+        supervised=torch.stack(step_supervised).to(torch.int64),
         logits=kept if return_logits else None,
     )

@@ -1,0 +1,39 @@
+"""The trainer's benchmark scripts at their smallest sizes, in a subprocess, so they cannot rot."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCHMARKS / script), *args], env=ENV, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_ttt_memory_benchmark_runs_both_variants_side_by_side():
+    r = _run("ttt_memory.py", "--shape", "tiny", "--repeats", "1", "--ttt-steps", "3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("shape tiny: B=1 T=64 Vd=256 ttt_steps=3 device=cpu")
+    losses = [float(re.search(rf"^{v} +peak +[0-9.]+ MiB .* loss ([0-9.]+)$", line).group(1))
+              for v, line in zip(("fused", "eager"), lines[1:3])]
+    assert losses[0] == losses[1] or abs(losses[0] - losses[1]) < 1e-4
+    assert re.match(r"^ratio  eager/fused peak memory [0-9.]+x   step time [0-9.]+x wall, [0-9.]+x CPU$", lines[3])
+
+
+def test_quality_gate_fails_below_its_threshold(tmp_path):
+    """Two training steps leave a draft far below any threshold: the gate reports it and exits 1."""
+    r = _run("quality_gate.py", "--out", str(tmp_path / "qg"), "--max-steps", "2", "--num-samples", "16",
+             "--num-prompts", "2", "--max-new-tokens", "8", "--min-tau", "4.5", "--threads", "1")
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-3000:]
+    tau = float(re.search(r"^real tau +([0-9.]+) emitted tokens per verify step", r.stdout, re.M).group(1))
+    assert tau < 4.5
+    assert "lossless        True" in r.stdout
+    assert f"gate            FAIL: real tau {tau:.3f} < --min-tau 4.5" in r.stdout
