@@ -23,7 +23,7 @@ from draftcache.target import HFEagle3TargetModel
 from draftcache.trainer.export import load_exported_draft
 from draftcache.trainer.speculative import SpecDecodeStats, greedy_generate, speculative_generate, timed
 
-__all__ = ["EvalReport", "evaluate_draft", "prompt_ids_from_conversations"]
+__all__ = ["EvalPrompts", "EvalReport", "evaluate_draft", "load_eval_prompts", "prompt_ids_from_conversations"]
 
 
 @dataclass
@@ -41,6 +41,7 @@ class EvalReport:
     mismatches: int
     skipped: dict[str, int] = field(default_factory=dict)  # records read but not used as prompts, by reason
     stats: SpecDecodeStats | None = None
+    outputs: list[list[int]] = field(default_factory=list, repr=False)  # [num_prompts] generated ids (speculative)
 
     @property
     def speedup(self) -> float:
@@ -96,6 +97,33 @@ def prompt_ids_from_conversations(conversations, tokenizer, num_prompts: int,
     return prompts
 
 
+@dataclass
+class EvalPrompts:
+    """The prompts of one eval run: ``ids`` (token ids, chat template and generation prompt
+    applied), the tokenizer that rendered them and the records passed over, by reason."""
+
+    ids: list[list[int]]
+    tokenizer: object
+    skipped: dict[str, int]
+
+
+def load_eval_prompts(*, target_path: str, input_data: str | None = None, num_prompts: int = 20,
+                      chat_template: str | None = None, trust_remote_code: bool = False) -> EvalPrompts:
+    """The first ``num_prompts`` prompts of ``input_data`` (chats or a prompts-only file; default:
+    the embedded held-out chats), rendered with ``chat_template`` (a ``--chat-template`` value) or
+    ``target_path``'s tokenizer's own. Both evals (ours and ``--engine vllm``) read them here."""
+    from draftcache.data import load_conversations, set_chat_template
+    from draftcache.defaults import default_eval_data_path
+    from draftcache.target.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(target_path, trust_remote_code=trust_remote_code)
+    set_chat_template(tokenizer, chat_template)
+    # prompts-only records are welcome here; read only as many records as the prompts need
+    conversations = load_conversations(input_data or default_eval_data_path(), prompts=True, lazy=True)
+    ids = prompt_ids_from_conversations(conversations, tokenizer, num_prompts, conversations.skipped)
+    return EvalPrompts(ids=ids, tokenizer=tokenizer, skipped=conversations.skipped.as_dict())
+
+
 @torch.no_grad()
 def evaluate_draft(
     *,
@@ -108,32 +136,29 @@ def evaluate_draft(
     device: str | None = None,
     trust_remote_code: bool = False,
     chat_template: str | None = None,
+    prompts: EvalPrompts | None = None,
 ) -> EvalReport:
     """Measure the draft in ``draft_dir`` against its target on ``num_prompts`` prompts from
-    ``input_data`` (chats or a prompts-only file; default: the embedded held-out chats), rendered
-    with ``chat_template`` (a ``--chat-template`` value) or the tokenizer's own."""
-    from draftcache.data import load_conversations, set_chat_template
-    from draftcache.defaults import default_eval_data_path, default_target_path
-    from draftcache.target.loading import load_target_model, load_tokenizer, resolve_device
+    ``input_data`` (see :func:`load_eval_prompts`; ``prompts`` gives them ready-made)."""
+    from draftcache.defaults import default_target_path
+    from draftcache.target.loading import load_target_model, resolve_device
 
     if num_prompts < 1 or draft_tokens < 1 or max_new_tokens < 1:
         raise ValueError("--num-prompts, --draft-tokens and --max-new-tokens must all be >= 1")
     dev = resolve_device(device)
     target_path = target_model or default_target_path()
-    tokenizer = load_tokenizer(target_path, trust_remote_code=trust_remote_code)
-    set_chat_template(tokenizer, chat_template)
-    # prompts-only records are welcome here; read only as many records as the prompts need
-    conversations = load_conversations(input_data or default_eval_data_path(), prompts=True, lazy=True)
-    prompts = prompt_ids_from_conversations(conversations, tokenizer, num_prompts, conversations.skipped)
+    if prompts is None:
+        prompts = load_eval_prompts(target_path=target_path, input_data=input_data, num_prompts=num_prompts,
+                                    chat_template=chat_template, trust_remote_code=trust_remote_code)
     model = load_target_model(target_path, device=dev, trust_remote_code=trust_remote_code)
     draft = load_exported_draft(draft_dir, target_embeddings=model.get_input_embeddings().weight.detach().float().cpu())
     draft = draft.to(dev).eval()
     if dev.type != "cpu":
         draft = draft.to(torch.bfloat16)
     target = HFEagle3TargetModel(model, aux_layer_ids=draft.config.aux_layer_ids)
-    eos = tokenizer.eos_token_id
+    eos = prompts.tokenizer.eos_token_id
 
-    warm = torch.tensor(prompts[0], device=dev)
+    warm = torch.tensor(prompts.ids[0], device=dev)
     greedy_generate(model, warm, 4, eos)
     speculative_generate(target, draft, warm, max_new_tokens=4, draft_tokens=draft_tokens, eos_token_id=eos)
 
@@ -141,7 +166,8 @@ def evaluate_draft(
     t_greedy = t_spec = 0.0
     n_greedy = n_spec = 0
     mismatches = 0
-    for p in prompts:
+    outputs = []
+    for p in prompts.ids:
         ids = torch.tensor(p, device=dev)
         ref, dt = timed(greedy_generate, model, ids, max_new_tokens, eos)
         t_greedy, n_greedy = t_greedy + dt, n_greedy + len(ref)
@@ -149,8 +175,9 @@ def evaluate_draft(
                         draft_tokens=draft_tokens, stats=stats, eos_token_id=eos)
         t_spec, n_spec = t_spec + dt, n_spec + len(out)
         mismatches += int(out != ref)
+        outputs.append(out)
     return EvalReport(
-        num_prompts=len(prompts), draft_tokens=draft_tokens, tau=stats.tau, acceptance_rates=stats.acceptance_rates,
+        num_prompts=len(prompts.ids), draft_tokens=draft_tokens, tau=stats.tau, acceptance_rates=stats.acceptance_rates,
         tokens=n_spec, greedy_tokens_per_s=n_greedy / max(t_greedy, 1e-9), spec_tokens_per_s=n_spec / max(t_spec, 1e-9),
-        mismatches=mismatches, skipped=conversations.skipped.as_dict(), stats=stats,
+        mismatches=mismatches, skipped=dict(prompts.skipped), stats=stats, outputs=outputs,
     )

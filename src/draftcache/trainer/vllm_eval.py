@@ -1,0 +1,408 @@
+"""``draftcache eval --engine vllm``: the exported draft served by a real vLLM, next to our own eval.
+
+vLLM is imported lazily, here only: nothing else in draftcache needs it. On the same prompts (see
+:func:`~draftcache.trainer.evaluate.load_eval_prompts`) this runs
+
+1. our eval (:func:`~draftcache.trainer.evaluate.evaluate_draft`: HF target, chain speculative
+   decoding, counters kept as vLLM keeps them);
+2. vLLM plain greedy (``temperature=0``) with the target alone;
+3. vLLM with ``speculative_config={"method": "eagle3", "model": draft_dir, "num_speculative_tokens": K}``,
+   after checking what vLLM loaded (:func:`check_vllm_draft`), and reads vLLM's own counters from
+   ``llm.get_metrics()`` (drafts, draft tokens, accepted tokens, accepted per position).
+
+The load check exists because ``Eagle3LlamaForCausalLM.load_weights`` returns None, which turns
+off vLLM's check for parameters the checkpoint left uninitialised: a missing tensor would be
+served as its random (or ones) initial value without a word. So every drafter parameter vLLM
+holds is compared with the export file itself, after vLLM's own renaming (``d2t`` ->
+``draft_id_to_target_id``, ``model.`` prefix except ``lm_head``, ``midlayer.`` -> ``layers.0.``,
+q/k/v stacked into ``qkv_proj`` and gate/up into ``gate_up_proj``, ``t2d`` skipped by design), and
+the check fails on any difference, any export tensor that lands nowhere, any parameter nothing
+filled (``embed_tokens`` may come from the target: vLLM shares the target's table when the export
+has none), any weight-related warning vLLM logs while loading, and any EAGLE-3 variant flag
+(``norm_before_fc``, ``fc_norm``, ``norm_output``, ``norm_before_residual``) read otherwise than
+our draft computes.
+
+The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that the check reads the
+drafter's parameters directly; fp32 and ``enforce_eager`` (the CPU build's settings; outputs must
+then equal plain greedy token for token).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from draftcache.trainer.evaluate import EvalPrompts, EvalReport, evaluate_draft, load_eval_prompts
+from draftcache.trainer.export import CONFIG_FILE, WEIGHTS_FILE
+from draftcache.trainer.speculative import SpecDecodeStats
+
+__all__ = ["VLLMEngine", "VLLMLoadCheck", "VLLMEvalReport", "check_vllm_draft", "compare_with_export", "counters_since", "evaluate_with_vllm",
+           "make_vllm", "release_vllm", "vllm_generate", "vllm_spec_counters"]
+
+# vLLM's Eagle3 q/k/v and gate/up stacking (LlamaModel.hf_to_vllm_mapper), in row order
+_STACKED = {".q_proj.": (".qkv_proj.", 0), ".k_proj.": (".qkv_proj.", 1), ".v_proj.": (".qkv_proj.", 2),
+            ".gate_proj.": (".gate_up_proj.", 0), ".up_proj.": (".gate_up_proj.", 1)}
+_SPEC_METRICS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
+                 "vllm:spec_decode_num_accepted_tokens", "vllm:spec_decode_num_accepted_tokens_per_pos")
+
+
+# --------------------------------------------------------------------------------------------
+# The load check
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VLLMLoadCheck:
+    """What vLLM's drafter holds, compared with the export. ``ok`` only when nothing is off."""
+
+    compared: list[str] = field(default_factory=list)   # vLLM parameters equal to the export's tensors
+    shared: list[str] = field(default_factory=list)     # vLLM parameters that are the target's (not exported)
+    problems: list[str] = field(default_factory=list)   # differences, missing or skipped names, flags
+    warnings: list[str] = field(default_factory=list)   # weight-related warnings vLLM logged while loading
+    flags: dict[str, Any] = field(default_factory=dict)  # EAGLE-3 variant flags as vLLM read them
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and not self.warnings
+
+    def format(self) -> str:
+        head = (f"{'ok' if self.ok else 'FAILED'}: {len(self.compared)} drafter parameters equal the export"
+                + (f", {', '.join(self.shared)} shared from the target" if self.shared else ""))
+        lines = [head] + [f"  problem: {p}" for p in self.problems] + [f"  vLLM warned: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _vllm_name(name: str) -> tuple[str, int | None] | None:
+    """Where vLLM's ``Eagle3LlamaForCausalLM.load_weights`` puts export tensor ``name``:
+    ``(parameter, row block of a stacked parameter or None)``, or None when it skips it (``t2d``)."""
+    if "t2d" in name:
+        return None
+    if "d2t" in name:
+        name = name.replace("d2t", "draft_id_to_target_id")
+    elif "lm_head" not in name:
+        name = "model." + name
+    name = name.replace("midlayer.", "layers.0.")
+    for old, (new, block) in _STACKED.items():
+        if old in name:
+            return name.replace(old, new), block
+    return name, None
+
+
+def compare_with_export(params: dict[str, torch.Tensor], embed_shared: bool, flags: dict[str, bool],
+             export_dir: Path) -> VLLMLoadCheck:
+    """``params``: the drafter's parameters as its ``load_weights`` left them; ``embed_shared``:
+    whether vLLM then replaced its ``embed_tokens`` by the target's; ``flags``: as vLLM read them."""
+    check = VLLMLoadCheck(flags=dict(flags))
+    tensors = load_file(str(export_dir / WEIGHTS_FILE))
+    # stacked parameters are filled block by block: collect the blocks, then compare once
+    blocks: dict[str, dict[int, torch.Tensor]] = {}
+    filled: set[str] = set()
+    for name, tensor in sorted(tensors.items()):
+        where = _vllm_name(name)
+        if where is None:
+            continue  # t2d: vLLM rebuilds nothing from it (it maps with d2t), by design
+        pname, block = where
+        if pname not in params:
+            check.problems.append(f"export tensor {name} maps to {pname}, which vLLM's drafter does not have")
+            continue
+        if block is not None:
+            blocks.setdefault(pname, {})[block] = tensor
+            continue
+        filled.add(pname)
+        _same(check, pname, params[pname], tensor, name)
+    for pname, parts in sorted(blocks.items()):
+        n = 3 if ".qkv_proj." in pname else 2
+        if sorted(parts) != list(range(n)):
+            check.problems.append(f"{pname}: the export holds blocks {sorted(parts)} of {n}")
+            continue
+        filled.add(pname)
+        _same(check, pname, params[pname], torch.cat([parts[i] for i in range(n)]), f"{pname} (stacked)")
+    for pname in sorted(set(params) - filled):
+        if pname == "model.embed_tokens.weight" and embed_shared:
+            check.shared.append(pname)
+        else:
+            check.problems.append(f"{pname}: vLLM holds it but the export does not fill it (left at its initial value)")
+    for flag, want in _expected_flags(export_dir).items():
+        if flags.get(flag) != want:
+            check.problems.append(f"vLLM reads {flag}={flags.get(flag)}, our draft computes {flag}={want}")
+    return check
+
+
+def _same(check: VLLMLoadCheck, pname: str, param: torch.Tensor, tensor: torch.Tensor, source: str) -> None:
+    held = param.detach().cpu()
+    if tuple(held.shape) != tuple(tensor.shape):
+        check.problems.append(f"{pname}: vLLM holds shape {tuple(held.shape)}, the export's {source} is {tuple(tensor.shape)}")
+    elif not torch.equal(held, tensor.to(held.dtype)):
+        diff = (held.double() - tensor.double()).abs().max().item()
+        check.problems.append(f"{pname}: differs from the export's {source} (max abs difference {diff:.3g})")
+    else:
+        check.compared.append(pname)
+
+
+def _expected_flags(export_dir: Path) -> dict[str, bool]:
+    """The variant flags our draft computes with (EAGLE-3.1 norms off; norm_before_residual as written)."""
+    data = json.loads((export_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    return {"norm_before_fc": False, "fc_norm": False, "norm_output": False, "use_aux_hidden_state": True,
+            "norm_before_residual": bool(data.get("norm_before_residual", "speculators_model_type" in data))}
+
+
+def _drafter_flags(worker) -> tuple[bool, dict[str, bool]]:
+    """Runs in vLLM's worker (``llm.collective_rpc``): whether the drafter's ``embed_tokens`` is the
+    target's module, and the EAGLE-3 variant flags its modules were built with."""
+    runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
+    drafter = runner.drafter.model
+    target = runner.get_model() if hasattr(runner, "get_model") else runner.model
+    shared = drafter.model.embed_tokens is getattr(getattr(target, "model", None), "embed_tokens", None)
+    model = drafter.model
+    return shared, {
+        "norm_before_fc": bool(model.norm_before_fc),
+        "fc_norm": model.fc_norm is not None,
+        "norm_output": bool(model.norm_output),
+        "norm_before_residual": model.layers[0]._residual_norm.__name__ == "_norm_before_residual",
+        "use_aux_hidden_state": bool(model.use_aux_hidden_state),
+    }
+
+
+@contextmanager
+def _drafter_load_snapshots():
+    """Copies of the drafter's parameters right after its ``load_weights`` (in-process engines only):
+    the CPU build then repacks linear weights for its GEMM and leaves ``.weight`` empty."""
+    from vllm.model_executor.models.llama_eagle3 import Eagle3LlamaForCausalLM
+
+    original = Eagle3LlamaForCausalLM.load_weights
+    snapshots: list[dict[str, torch.Tensor]] = []
+
+    def load_weights(self, weights):
+        result = original(self, weights)
+        snapshots.append({n: p.detach().cpu().clone() for n, p in self.named_parameters(remove_duplicate=False)})
+        return result
+
+    Eagle3LlamaForCausalLM.load_weights = load_weights
+    try:
+        yield snapshots
+    finally:
+        Eagle3LlamaForCausalLM.load_weights = original
+
+
+class _WeightWarnings(logging.Handler):
+    """Collects the warnings vLLM logs about weights (unused, skipped, not initialised)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "weight" in message.lower():
+            self.messages.append(message)
+
+
+@contextmanager
+def _capture_weight_warnings():
+    handler = _WeightWarnings()
+    logger = logging.getLogger("vllm")
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def check_vllm_draft(engine: "VLLMEngine", draft_dir: str | os.PathLike[str]) -> VLLMLoadCheck:
+    """Compare every drafter parameter ``engine`` (built by :func:`make_vllm` with ``draft_dir``)
+    loaded with ``draft_dir``'s export (see the module doc for what fails the check)."""
+    if len(engine.drafter_params) != 1:
+        raise RuntimeError(f"expected one drafter load, saw {len(engine.drafter_params)}; is the engine in-process "
+                           "(VLLM_ENABLE_V1_MULTIPROCESSING=0) and speculative?")
+    shared, flags = engine.llm.collective_rpc(_drafter_flags)[0]
+    check = compare_with_export(engine.drafter_params[0], shared, flags, Path(draft_dir))
+    check.warnings = list(engine.warnings)
+    return check
+
+
+# --------------------------------------------------------------------------------------------
+# Engine, generation, counters
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VLLMEngine:
+    """An in-process vLLM ``LLM``, the weight warnings it logged while loading and, when
+    speculative, the drafter's parameters as its ``load_weights`` left them."""
+
+    llm: Any
+    warnings: list[str]
+    drafter_params: list[dict[str, torch.Tensor]]
+
+
+def make_vllm(target_model: str, *, draft_dir: str | None = None, draft_tokens: int = 4, max_model_len: int = 2048,
+              seed: int = 0) -> VLLMEngine:
+    """A vLLM engine for ``target_model`` (fp32, eager, in-process, stats on, no prefix caching),
+    speculative with the EAGLE-3 draft in ``draft_dir`` when given."""
+    if os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+        raise RuntimeError("the vLLM load check reads the drafter in-process; unset VLLM_ENABLE_V1_MULTIPROCESSING "
+                           "or set it to 0")
+    from vllm import LLM
+
+    kwargs: dict[str, Any] = dict(model=target_model, dtype="float32", enforce_eager=True, max_model_len=max_model_len,
+                                  seed=seed, disable_log_stats=False, enable_prefix_caching=False)
+    if draft_dir is not None:
+        kwargs["speculative_config"] = {"method": "eagle3", "model": str(draft_dir),
+                                        "num_speculative_tokens": draft_tokens}
+    with _capture_weight_warnings() as warnings, _drafter_load_snapshots() as snapshots:
+        llm = LLM(**kwargs)
+    return VLLMEngine(llm=llm, warnings=warnings, drafter_params=snapshots)
+
+
+def vllm_generate(llm, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None) -> list[list[int]]:
+    """Greedy generations of ``llm`` for token-id prompts, stopping at ``eos_token_id`` (kept) or
+    ``max_new_tokens``, as our eval stops."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=True,
+                            stop_token_ids=[eos_token_id] if eos_token_id is not None else None)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def vllm_spec_counters(llm, draft_tokens: int) -> SpecDecodeStats:
+    """vLLM's speculative-decoding counters so far (``llm.get_metrics()``), in our dataclass."""
+    values: dict[str, Any] = {}
+    for metric in llm.get_metrics():
+        if metric.name in _SPEC_METRICS:
+            if hasattr(metric, "values"):
+                prev = values.get(metric.name) or [0] * len(metric.values)
+                values[metric.name] = [a + b for a, b in zip(prev, metric.values)]
+            else:
+                values[metric.name] = values.get(metric.name, 0) + metric.value
+    per_pos = list(values.get("vllm:spec_decode_num_accepted_tokens_per_pos") or [0] * draft_tokens)
+    return SpecDecodeStats(draft_tokens=draft_tokens,
+                           num_drafts=int(values.get("vllm:spec_decode_num_drafts", 0)),
+                           num_draft_tokens=int(values.get("vllm:spec_decode_num_draft_tokens", 0)),
+                           num_accepted_tokens=int(values.get("vllm:spec_decode_num_accepted_tokens", 0)),
+                           num_accepted_tokens_per_pos=[int(x) for x in per_pos])
+
+
+def counters_since(after: SpecDecodeStats, before: SpecDecodeStats) -> SpecDecodeStats:
+    """The counters of what ran between two :func:`vllm_spec_counters` snapshots."""
+    return SpecDecodeStats(
+        draft_tokens=after.draft_tokens, num_drafts=after.num_drafts - before.num_drafts,
+        num_draft_tokens=after.num_draft_tokens - before.num_draft_tokens,
+        num_accepted_tokens=after.num_accepted_tokens - before.num_accepted_tokens,
+        num_accepted_tokens_per_pos=[a - b for a, b in zip(after.num_accepted_tokens_per_pos,
+                                                           before.num_accepted_tokens_per_pos)])
+
+
+def release_vllm(engine: VLLMEngine) -> None:
+    """Shut an in-process engine down so that the next one starts clean."""
+    try:
+        engine.llm.llm_engine.engine_core.shutdown()
+    except Exception:  # noqa: BLE001 - best effort; the engine may already be down
+        pass
+    engine.llm = None
+    engine.drafter_params.clear()
+    gc.collect()
+    try:
+        from vllm.distributed import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VLLMEvalReport:
+    """Our eval and vLLM's on the same prompts. ``engine`` holds vLLM's counters (its
+    ``mean_acceptance_length`` is vLLM's ``1 + accepted / drafts``)."""
+
+    ours: EvalReport
+    engine: SpecDecodeStats
+    load_check: VLLMLoadCheck
+    plain_mismatches: int     # prompts whose vLLM speculative output differs from vLLM plain greedy
+    ours_mismatches: int      # prompts whose vLLM speculative output differs from our eval's output
+
+    @property
+    def counters_equal(self) -> bool:
+        a, b = self.engine, self.ours.stats
+        return b is not None and (a.num_drafts, a.num_draft_tokens, a.num_accepted_tokens,
+                                  a.num_accepted_tokens_per_pos) == (b.num_drafts, b.num_draft_tokens,
+                                                                     b.num_accepted_tokens, b.num_accepted_tokens_per_pos)
+
+    @property
+    def ok(self) -> bool:
+        return self.load_check.ok and self.plain_mismatches == 0 and self.ours.mismatches == 0
+
+    def format(self) -> str:
+        e, o = self.engine, self.ours.stats
+        n = self.ours.num_prompts
+        return "\n".join([
+            "draftcache eval:",
+            *("  " + line for line in self.ours.format().splitlines()),
+            "vLLM:",
+            f"  load check         {self.load_check.format()}",
+            f"  variant flags      {', '.join(f'{k}={v}' for k, v in self.load_check.flags.items())}",
+            f"  engine counters    drafts {e.num_drafts}, draft tokens {e.num_draft_tokens}, accepted "
+            f"{e.num_accepted_tokens}, accepted per position {e.num_accepted_tokens_per_pos}",
+            f"  mean accept length {e.mean_acceptance_length:.3f} (vLLM) vs {o.mean_acceptance_length:.3f} (ours, same "
+            f"counting); counters {'equal' if self.counters_equal else 'DIFFER'}",
+            f"  accept rate by pos {' '.join(f'{r:.2f}' for r in e.acceptance_rates)}",
+            f"  = plain greedy     {'yes' if self.plain_mismatches == 0 else f'NO: {self.plain_mismatches}/{n} prompts differ'}"
+            " (vLLM speculative vs vLLM plain, fp32)",
+            f"  = our output       {'yes' if self.ours_mismatches == 0 else f'NO: {self.ours_mismatches}/{n} prompts differ'}",
+        ])
+
+
+def evaluate_with_vllm(
+    *,
+    draft_dir: str,
+    target_model: str,
+    input_data: str | None = None,
+    num_prompts: int = 20,
+    draft_tokens: int = 4,
+    max_new_tokens: int = 64,
+    chat_template: str | None = None,
+    trust_remote_code: bool = False,
+) -> VLLMEvalReport:
+    """Our eval, vLLM plain greedy and vLLM with the draft, on the same prompts (see module doc)."""
+    if num_prompts < 1 or draft_tokens < 1 or max_new_tokens < 1:
+        raise ValueError("--num-prompts, --draft-tokens and --max-new-tokens must all be >= 1")
+    for required in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (Path(draft_dir) / required).is_file():
+            raise FileNotFoundError(f"{Path(draft_dir) / required} not found; --draft needs a directory written by "
+                                    "draftcache export")
+    prompts: EvalPrompts = load_eval_prompts(target_path=target_model, input_data=input_data, num_prompts=num_prompts,
+                                             chat_template=chat_template, trust_remote_code=trust_remote_code)
+    ours = evaluate_draft(draft_dir=draft_dir, target_model=target_model, num_prompts=num_prompts,
+                          draft_tokens=draft_tokens, max_new_tokens=max_new_tokens, device="cpu",
+                          trust_remote_code=trust_remote_code, prompts=prompts)
+    eos = prompts.tokenizer.eos_token_id
+    max_len = max(len(p) for p in prompts.ids) + max_new_tokens + draft_tokens + 8
+
+    plain_engine = make_vllm(target_model, max_model_len=max_len)
+    plain = vllm_generate(plain_engine.llm, prompts.ids, max_new_tokens, eos)
+    release_vllm(plain_engine)
+
+    spec_engine = make_vllm(target_model, draft_dir=draft_dir, draft_tokens=draft_tokens, max_model_len=max_len)
+    check = check_vllm_draft(spec_engine, draft_dir)
+    before = vllm_spec_counters(spec_engine.llm, draft_tokens)
+    spec = vllm_generate(spec_engine.llm, prompts.ids, max_new_tokens, eos)
+    engine = counters_since(vllm_spec_counters(spec_engine.llm, draft_tokens), before)
+    release_vllm(spec_engine)
+    return VLLMEvalReport(ours=ours, engine=engine, load_check=check,
+                          plain_mismatches=sum(a != b for a, b in zip(spec, plain)),
+                          ours_mismatches=sum(a != b for a, b in zip(spec, ours.outputs)))
