@@ -9,12 +9,15 @@ parameter lists are those engines' module parameters for a one-layer draft.
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from draftcache.trainer.checkpoint import TrainState, save_checkpoint
 from draftcache.trainer.export import export_draft, load_exported_draft
 from draftcache.trainer.model import Eagle3DraftConfig
 
@@ -175,7 +178,8 @@ def _inputs(seed: int = 0):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_round_trip_gives_identical_logits(tmp_path, model, target_config, fmt):
-    out = export_draft(model, tmp_path / fmt, target_config=target_config, target_model_id="org/tiny", format=fmt)
+    out = export_draft(model, tmp_path / fmt, target_config=target_config, target_model_id="org/tiny", format=fmt,
+                       include_embeddings=True)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]  # no temporaries left
     loaded = load_exported_draft(out)
     assert loaded.config == model.config
@@ -304,7 +308,7 @@ def test_engines_fill_every_parameter_from_the_eagle3_export(tmp_path, model, in
 
 
 def test_vllm_fills_every_parameter_from_the_speculators_export(tmp_path, model):
-    export_draft(model, tmp_path, format="speculators")
+    export_draft(model, tmp_path, format="speculators", include_embeddings=True)
     tensors = load_file(str(tmp_path / "model.safetensors"))
     assert any(name.startswith("layers.0.") for name in tensors)
     vl = vllm_load(tensors, model.config)
@@ -349,5 +353,87 @@ def test_export_refuses_a_mismatched_target_and_bad_arguments(tmp_path, model):
 def test_export_warns_that_sglang_ignores_norm_before_residual(tmp_path, draft_config):
     cfg = Eagle3DraftConfig.from_dict({**draft_config.to_dict(), "norm_before_residual": True})
     with pytest.warns(UserWarning, match="SGLang"):
-        export_draft(random_draft(cfg), tmp_path)
+        export_draft(random_draft(cfg), tmp_path, include_embeddings=True)
     assert load_exported_draft(tmp_path).config.norm_before_residual is True
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 8 section 4: umask, embeddings, EAGLE-3.1 flags
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test and restore it afterwards."""
+    previous = os.umask(0o022)
+    yield lambda mask: os.umask(mask)
+    os.umask(previous)
+
+
+def _modes(root):
+    return {p.relative_to(root).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("mask, file_mode", [(0o022, 0o644), (0o027, 0o640)])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_exported_files_respect_the_umask(tmp_path, model, umask, mask, file_mode, fmt):
+    """A server running as another user must be able to read the export (mkstemp gave 0600)."""
+    umask(mask)
+    export_draft(model, tmp_path / "out", format=fmt)
+    assert _modes(tmp_path / "out") == {"config.json": file_mode, "model.safetensors": file_mode}
+
+
+def test_checkpoint_files_respect_the_umask(tmp_path, model, umask):
+    umask(0o022)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    model.fc.weight.sum().backward()
+    optimizer.step()
+    save_checkpoint(tmp_path / "run", model=model, optimizer=optimizer, scheduler=None, state=TrainState(step=1),
+                    config={})
+    modes = _modes(tmp_path / "run")
+    assert modes == {"latest": 0o644, "step-0000001": 0o755, "step-0000001/draft.safetensors": 0o644,
+                     "step-0000001/optimizer.safetensors": 0o644, "step-0000001/rng.safetensors": 0o644,
+                     "step-0000001/state.json": 0o644}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_eagle31_flags_are_written_false_where_vllm_reads_them(tmp_path, model, target_config, fmt):
+    """vLLM's llama_eagle3.py reads ``fc_norm`` and ``norm_output`` from the top level and
+    ``norm_before_fc`` from ``eagle_config`` first, then the top level; its speculators
+    conversion copies all three from the top level (default False)."""
+    export_draft(model, tmp_path, target_config=target_config, format=fmt)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert {k: cfg[k] for k in ("norm_before_fc", "fc_norm", "norm_output")} == {
+        "norm_before_fc": False, "fc_norm": False, "norm_output": False}
+    assert "norm_before_fc" not in cfg.get("eagle_config", {})  # it would override the top-level key
+    if fmt == "eagle3":  # what a transformers-based engine sees
+        parsed = AutoConfig.from_pretrained(tmp_path)
+        assert (parsed.norm_before_fc, parsed.fc_norm, parsed.norm_output) == (False, False, False)
+
+
+def test_frozen_embeddings_are_left_to_the_engines_and_trained_ones_exported_bit_exact(tmp_path, draft_config):
+    frozen = random_draft(draft_config)
+    export_draft(frozen, tmp_path / "frozen", dtype=torch.bfloat16)
+    assert "embed_tokens.weight" not in load_file(str(tmp_path / "frozen" / "model.safetensors"))
+
+    trained = random_draft(draft_config)
+    trained.embed_tokens.weight.requires_grad_(True)
+    export_draft(trained, tmp_path / "trained")
+    tensors = load_file(str(tmp_path / "trained" / "model.safetensors"))
+    assert tensors["embed_tokens.weight"].dtype == torch.float32
+    assert torch.equal(tensors["embed_tokens.weight"], trained.embed_tokens.weight.detach())
+
+
+def test_an_export_without_embeddings_takes_them_from_the_target_it_names(tmp_path, model, target_config):
+    """As the engines share the target's table, our loader reads it from the target directory
+    that config.json names; bit-exact, whatever copy the draft trained with."""
+    torch.manual_seed(3)
+    target = AutoModelForCausalLM.from_config(tiny_target_config())
+    target.save_pretrained(tmp_path / "target")
+    export_draft(model, tmp_path / "draft", target_config=target_config, target_model_id=str(tmp_path / "target"))
+    loaded = load_exported_draft(tmp_path / "draft")
+    assert torch.equal(loaded.embed_tokens.weight, target.get_input_embeddings().weight.detach())
+    assert not torch.equal(loaded.embed_tokens.weight, model.embed_tokens.weight)  # the target's, not the draft's
+    export_draft(model, tmp_path / "elsewhere", target_config=target_config, target_model_id="org/not-here")
+    with pytest.raises(ValueError, match=r"missing names \['embed_tokens.weight'\].*target_embeddings"):
+        load_exported_draft(tmp_path / "elsewhere")

@@ -5,8 +5,9 @@ dict), ``optimizer.safetensors`` (AdamW moments, flattened as ``<param_index>.<k
 ``rng.safetensors`` (torch CPU/CUDA generator states) and ``state.json`` (step, epoch, batches
 consumed in the epoch, scheduler state, optimizer hyper-parameters, the resolved train config).
 It is written to ``step-NNNNNNN.tmp-<pid>``, every file fsync'd, then renamed into place, and
-``latest`` (a one-line file naming the newest checkpoint) is replaced atomically afterwards:
-a run killed at any moment leaves the previous checkpoint intact.
+``latest`` (a one-line file naming the newest checkpoint) is replaced atomically afterwards
+(cache_format's commit protocol): a run killed at any moment leaves the previous checkpoint
+intact. Files and folders are created with the process umask's modes (0644 / 0755 under 022).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from draftcache.cache_format.checksum import atomic_write_bytes, fsync_dir
 
 __all__ = ["TrainState", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "read_checkpoint_meta", "CheckpointError"]
 
@@ -34,14 +37,6 @@ class TrainState:
     epoch: int = 0
     batches_in_epoch: int = 0  # micro-batches of ``epoch`` already consumed (data position)
     tokens_seen: int = 0
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_file(path: Path) -> None:
@@ -83,14 +78,15 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     model_sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(model_sd, str(tmp / "draft.safetensors"))
+    # safetensors' save_file creates its files 0600 whatever the umask: serialise, then write plainly
+    (tmp / "draft.safetensors").write_bytes(save(model_sd))
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "optimizer.safetensors").write_bytes(save(opt_tensors))
     rng = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             rng[f"torch_cuda_{i}"] = s
-    save_file(rng, str(tmp / "rng.safetensors"))
+    (tmp / "rng.safetensors").write_bytes(save(rng))
     meta = {
         "state": state.__dict__,
         "optimizer": opt_meta,
@@ -102,15 +98,11 @@ def save_checkpoint(
     (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=str))
     for f in tmp.iterdir():
         _fsync_file(f)
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    latest_tmp = run_dir / f"latest.tmp-{os.getpid()}"
-    latest_tmp.write_text(name + "\n")
-    _fsync_file(latest_tmp)
-    os.replace(latest_tmp, run_dir / "latest")
-    _fsync_dir(run_dir)
+    atomic_write_bytes(run_dir / "latest", (name + "\n").encode())  # also fsyncs run_dir (the rename above)
     _prune(run_dir, keep_last)
     return final
 

@@ -5,8 +5,8 @@ Two formats, each ``config.json`` + ``model.safetensors``:
 ``eagle3`` (default; SGLang and vLLM)
     ``architectures: ["LlamaForCausalLMEagle3"]`` (SGLang's class; vLLM's registry maps it to
     ``Eagle3LlamaForCausalLM``). Weights are the draft's own state_dict names: ``midlayer.*``,
-    ``fc.weight``, ``norm.weight``, ``lm_head.weight``, ``d2t``, ``t2d`` and (by default)
-    ``embed_tokens.weight``, with no ``model.`` prefix. SGLang prefixes ``model.`` to names
+    ``fc.weight``, ``norm.weight``, ``lm_head.weight``, ``d2t``, ``t2d`` and, only when the draft
+    trained its own, ``embed_tokens.weight``, with no ``model.`` prefix. SGLang prefixes ``model.`` to names
     that are not already parameters and silently skips what it does not know; vLLM prefixes
     ``model.`` (except ``lm_head``), renames ``midlayer.`` -> ``layers.0.`` and
     ``d2t`` -> ``draft_id_to_target_id``, skips ``t2d`` and raises on unknown names. Both
@@ -31,21 +31,33 @@ their sources):
   holds our ids + 1.
 
 Both keys are written; ``draftcache.aux_layer_ids`` records ours and the convention.
+
+Embeddings: a frozen ``embed_tokens`` is the target's table, but the copy a draft trained from a
+cache holds is the cache's (rounded to its storage dtype), so it is left out: vLLM then logs
+"Detected EAGLE model without its own embed_tokens in the checkpoint. Sharing target model
+embedding weights with the draft model" and serves the target's exact table (SGLang likewise sets
+the target's embedding into the draft), as :func:`load_exported_draft` does here.
+
+EAGLE-3.1 variant flags: ``norm_before_fc`` (one RMSNorm over the concatenated aux states before
+``fc``), ``fc_norm`` (one RMSNorm per aux state) and ``norm_output`` (the next step reads the
+post-norm hidden) are written at the top level, False, so that no engine guesses: our draft has
+none of them (vLLM's ``llama_eagle3.py`` reads all three there; ``norm_before_fc`` also inside
+``eagle_config``, which takes precedence, so it is not written there).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from draftcache.cache_format.checksum import atomic_write_bytes
 from draftcache.trainer.model import Eagle3DraftConfig, Eagle3DraftModel
 
 __all__ = [
@@ -64,6 +76,9 @@ WEIGHTS_FILE = "model.safetensors"
 AUX_LAYER_CONVENTION = "decoder-layer output (HF hidden_states[i + 1]); engines' capture id = i + 1"
 
 _LAYER_PREFIX = {"eagle3": "midlayer.", "speculators": "layers.0."}
+#: EAGLE-3.1 variants (vLLM's names); our draft uses none of them
+EAGLE31_FLAGS = {"norm_before_fc": False, "fc_norm": False, "norm_output": False}
+EMBEDDED_TARGET_ID = "draftcache/embedded-default-target"  # what manifests name the embedded default target
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -151,6 +166,7 @@ def _export_config(
             "draft_vocab_size": config.draft_vocab_size,
             "target_hidden_size": config.target_hidden_size,
             "norm_before_residual": config.norm_before_residual,
+            **EAGLE31_FLAGS,
             "torch_dtype": _DTYPE_NAMES[dtype],
             "eagle_config": {
                 # SGLang adds 1 to these before capturing: decoder-layer output ids (ours)
@@ -169,6 +185,7 @@ def _export_config(
         "draft_vocab_size": config.draft_vocab_size,
         "target_hidden_size": config.target_hidden_size,
         "norm_before_residual": config.norm_before_residual,
+        **EAGLE31_FLAGS,
         "eagle_aux_hidden_state_layer_ids": engine_ids,
         "torch_dtype": _DTYPE_NAMES[dtype],
         "speculators_config": {
@@ -196,31 +213,6 @@ def _export_tensors(model: Eagle3DraftModel, *, format: str, dtype: torch.dtype,
     return tensors
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same directory, fsync, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def export_draft(
     model: Eagle3DraftModel,
     output_dir: str | os.PathLike[str],
@@ -229,7 +221,7 @@ def export_draft(
     target_model_id: str | None = None,
     format: str = "eagle3",
     dtype: torch.dtype | None = None,
-    include_embeddings: bool = True,
+    include_embeddings: bool | None = None,
     num_speculative_tokens: int = 3,
 ) -> Path:
     """Write ``config.json`` and ``model.safetensors`` for SGLang/vLLM into ``output_dir``.
@@ -244,8 +236,9 @@ def export_draft(
             vLLM serves that model when given only the speculator).
         format: ``"eagle3"`` (SGLang + vLLM) or ``"speculators"`` (vLLM / speculators).
         dtype: weight dtype (float32, float16, bfloat16); default the model's.
-        include_embeddings: save ``embed_tokens.weight`` (engines otherwise use the target's;
-            the draft's frozen copy equals it).
+        include_embeddings: save ``embed_tokens.weight``. Default: only when the draft trained
+            it (``requires_grad``); a frozen table is the target's, which the engines then share
+            bit-exact (the draft's own copy may be a cache's rounded one).
         num_speculative_tokens: ``speculators_config.proposal_methods[0].speculative_tokens``.
 
     Returns:
@@ -267,14 +260,15 @@ def export_draft(
     config = _export_config(model.config, format=format, target_config=target_config,
                             target_model_id=target_model_id, dtype=dtype,
                             num_speculative_tokens=num_speculative_tokens)
+    if include_embeddings is None:
+        include_embeddings = bool(model.embed_tokens.weight.requires_grad)
     tensors = _export_tensors(model, format=format, dtype=dtype, include_embeddings=include_embeddings)
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    text = json.dumps(config, indent=2, sort_keys=False) + "\n"
-    _atomic_write(out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    _fsync_dir(out)
+    # each file: temporary -> fsync -> rename -> fsync dir, created with the umask's mode
+    atomic_write_bytes(out / WEIGHTS_FILE, save(tensors, metadata={"format": "pt"}))
+    atomic_write_bytes(out / CONFIG_FILE, (json.dumps(config, indent=2, sort_keys=False) + "\n").encode("utf-8"))
     return out
 
 
@@ -342,6 +336,21 @@ def _draft_config_from_export(data: Mapping[str, Any]) -> Eagle3DraftConfig:
     )
 
 
+def _named_target_embeddings(model_id: str | None) -> torch.Tensor | None:
+    """The input embeddings ``[V, H]`` (float32) of the target an export names, when that target
+    is here without a download: a local directory or the embedded default. Else None."""
+    if model_id == EMBEDDED_TARGET_ID:
+        from draftcache.defaults import default_target_path
+
+        model_id = default_target_path()
+    if not model_id or not (Path(model_id) / "config.json").is_file():
+        return None
+    from draftcache.target.loading import load_target_model
+
+    model = load_target_model(model_id, device=torch.device("cpu"))
+    return model.get_input_embeddings().weight.detach().float()
+
+
 def load_exported_draft(
     path: str | os.PathLike[str],
     *,
@@ -350,9 +359,10 @@ def load_exported_draft(
 ) -> Eagle3DraftModel:
     """Load a directory written by :func:`export_draft` (either format) as a float32 draft.
 
-    ``target_embeddings [V, H]`` fills ``embed_tokens`` when the export omitted it. Names
-    that are not draft parameters (e.g. a ``model.layers.0.*`` checkpoint) and missing
-    parameters raise, naming them.
+    ``embed_tokens`` comes from the export when it has one, else from ``target_embeddings [V, H]``,
+    else from the target ``config.json`` names (a local directory or the embedded default), as
+    the engines share it. Names that are not draft parameters (e.g. a ``model.layers.0.*``
+    checkpoint) and missing parameters raise, naming them.
     """
     root = Path(path)
     config_path, weights_path = root / CONFIG_FILE, root / WEIGHTS_FILE
@@ -371,6 +381,8 @@ def load_exported_draft(
     expected = model.state_dict()
     unknown = sorted(set(state) - set(expected))
     missing = sorted(set(expected) - set(state))
+    if "embed_tokens.weight" in missing and target_embeddings is None:
+        target_embeddings = _named_target_embeddings((data.get("draftcache") or {}).get("target_model"))
     if "embed_tokens.weight" in missing and target_embeddings is not None:
         missing.remove("embed_tokens.weight")
         state["embed_tokens.weight"] = target_embeddings
@@ -378,7 +390,8 @@ def load_exported_draft(
         raise ValueError(
             f"{weights_path} does not hold an EAGLE-3 draft in the exported layout: unknown names {unknown}, "
             f"missing names {missing} (expected midlayer.*/layers.0.*, fc, norm, lm_head, d2t, t2d without a "
-            "'model.' prefix; pass target_embeddings if embed_tokens.weight was not exported)"
+            "'model.' prefix; pass target_embeddings if embed_tokens.weight was not exported and the target "
+            "config.json names is not a local directory)"
         )
     wrong = [f"{name}: {tuple(t.shape)} != {tuple(expected[name].shape)}"
              for name, t in state.items() if tuple(t.shape) != tuple(expected[name].shape)]

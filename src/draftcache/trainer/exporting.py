@@ -21,10 +21,13 @@ def load_checkpoint_draft(checkpoint: str | Path) -> tuple[Eagle3DraftModel, dic
             f"{checkpoint} is neither a checkpoint (draft.safetensors + state.json) nor a run directory with a "
             "'latest' checkpoint; pass the --output-dir of draftcache train or one of its step-* folders"
         )
-    extra = read_checkpoint_meta(ckpt).get("extra", {})
+    meta = read_checkpoint_meta(ckpt)
+    extra = meta.get("extra", {})
     if "draft_config" not in extra:
         raise CheckpointError(f"{ckpt}/state.json does not describe the draft (no extra.draft_config)")
-    model = Eagle3DraftModel(Eagle3DraftConfig.from_dict(extra["draft_config"]))
+    # a frozen table is the target's: the export then leaves it to the engines (see export_draft)
+    frozen = bool((meta.get("config") or {}).get("freeze_embeddings", True))
+    model = Eagle3DraftModel(Eagle3DraftConfig.from_dict(extra["draft_config"]), freeze_embeddings=frozen)
     model.load_state_dict(load_file(str(ckpt / "draft.safetensors")))
     return model, extra
 
