@@ -45,8 +45,9 @@ from draftcache.trainer.evaluate import EvalPrompts, EvalReport, evaluate_draft,
 from draftcache.trainer.export import CONFIG_FILE, WEIGHTS_FILE
 from draftcache.trainer.speculative import SpecDecodeStats
 
-__all__ = ["VLLMEngine", "VLLMLoadCheck", "VLLMEvalReport", "check_vllm_draft", "compare_with_export", "counters_since", "evaluate_with_vllm",
-           "make_vllm", "release_vllm", "vllm_generate", "vllm_spec_counters"]
+__all__ = ["VLLMEngine", "VLLMLoadCheck", "VLLMEvalReport", "check_vllm_draft", "compare_with_export",
+           "counters_since", "drafter_state", "evaluate_with_vllm", "make_vllm", "release_vllm", "vllm_generate",
+           "vllm_spec_counters"]
 
 # vLLM's Eagle3 q/k/v and gate/up stacking (LlamaModel.hf_to_vllm_mapper), in row order
 _STACKED = {".q_proj.": (".qkv_proj.", 0), ".k_proj.": (".qkv_proj.", 1), ".v_proj.": (".qkv_proj.", 2),
@@ -98,7 +99,7 @@ def _vllm_name(name: str) -> tuple[str, int | None] | None:
 
 
 def compare_with_export(params: dict[str, torch.Tensor], embed_shared: bool, flags: dict[str, bool],
-             export_dir: Path) -> VLLMLoadCheck:
+                        export_dir: Path) -> VLLMLoadCheck:
     """``params``: the drafter's parameters as its ``load_weights`` left them; ``embed_shared``:
     whether vLLM then replaced its ``embed_tokens`` by the target's; ``flags``: as vLLM read them."""
     check = VLLMLoadCheck(flags=dict(flags))
@@ -155,7 +156,7 @@ def _expected_flags(export_dir: Path) -> dict[str, bool]:
             "norm_before_residual": bool(data.get("norm_before_residual", "speculators_model_type" in data))}
 
 
-def _drafter_flags(worker) -> tuple[bool, dict[str, bool]]:
+def drafter_state(worker) -> tuple[bool, dict[str, bool]]:
     """Runs in vLLM's worker (``llm.collective_rpc``): whether the drafter's ``embed_tokens`` is the
     target's module, and the EAGLE-3 variant flags its modules were built with."""
     runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
@@ -223,7 +224,7 @@ def check_vllm_draft(engine: "VLLMEngine", draft_dir: str | os.PathLike[str]) ->
     if len(engine.drafter_params) != 1:
         raise RuntimeError(f"expected one drafter load, saw {len(engine.drafter_params)}; is the engine in-process "
                            "(VLLM_ENABLE_V1_MULTIPROCESSING=0) and speculative?")
-    shared, flags = engine.llm.collective_rpc(_drafter_flags)[0]
+    shared, flags = engine.llm.collective_rpc(drafter_state)[0]
     check = compare_with_export(engine.drafter_params[0], shared, flags, Path(draft_dir))
     check.warnings = list(engine.warnings)
     return check
