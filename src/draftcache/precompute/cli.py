@@ -74,6 +74,7 @@ def precompute(
     from draftcache.cache_format import CacheFormatError
     from draftcache.precompute.distributed import DistContext, PeerLostError, RankFailedError
     from draftcache.precompute.main import PrecomputeError, precompute_from_config
+    from draftcache.target import RunnerError
 
     try:
         ctx = DistContext.from_env()
@@ -85,7 +86,7 @@ def precompute(
         _fail(str(e), 1)
     except ConfigError as e:
         _fail(str(e) if not ctx.is_distributed else f"rank {ctx.rank} failed: {e}", 2)
-    except (ValueError, OSError, PrecomputeError, CacheFormatError) as e:
+    except (ValueError, OSError, PrecomputeError, CacheFormatError, RunnerError) as e:
         _fail(str(e) if not ctx.is_distributed else f"rank {ctx.rank} failed: {e}", 1)
     except Exception as e:
         if not ctx.is_distributed:

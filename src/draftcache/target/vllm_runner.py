@@ -119,7 +119,7 @@ class TargetHeadModel(nn.Module):
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         self.config = skeleton.config
-        self._skeleton_entries = {name: (tuple(t.shape), t.dtype) for name, t in skeleton.state_dict().items()}
+        self._state_dtypes = {name: t.dtype for name, t in skeleton.state_dict().items()}  # the HF state_dict's
         self._tied = self._tied_names(skeleton)
         names = {id(m): n for n, m in skeleton.named_modules()}
         embed, head = skeleton.get_input_embeddings(), skeleton.get_output_embeddings()
@@ -193,7 +193,7 @@ class TargetHeadModel(nn.Module):
         """``(name, tensor)`` of the full HF ``state_dict`` in name order, read one at a time from the
         checkpoint in the dtype the HF model would hold (tied entries repeat their tensor; entries
         the checkpoint lacks, such as buffers built at init, are left out)."""
-        for name, (_, dtype) in sorted(self._skeleton_entries.items()):
+        for name, dtype in sorted(self._state_dtypes.items()):
             try:
                 tensor = self._checkpoint_tensor(name)
             except TargetLayoutError:
@@ -312,7 +312,6 @@ class VLLMTargetRunner:
             enforce_eager=True,
             # every prompt token's hidden state must be computed by this request's forward
             enable_prefix_caching=False,
-            skip_tokenizer_init=True,
             speculative_config={
                 "method": "extract_hidden_states",
                 "num_speculative_tokens": 1,
