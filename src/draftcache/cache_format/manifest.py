@@ -214,6 +214,12 @@ class Manifest:
         return self.data["target"]["vocab_size"]
 
     @property
+    def engine(self) -> dict[str, str] | None:
+        """``target.engine`` (``{"name", "version"}``): what ran the target; None in caches from before it was recorded."""
+        engine = self.data["target"].get("engine")
+        return dict(engine) if engine is not None else None
+
+    @property
     def aux_dim(self) -> int:
         """``F = len(layer_ids) * hidden_size``: the width of ``aux_hidden_states``."""
         return len(self.data["capture"]["layer_ids"]) * self.hidden_size

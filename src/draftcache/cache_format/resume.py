@@ -35,6 +35,7 @@ RESUME_KEY_FIELDS: tuple[str, ...] = (
     "kind",
     "target.fingerprint",
     "target.config_fingerprint",
+    "target.engine.name",
     "tokenizer.fingerprint",
     "tokenizer.chat_template_fingerprint",
     "capture.layer_ids",

@@ -53,6 +53,8 @@ def precompute(
     num_workers: int = typer.Option(0, "--num-workers", help="Tokenize in N worker processes (spawned, one tokenizer each; the result is identical to 0 = in this process). Worth it for large corpora: each worker takes a few seconds to start."),
     chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Chat template replacing the tokenizer's own: the path of a Jinja file, or the template text itself (a value that is not an existing file must contain '{{' or '{%'). The manifest fingerprints the template used, so --resume needs the same one."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    engine: str = typer.Option("hf", "--engine", help="What runs the target: hf (transformers, in this process, on --device) or vllm (vLLM serves it; needs the vllm package). Recorded in the manifest; --resume needs the same engine."),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vLLM tensor parallelism: shard the target over N devices (--engine vllm only)."),
 ) -> None:
     """Write the EAGLE-3 supervision cache of a frozen target over a chat corpus.
 
@@ -65,13 +67,14 @@ def precompute(
             device=device, split=split, shuffle_seed=shuffle_seed, num_samples=num_samples,
             aux_layer_ids=_layer_ids(aux_layer_ids), trust_remote_code=trust_remote_code, strict=strict,
             resume=resume, supervision=supervision, target_probs_topk=target_probs_topk, num_workers=num_workers,
-            chat_template=chat_template, progress=not quiet,
+            chat_template=chat_template, progress=not quiet, engine=engine, tensor_parallel_size=tensor_parallel_size,
         ).validate()
     except ConfigError as e:
         _fail(str(e), 2)
     from draftcache.cache_format import CacheFormatError
     from draftcache.precompute.distributed import DistContext, PeerLostError, RankFailedError
     from draftcache.precompute.main import PrecomputeError, precompute_from_config
+    from draftcache.target import RunnerError
 
     try:
         ctx = DistContext.from_env()
@@ -83,7 +86,7 @@ def precompute(
         _fail(str(e), 1)
     except ConfigError as e:
         _fail(str(e) if not ctx.is_distributed else f"rank {ctx.rank} failed: {e}", 2)
-    except (ValueError, OSError, PrecomputeError, CacheFormatError) as e:
+    except (ValueError, OSError, PrecomputeError, CacheFormatError, RunnerError) as e:
         _fail(str(e) if not ctx.is_distributed else f"rank {ctx.rank} failed: {e}", 1)
     except Exception as e:
         if not ctx.is_distributed:

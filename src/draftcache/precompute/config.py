@@ -6,10 +6,11 @@ from dataclasses import asdict, dataclass
 
 from draftcache.data.templates import chat_template_problem
 
-__all__ = ["PrecomputeConfig", "ConfigError", "SUPERVISION_CHOICES", "DTYPE_CHOICES", "parse_layer_ids"]
+__all__ = ["PrecomputeConfig", "ConfigError", "SUPERVISION_CHOICES", "DTYPE_CHOICES", "ENGINE_CHOICES", "parse_layer_ids"]
 
 SUPERVISION_CHOICES = ("auto", "probs", "topk", "hidden")
 DTYPE_CHOICES = ("bf16", "fp16", "fp32")
+ENGINE_CHOICES = ("hf", "vllm")  # what runs the target: transformers in-process, or vLLM
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,8 @@ class PrecomputeConfig:
     num_workers: int = 0                 # tokenisation processes (spawned); 0 = in this process
     chat_template: str | None = None     # Jinja file or text replacing the tokenizer's template (fingerprinted)
     progress: bool = True                # tqdm bars (--quiet turns them off)
+    engine: str = "hf"                   # hf | vllm (recorded in the manifest; --resume needs the same)
+    tensor_parallel_size: int = 1        # vLLM tensor parallelism (engine vllm only)
 
     def problems(self) -> list[str]:
         """Every invalid value, each naming its flag."""
@@ -101,6 +104,16 @@ class PrecomputeConfig:
                 p.append(f"--aux-layer-ids must be non-negative decoder-layer ids, got {ids}")
         if self.num_workers < 0:
             p.append(f"--num-workers must be >= 0, got {self.num_workers}")
+        if self.engine not in ENGINE_CHOICES:
+            p.append(f"--engine must be one of {', '.join(ENGINE_CHOICES)}, got {self.engine!r}")
+        if self.tensor_parallel_size < 1:
+            p.append(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
+        elif self.tensor_parallel_size > 1 and self.engine != "vllm":
+            p.append(f"--tensor-parallel-size {self.tensor_parallel_size} needs --engine vllm (the hf engine runs "
+                     "the target on one device; shard the data over processes with torchrun instead)")
+        if self.engine == "vllm" and self.device is not None:
+            p.append(f"--device {self.device} does not apply to --engine vllm, which places the target itself "
+                     "(use --tensor-parallel-size N); drop --device")
         template = chat_template_problem(self.chat_template)
         if template:
             p.append(template)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 
 import torch
 
 from draftcache.data.templates import template_sha256
 
-__all__ = ["model_fingerprint", "config_fingerprint", "tokenizer_fingerprint", "chat_template_fingerprint"]
+__all__ = ["model_fingerprint", "named_tensors_fingerprint", "config_fingerprint", "tokenizer_fingerprint", "chat_template_fingerprint"]
 
 _SAMPLES_PER_TENSOR = 4096
 
@@ -31,11 +32,17 @@ def config_fingerprint(config) -> str:
     return _sha(json.dumps(d, sort_keys=True, default=str).encode())
 
 
-@torch.no_grad()
 def model_fingerprint(model: torch.nn.Module) -> str:
     """sha256 over every parameter/buffer name, shape, dtype and a strided sample of its values."""
+    return named_tensors_fingerprint(sorted(model.state_dict().items()))
+
+
+@torch.no_grad()
+def named_tensors_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """``model_fingerprint`` over ``(name, tensor)`` pairs given in name order, consumed one at a
+    time (so a generator can stream a checkpoint without holding it in memory)."""
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in named_tensors:
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
         sample = flat[::step][:_SAMPLES_PER_TENSOR].to("cpu", torch.float32).contiguous()

@@ -11,6 +11,7 @@ from pathlib import Path
 from draftcache.data import load_conversations, set_chat_template
 from draftcache.precompute.config import ConfigError, PrecomputeConfig
 from draftcache.precompute.distributed import DistContext, init_distributed, run_step, shutdown_distributed
+from draftcache.precompute.engines import build_target, check_engine
 from draftcache.precompute.fingerprint import chat_template_fingerprint
 from draftcache.precompute.pipeline import (
     PrecomputeError,
@@ -19,9 +20,9 @@ from draftcache.precompute.pipeline import (
     run_precompute,
     tokenize_conversations,
 )
-from draftcache.target import HFEagle3TargetModel, num_hidden_layers
+from draftcache.target import num_hidden_layers
 from draftcache.target.layout import text_config
-from draftcache.target.loading import load_target_model, load_tokenizer, resolve_device
+from draftcache.target.loading import load_tokenizer, resolve_device
 
 __all__ = ["precompute_from_config", "DEFAULT_MODEL_ID"]
 
@@ -67,6 +68,7 @@ def _run(cfg: PrecomputeConfig, ctx: DistContext, device, log: Callable[[str], N
         if ctx.is_main:  # rank 0 alone owns the directory; the others would see its lock
             check_output_dir(cfg.output_dir, cfg.resume)
         _check_target_config(cfg, target_path)
+        check_engine(cfg, distributed=ctx.is_distributed)
 
     run_step(ctx, "checking the output directory and target", check)
 
@@ -88,14 +90,15 @@ def _run(cfg: PrecomputeConfig, ctx: DistContext, device, log: Callable[[str], N
 
         hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bar
 
-    def load_target() -> HFEagle3TargetModel:
-        model = load_target_model(target_path, device=device, trust_remote_code=cfg.trust_remote_code)
-        aux = list(cfg.aux_layer_ids) if cfg.aux_layer_ids is not None else None
-        return HFEagle3TargetModel(model, aux_layer_ids=aux)
-
-    target = run_step(ctx, f"loading the target onto {device}", load_target)
-    return run_precompute(cfg, target=target, tokenizer=tokenizer, conversations=conversations, samples=samples,
-                          model_id=cfg.target_model or DEFAULT_MODEL_ID, log=log, dist=ctx)
+    where = f"into vLLM (tensor parallel {cfg.tensor_parallel_size})" if cfg.engine == "vllm" else f"onto {device}"
+    target = run_step(ctx, f"loading the target {where}", lambda: build_target(cfg, target_path, device))
+    try:
+        return run_precompute(cfg, target=target, tokenizer=tokenizer, conversations=conversations, samples=samples,
+                              model_id=cfg.target_model or DEFAULT_MODEL_ID, log=log, dist=ctx)
+    finally:
+        close = getattr(target, "close", None)  # an engine-served target stops its engine
+        if callable(close):
+            close()
 
 
 def _check_target_config(cfg: PrecomputeConfig, path: str) -> None:

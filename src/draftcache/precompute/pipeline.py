@@ -50,10 +50,10 @@ from draftcache.data import (
 )
 from draftcache.precompute.config import ConfigError, PrecomputeConfig
 from draftcache.precompute.distributed import DistContext, all_reduce_sum, run_step
+from draftcache.precompute.engines import engine_info, weights_fingerprint
 from draftcache.precompute.fingerprint import (
     chat_template_fingerprint,
     config_fingerprint,
-    model_fingerprint,
     tokenizer_fingerprint,
 )
 from draftcache.precompute.planning import ShardPlan, length_bucketed_batches, plan_shards
@@ -69,6 +69,7 @@ _LOGIT_TRANSFORM_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scali
 # The flag behind each manifest field a resumed run must match, named in the refusal.
 _FIELD_FLAGS = {
     "target.fingerprint": "--target-model weights",
+    "target.engine.name": "--engine",
     "target.config_fingerprint": "--target-model config",
     "tokenizer.fingerprint": "--target-model tokenizer",
     "tokenizer.chat_template_fingerprint": "--target-model chat template",
@@ -407,7 +408,7 @@ def _build_manifest(cfg: PrecomputeConfig, *, target: HFEagle3TargetModel, token
         "complete": False,
         "target": {
             "model_id": model_id,
-            "fingerprint": model_fingerprint(model),
+            "fingerprint": weights_fingerprint(target),
             "config_fingerprint": config_fingerprint(model.config),
             "architecture": (getattr(model.config, "architectures", None) or [type(model).__name__])[0],
             "hidden_size": target.hidden_size,
@@ -415,6 +416,7 @@ def _build_manifest(cfg: PrecomputeConfig, *, target: HFEagle3TargetModel, token
             "num_layers": target.num_layers,
             "torch_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "config": json.loads(model.config.to_json_string(use_diff=False)),
+            "engine": engine_info(target),
         },
         "tokenizer": {
             "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
