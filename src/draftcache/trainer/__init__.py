@@ -8,8 +8,8 @@ from draftcache.trainer.model import (
     Eagle3Output,
     build_attention_mask,
     document_layout,
-    rope_inverse_frequencies,
 )
+from draftcache.trainer.layers import rope_inverse_frequencies
 from draftcache.trainer.ttt import TTTOutput, simulated_acceptance_length, ttt_forward
 
 __all__ = [
