@@ -181,14 +181,16 @@ def evaluate(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
     device: Optional[str] = typer.Option(None, "--device"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    method: str = typer.Option("auto", "--method", help="eagle3, dflash (block drafting, K = block_size - 1) or auto (from the draft's config.json)."),
 ) -> None:
-    """Real greedy chain speculative decoding: acceptance length tau, per-position acceptance, speed vs greedy."""
+    """Real greedy speculative decoding (EAGLE-3 chain or DFlash block): tau, per-position acceptance, speed vs greedy."""
     from draftcache.trainer.evaluate import evaluate_draft
 
     try:
         report = evaluate_draft(draft_dir=draft, target_model=target_model, input_data=input_data,
                                 num_prompts=num_prompts, draft_tokens=draft_tokens, max_new_tokens=max_new_tokens,
-                                device=device, trust_remote_code=trust_remote_code, chat_template=chat_template)
+                                device=device, trust_remote_code=trust_remote_code, chat_template=chat_template,
+                                method=method)
     except _USER_ERRORS as e:
         _fail(str(e))
     typer.echo(report.format())
