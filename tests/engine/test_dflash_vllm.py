@@ -161,6 +161,8 @@ def test_vllm_dflash_output_equals_plain_greedy(served):
 
 def test_vllm_acceptance_counters_equal_ours(served):
     metrics, ours = served["metrics"], served["ours"]
+    print(f"\nours: drafts {ours.num_drafts}, draft tokens {ours.num_draft_tokens}, accepted {ours.num_accepted_tokens}, "
+          f"per position {ours.num_accepted_tokens_per_pos}")
     assert metrics["vllm:spec_decode_num_drafts"].value == ours.num_drafts
     assert metrics["vllm:spec_decode_num_draft_tokens"].value == ours.num_draft_tokens
     assert metrics["vllm:spec_decode_num_accepted_tokens"].value == ours.num_accepted_tokens
