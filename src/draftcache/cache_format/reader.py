@@ -44,7 +44,7 @@ from draftcache.cache_format.manifest import Manifest, read_manifest
 from draftcache.cache_format.resume import committed_shards
 from draftcache.cache_format.schema import encoding_tensors, expected_shard_tensors, shard_metadata, storage_dtype
 from draftcache.cache_format.shard_file import ShardFile
-from draftcache.data.vocab import DraftVocab, build_draft_vocab
+from draftcache.data.vocab import DraftVocab, select_draft_vocab
 from draftcache.target.supervision import compute_target_distribution
 
 __all__ = ["MAX_OPEN_SHARDS", "CacheReader", "open_cache"]
@@ -410,7 +410,7 @@ class CacheReader:
             return DraftVocab.from_selected(stored, vocab_size)
         if isinstance(draft_vocab, int):
             counts = torch.tensor(self._meta.data["token_counts"], dtype=torch.int64)
-            return build_draft_vocab(counts, draft_vocab)
+            return select_draft_vocab(counts, draft_vocab, self._meta.data["draft_vocab"]["special_token_ids"])
         return DraftVocab.from_selected(draft_vocab, vocab_size)
 
     def _shard(self, k: int) -> tuple[ShardFile, list[int], list[int]]:

@@ -41,7 +41,8 @@ class PrecomputeConfig:
     seq_length: int = 2048               # truncate longer conversations (tokens)
     draft_vocab_size: int | None = None  # None = the full target vocabulary
     batch_size: int = 4                  # samples per target forward (length-bucketed within a shard)
-    shard_size: int = 256                # samples per shard: smaller = finer resume, more files
+    shard_size: int = 256                # most samples per shard: smaller = finer resume, more files
+    max_shard_mb: float | None = 1000.0  # most MB (1e6 bytes) per shard: bounds what a crash loses; None = no cap
     dtype: str = "bf16"                  # storage dtype of float fields
     device: str | None = None            # None = cuda when available, else cpu
     split: str | None = None             # HF dataset split (default "train")
@@ -71,6 +72,8 @@ class PrecomputeConfig:
             p.append(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.shard_size < 1:
             p.append(f"--shard-size must be >= 1, got {self.shard_size}")
+        if self.max_shard_mb is not None and not self.max_shard_mb > 0:
+            p.append(f"--max-shard-mb must be > 0 (MB of tensor data per shard), got {self.max_shard_mb}")
         if self.dtype not in DTYPE_CHOICES:
             p.append(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.device is not None and not (self.device == "cpu" or self.device.startswith("cuda")):
@@ -127,6 +130,11 @@ class PrecomputeConfig:
         if problems:
             raise ConfigError("invalid precompute settings:\n  - " + "\n  - ".join(problems))
         return self
+
+    @property
+    def max_shard_bytes(self) -> int | None:
+        """``--max-shard-mb`` in bytes (None: no byte cap)."""
+        return None if self.max_shard_mb is None else max(1, int(self.max_shard_mb * 1e6))
 
     @property
     def encoding_request(self) -> str:
