@@ -73,7 +73,8 @@ def precompute(
         _fail(str(e), 2)
     from draftcache.cache_format import CacheFormatError
     from draftcache.precompute.distributed import DistContext, PeerLostError, RankFailedError
-    from draftcache.precompute.main import PrecomputeError, precompute_from_config
+    from draftcache.precompute.main import precompute_from_config
+    from draftcache.precompute.output_dir import PrecomputeError
 
     try:
         ctx = DistContext.from_env()

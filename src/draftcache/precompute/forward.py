@@ -84,7 +84,7 @@ def shard_records(plan: ShardPlan, samples: Sequence[TokenizedSample], target: H
                                      spec=spec)
             del out
             event = None
-            if out_device_is_cuda(ids):
+            if ids.device.type == "cuda":
                 # Wait for this batch's copies only after the next forward has been queued, so the
                 # copies overlap it. Recorded on the stream of the device the copies were queued on.
                 event = torch.cuda.Event()
@@ -95,10 +95,6 @@ def shard_records(plan: ShardPlan, samples: Sequence[TokenizedSample], target: H
             progress.forwarded(len(indices), sum(lens), ids.numel())
         if pending is not None:
             yield from _ready(pending)
-
-
-def out_device_is_cuda(t: torch.Tensor) -> bool:
-    return t.device.type == "cuda"
 
 
 def _ready(pending) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:

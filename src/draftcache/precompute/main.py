@@ -12,13 +12,9 @@ from draftcache.data import load_conversations, set_chat_template
 from draftcache.precompute.config import ConfigError, PrecomputeConfig
 from draftcache.precompute.distributed import DistContext, init_distributed, run_step, shutdown_distributed
 from draftcache.precompute.fingerprint import chat_template_fingerprint
-from draftcache.precompute.pipeline import (
-    PrecomputeError,
-    PrecomputeSummary,
-    check_output_dir,
-    run_precompute,
-    tokenize_conversations,
-)
+from draftcache.precompute.output_dir import PrecomputeError, check_output_dir
+from draftcache.precompute.pipeline import run_precompute, tokenize_conversations
+from draftcache.precompute.summary import PrecomputeSummary
 from draftcache.target import HFEagle3TargetModel, num_hidden_layers
 from draftcache.target.layout import text_config
 from draftcache.target.loading import load_target_model, load_tokenizer, resolve_device
@@ -38,7 +34,7 @@ def precompute_from_config(cfg: PrecomputeConfig, *, log: Callable[[str], None] 
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) it joins the process group first (gloo on the CPU,
     NCCL on ``cuda:<LOCAL_RANK>``), every rank loads the same data and the target, and the ranks
-    share the shards (see ``draftcache.precompute.sharded``); a failure on any rank raises
+    share the shards (see ``draftcache.precompute.writer``); a failure on any rank raises
     ``RankFailedError`` on every rank.
     """
     cfg.validate()
