@@ -45,6 +45,7 @@ class PrecomputeConfig:
     max_shard_mb: float | None = 1000.0  # most MB (1e6 bytes) per shard: bounds what a crash loses; None = no cap
     dtype: str = "bf16"                  # storage dtype of float fields
     device: str | None = None            # None = cuda when available, else cpu
+    device_map: str | None = None        # "auto": split a target too large for one GPU over all visible GPUs (one process)
     split: str | None = None             # HF dataset split (default "train")
     shuffle_seed: int | None = 42        # order of hub datasets (local files keep file order)
     num_samples: int | None = None       # read records until N usable samples (after every skip); None = all
@@ -78,6 +79,8 @@ class PrecomputeConfig:
             p.append(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.device is not None and not (self.device == "cpu" or self.device.startswith("cuda")):
             p.append(f"--device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.device_map not in (None, "auto"):
+            p.append(f"--device-map must be 'auto' (or omitted for one device), got {self.device_map!r}")
         if self.num_samples is not None and self.num_samples < 1:
             p.append(f"--num-samples must be >= 1 (or omitted for all), got {self.num_samples}")
         if self.supervision not in SUPERVISION_CHOICES:

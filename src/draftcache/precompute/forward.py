@@ -82,13 +82,15 @@ def shard_records(plan: ShardPlan, samples: Sequence[TokenizedSample], target: H
             batch = batch_to_records(logits=out.logits, aux_hidden_states=out.aux_hidden_states,
                                      final_hidden=out.final_hidden, input_ids=ids, loss_mask=lm, lengths=lens,
                                      spec=spec)
+            copies_on = out.logits.device  # batch_to_records queues its device-to-host copies there
             del out
             event = None
-            if ids.device.type == "cuda":
+            if copies_on.type == "cuda":
                 # Wait for this batch's copies only after the next forward has been queued, so the
-                # copies overlap it. Recorded on the stream of the device the copies were queued on.
+                # copies overlap it. Recorded on the stream the copies were queued on (that of
+                # the logits' device), not on the process's current device.
                 event = torch.cuda.Event()
-                event.record(torch.cuda.current_stream(ids.device))
+                event.record(torch.cuda.current_stream(copies_on))
             if pending is not None:
                 yield from _ready(pending)
             pending = (event, indices, batch)

@@ -60,6 +60,9 @@ def _run(cfg: PrecomputeConfig, ctx: DistContext, device, log: Callable[[str], N
     target_path = cfg.target_model or default_target_path()
 
     def check() -> None:
+        if cfg.device_map is not None and ctx.is_distributed:
+            raise ConfigError("--device-map auto splits one target over every visible GPU in ONE process; under "
+                              "torchrun each rank already has its own GPU (cuda:LOCAL_RANK). Drop one of them.")
         if ctx.is_main:  # rank 0 alone owns the directory; the others would see its lock
             check_output_dir(cfg.output_dir, cfg.resume)
         _check_target_config(cfg, target_path)
@@ -85,7 +88,8 @@ def _run(cfg: PrecomputeConfig, ctx: DistContext, device, log: Callable[[str], N
         hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bar
 
     def load_target() -> HFEagle3TargetModel:
-        model = load_target_model(target_path, device=device, trust_remote_code=cfg.trust_remote_code)
+        model = load_target_model(target_path, device=device, trust_remote_code=cfg.trust_remote_code,
+                                  device_map=cfg.device_map)
         aux = list(cfg.aux_layer_ids) if cfg.aux_layer_ids is not None else None
         return HFEagle3TargetModel(model, aux_layer_ids=aux)
 
