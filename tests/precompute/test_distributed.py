@@ -193,3 +193,24 @@ def test_manifest_is_written_by_rank_zero_only(caches):
     assert not [n for n in names if n.endswith(".commits.jsonl") or n == ".lock"]
     indices = [e["index"] for e in json.loads((two / "manifest.json").read_text())["shards"]]
     assert indices == sorted(indices)
+
+
+def test_resume_verification_is_split_between_ranks_and_finds_damage_on_each(caches, tmp_path):
+    """Two ranks resume a complete cache with two damaged shards: candidate shard k is hashed by
+    rank k % 2 (in a step on the long-timeout group), rank 0 reports both, and the rewritten
+    cache equals the one-process cache."""
+    cache = tmp_path / "cache"
+    shutil.copytree(caches["two"], cache)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["complete"] = False  # an interrupted run's manifest, every shard still listed
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    for index in (2, 5):  # verified by rank 0 and rank 1
+        shard = cache / f"shard-{index:06d}.safetensors"
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        shard.write_bytes(bytes(data))
+    result = _run_job(2, *_args(cache, caches["data"], "--resume"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for index in (2, 5):
+        assert f"resume: shard-{index:06d}.safetensors: checksum mismatch" in result.stdout + result.stderr
+    assert file_digests(cache) == file_digests(caches["single"])
