@@ -214,3 +214,21 @@ def test_resume_verification_is_split_between_ranks_and_finds_damage_on_each(cac
     for index in (2, 5):
         assert f"resume: shard-{index:06d}.safetensors: checksum mismatch" in result.stdout + result.stderr
     assert file_digests(cache) == file_digests(caches["single"])
+
+
+def test_byte_capped_shards_are_the_same_for_one_and_two_ranks(caches, tmp_path):
+    """--max-shard-mb cuts shards by bytes (from the sample lengths, known before the forward), so
+    the cache is still the same whoever computes it, and every shard respects the cap."""
+    cap_mb = 0.05
+    capped = [*_args(tmp_path / "one", caches["data"]), "--max-shard-mb", str(cap_mb)]
+    one = CliRunner().invoke(app, capped)
+    assert one.exit_code == 0, one.output
+    two = _run_job(2, *_args(tmp_path / "two", caches["data"]), "--max-shard-mb", str(cap_mb))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert file_digests(tmp_path / "one") == file_digests(tmp_path / "two")
+    manifest = read_manifest_json(tmp_path / "one")
+    assert manifest["max_shard_bytes"] == int(cap_mb * 1e6)
+    assert manifest["num_shards"] > -(-NUM_SAMPLES // SHARD_SIZE)  # the byte cap cut more shards than --shard-size
+    for entry in manifest["shards"]:
+        header = 8 + int.from_bytes((tmp_path / "one" / entry["file"]).read_bytes()[:8], "little")
+        assert entry["bytes"] - header <= cap_mb * 1e6 or entry["num_samples"] == 1, entry
