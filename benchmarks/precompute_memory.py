@@ -117,17 +117,17 @@ def main(argv: list[str] | None = None) -> None:
     sources = [("new", THIS_SRC)] + ([("base", args.base_src.resolve())] if args.base_src else [])
     print(f"precompute peak RSS above the pre-run RSS, {args.num_samples} samples (median {args.median_tokens:g} "
           f"tokens), probs over {args.draft_vocab_size} draft tokens in fp32, batch {args.batch_size}")
-    rows = {name: [measure(src, args, size) for size in sizes] for name, src in sources}
     header = f"{'shard_size':>10s} {'shard_MB':>9s}" + "".join(f" {name + '_peak_MB':>14s}" for name, _ in sources)
     if args.base_src:
         header += f" {'base/new':>9s}"
-    print(header)
-    for i, size in enumerate(sizes):
-        text = f"{size:>10d} {rows['new'][i]['max_shard_mb']:>9.1f}" + "".join(
-            f" {rows[name][i]['peak_extra_mb']:>14.1f}" for name, _ in sources)
+    print(header, flush=True)
+    for size in sizes:  # one row at a time: each point is a fresh process, minutes on a busy machine
+        got = {name: measure(src, args, size) for name, src in sources}
+        text = f"{size:>10d} {got['new']['max_shard_mb']:>9.1f}" + "".join(
+            f" {got[name]['peak_extra_mb']:>14.1f}" for name, _ in sources)
         if args.base_src:
-            text += f" {rows['base'][i]['peak_extra_mb'] / max(rows['new'][i]['peak_extra_mb'], 1e-9):>9.2f}"
-        print(text)
+            text += f" {got['base']['peak_extra_mb'] / max(got['new']['peak_extra_mb'], 1e-9):>9.2f}"
+        print(text, flush=True)
 
 
 if __name__ == "__main__":

@@ -126,7 +126,16 @@ def run_precompute(
         specials = special_token_ids(tokenizer)
         vocab = select_draft_vocab(counts, cfg.draft_vocab_size, specials)
         dtype = storage_dtype(cfg.dtype)
-        encoding, why, probe, closeness = _choose_encoding(cfg, target, samples, vocab, pad_id_of(tokenizer), dtype)
+        # the probe forward is the first batch of shard 0 as a hidden cache would cut it, so that
+        # shard reuses it instead of running it twice
+        hidden_bytes = SampleBytes({"dtype": cfg.dtype, "target": {"hidden_size": target.hidden_size},
+                                    "capture": {"layer_ids": target.aux_layer_ids},
+                                    "supervision": {"encoding": "hidden", "topk": None},
+                                    "draft_vocab": {"size": vocab.size}})
+        first_shard = plan_shard_boundaries([hidden_bytes(len(s.input_ids), int(s.loss_mask.sum())) for s in samples],
+                                            cfg.shard_size, cfg.max_shard_bytes)[1]
+        encoding, why, probe, closeness = _choose_encoding(cfg, target, samples[:first_shard], vocab,
+                                                           pad_id_of(tokenizer), dtype)
         if why:
             log(why)
         manifest = _build_manifest(cfg, target=target, tokenizer=tokenizer, conversations=conversations,
@@ -168,14 +177,13 @@ REBUILD_PROB_TOLERANCE = 1e-2
 
 def _rebuild_closeness(target: HFEagle3TargetModel, samples: Sequence[TokenizedSample], cfg: PrecomputeConfig,
                        vocab: DraftVocab, pad_id: int, dtype: torch.dtype) -> tuple[float, int, Probe]:
-    """Run the first length-bucketed batch of the first ``shard_size`` samples and compare, at up to
+    """Run the first length-bucketed batch of ``samples`` (shard 0's) and compare, at up to
     ``_REBUILD_CHECK_ROWS`` supervised positions, the draft-vocab distribution a reader rebuilds
     from the STORED final hidden states (``final_hidden`` in the storage ``dtype``, then
     ``@ W.T (+ b)`` in fp32) with the one the ``probs`` encoding would store (from the real
     logits). Returns (max abs probability difference, rows compared, the probe forward)."""
-    head = samples[: cfg.shard_size]
-    indices = length_bucketed_batches([len(s.input_ids) for s in head], cfg.batch_size)[0]
-    ids, am, lm, _ = pad_batch(head, indices, pad_id, input_device(target))
+    indices = length_bucketed_batches([len(s.input_ids) for s in samples], cfg.batch_size)[0]
+    ids, am, lm, _ = pad_batch(samples, indices, pad_id, input_device(target))
     out = target.forward_capture(ids, am, capture_final_hidden=True)
     probe = Probe(indices=list(indices), out=out)
     sup = lm.bool()                                                               # [B, T]
