@@ -28,7 +28,7 @@ def test_every_row_on_disk_is_the_forward_of_the_last_cuda_device(tmp_path):
     torch.cuda.set_device(0)  # the process's current device stays cuda:0, as in a one-process run
     chat = write_chat_subset(tmp_path / "chat.jsonl", 12)
     tokenizer = load_tokenizer(target_dir())
-    model = load_target_model(target_dir(), device=device).float()
+    model = load_target_model(target_dir(), device=device, dtype=torch.float32)
     target = HFEagle3TargetModel(model)
     conversations = load_conversations(str(chat))
     cfg = PrecomputeConfig(output_dir=str(tmp_path / "cache"), input_data=str(chat), seq_length=128, dtype="fp32",

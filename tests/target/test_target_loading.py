@@ -69,8 +69,7 @@ def test_captured_layers_on_different_devices_are_gathered_on_the_logits_device(
     ref_target, want = reference
     layers = ref_target.num_layers
     model = load_target_model(default_target_path(), device=torch.device("cuda:0"),
-                              device_map=_split_map(layers, second))
-    model.float()
+                              device_map=_split_map(layers, second), dtype=torch.float32)
     target = HFEagle3TargetModel(model, aux_layer_ids=ref_target.aux_layer_ids)
     devices = {str(next(model.model.layers[i].parameters()).device) for i in target.aux_layer_ids}
     assert len(devices) == 2, devices  # the captured layers really live on two devices

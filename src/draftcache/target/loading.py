@@ -23,7 +23,7 @@ def _compute_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_target_model(path: str, *, device: torch.device, trust_remote_code: bool = False,
-                      device_map: str | dict | None = None):
+                      device_map: str | dict | None = None, dtype: torch.dtype | None = None):
     """``AutoModelForCausalLM`` in eval mode; safetensors weights only.
 
     The weights are loaded straight onto ``device`` (``from_pretrained(device_map=device)``), never
@@ -31,7 +31,8 @@ def load_target_model(path: str, *, device: torch.device, trust_remote_code: boo
     map) splits a target too large for one device over the visible devices (needs the
     ``devices`` extra, ``accelerate``); ``device`` then only picks the compute dtype, the
     captured layers may live on different devices, and ``forward_capture`` gathers their
-    outputs on the device of the logits.
+    outputs on the device of the logits. ``dtype``: the compute dtype (default: fp32 on the CPU,
+    bf16 on GPUs).
     """
     from transformers import AutoModelForCausalLM
 
@@ -45,7 +46,7 @@ def load_target_model(path: str, *, device: torch.device, trust_remote_code: boo
     local = Path(path).is_dir()
     model = AutoModelForCausalLM.from_pretrained(
         path,
-        dtype=_compute_dtype(device),
+        dtype=dtype if dtype is not None else _compute_dtype(device),
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
         local_files_only=local,
