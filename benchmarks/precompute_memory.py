@@ -1,7 +1,9 @@
 """Peak host memory (RSS) of the precompute against the shard size: this checkout's code, and
 optionally another checkout's ``src`` side by side (``--base-src``), each point in a fresh process.
 
-The target is a small random-init Llama whose records are large (``probs`` over a draft
+Chats have equal lengths by default (``--sigma 0``): with mixed lengths, a bigger shard's
+length-bucketed first batch packs the longest samples together, whose forward working set is
+larger whatever the writer holds. The target is a small random-init Llama whose records are large (``probs`` over a draft
 vocabulary of ``--draft-vocab-size`` in fp32: 4 * Vd bytes per supervised token), so the records
 dominate memory and the effect of the shard size shows. Each point reports the peak RSS of the
 process during ``run_precompute`` minus its RSS just before (model built, data tokenised), and the
@@ -46,7 +48,7 @@ from draftcache.target import HFEagle3TargetModel
 target = HFEagle3TargetModel(model, aux_layer_ids=[0, 1, 2])
 work = Path(tempfile.mkdtemp(prefix="draftcache-mem-"))
 data = work / "chats.jsonl"
-write_chats(data, args["num_samples"], vocab_size=vocab, lengths=ChatLengths(args["median_tokens"], 0.3,
+write_chats(data, args["num_samples"], vocab_size=vocab, lengths=ChatLengths(args["median_tokens"], args["sigma"],
             max_tokens=args["seq_length"]))
 conversations = load_conversations(str(data))
 fields = dict(output_dir=str(work / "cache"), seq_length=args["seq_length"], draft_vocab_size=args["draft_vocab_size"],
@@ -85,7 +87,7 @@ import shutil; shutil.rmtree(work, ignore_errors=True)
 
 def measure(src: Path, args: argparse.Namespace, shard_size: int) -> dict:
     child_args = json.dumps({"vocab_size": args.vocab_size, "num_samples": args.num_samples,
-                             "median_tokens": args.median_tokens, "seq_length": args.seq_length,
+                             "median_tokens": args.median_tokens, "sigma": args.sigma, "seq_length": args.seq_length,
                              "draft_vocab_size": args.draft_vocab_size, "batch_size": args.batch_size,
                              "shard_size": shard_size})
     code = _CHILD.format(bench=str(HERE), args=child_args)
@@ -108,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seq-length", type=int, default=512)
     parser.add_argument("--median-tokens", type=float, default=384)
+    parser.add_argument("--sigma", type=float, default=0.0,
+                        help="log-normal sigma of chat lengths; 0: equal lengths, so every batch has the same "
+                             "working set and only what is held across batches differs between shard sizes")
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--draft-vocab-size", type=int, default=8192)
     parser.add_argument("--batch-size", type=int, default=4)
