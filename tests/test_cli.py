@@ -26,7 +26,7 @@ def cache(tmp_path_factory):
 
 def test_inspect_stats_show(cache):
     r = _run("draftcache.cli", "inspect", str(cache))
-    assert r.returncode == 0 and "format       v1 eagle3, complete" in r.stdout
+    assert r.returncode == 0 and "format       v2 eagle3, complete" in r.stdout
     assert sum(line.startswith("shard-0000") for line in r.stdout.splitlines()) == 3
     r = _run("draftcache.cli", "stats", str(cache))
     assert r.returncode == 0 and "samples" in r.stdout and "supervised" in r.stdout

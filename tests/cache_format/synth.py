@@ -9,7 +9,6 @@ import torch
 
 from draftcache.cache_format import CacheWriter, SampleRecord, new_manifest
 from draftcache.data.vocab import DraftVocab, count_supervised_tokens
-from draftcache.target.supervision import compute_target_distribution, shift_left_with_zero
 
 VOCAB = 64  # V
 HIDDEN = 16  # H
@@ -68,9 +67,8 @@ def make_samples(num_samples: int, seed: int = 0, *, weight: torch.Tensor, bias:
 
 
 def draft_distribution(logits: torch.Tensor, vocab: DraftVocab) -> torch.Tensor:
-    """``[..., Vd]`` float32 softmax over the draft vocabulary (the shared contract function)."""
-    probs, _ = compute_target_distribution(logits, torch.ones(logits.shape[:-1]), vocab.selected_token_ids, vocab.t2d)
-    return probs
+    """``[..., Vd]`` float32 softmax over the draft vocabulary (selected ids ascending)."""
+    return torch.softmax(logits.float()[..., torch.sort(vocab.selected_token_ids).values], dim=-1)
 
 
 def topk_rows(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,15 +127,25 @@ def write_cache(path: Path, *, num_samples: int = 10, encoding: str = "probs", d
 
 
 def expected_sample(sample: Sample, vocab: DraftVocab) -> dict[str, torch.Tensor]:
-    """The reader's contract at full precision, from the full-vocab logits via the shared functions."""
-    logits = shift_left_with_zero(sample.logits.unsqueeze(0))[0]  # [S, V]
-    mask = shift_left_with_zero(sample.loss_mask.unsqueeze(0))[0]  # [S]
-    probs, position_mask = compute_target_distribution(logits, mask, vocab.selected_token_ids, vocab.t2d)
-    return {
-        "input_ids": shift_left_with_zero(sample.input_ids.unsqueeze(0))[0],
-        "attention_mask": torch.ones_like(sample.input_ids),
-        "loss_mask": mask,
+    """The reader's contract at full precision, written out with plain torch ops position by
+    position from the full-vocab logits (no draftcache function): slot t holds position t+1's
+    token, loss mask and draft-vocab softmax; the last slot and unsupervised slots are zero;
+    position_mask says the target's full-vocab argmax at t+1 is in the draft vocabulary."""
+    seq = sample.input_ids.numel()
+    selected = sorted(int(i) for i in vocab.selected_token_ids)
+    out = {
+        "input_ids": torch.zeros(seq, dtype=torch.int64),
+        "attention_mask": torch.ones(seq, dtype=torch.int64),
+        "loss_mask": torch.zeros(seq, dtype=torch.int64),
         "aux_hidden_states": sample.aux,
-        "target_probs": probs * mask.unsqueeze(-1),  # zero rows where not supervised
-        "position_mask": position_mask,
+        "target_probs": torch.zeros(seq, len(selected), dtype=torch.float32),
+        "position_mask": torch.zeros(seq, 1, dtype=torch.bool),
     }
+    for t in range(seq - 1):
+        out["input_ids"][t] = sample.input_ids[t + 1]
+        out["loss_mask"][t] = sample.loss_mask[t + 1]
+        if int(sample.loss_mask[t + 1]) == 1:
+            logits = sample.logits[t + 1].float()  # [V]
+            out["target_probs"][t] = torch.softmax(logits[selected], dim=-1)
+            out["position_mask"][t, 0] = int(logits.argmax()) in selected
+    return out

@@ -10,7 +10,7 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import PreTrainedTokenizerFast
 
-from draftcache.cache_format import CacheWriter, read_manifest
+from draftcache.cache_format import FORMAT_VERSION, CacheWriter, read_manifest
 from draftcache.cache_format.inspection import cache_stats, inspect_cache, show_sample, verify_cache
 from draftcache.data.vocab import DraftVocab
 
@@ -21,7 +21,7 @@ def test_inspect_summarises_the_manifest(tmp_path):
     cache = write_cache(tmp_path / "c", num_samples=5, shard_size=2, encoding="topk", topk=3, dtype="bf16")
     text = inspect_cache(cache.path)
     manifest = read_manifest(cache.path)
-    assert "format       v1 eagle3, complete" in text
+    assert f"format       v{FORMAT_VERSION} eagle3, complete" in text
     assert f"supervision  topk (k=3), dtype bf16, draft vocab {len(SELECTED)}" in text
     assert "samples      5 committed of 5 planned, seq_length 24" in text
     assert "shards       3 of 3 (shard_size 2)" in text

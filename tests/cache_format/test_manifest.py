@@ -34,8 +34,8 @@ def manifest() -> dict:
 
 
 def test_top_level_manifests_dir_is_the_packaged_schema():
-    packaged = REPO / "src/draftcache/cache_format/schemas/cache_manifest.v1.schema.json"
-    top = REPO / "manifests/cache_manifest.v1.schema.json"
+    packaged = REPO / f"src/draftcache/cache_format/schemas/cache_manifest.v{FORMAT_VERSION}.schema.json"
+    top = REPO / f"manifests/cache_manifest.v{FORMAT_VERSION}.schema.json"
     assert top.exists() and filecmp.cmp(packaged, top, shallow=False)
     assert load_manifest_schema() == json.loads(packaged.read_text())
 
@@ -112,7 +112,7 @@ def test_cross_field_rules(manifest):
     with pytest.raises(ManifestError) as info:
         validate_manifest(bad)
     text = str(info.value)
-    assert "num_shards is 5 but ceil(num_samples 3 / shard_size 4) is 1" in text
+    assert "num_shards is 5 but shard_boundaries describe 1 shards" in text
     assert "draft_vocab.size is 3 but selected_token_ids has 23 ids" in text
     assert "supervision.topk must be null when supervision.encoding is 'probs'; got 4" in text
     assert "capture.hf_hidden_states_index [1, 3, 5] must be layer_ids + 1 = [2, 4, 6]" in text
@@ -124,10 +124,10 @@ def test_unknown_format_version_is_rejected_naming_the_expected_one(tmp_path):
     cache = write_cache(tmp_path / "c", num_samples=2)
     path = cache.path / "manifest.json"
     data = json.loads(path.read_text())
-    data["format_version"] = 2
+    data["format_version"] = 1
     path.write_text(json.dumps(data))
-    with pytest.raises(FormatVersionError, match="cache format_version 2 is not supported: this draftcache reads "
-                                                 "format_version 1"):
+    with pytest.raises(FormatVersionError, match="cache format_version 1 is not supported: this draftcache reads "
+                                                 "format_version 2"):
         open_cache(cache.path)
     path.write_text("{not json")
     with pytest.raises(ManifestError, match="is not valid JSON"):
@@ -141,3 +141,17 @@ def test_manifest_json_keeps_long_lists_on_one_line(tmp_path):
     lines = (cache.path / "manifest.json").read_text().splitlines()
     assert sum(1 for line in lines if '"token_counts"' in line) == 1
     assert sum(1 for line in lines if line.strip().startswith('{"file": "shard-')) == 3
+
+
+def test_shard_boundaries_rules(manifest):
+    """Shards are cut where ``shard_boundaries`` say, each holding 1..shard_size samples."""
+    assert manifest["shard_boundaries"] == [0, 3] and manifest["num_shards"] == 1
+    bad = copy.deepcopy(manifest)
+    bad["shard_boundaries"] = [0, 2, 2, 3]
+    bad["num_shards"] = 3
+    with pytest.raises(ManifestError, match="strictly increasing with at most shard_size 4"):
+        validate_manifest(bad)
+    bad["shard_boundaries"] = [0, 2]
+    bad["num_shards"] = 1
+    with pytest.raises(ManifestError, match="must run from 0 to num_samples 3"):
+        validate_manifest(bad)

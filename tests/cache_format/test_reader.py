@@ -130,7 +130,9 @@ def test_fixed_vocab_caches_refuse_another_draft_vocab(tmp_path, encoding, topk)
         open_cache(cache.path, draft_vocab=[1, 2, 3])
 
 
-def test_raw_then_rebuild_equals_getitem_and_reader_pickles(tmp_path):
+def test_raw_rebuilt_by_a_pickled_reader_matches_the_stored_arrays(tmp_path):
+    """``rebuild_targets(get_raw(i))`` of a pickled reader against the stored rows turned into
+    targets by hand: bf16 final_hidden @ W[selected].T + b[selected] in fp32, softmax, shifted."""
     cache = write_cache(tmp_path / "c", num_samples=5, encoding="hidden", dtype="bf16")
     reader = open_cache(cache.path, draft_vocab=12)
     reader[0]
@@ -138,9 +140,20 @@ def test_raw_then_rebuild_equals_getitem_and_reader_pickles(tmp_path):
     raw = clone.get_raw(3)
     assert raw["input_ids"].dtype == torch.int32 and raw["loss_mask"].dtype == torch.uint8
     assert raw["final_hidden"].shape == (int(raw["loss_mask"].sum()), HIDDEN)
-    rebuilt, direct = clone.rebuild_targets(raw, "cpu"), reader[3]
-    for name in direct:
-        assert torch.equal(rebuilt[name], direct[name]), name
+    got = clone.rebuild_targets(raw, "cpu")
+    sample, selected = cache.samples[3], clone.selected_token_ids.tolist()
+    stored = sample.final_hidden[sample.loss_mask.bool()].bfloat16().float()  # [M, H] as written
+    positions = torch.nonzero(sample.loss_mask).flatten().tolist()
+    for row, p in enumerate(positions):
+        if p == 0:
+            continue  # position 0's target has no slot
+        logits = stored[row] @ cache.weight[selected].T + cache.bias[selected]  # [Vd]
+        torch.testing.assert_close(got["target_probs"][p - 1], torch.softmax(logits, -1), rtol=0, atol=1e-6)
+        argmax = int(sample.logits[p].argmax())
+        assert bool(got["position_mask"][p - 1, 0]) == (argmax in selected)
+    unsupervised = [t for t in range(sample.input_ids.numel()) if t + 1 not in positions]
+    assert not got["target_probs"][unsupervised].any() and not got["position_mask"][unsupervised].any()
+    assert got["input_ids"].tolist() == sample.input_ids[1:].tolist() + [0]
 
 
 def test_side_files_lengths_and_index_errors(tmp_path):

@@ -26,7 +26,7 @@ from .synth import AUX, DTYPES, HIDDEN, SELECTED, VOCAB, make_record, make_sampl
 
 # sha256 of shard-000000.safetensors for the fixed records of _golden_records (probs, fp32).
 # If this changes the on-disk bytes changed: bump FORMAT_VERSION or explain why in the commit.
-GOLDEN_SHARD_SHA256 = "61213698c8e7e8534b886f75e883d64651e29e1ca0e21ac4fc85bb5586cd2b74"
+GOLDEN_SHARD_SHA256 = "12174197548cf5e1afefb10957333ebfefecd73720188bfb9d35dcf1b41c67ae"  # v2 (checked: with the v1 metadata the streamed shard has the v1 bytes)
 
 
 def _golden_records() -> list[SampleRecord]:
@@ -73,7 +73,7 @@ def test_shards_are_byte_identical_across_writes_and_match_the_golden_hash(tmp_p
 def test_shard_layout_and_metadata(tmp_path):
     path = _write_golden(tmp_path / "c")
     with safe_open(str(path / "shard-000001.safetensors"), framework="pt") as f:
-        assert f.metadata() == {"format_version": "1", "first_sample": "2", "num_samples": "1"}
+        assert f.metadata() == {"format_version": "2", "first_sample": "2", "num_samples": "1"}
         assert sorted(f.keys()) == sorted(["input_ids", "loss_mask", "sample_offsets", "aux_hidden_states",
                                            "supervised_offsets", "target_argmax", "target_probs"])
         record = _golden_records()[2]

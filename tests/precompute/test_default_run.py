@@ -25,7 +25,10 @@ def test_embedded_default_runs_offline_and_verifies(tmp_path):
     assert manifest["num_samples"] + sum(manifest["dataset"]["skipped"].values()) == num_records
     # auto: hidden size < vocabulary and the Llama head rebuilds exactly
     hidden, vocab, _ = default_dims()
-    assert manifest["supervision"] == {"encoding": "hidden", "topk": None}
+    supervision = manifest["supervision"]
+    assert (supervision["encoding"], supervision["topk"]) == ("hidden", None)
+    # bf16 storage of an fp32 target's final hidden state: the rebuild is close, not exact, and says how close
+    assert 1e-5 < supervision["rebuild_max_abs_prob_diff"] < 1e-2
     assert f"auto: hidden, since hidden size {hidden} < draft vocab {vocab}" in result.stderr
 
     summary = result.stdout

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from draftcache.precompute.cli import app
 from draftcache.precompute.planning import plan_shards
-from draftcache.precompute.sharded import assign_shards
+from draftcache.precompute.writer import assign_shards
 
 from .helpers import SUBPROCESS_ENV, file_digests, read_manifest_json, target_dir, write_chat_subset
 
@@ -137,7 +137,7 @@ def test_every_sample_lands_once_in_global_order(caches):
 
 
 def test_shards_are_dealt_round_robin_without_gaps():
-    plans = plan_shards(23, 4)  # 6 shards, the last one short
+    plans = plan_shards([0, 4, 8, 12, 16, 20, 23])  # 6 shards, the last one short
     per_rank = [[p.index for p in assign_shards(plans, r, 4) if p is not None] for r in range(4)]
     assert per_rank == [[0, 4], [1, 5], [2], [3]]
     assert sorted(i for shards in per_rank for i in shards) == [p.index for p in plans]
@@ -193,3 +193,42 @@ def test_manifest_is_written_by_rank_zero_only(caches):
     assert not [n for n in names if n.endswith(".commits.jsonl") or n == ".lock"]
     indices = [e["index"] for e in json.loads((two / "manifest.json").read_text())["shards"]]
     assert indices == sorted(indices)
+
+
+def test_resume_verification_is_split_between_ranks_and_finds_damage_on_each(caches, tmp_path):
+    """Two ranks resume a complete cache with two damaged shards: candidate shard k is hashed by
+    rank k % 2 (in a step on the long-timeout group), rank 0 reports both, and the rewritten
+    cache equals the one-process cache."""
+    cache = tmp_path / "cache"
+    shutil.copytree(caches["two"], cache)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["complete"] = False  # an interrupted run's manifest, every shard still listed
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    for index in (2, 5):  # verified by rank 0 and rank 1
+        shard = cache / f"shard-{index:06d}.safetensors"
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        shard.write_bytes(bytes(data))
+    result = _run_job(2, *_args(cache, caches["data"], "--resume"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for index in (2, 5):
+        assert f"resume: shard-{index:06d}.safetensors: checksum mismatch" in result.stdout + result.stderr
+    assert file_digests(cache) == file_digests(caches["single"])
+
+
+def test_byte_capped_shards_are_the_same_for_one_and_two_ranks(caches, tmp_path):
+    """--max-shard-mb cuts shards by bytes (from the sample lengths, known before the forward), so
+    the cache is still the same whoever computes it, and every shard respects the cap."""
+    cap_mb = 0.05
+    capped = [*_args(tmp_path / "one", caches["data"]), "--max-shard-mb", str(cap_mb)]
+    one = CliRunner().invoke(app, capped)
+    assert one.exit_code == 0, one.output
+    two = _run_job(2, *_args(tmp_path / "two", caches["data"]), "--max-shard-mb", str(cap_mb))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert file_digests(tmp_path / "one") == file_digests(tmp_path / "two")
+    manifest = read_manifest_json(tmp_path / "one")
+    assert manifest["max_shard_bytes"] == int(cap_mb * 1e6)
+    assert manifest["num_shards"] > -(-NUM_SAMPLES // SHARD_SIZE)  # the byte cap cut more shards than --shard-size
+    for entry in manifest["shards"]:
+        header = 8 + int.from_bytes((tmp_path / "one" / entry["file"]).read_bytes()[:8], "little")
+        assert entry["bytes"] - header <= cap_mb * 1e6 or entry["num_samples"] == 1, entry

@@ -68,15 +68,17 @@ def _run(parts, out, supervision):
 
 
 def test_numeric_check_refuses_hidden_for_a_scaled_head(tmp_path, scaled_head_parts):
-    with pytest.raises(PrecomputeError, match=r"--supervision hidden refused for this target: logits rebuilt from "
-                                              r"the lm_head input differ from the real logits by [\d.]+"):
+    with pytest.raises(PrecomputeError, match=r"--supervision hidden refused for this target: the draft-vocab "
+                                              r"probabilities rebuilt from the stored \(fp32\) final hidden states "
+                                              r"differ from the target's by [\d.e+-]+ \(max abs difference over \d+ "
+                                              r"supervised rows\), above the tolerance 0.01"):
         _run(scaled_head_parts, tmp_path / "hidden", "hidden")
     assert not (tmp_path / "hidden").exists()
 
 
 def test_numeric_check_makes_auto_store_probs(tmp_path, scaled_head_parts):
     log = _run(scaled_head_parts, tmp_path / "auto", "auto")
-    assert "auto: probs, since the hidden encoding cannot rebuild this target's logits (logits rebuilt" in log
+    assert "auto: probs, since the hidden encoding cannot rebuild this target's logits (the draft-vocab probabilities rebuilt" in log
     reader = open_cache(tmp_path / "auto")
     assert reader.encoding == "probs"
     # the stored distribution is the scaled target's, not the plain lm_head's

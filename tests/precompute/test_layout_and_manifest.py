@@ -86,7 +86,7 @@ def test_manifest_validates_and_records_everything(caches, chat, reference_targe
     validate_manifest(manifest)
     jsonschema.validate(manifest, load_manifest_schema())
 
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     assert manifest["tool"] == {"name": "draftcache", "version": draftcache.__version__}
     assert manifest["kind"] == "eagle3" and manifest["complete"] is True
     target = manifest["target"]
@@ -105,9 +105,14 @@ def test_manifest_validates_and_records_everything(caches, chat, reference_targe
     assert manifest["capture"] == {"layer_ids": ids, "convention": "decoder_layer_output",
                                    "hf_hidden_states_index": [i + 1 for i in ids], "shift": "left_by_one"}
     assert (manifest["seq_length"], manifest["dtype"]) == (SEQ_LENGTH, "fp32")
-    assert manifest["supervision"] == {"encoding": "hidden", "topk": None}
+    supervision = manifest["supervision"]
+    assert (supervision["encoding"], supervision["topk"]) == ("hidden", None)
+    assert 0 <= supervision["rebuild_max_abs_prob_diff"] < 1e-5  # fp32 storage: the rebuild is exact up to matmul order
     vocab = target["vocab_size"]
-    assert manifest["draft_vocab"] == {"size": vocab, "selected_token_ids": list(range(vocab))}
+    specials = sorted({i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                   tokenizer.unk_token_id) if i is not None})
+    assert manifest["draft_vocab"]["selected_token_ids"] == list(range(vocab))
+    assert sorted(manifest["draft_vocab"]["special_token_ids"]) == specials
     assert len(manifest["token_counts"]) == vocab
     assert sum(manifest["token_counts"]) == manifest["stats"]["num_supervised"]
 
@@ -118,6 +123,8 @@ def test_manifest_validates_and_records_everything(caches, chat, reference_targe
     assert dataset["fingerprint"] == load_conversations(str(chat)).fingerprint and SHA256.match(dataset["fingerprint"])
 
     assert (manifest["num_samples"], manifest["shard_size"], manifest["num_shards"]) == (NUM_SAMPLES, SHARD_SIZE, 3)
+    assert manifest["max_shard_bytes"] == 1000 * 10**6  # the default --max-shard-mb, far above these shards
+    assert manifest["shard_boundaries"] == [0, SHARD_SIZE, 2 * SHARD_SIZE, NUM_SAMPLES]
     out = summary.output_dir
     for name, entry in manifest["files"].items():
         data = open(f"{out}/{entry['file']}", "rb").read()

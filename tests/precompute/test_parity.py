@@ -89,7 +89,7 @@ def test_auto_picks_probs_for_a_small_vocab_and_hidden_otherwise(caches):
     assert open_cache(caches["probs"]["path"]).encoding == "probs"
     assert f"auto: probs, since draft vocab {HIDDEN} <= hidden size {HIDDEN}" in caches["probs"]["log"]
     assert open_cache(caches["hidden_fp32"]["path"]).encoding == "hidden"
-    assert f"auto: hidden, since hidden size {HIDDEN} < draft vocab {VOCAB} and the logits rebuild exactly" in \
+    assert f"auto: hidden, since hidden size {HIDDEN} < draft vocab {VOCAB} and the draft-vocab probabilities rebuilt from the stored (fp32) final hidden states are within" in \
         caches["hidden_fp32"]["log"]
 
 
@@ -179,7 +179,7 @@ def test_hidden_cache_serves_any_draft_vocabulary(caches, samples, reference_tar
 
 def test_topk_keeps_the_argmax_and_the_renormalised_top_k(caches, samples, reference_target):
     reader = open_cache(caches["topk"]["path"])
-    assert reader.manifest["supervision"] == {"encoding": "topk", "topk": 8}
+    assert reader.manifest["supervision"] == {"encoding": "topk", "topk": 8, "rebuild_max_abs_prob_diff": None}
     for i, s in enumerate(samples):
         got = reader[i]
         batch, probs, position_mask = _online(reference_target, s, reader.draft_vocab)

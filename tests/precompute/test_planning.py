@@ -1,14 +1,13 @@
-"""Shard plans depend only on the sample count; batches regroup one shard's samples by length."""
+"""Shard plans follow the manifest's boundaries; batches regroup one shard's samples by length."""
 
 from __future__ import annotations
 
 from draftcache.precompute.planning import ShardPlan, length_bucketed_batches, plan_shards
 
 
-def test_shards_cover_every_sample_once_and_only_the_last_is_short():
-    assert plan_shards(21, 8) == [ShardPlan(0, 0, 8), ShardPlan(1, 8, 8), ShardPlan(2, 16, 5)]
-    assert plan_shards(16, 8)[-1].stop == 16
-    assert plan_shards(3, 8) == [ShardPlan(0, 0, 3)]
+def test_shards_follow_the_boundaries():
+    assert plan_shards([0, 8, 16, 21]) == [ShardPlan(0, 0, 8), ShardPlan(1, 8, 8), ShardPlan(2, 16, 5)]
+    assert plan_shards([0, 3]) == [ShardPlan(0, 0, 3)]
 
 
 def test_batches_are_length_bucketed_longest_first_and_cover_every_index():

@@ -145,7 +145,7 @@ def test_resume_with_other_settings_is_refused_naming_every_field(runs):
         data.write_bytes(original)
     message = str(refused.value)
     assert message.startswith(f"--resume refused: the cache in {killed} was made with a different configuration "
-                              "(10 field(s) differ, cache value != this run's)")
+                              "(11 field(s) differ, cache value != this run's)")
     for line in ("seq_length: 128 != 96  [--seq-length]",
                  'dtype: "fp32" != "bf16"  [--dtype]',
                  f"draft_vocab.selected_token_ids: [0, 1, 2, ... ({default_dims()[1]} items)] != "
@@ -159,6 +159,7 @@ def test_resume_with_other_settings_is_refused_naming_every_field(runs):
                  f"\n  - num_samples: {NUM_SAMPLES} != "):  # fewer usable samples: 100 minus those too long
         assert line in message
     assert "[--draft-vocab-size]" in message
+    assert "[sample lengths / --shard-size / --max-shard-mb]" in message  # shard_boundaries
     assert file_digests(killed) == before  # nothing changed, and the lock was released
     assert not (killed / ".lock").exists()
 
@@ -179,7 +180,9 @@ def test_damaged_committed_files_are_found_and_rewritten(runs, tmp_path):
     assert "resume: shard-000001.safetensors: checksum mismatch" in log
     assert "resume: shard-000004.safetensors: missing (the manifest lists it as committed)" in log
     assert "resume: target_embeddings.safetensors: size mismatch" in log
-    assert summary.resumed_from_sample == SHARD_SIZE  # everything after the first damaged shard is recomputed
+    committed = sum(e["num_samples"] for e in read_manifest_json(runs["killed"])["shards"])
+    # every sound shard is kept (also those after the damaged one); only the damaged and missing ones are recomputed
+    assert summary.resumed_from_sample == committed - 2 * SHARD_SIZE
     assert file_digests(cache) == file_digests(runs["full"])
 
 

@@ -1,4 +1,4 @@
-"""The on-disk cache format v1: schema, writer, reader and torch datasets (see README.md).
+"""The on-disk cache format (``FORMAT_VERSION``): schema, writer, reader and torch datasets (see README.md).
 
 Producers (precompute), consumers (trainer) and the CLI import the format only from here.
 """
@@ -27,6 +27,8 @@ from draftcache.cache_format.resume import (
     verify_shard,
 )
 from draftcache.cache_format.schema import FORMAT_VERSION, MANIFEST_FILE, load_manifest_schema, shard_filename
+from draftcache.cache_format.shard_writer import ShardFileWriter
+from draftcache.cache_format.sharding import SampleBytes, plan_shard_boundaries
 from draftcache.cache_format.writer import CacheWriter
 
 __all__ = [
@@ -45,7 +47,9 @@ __all__ = [
     "FormatVersionError",
     "Manifest",
     "ManifestError",
+    "SampleBytes",
     "SampleRecord",
+    "ShardFileWriter",
     "ShardEntry",
     "VerifyReport",
     "atomic_write_bytes",
@@ -60,6 +64,7 @@ __all__ = [
     "new_manifest",
     "open_cache",
     "pack_samples",
+    "plan_shard_boundaries",
     "read_manifest",
     "remove_stale_temporaries",
     "sha256_file",

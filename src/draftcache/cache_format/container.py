@@ -27,7 +27,7 @@ import torch
 
 from draftcache.cache_format.checksum import commit_file, temporary_path
 
-__all__ = ["SAFETENSORS_DTYPES", "write_safetensors"]
+__all__ = ["SAFETENSORS_DTYPES", "safetensors_layout", "write_safetensors"]
 
 SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -63,24 +63,16 @@ def write_safetensors(
     if len(set(names)) != len(names) or "__metadata__" in names:
         raise ValueError(f"tensor names must be unique and not '__metadata__'; got {names}")
     chunked = [(name, [t] if torch.is_tensor(t) else list(t)) for name, t in tensors]
-    order = sorted(range(len(chunked)), key=lambda i: -_check_chunks(*chunked[i]).itemsize)
-    header: dict[str, object] = {"__metadata__": {str(k): str(metadata[k]) for k in sorted(metadata)}}
-    payload: list[torch.Tensor] = []
-    offset = 0
-    for i in order:
-        name, chunks = chunked[i]
+    specs = []
+    for name, chunks in chunked:
+        dtype = _check_chunks(name, chunks)
         first = chunks[0]
-        rows = sum(int(c.shape[0]) for c in chunks) if first.dim() > 0 else None
-        shape = list(first.shape) if rows is None else [rows, *first.shape[1:]]
-        begin = offset
-        for chunk in chunks:
-            data = chunk.contiguous().reshape(-1).view(torch.uint8)  # [nbytes] raw little-endian bytes
-            payload.append(data)
-            offset += data.numel()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[first.dtype], "shape": shape, "data_offsets": [begin, offset]}
-    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    head += b" " * (-len(head) % 8)
-    prefix = len(head).to_bytes(8, "little") + head
+        shape = tuple(first.shape) if first.dim() == 0 else (sum(int(c.shape[0]) for c in chunks), *first.shape[1:])
+        specs.append((name, dtype, shape))
+    prefix, _, size = safetensors_layout(specs, metadata)
+    by_name = dict(chunked)
+    payload = [chunk.contiguous().reshape(-1).view(torch.uint8)  # [nbytes] raw little-endian bytes
+               for name in _data_order(specs) for chunk in by_name[name]]
 
     digest = hashlib.sha256()
     tmp = temporary_path(path)
@@ -94,12 +86,43 @@ def write_safetensors(
                     on_bytes(view.nbytes)
             f.flush()
             os.fsync(f.fileno())
-        size = len(prefix) + offset
         commit_file(tmp, Path(path))
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return size, digest.hexdigest()
+
+
+def _data_order(specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]]) -> list[str]:
+    """Tensor names in data order: by decreasing item size, stable in the order given."""
+    return [specs[i][0] for i in sorted(range(len(specs)), key=lambda i: -specs[i][1].itemsize)]
+
+
+def safetensors_layout(specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str]
+                       ) -> tuple[bytes, dict[str, int], int]:
+    """The file ``write_safetensors`` would write for tensors of these ``(name, dtype, shape)``:
+    ``(prefix, {name: absolute byte offset of its data}, file size)``, where ``prefix`` is the
+    8-byte length and the padded JSON header. Lets a writer pre-size a file and fill each
+    tensor's rows in any order (``ShardFileWriter``) with the same bytes as a one-shot write."""
+    header: dict[str, object] = {"__metadata__": {str(k): str(metadata[k]) for k in sorted(metadata)}}
+    relative: dict[str, int] = {}
+    offset = 0
+    by_name = {name: (dtype, shape) for name, dtype, shape in specs}
+    for name in _data_order(specs):
+        dtype, shape = by_name[name]
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot store")
+        nbytes = dtype.itemsize
+        for d in shape:
+            nbytes *= int(d)
+        relative[name] = offset
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": [int(d) for d in shape],
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    prefix = len(head).to_bytes(8, "little") + head
+    return prefix, {name: len(prefix) + at for name, at in relative.items()}, len(prefix) + offset
 
 
 def _check_chunks(name: str, chunks: list[torch.Tensor]) -> torch.dtype:

@@ -1,7 +1,7 @@
 """``manifest.json``: building, validating, reading and (de)serialising the cache manifest.
 
 The manifest is a JSON document (layout in ``README.md``, structure in
-``schemas/cache_manifest.v1.schema.json``). ``Manifest`` wraps a validated copy of it with typed
+``schemas/cache_manifest.v2.schema.json``). ``Manifest`` wraps a validated copy of it with typed
 accessors; ``validate_manifest`` checks both the JSON structure and the cross-field rules the
 schema cannot express (shard ranges, counts, sizes), and reports every problem at once.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -70,15 +69,22 @@ def new_manifest(
     dataset: Mapping[str, Any],
     num_samples: int,
     shard_size: int,
+    max_shard_bytes: int | None = None,
+    shard_boundaries: Sequence[int] | None = None,
+    special_token_ids: Iterable[int] = (),
+    rebuild_max_abs_prob_diff: float | None = None,
 ) -> dict[str, Any]:
     """A validated manifest for a new cache (``complete: false``, no shards or side files yet).
 
     ``target``, ``tokenizer`` and ``dataset`` are the sections of the same name (see README.md;
     ``dataset["skipped"]`` defaults to ``{}``). ``capture``, ``supervision``, ``draft_vocab``,
-    ``num_shards`` and the bookkeeping fields are derived here.
+    ``num_shards`` and the bookkeeping fields are derived here. ``shard_boundaries`` (see
+    ``sharding.plan_shard_boundaries``) defaults to cuts every ``shard_size`` samples.
     """
     ids = torch.as_tensor(selected_token_ids).tolist() if torch.is_tensor(selected_token_ids) else list(selected_token_ids)
     counts = torch.as_tensor(token_counts).tolist() if torch.is_tensor(token_counts) else list(token_counts)
+    boundaries = [int(b) for b in shard_boundaries] if shard_boundaries is not None else _even_boundaries(
+        num_samples, shard_size)
     manifest = {
         "format_version": FORMAT_VERSION,
         "tool": {"name": "draftcache", "version": __version__},
@@ -94,13 +100,16 @@ def new_manifest(
         },
         "seq_length": seq_length,
         "dtype": dtype,
-        "supervision": {"encoding": encoding, "topk": topk},
-        "draft_vocab": {"size": len(ids), "selected_token_ids": [int(i) for i in ids]},
+        "supervision": {"encoding": encoding, "topk": topk, "rebuild_max_abs_prob_diff": rebuild_max_abs_prob_diff},
+        "draft_vocab": {"size": len(ids), "selected_token_ids": [int(i) for i in ids],
+                        "special_token_ids": [int(i) for i in special_token_ids]},
         "token_counts": [int(c) for c in counts],
         "dataset": {**dict(dataset), "skipped": dict(dataset.get("skipped", {}))},
         "num_samples": num_samples,
         "shard_size": shard_size,
-        "num_shards": _planned_shards(num_samples, shard_size),
+        "max_shard_bytes": max_shard_bytes,
+        "shard_boundaries": boundaries,
+        "num_shards": len(boundaries) - 1,
         "files": {},
         "shards": [],
         "stats": {"num_tokens": 0, "num_supervised": 0},
@@ -109,10 +118,10 @@ def new_manifest(
     return manifest
 
 
-def _planned_shards(num_samples: Any, shard_size: Any) -> int:
-    if isinstance(num_samples, int) and isinstance(shard_size, int) and shard_size > 0:
-        return math.ceil(num_samples / shard_size)
-    return 0  # invalid inputs: validate_manifest reports num_samples / shard_size themselves
+def _even_boundaries(num_samples: Any, shard_size: Any) -> list[int]:
+    if isinstance(num_samples, int) and isinstance(shard_size, int) and shard_size > 0 and num_samples > 0:
+        return [*range(0, num_samples, shard_size), num_samples]
+    return [0, 0]  # invalid inputs: validate_manifest reports num_samples / shard_size themselves
 
 
 def shard_stats(shards: Iterable[Mapping[str, Any]]) -> dict[str, int]:
@@ -122,7 +131,7 @@ def shard_stats(shards: Iterable[Mapping[str, Any]]) -> dict[str, int]:
 
 
 def validate_manifest(manifest: Mapping[str, Any]) -> None:
-    """Check ``manifest`` against the v1 schema and the cross-field rules.
+    """Check ``manifest`` against the JSON schema and the cross-field rules.
 
     Uses ``jsonschema`` when it is importable, else the built-in interpreter of the same schema
     file. Raises ``FormatVersionError`` for another ``format_version`` and ``ManifestError``
@@ -232,9 +241,17 @@ class Manifest:
     def shards(self) -> list[ShardEntry]:
         return [ShardEntry.from_dict(s) for s in self.data["shards"]]
 
+    @property
+    def shard_boundaries(self) -> list[int]:
+        """``[num_shards + 1]``: shard ``k`` holds global samples ``[b[k], b[k+1])``."""
+        return self.data["shard_boundaries"]
+
+    def shard_first_sample(self, index: int) -> int:
+        return self.shard_boundaries[index]
+
     def shard_num_samples(self, index: int) -> int:
-        """Samples in shard ``index``: ``shard_size``, or fewer for the last shard."""
-        return min(self.shard_size, self.num_samples - index * self.shard_size)
+        """Samples in shard ``index`` (``shard_size`` or fewer)."""
+        return self.shard_boundaries[index + 1] - self.shard_boundaries[index]
 
 
 _SCHEMA_CACHE: dict[str, Any] = {}
@@ -247,9 +264,9 @@ _INT_ARRAYS = (("token_counts",), ("draft_vocab", "selected_token_ids"))
 
 
 def _structure_problems(manifest: Mapping[str, Any]) -> list[str]:
-    schema = _SCHEMA_CACHE.get("v1")
+    schema = _SCHEMA_CACHE.get("schema")
     if schema is None:
-        schema = _SCHEMA_CACHE["v1"] = load_manifest_schema()
+        schema = _SCHEMA_CACHE["schema"] = load_manifest_schema()
     instance, problems = _shorten_int_arrays(manifest)
     try:
         import jsonschema
@@ -287,10 +304,16 @@ def _rule_problems(m: Mapping[str, Any]) -> list[str]:
     out: list[str] = []
     vocab_size = m["target"]["vocab_size"]
     num_samples, shard_size = m["num_samples"], m["shard_size"]
-    num_shards = math.ceil(num_samples / shard_size)
+    bounds = m["shard_boundaries"]
+    num_shards = len(bounds) - 1
     if m["num_shards"] != num_shards:
-        out.append(f"num_shards is {m['num_shards']} but ceil(num_samples {num_samples} / shard_size {shard_size}) "
-                   f"is {num_shards}")
+        out.append(f"num_shards is {m['num_shards']} but shard_boundaries describe {num_shards} shards")
+    if bounds[0] != 0 or bounds[-1] != num_samples:
+        out.append(f"shard_boundaries must run from 0 to num_samples {num_samples}; got {bounds[0]} .. {bounds[-1]}")
+    sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+    if any(n < 1 or n > shard_size for n in sizes):
+        out.append(f"shard_boundaries must be strictly increasing with at most shard_size {shard_size} samples per "
+                   "shard")
     ids = m["draft_vocab"]["selected_token_ids"]
     if m["draft_vocab"]["size"] != len(ids):
         out.append(f"draft_vocab.size is {m['draft_vocab']['size']} but selected_token_ids has {len(ids)} ids")
@@ -330,9 +353,10 @@ def _rule_problems(m: Mapping[str, Any]) -> list[str]:
             continue
         if shard["file"] != shard_filename(index):
             out.append(f"{where}.file is {shard['file']!r}; expected {shard_filename(index)!r}")
-        if shard["first_sample"] != index * shard_size:
-            out.append(f"{where}.first_sample is {shard['first_sample']}; expected index * shard_size = {index * shard_size}")
-        expected = min(shard_size, num_samples - index * shard_size)
+        if shard["first_sample"] != bounds[index]:
+            out.append(f"{where}.first_sample is {shard['first_sample']}; expected shard_boundaries[{index}] = "
+                       f"{bounds[index]}")
+        expected = bounds[index + 1] - bounds[index]
         if shard["num_samples"] != expected:
             out.append(f"{where}.num_samples is {shard['num_samples']}; shard {index} must hold {expected} samples")
         if shard["num_supervised"] > shard["num_tokens"]:

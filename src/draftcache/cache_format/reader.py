@@ -38,21 +38,21 @@ from typing import Any
 
 import torch
 
-from draftcache.cache_format.batching import raw_batch_layout
+from draftcache.cache_format.batching import collate_raw, raw_batch_layout
 from draftcache.cache_format.errors import CacheCorruptError
 from draftcache.cache_format.manifest import Manifest, read_manifest
 from draftcache.cache_format.resume import committed_shards
 from draftcache.cache_format.schema import encoding_tensors, expected_shard_tensors, shard_metadata, storage_dtype
 from draftcache.cache_format.shard_file import ShardFile
-from draftcache.data.vocab import DraftVocab, build_draft_vocab
+from draftcache.data.vocab import DraftVocab, select_draft_vocab
 from draftcache.target.supervision import compute_target_distribution
 
 __all__ = ["MAX_OPEN_SHARDS", "CacheReader", "open_cache"]
 
 MAX_OPEN_SHARDS = 8  # open file handles per reader (each DataLoader worker has its own reader)
-_MAX_RUNS = 32  # supervised runs per sample copied slice by slice; more fall back to one index_copy
 _ALIGN = 64  # byte alignment of each field inside a raw batch buffer
 _TOKEN_FIELDS = ("input_ids", "loss_mask", "aux_hidden_states")
+_SAMPLE_FIELDS = ("input_ids", "attention_mask", "loss_mask", "aux_hidden_states", "target_probs", "position_mask")
 
 
 def open_cache(path: str | os.PathLike, *, draft_vocab: int | Sequence[int] | None = None,
@@ -175,44 +175,12 @@ class CacheReader:
     def rebuild_targets(self, raw: dict[str, torch.Tensor], device: torch.device | str | None = None
                         ) -> dict[str, torch.Tensor]:
         """Turn ``get_raw`` output into the training sample (shifted, see the module docstring) on
-        ``device`` (default: where ``raw`` is). For ``hidden`` caches this runs the lm_head matmul."""
-        device = torch.device(device) if device is not None else raw["input_ids"].device
-        ids = raw["input_ids"].to(device, non_blocking=True)
-        mask = raw["loss_mask"].to(device, non_blocking=True)
-        seq, vd = ids.numel(), self.draft_vocab.size
-        positions = torch.nonzero(mask, as_tuple=True)[0]  # [M] supervised positions p (unshifted)
-        argmax = raw["target_argmax"].to(device, non_blocking=True).long()  # [M]
-        keep = 1 if positions.numel() and int(positions[0]) == 0 else 0  # position 0's target has no slot
-        slots = positions[keep:] - 1  # [M'] slot t = p - 1 receives position p's target
+        ``device`` (default: where ``raw`` is). For ``hidden`` caches this runs the lm_head matmul.
 
-        position_mask = torch.zeros(seq, 1, dtype=torch.bool, device=device)  # [S, 1]
-        t2d = self.draft_vocab.t2d.to(device)
-        if self.encoding == "hidden":
-            weight, bias = self._selected_lm_head(device)  # [Vd, H] fp32, [Vd] | None
-            hidden = raw["final_hidden"][keep:].to(device, non_blocking=True).float()  # [M', H]
-            logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)  # [M', Vd]
-            rows, row_mask = compute_target_distribution(
-                logits, torch.ones_like(slots), self.selected_token_ids, t2d, target_argmax=argmax[keep:])
-            position_mask[slots] = row_mask
-        else:
-            position_mask[slots, 0] = t2d[argmax[keep:]]
-        if self.encoding == "topk":
-            target_probs = torch.zeros(seq, vd, dtype=torch.float32, device=device)  # [S, Vd]
-            ids_k = raw["topk_ids"][keep:].to(device, non_blocking=True).long()  # [M', k]
-            vals = raw["topk_probs"][keep:].to(device, non_blocking=True).float()  # [M', k]
-            target_probs.view(-1).scatter_(0, (slots.unsqueeze(1) * vd + ids_k).view(-1), vals.view(-1))
-        else:
-            source = rows if self.encoding == "hidden" else raw["target_probs"][keep:].to(device, non_blocking=True)
-            target_probs = _scatter_rows(source, slots, seq)
-        return {
-            "input_ids": _shift(ids.long()),  # [S] int64
-            "attention_mask": torch.ones(seq, dtype=torch.int64, device=device),  # [S]
-            "loss_mask": _shift(mask.long()),  # [S] int64
-            "aux_hidden_states": raw["aux_hidden_states"].to(device, non_blocking=True),  # [S, F]
-            "target_probs": target_probs,  # [S, Vd] float32
-            "position_mask": position_mask,  # [S, 1] bool
-        }
-
+        A batch of one through ``expand_batch``: the shift, the scatter and the logits rebuild
+        have one implementation."""
+        batch = self.expand_batch(collate_raw([raw]), device)
+        return {name: batch[name][0] for name in _SAMPLE_FIELDS}
 
     def get_raw_batch(self, indices: Sequence[int], *, max_tokens: int | None = None,
                       pad_to_multiple_of: int | None = None,
@@ -410,7 +378,7 @@ class CacheReader:
             return DraftVocab.from_selected(stored, vocab_size)
         if isinstance(draft_vocab, int):
             counts = torch.tensor(self._meta.data["token_counts"], dtype=torch.int64)
-            return build_draft_vocab(counts, draft_vocab)
+            return select_draft_vocab(counts, draft_vocab, self._meta.data["draft_vocab"]["special_token_ids"])
         return DraftVocab.from_selected(draft_vocab, vocab_size)
 
     def _shard(self, k: int) -> tuple[ShardFile, list[int], list[int]]:
@@ -489,37 +457,4 @@ def _packed_seq_lens(sample_rows: torch.Tensor, lengths: torch.Tensor, num_rows:
     out = torch.zeros(num_rows, max(len(row) for row in docs), dtype=torch.int64)
     for b, row in enumerate(docs):
         out[b, :len(row)] = torch.tensor(row, dtype=torch.int64)
-    return out
-
-
-def _shift(x: torch.Tensor) -> torch.Tensor:
-    """``shift_left_with_zero`` for one 1-D sample: ``out[t] = x[t+1]``, ``out[S-1] = 0``."""
-    out = torch.empty_like(x)
-    out[:-1] = x[1:]
-    out[-1] = 0
-    return out
-
-
-def _scatter_rows(rows: torch.Tensor, slots: torch.Tensor, seq: int) -> torch.Tensor:
-    """``[S, Vd]`` float32 with ``out[slots[r]] = rows[r]`` and zeros elsewhere.
-
-    Supervised positions come in a few contiguous runs (assistant turns), so each run is one
-    converting ``copy_`` and each gap one ``zero_``: every output byte is written once."""
-    out = torch.empty(seq, rows.shape[1], dtype=torch.float32, device=rows.device)  # [S, Vd]
-    if slots.numel() == 0:
-        return out.zero_()
-    breaks = (torch.nonzero(slots[1:] - slots[:-1] != 1, as_tuple=True)[0] + 1).tolist()
-    if len(breaks) >= _MAX_RUNS:
-        out.zero_()
-        out.index_copy_(0, slots, rows.float())
-        return out
-    starts = [0, *breaks]
-    ends = [*breaks, slots.numel()]
-    first_slots = slots[starts].tolist()
-    done = 0
-    for r0, r1, t0 in zip(starts, ends, first_slots):
-        out[done:t0].zero_()
-        out[t0:t0 + r1 - r0].copy_(rows[r0:r1])
-        done = t0 + r1 - r0
-    out[done:].zero_()
     return out

@@ -51,7 +51,9 @@ RESUME_KEY_FIELDS: tuple[str, ...] = (
     "dataset.num_samples",
     "dataset.fingerprint",
     "shard_size",
+    "max_shard_bytes",
     "num_samples",
+    "shard_boundaries",
 )
 
 #: Suffix of the per-rank commit journals (``rank-<R>.commits.jsonl``) a distributed precompute

@@ -1,4 +1,4 @@
-"""Names and constants of the cache format v1: file names, tensor names, dtypes, encodings.
+"""Names and constants of the cache format (``FORMAT_VERSION``): file names, tensor names, dtypes, encodings.
 
 Everything that writes or reads a cache takes these names from here, so the layout is
 declared once. The layout itself is described in this package's ``README.md``.
@@ -30,7 +30,7 @@ __all__ = [
     "load_manifest_schema",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shard_boundaries / max_shard_bytes, draft_vocab.special_token_ids, supervision.rebuild_max_abs_prob_diff
 KIND = "eagle3"
 MANIFEST_FILE = "manifest.json"
 LOCK_FILE = ".lock"
@@ -109,7 +109,7 @@ def shard_metadata(first_sample: int, num_samples: int) -> dict[str, str]:
 
 
 def load_manifest_schema() -> dict[str, Any]:
-    """The JSON Schema of ``manifest.json`` v1 (``schemas/cache_manifest.v1.schema.json``)."""
+    """The JSON Schema of ``manifest.json`` (``schemas/cache_manifest.v<FORMAT_VERSION>.schema.json``)."""
     name = f"cache_manifest.v{FORMAT_VERSION}.schema.json"
     try:
         text = resources.files(__package__).joinpath("schemas", name).read_text(encoding="utf-8")

@@ -1,7 +1,7 @@
 """``CacheWriter``: turns records, added in global sample order, into committed shards.
 
-Records are collected until shard ``k`` (global samples ``[k*shard_size, min((k+1)*shard_size,
-num_samples))``) is full; the shard is then handed to ONE background thread that streams it to
+Records are collected until shard ``k`` (global samples ``[b[k], b[k+1])`` of the manifest's
+``shard_boundaries``) is full; the shard is then handed to ONE background thread that streams it to
 ``shard-<k>.safetensors`` (no concatenated copy), fsyncs, commits it with ``os.replace`` and
 rewrites ``manifest.json`` atomically with the new entry. At most ``queue_depth`` full shards wait
 for that thread; ``add`` blocks beyond that, so host memory stays bounded. An exception in the
@@ -29,18 +29,17 @@ from draftcache.cache_format.checksum import atomic_write_json
 from draftcache.cache_format.container import write_safetensors
 from draftcache.cache_format.manifest import Manifest, ShardEntry, shard_stats, validate_manifest
 from draftcache.cache_format.record import SampleRecord
+from draftcache.cache_format.shard_writer import ShardFileWriter
 from draftcache.cache_format.resume import RESUME_KEY_FIELDS, committed_shards, journal_path
 from draftcache.cache_format.schema import (
     FORMAT_VERSION,
     MANIFEST_FILE,
     SIDE_FILES,
-    shard_filename,
-    shard_metadata,
     side_filename,
     storage_dtype,
 )
 
-__all__ = ["CacheWriter", "write_shard_file", "write_side_file", "append_commit"]
+__all__ = ["CacheWriter", "write_shard_file", "write_side_file", "append_commit", "check_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +116,7 @@ class CacheWriter:
             raise ValueError(f"sample {global_index} is beyond the planned num_samples {self._meta.num_samples}")
         if isinstance(record, Mapping):
             record = SampleRecord(**record)
-        self._check_record(global_index, record)
+        check_record(self._meta, global_index, record)
         self._pending.append(record)
         self._next_index += 1
         if len(self._pending) == self._meta.shard_num_samples(self._shard_index):
@@ -221,8 +220,6 @@ class CacheWriter:
     def _write_manifest(self) -> None:
         atomic_write_json(self.cache_dir / MANIFEST_FILE, self._manifest)
 
-    def _check_record(self, index: int, record: SampleRecord) -> None:
-        _check_record(self._meta, index, record)
 
     def _run(self) -> None:
         while True:
@@ -250,8 +247,8 @@ class CacheWriter:
 def write_shard_file(cache_dir: str | Path, meta: Manifest, index: int,
                      records: list[SampleRecord] | list[Mapping[str, torch.Tensor]], *,
                      on_bytes: Callable[[int], None] | None = None, check: bool = False) -> ShardEntry:
-    """Commit ``shard-<index>.safetensors`` (global samples ``[index * shard_size, ...)``, records in
-    global order) atomically (temporary file, fsync, rename) and return its manifest entry.
+    """Commit ``shard-<index>.safetensors`` (global samples ``[shard_boundaries[index], ...)``, records in
+    global order) through ``ShardFileWriter`` atomically (temporary file, fsync, rename) and return its manifest entry.
 
     Touches nothing else: recording the entry (``manifest.json`` or a commit journal) is the
     caller's job. With ``check`` every record is checked against ``meta`` first.
@@ -259,35 +256,20 @@ def write_shard_file(cache_dir: str | Path, meta: Manifest, index: int,
     expected = meta.shard_num_samples(index)
     if len(records) != expected:
         raise ValueError(f"shard {index} must hold {expected} samples; got {len(records)}")
-    first = index * meta.shard_size
+    first = meta.shard_first_sample(index)
     records = [SampleRecord(**r) if isinstance(r, Mapping) else r for r in records]
     if check:
         for offset, record in enumerate(records):
-            _check_record(meta, first + offset, record)
-    dtype = storage_dtype(meta.dtype)
-    lengths = torch.tensor([0] + [r.num_tokens for r in records], dtype=torch.int64)
-    supervised = torch.tensor([0] + [r.num_supervised for r in records], dtype=torch.int64)
-    tensors: list[tuple[str, Any]] = [
-        ("input_ids", [r.input_ids.to(torch.int32) for r in records]),  # [N] int32
-        ("loss_mask", [r.loss_mask.to(torch.uint8) for r in records]),  # [N] uint8
-        ("sample_offsets", torch.cumsum(lengths, 0)),  # [n+1] int64
-        ("aux_hidden_states", [r.aux_hidden_states.to(dtype) for r in records]),  # [N, F]
-        ("supervised_offsets", torch.cumsum(supervised, 0)),  # [n+1] int64
-        ("target_argmax", [r.target_argmax.to(torch.int32) for r in records]),  # [M] int32
-    ]
-    encoding = meta.encoding
-    if encoding == "probs":
-        tensors.append(("target_probs", [r.target_probs.to(dtype) for r in records]))  # [M, Vd]
-    elif encoding == "topk":
-        tensors.append(("topk_probs", [r.topk_probs.to(dtype) for r in records]))  # [M, k]
-        tensors.append(("topk_ids", [r.topk_ids.to(torch.int32) for r in records]))  # [M, k] int32
-    else:
-        tensors.append(("final_hidden", [r.final_hidden.to(dtype) for r in records]))  # [M, H]
-    metadata = shard_metadata(first, len(records))
-    size, digest = write_safetensors(Path(cache_dir) / shard_filename(index), tensors, metadata, on_bytes=on_bytes)
-    entry = ShardEntry(file=shard_filename(index), index=index, first_sample=first, num_samples=len(records),
-                       num_tokens=int(lengths.sum()), num_supervised=int(supervised.sum()), bytes=size, sha256=digest)
-    return entry
+            check_record(meta, first + offset, record)
+    shard = ShardFileWriter(cache_dir, meta, index, [r.num_tokens for r in records],
+                            [r.num_supervised for r in records], on_bytes=on_bytes)
+    try:
+        for local, record in enumerate(records):
+            shard.write(local, record)
+    except BaseException:
+        shard.abort()
+        raise
+    return shard.commit()
 
 
 def write_side_file(cache_dir: str | Path, meta: Manifest, name: str, tensors: Mapping[str, torch.Tensor], *,
@@ -317,7 +299,8 @@ def append_commit(cache_dir: str | Path, rank: int, entry: ShardEntry | Mapping[
         os.close(fd)
 
 
-def _check_record(meta: Manifest, index: int, record: SampleRecord) -> None:
+def check_record(meta: Manifest, index: int, record: SampleRecord) -> None:
+    """Raise ``ValueError`` naming every way sample ``index``'s record does not fit the cache ``meta``."""
     problems = []
     if not isinstance(record, SampleRecord):
         raise TypeError(f"sample {index}: expected a SampleRecord; got {type(record).__name__}")

@@ -61,6 +61,9 @@ __all__ = [
     "chat_template_problem",
     "count_supervised_tokens",
     "full_vocab",
+    "select_draft_vocab",
+    "special_token_ids",
+    "supervised_token_counts",
     "load_conversations",
     "read_chat_template",
     "set_chat_template",
@@ -89,6 +92,9 @@ _LAZY = {
     "build_draft_vocab": "draftcache.data.vocab",
     "count_supervised_tokens": "draftcache.data.vocab",
     "full_vocab": "draftcache.data.vocab",
+    "select_draft_vocab": "draftcache.data.vocab",
+    "special_token_ids": "draftcache.data.vocab",
+    "supervised_token_counts": "draftcache.data.vocab",
 }
 
 

@@ -23,9 +23,9 @@ __all__ = [
 ]
 
 _LAZY = {
-    "PrecomputeError": "draftcache.precompute.pipeline",
-    "PrecomputeSummary": "draftcache.precompute.pipeline",
-    "check_output_dir": "draftcache.precompute.pipeline",
+    "PrecomputeError": "draftcache.precompute.output_dir",
+    "PrecomputeSummary": "draftcache.precompute.summary",
+    "check_output_dir": "draftcache.precompute.output_dir",
     "run_precompute": "draftcache.precompute.pipeline",
     "tokenize_conversations": "draftcache.precompute.pipeline",
     "precompute_from_config": "draftcache.precompute.main",

@@ -38,9 +38,11 @@ def precompute(
     seq_length: int = typer.Option(2048, "--seq-length", help="Truncate conversations to this many tokens."),
     draft_vocab_size: Optional[int] = typer.Option(None, "--draft-vocab-size", help="Draft vocabulary size (default: full target vocabulary)."),
     batch_size: int = typer.Option(4, "--batch-size", help="Samples per target forward."),
-    shard_size: int = typer.Option(256, "--shard-size", help="Samples per shard."),
+    shard_size: int = typer.Option(256, "--shard-size", help="Most samples per shard."),
+    max_shard_mb: float = typer.Option(1000.0, "--max-shard-mb", help="Most MB (1e6 bytes) of data per shard, so a crash loses at most about this much per rank; boundaries depend only on the sample order and lengths, so any number of ranks writes the same cache. 0 = no byte cap (only --shard-size)."),
     dtype: str = typer.Option("bf16", "--dtype", help="Storage dtype of float fields: bf16, fp16 or fp32."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:N or cpu (default: cuda when available)."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="'auto': split a target too large for one GPU over every visible GPU (one process, not under torchrun; needs the 'devices' extra: accelerate). The captured layers may then live on different GPUs; their outputs are gathered on the logits' device."),
     split: Optional[str] = typer.Option(None, "--split", help="Split of a HF dataset (default: train)."),
     shuffle_seed: int = typer.Option(42, "--shuffle-seed", help="Shuffle seed for HF datasets (local files keep file order)."),
     num_samples: Optional[int] = typer.Option(None, "--num-samples", help="Cache N usable samples: records are read in order until N of them survive loading and tokenization (bad records, template errors and records with nothing to supervise within --seq-length are skipped, counted and not part of N; later records are never read). Default: all."),
@@ -63,8 +65,9 @@ def precompute(
     try:
         cfg = PrecomputeConfig(
             output_dir=output_dir, target_model=target_model, input_data=input_data, seq_length=seq_length,
-            draft_vocab_size=draft_vocab_size, batch_size=batch_size, shard_size=shard_size, dtype=dtype,
-            device=device, split=split, shuffle_seed=shuffle_seed, num_samples=num_samples,
+            draft_vocab_size=draft_vocab_size, batch_size=batch_size, shard_size=shard_size,
+            max_shard_mb=max_shard_mb if max_shard_mb != 0 else None, dtype=dtype,
+            device=device, device_map=device_map, split=split, shuffle_seed=shuffle_seed, num_samples=num_samples,
             aux_layer_ids=_layer_ids(aux_layer_ids), trust_remote_code=trust_remote_code, strict=strict,
             resume=resume, supervision=supervision, target_probs_topk=target_probs_topk, num_workers=num_workers,
             chat_template=chat_template, progress=not quiet, engine=engine, tensor_parallel_size=tensor_parallel_size,
@@ -73,7 +76,8 @@ def precompute(
         _fail(str(e), 2)
     from draftcache.cache_format import CacheFormatError
     from draftcache.precompute.distributed import DistContext, PeerLostError, RankFailedError
-    from draftcache.precompute.main import PrecomputeError, precompute_from_config
+    from draftcache.precompute.main import precompute_from_config
+    from draftcache.precompute.output_dir import PrecomputeError
     from draftcache.target import RunnerError
 
     try:

@@ -42,9 +42,11 @@ class PrecomputeConfig:
     seq_length: int = 2048               # truncate longer conversations (tokens)
     draft_vocab_size: int | None = None  # None = the full target vocabulary
     batch_size: int = 4                  # samples per target forward (length-bucketed within a shard)
-    shard_size: int = 256                # samples per shard: smaller = finer resume, more files
+    shard_size: int = 256                # most samples per shard: smaller = finer resume, more files
+    max_shard_mb: float | None = 1000.0  # most MB (1e6 bytes) per shard: bounds what a crash loses; None = no cap
     dtype: str = "bf16"                  # storage dtype of float fields
     device: str | None = None            # None = cuda when available, else cpu
+    device_map: str | None = None        # "auto": split a target too large for one GPU over all visible GPUs (one process)
     split: str | None = None             # HF dataset split (default "train")
     shuffle_seed: int | None = 42        # order of hub datasets (local files keep file order)
     num_samples: int | None = None       # read records until N usable samples (after every skip); None = all
@@ -74,10 +76,14 @@ class PrecomputeConfig:
             p.append(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.shard_size < 1:
             p.append(f"--shard-size must be >= 1, got {self.shard_size}")
+        if self.max_shard_mb is not None and not self.max_shard_mb > 0:
+            p.append(f"--max-shard-mb must be > 0 (MB of tensor data per shard), got {self.max_shard_mb}")
         if self.dtype not in DTYPE_CHOICES:
             p.append(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.device is not None and not (self.device == "cpu" or self.device.startswith("cuda")):
             p.append(f"--device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.device_map not in (None, "auto"):
+            p.append(f"--device-map must be 'auto' (or omitted for one device), got {self.device_map!r}")
         if self.num_samples is not None and self.num_samples < 1:
             p.append(f"--num-samples must be >= 1 (or omitted for all), got {self.num_samples}")
         if self.supervision not in SUPERVISION_CHOICES:
@@ -111,6 +117,8 @@ class PrecomputeConfig:
         elif self.tensor_parallel_size > 1 and self.engine != "vllm":
             p.append(f"--tensor-parallel-size {self.tensor_parallel_size} needs --engine vllm (the hf engine runs "
                      "the target on one device; shard the data over processes with torchrun instead)")
+        if self.engine == "vllm" and self.device_map is not None:
+            p.append("--device-map is for --engine hf; vLLM splits a target with --tensor-parallel-size")
         if self.engine == "vllm" and self.device is not None:
             p.append(f"--device {self.device} does not apply to --engine vllm, which places the target itself "
                      "(use --tensor-parallel-size N); drop --device")
@@ -140,6 +148,11 @@ class PrecomputeConfig:
         if problems:
             raise ConfigError("invalid precompute settings:\n  - " + "\n  - ".join(problems))
         return self
+
+    @property
+    def max_shard_bytes(self) -> int | None:
+        """``--max-shard-mb`` in bytes (None: no byte cap)."""
+        return None if self.max_shard_mb is None else max(1, int(self.max_shard_mb * 1e6))
 
     @property
     def encoding_request(self) -> str:

@@ -29,10 +29,18 @@ from typing import Any, TypeVar
 import torch
 
 __all__ = ["DistContext", "RankFailedError", "PeerLostError", "init_distributed", "shutdown_distributed", "run_step",
-           "gather_step", "all_reduce_sum", "TIMEOUT_ENV", "DEFAULT_TIMEOUT_S"]
+           "gather_step", "all_reduce_sum", "TIMEOUT_ENV", "DEFAULT_TIMEOUT_S", "PATIENT_TIMEOUT_ENV",
+           "DEFAULT_PATIENT_TIMEOUT_S"]
 
 TIMEOUT_ENV = "DRAFTCACHE_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 600.0
+# Steps whose length grows with the cache (verifying every committed shard on --resume) exchange
+# their outcomes on a second gloo group with this much longer timeout, so they are not bounded
+# by the per-shard collective timeout above.
+PATIENT_TIMEOUT_ENV = "DRAFTCACHE_DIST_PATIENT_TIMEOUT_S"
+DEFAULT_PATIENT_TIMEOUT_S = 7 * 24 * 3600.0
+
+_PATIENT_GROUP: list[Any] = []  # the long-timeout group of this process, once joined
 
 T = TypeVar("T")
 
@@ -83,14 +91,14 @@ class DistContext:
         return cls(rank=rank, world_size=world, local_rank=local)
 
 
-def _timeout() -> _dt.timedelta:
-    raw = os.environ.get(TIMEOUT_ENV)
+def _timeout(env: str = TIMEOUT_ENV, default: float = DEFAULT_TIMEOUT_S) -> _dt.timedelta:
+    raw = os.environ.get(env)
     try:
-        seconds = float(raw) if raw else DEFAULT_TIMEOUT_S
+        seconds = float(raw) if raw else default
     except ValueError:
-        raise ValueError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+        raise ValueError(f"{env}={raw!r} is not a number of seconds") from None
     if seconds <= 0:
-        raise ValueError(f"{TIMEOUT_ENV} must be > 0 seconds; got {seconds}")
+        raise ValueError(f"{env} must be > 0 seconds; got {seconds}")
     return _dt.timedelta(seconds=seconds)
 
 
@@ -111,6 +119,8 @@ def init_distributed(ctx: DistContext, device: torch.device) -> torch.device:
             kwargs["device_id"] = device
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=_timeout(),
                                 rank=ctx.rank, world_size=ctx.world_size, **kwargs)
+    _PATIENT_GROUP[:] = [dist.new_group(backend="gloo", timeout=_timeout(PATIENT_TIMEOUT_ENV,
+                                                                          DEFAULT_PATIENT_TIMEOUT_S))]
     return device
 
 
@@ -128,6 +138,7 @@ def shutdown_distributed(ctx: DistContext) -> None:
             dist.barrier()
         except Exception:
             pass  # a peer is already gone (failure path): nothing left to wait for
+        _PATIENT_GROUP.clear()
         dist.destroy_process_group()
 
 
@@ -142,7 +153,7 @@ def run_step(ctx: DistContext, what: str, fn: Callable[[], T]) -> T:
     return _step(ctx, what, fn, share=False)
 
 
-def gather_step(ctx: DistContext, what: str, fn: Callable[[], T]) -> list[T]:
+def gather_step(ctx: DistContext, what: str, fn: Callable[[], T], *, patient: bool = False) -> list[T]:
     """Run ``fn`` on this rank and return every rank's result, by rank (results must be picklable;
     one process: ``[fn()]`` and exceptions propagate unchanged).
 
@@ -150,11 +161,15 @@ def gather_step(ctx: DistContext, what: str, fn: Callable[[], T]) -> list[T]:
     all results or every rank raises ``RankFailedError`` naming the failed rank and ``what`` it was
     doing. Every rank must call ``run_step`` / ``gather_step`` the same number of times in the same
     order, and ``fn`` must not use collectives itself.
+
+    ``patient``: the outcomes are exchanged on a gloo group whose timeout is
+    ``DRAFTCACHE_DIST_PATIENT_TIMEOUT_S`` (default 7 days) instead of the per-shard timeout, for
+    steps whose length grows with the cache (split the work between ranks as well).
     """
-    return _step(ctx, what, fn, share=True)
+    return _step(ctx, what, fn, share=True, patient=patient)
 
 
-def _step(ctx: DistContext, what: str, fn: Callable[[], T], share: bool) -> Any:
+def _step(ctx: DistContext, what: str, fn: Callable[[], T], share: bool, patient: bool = False) -> Any:
     if not ctx.is_distributed:
         result = fn()
         return [result] if share else result
@@ -168,7 +183,8 @@ def _step(ctx: DistContext, what: str, fn: Callable[[], T], share: bool) -> Any:
         outcome = (False, f"{what}: {_describe(exc)}")
     outcomes: list[Any] = [None] * ctx.world_size
     try:
-        dist.all_gather_object(outcomes, outcome)
+        group = _PATIENT_GROUP[0] if patient and _PATIENT_GROUP else None
+        dist.all_gather_object(outcomes, outcome, group=group)
     except Exception as exc:  # the collective itself broke: a peer died without reporting
         raise PeerLostError(f"rank {ctx.rank} stopped: another rank stopped answering while this one was "
                             f"{what} (it crashed or was killed; torchrun's report names it and its exit code): "

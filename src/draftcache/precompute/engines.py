@@ -41,7 +41,7 @@ def check_engine(cfg: PrecomputeConfig, *, distributed: bool = False) -> None:
 
 def _check_resume_engine(out: Path, engine: str) -> None:
     from draftcache.cache_format import MANIFEST_FILE, read_manifest
-    from draftcache.precompute.pipeline import PrecomputeError
+    from draftcache.precompute.output_dir import PrecomputeError
 
     if not (out / MANIFEST_FILE).is_file():
         return
@@ -82,7 +82,8 @@ def build_target(cfg: PrecomputeConfig, target_path: str, device: torch.device) 
     from draftcache.target import HFEagle3TargetModel
     from draftcache.target.loading import load_target_model
 
-    model = load_target_model(target_path, device=device, trust_remote_code=cfg.trust_remote_code)
+    model = load_target_model(target_path, device=device, trust_remote_code=cfg.trust_remote_code,
+                              device_map=cfg.device_map)
     return HFEagle3TargetModel(model, aux_layer_ids=aux)
 
 

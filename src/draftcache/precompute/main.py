@@ -13,13 +13,9 @@ from draftcache.precompute.config import ConfigError, PrecomputeConfig
 from draftcache.precompute.distributed import DistContext, init_distributed, run_step, shutdown_distributed
 from draftcache.precompute.engines import build_target, check_engine
 from draftcache.precompute.fingerprint import chat_template_fingerprint
-from draftcache.precompute.pipeline import (
-    PrecomputeError,
-    PrecomputeSummary,
-    check_output_dir,
-    run_precompute,
-    tokenize_conversations,
-)
+from draftcache.precompute.output_dir import PrecomputeError, check_output_dir
+from draftcache.precompute.pipeline import run_precompute, tokenize_conversations
+from draftcache.precompute.summary import PrecomputeSummary
 from draftcache.target import num_hidden_layers
 from draftcache.target.layout import text_config
 from draftcache.target.loading import load_tokenizer, resolve_device
@@ -39,7 +35,7 @@ def precompute_from_config(cfg: PrecomputeConfig, *, log: Callable[[str], None] 
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) it joins the process group first (gloo on the CPU,
     NCCL on ``cuda:<LOCAL_RANK>``), every rank loads the same data and the target, and the ranks
-    share the shards (see ``draftcache.precompute.sharded``); a failure on any rank raises
+    share the shards (see ``draftcache.precompute.writer``); a failure on any rank raises
     ``RankFailedError`` on every rank.
     """
     cfg.validate()
@@ -65,6 +61,9 @@ def _run(cfg: PrecomputeConfig, ctx: DistContext, device, log: Callable[[str], N
     target_path = cfg.target_model or default_target_path()
 
     def check() -> None:
+        if cfg.device_map is not None and ctx.is_distributed:
+            raise ConfigError("--device-map auto splits one target over every visible GPU in ONE process; under "
+                              "torchrun each rank already has its own GPU (cuda:LOCAL_RANK). Drop one of them.")
         if ctx.is_main:  # rank 0 alone owns the directory; the others would see its lock
             check_output_dir(cfg.output_dir, cfg.resume)
         _check_target_config(cfg, target_path)

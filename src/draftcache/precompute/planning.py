@@ -1,13 +1,16 @@
 """Which samples go into which shard and which forward batch.
 
-Shard ``k`` always holds global samples ``[k * shard_size, (k + 1) * shard_size)``, so a cache's
-layout depends only on the global sample order. Inside a shard, samples are sorted by length and
-cut into batches of ``batch_size`` so that little of each forward is spent on padding; results are
-put back into global order before they are written.
+Shard ``k`` holds global samples ``[b[k], b[k+1])`` of the manifest's ``shard_boundaries``
+(``cache_format.plan_shard_boundaries``: at most ``shard_size`` samples and ``max_shard_bytes``
+bytes, from the global sample order and lengths only), so a cache's layout is the same whoever
+computes it. Inside a shard, samples are sorted by length and cut into batches of ``batch_size``
+so that little of each forward is spent on padding; each sample's rows go straight to their
+place in the shard file.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = ["ShardPlan", "plan_shards", "length_bucketed_batches"]
@@ -26,12 +29,9 @@ class ShardPlan:
         return self.first_sample + self.num_samples
 
 
-def plan_shards(num_samples: int, shard_size: int) -> list[ShardPlan]:
-    """Every shard of a cache of ``num_samples`` samples, in order (the last one may be short)."""
-    return [
-        ShardPlan(k, start, min(shard_size, num_samples - start))
-        for k, start in enumerate(range(0, num_samples, shard_size))
-    ]
+def plan_shards(boundaries: Sequence[int]) -> list[ShardPlan]:
+    """Every shard of a cache with these ``shard_boundaries`` (``[num_shards + 1]``), in order."""
+    return [ShardPlan(k, a, b - a) for k, (a, b) in enumerate(zip(boundaries, boundaries[1:]))]
 
 
 def length_bucketed_batches(lengths: list[int], batch_size: int) -> list[list[int]]:

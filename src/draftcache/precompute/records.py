@@ -52,8 +52,14 @@ def batch_to_records(
     ``input_ids [S] int32``, ``loss_mask [S] uint8``, ``aux_hidden_states [S, F]``, ``target_argmax
     [M] int32`` and the encoding's rows (``target_probs [M, Vd]`` | ``topk_probs``/``topk_ids [M, k]``
     | ``final_hidden [M, H]``), ``M = loss_mask[:S].sum()``. On CUDA the copies are asynchronous:
-    synchronise (e.g. a ``torch.cuda.Event`` recorded after this call) before reading them.
+    synchronise (e.g. a ``torch.cuda.Event`` recorded on ``logits.device``'s current stream after this
+    call) before reading them.
     """
+    # a target split over devices returns logits on its last device: work there
+    input_ids, loss_mask = input_ids.to(logits.device), loss_mask.to(logits.device)
+    if final_hidden is not None:
+        final_hidden = final_hidden.to(logits.device)
+    aux_hidden_states = aux_hidden_states.to(logits.device)
     sup = loss_mask.bool()                                   # [B, T]
     target_argmax = logits.argmax(dim=-1)[sup].to(torch.int32)  # [M_total]; no [M, V] copy for it
     if spec.encoding == "hidden":

@@ -106,10 +106,12 @@ def run_with_capture(
     if capture_final_hidden and len(final) != 1:
         raise CaptureError(f"the output projection ran {len(final)} times in one forward; expected exactly once")
     logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
-    aux = torch.cat([captured[i] for i in layer_ids], dim=-1)  # [B, S, n*H]
+    # a target split over devices (device_map) runs its layers where they live: gather the
+    # captured states on the device of the logits
+    aux = torch.cat([captured[i].to(logits.device) for i in layer_ids], dim=-1)  # [B, S, n*H]
     return TargetForward(
         logits=logits,
         aux_hidden_states=aux,
-        final_hidden=final[0] if capture_final_hidden else None,
+        final_hidden=final[0].to(logits.device) if capture_final_hidden else None,
         past_key_values=getattr(outputs, "past_key_values", None) if past_key_values is not None else None,
     )

@@ -22,19 +22,37 @@ def _compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
-def load_target_model(path: str, *, device: torch.device, trust_remote_code: bool = False):
-    """``AutoModelForCausalLM`` in eval mode on ``device``; safetensors weights only."""
+def load_target_model(path: str, *, device: torch.device, trust_remote_code: bool = False,
+                      device_map: str | dict | None = None, dtype: torch.dtype | None = None):
+    """``AutoModelForCausalLM`` in eval mode; safetensors weights only.
+
+    The weights are loaded straight onto ``device`` (``from_pretrained(device_map=device)``), never
+    built whole in host RAM first. ``device_map="auto"`` (or an explicit ``{module: device}``
+    map) splits a target too large for one device over the visible devices (needs the
+    ``devices`` extra, ``accelerate``); ``device`` then only picks the compute dtype, the
+    captured layers may live on different devices, and ``forward_capture`` gathers their
+    outputs on the device of the logits. ``dtype``: the compute dtype (default: fp32 on the CPU,
+    bf16 on GPUs).
+    """
     from transformers import AutoModelForCausalLM
 
+    if device_map is not None and device_map != "auto" and not isinstance(device_map, dict):
+        raise ValueError(f"device_map must be 'auto', a {{module: device}} dict or None; got {device_map!r}")
+    if device_map is not None:
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            raise ImportError("device_map needs accelerate: pip install 'draftcache[devices]'") from None
     local = Path(path).is_dir()
     model = AutoModelForCausalLM.from_pretrained(
         path,
-        dtype=_compute_dtype(device),
+        dtype=dtype if dtype is not None else _compute_dtype(device),
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
         local_files_only=local,
+        device_map=device_map if device_map is not None else device,
     )
-    return model.to(device).eval()
+    return model.eval()
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):

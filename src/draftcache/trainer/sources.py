@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from draftcache.cache_format import RESUME_KEY_FIELDS, CacheBatchLoader, open_cache
-from draftcache.data.vocab import DraftVocab, build_draft_vocab, count_supervised_tokens, full_vocab
+from draftcache.data.vocab import DraftVocab, select_draft_vocab, special_token_ids, supervised_token_counts
 
 __all__ = ["CachedSource", "OnlineSource", "TargetInfo", "IncompleteCacheError", "cache_identity_fingerprint"]
 
@@ -157,12 +157,8 @@ class OnlineSource:
         self.target, self.tokenizer, self.samples = target, tokenizer, samples
         self.num_workers = num_workers
         V = target.vocab_size
-        counts = torch.zeros(V, dtype=torch.int64)
-        for s in samples:
-            count_supervised_tokens(torch.as_tensor(s.input_ids), torch.as_tensor(s.loss_mask), V, counts)
-        specials = [getattr(tokenizer, f"{n}_token_id", None) for n in ("bos", "eos", "pad", "unk")]
-        self.vocab = full_vocab(V) if draft_vocab_size is None else build_draft_vocab(
-            counts, draft_vocab_size, [s for s in specials if s is not None])
+        counts = supervised_token_counts([s.input_ids for s in samples], [s.loss_mask for s in samples], V)
+        self.vocab = select_draft_vocab(counts, draft_vocab_size, special_token_ids(tokenizer))
         cfg = target.model.config
         self.info = TargetInfo(model_id=model_id, hf_config=cfg.to_dict(), aux_layer_ids=list(target.aux_layer_ids),
                                hidden_size=target.hidden_size, vocab_size=V)

@@ -1,0 +1,70 @@
+"""Where shards begin: a function of the global sample order and each sample's size only.
+
+A shard holds at most ``shard_size`` samples and, with a byte cap, at most ``max_shard_bytes``
+bytes of tensor data (a sample larger than the cap alone gets a shard of its own). The bytes a
+sample adds to a shard are known before the target runs, from its token count ``S`` and its
+supervised count ``M``:
+
+    S * (4 + 1 + F * d)                 input_ids int32, loss_mask uint8, aux_hidden_states [S, F]
+    + M * (4 + row bytes)               target_argmax int32, the encoding's row (see ``row_bytes``)
+    + 16                                its entries in sample_offsets and supervised_offsets (int64)
+
+so every rank of a distributed run, and a resumed run, computes the same boundaries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from draftcache.cache_format.schema import storage_dtype
+
+__all__ = ["SampleBytes", "plan_shard_boundaries"]
+
+
+class SampleBytes:
+    """Bytes one sample adds to a shard of a cache described by ``manifest`` (sections ``dtype``,
+    ``capture``, ``target``, ``supervision``, ``draft_vocab``)."""
+
+    def __init__(self, manifest: Mapping[str, Any]):
+        item = storage_dtype(manifest["dtype"]).itemsize
+        hidden = int(manifest["target"]["hidden_size"])
+        aux = len(manifest["capture"]["layer_ids"]) * hidden
+        encoding = manifest["supervision"]["encoding"]
+        if encoding == "probs":
+            row = int(manifest["draft_vocab"]["size"]) * item          # target_probs [Vd]
+        elif encoding == "topk":
+            row = int(manifest["supervision"]["topk"]) * (item + 4)    # topk_probs [k] + topk_ids [k] int32
+        else:
+            row = hidden * item                                         # final_hidden [H]
+        self.per_token = 4 + 1 + aux * item
+        self.per_supervised = 4 + row
+        self.per_sample = 16
+
+    def __call__(self, num_tokens: int, num_supervised: int) -> int:
+        return num_tokens * self.per_token + num_supervised * self.per_supervised + self.per_sample
+
+
+def plan_shard_boundaries(sizes: Sequence[int], shard_size: int, max_shard_bytes: int | None = None) -> list[int]:
+    """``[num_shards + 1]`` first global sample of each shard, then ``len(sizes)``.
+
+    ``sizes[i]`` is the bytes sample ``i`` adds (``SampleBytes``). Greedy in global order: a shard
+    closes when it holds ``shard_size`` samples or the next sample would take it past
+    ``max_shard_bytes`` (the 16 bytes of the two leading offsets included).
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1; got {shard_size}")
+    if max_shard_bytes is not None and max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be >= 1 or None; got {max_shard_bytes}")
+    boundaries = [0]
+    count, used = 0, 16
+    for i, size in enumerate(sizes):
+        full = count == shard_size or (max_shard_bytes is not None and count and used + size > max_shard_bytes)
+        if full:
+            boundaries.append(i)
+            count, used = 0, 16
+        count += 1
+        used += size
+    if sizes:
+        boundaries.append(len(sizes))
+    return boundaries

@@ -1,0 +1,339 @@
+"""The one cache writer of the precompute: a set of shards split between the ranks of a job
+(one process is a world of one).
+
+Who does what:
+
+- rank 0 takes the cache lock and, on ``--resume``, checks the old manifest against this run's
+  (cheap); the committed shards (the manifest's and those the commit journals recorded) are then
+  verified by size and sha256 by ALL ranks, each a share, in a step whose outcome is exchanged on
+  the patient (long-timeout) group, so verifying a terabyte cache is neither serial nor bounded
+  by the per-shard collective timeout;
+- rank 0 records what survived, writes the side files and the initial ``manifest.json``; only
+  then do the ranks start, so a crash always leaves a cache that ``--resume`` recognises;
+- the shards still missing are dealt out in rounds: in round ``r`` rank ``R`` computes the
+  ``(r * world_size + R)``-th missing shard, streams its rows into the pre-sized shard file
+  batch by batch (``ShardFileWriter``: host memory is a batch of records, not a shard), commits
+  it atomically and appends its entry to ``rank-R.commits.jsonl`` (fsynced);
+- after each round the ranks exchange their outcomes (``gather_step``): a failure anywhere stops
+  every rank with ``rank R failed: ...``, and rank 0 records the round's entries in the manifest;
+- at the end rank 0 marks the manifest complete and removes the journals.
+
+Shard ``k`` holds the samples ``shard_boundaries`` gives it whoever computes it, and the final
+manifest lists the shards in index order with the same totals, so the cache is the same for any
+number of ranks (byte for byte on the CPU in fp32).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from draftcache.cache_format import (
+    MANIFEST_FILE,
+    RESUME_KEY_FIELDS,
+    CacheLock,
+    SampleRecord,
+    ShardFileWriter,
+    diff_manifest_config,
+    read_manifest,
+    remove_stale_temporaries,
+    validate_manifest,
+    verify_shard,
+)
+from draftcache.cache_format.checksum import atomic_write_json, fsync_dir
+from draftcache.cache_format.manifest import Manifest, shard_stats
+from draftcache.cache_format.resume import journal_files, read_journals
+from draftcache.cache_format.writer import append_commit, check_record, write_side_file
+from draftcache.data import TokenizedSample
+from draftcache.precompute.distributed import DistContext, gather_step
+from draftcache.precompute.forward import Probe, Progress, shard_records
+from draftcache.precompute.output_dir import PrecomputeError, check_cache_contents
+from draftcache.precompute.planning import ShardPlan, plan_shards
+from draftcache.precompute.records import SupervisionSpec
+from draftcache.precompute.summary import PrecomputeSummary
+from draftcache.target import HFEagle3TargetModel
+
+__all__ = ["CacheJob", "write_cache", "assign_shards", "drop_journals"]
+
+# The flag behind each manifest field a resumed run must match, named in the refusal.
+_FIELD_FLAGS = {
+    "target.fingerprint": "--target-model weights",
+    "target.engine.name": "--engine",
+    "target.config_fingerprint": "--target-model config",
+    "tokenizer.fingerprint": "--target-model tokenizer",
+    "tokenizer.chat_template_fingerprint": "--chat-template (or the tokenizer's own template)",
+    "capture.layer_ids": "--aux-layer-ids",
+    "seq_length": "--seq-length",
+    "dtype": "--dtype",
+    "supervision.encoding": "--supervision",
+    "supervision.topk": "--target-probs-topk",
+    "draft_vocab.selected_token_ids": "--draft-vocab-size",
+    "dataset.input_data": "--input-data",
+    "dataset.split": "--split",
+    "dataset.shuffle_seed": "--shuffle-seed",
+    "dataset.num_samples": "--num-samples",
+    "dataset.fingerprint": "--input-data contents",
+    "shard_size": "--shard-size",
+    "max_shard_bytes": "--max-shard-mb",
+    "num_samples": "number of usable samples",
+    "shard_boundaries": "sample lengths / --shard-size / --max-shard-mb",
+}
+
+
+@dataclass
+class CacheJob:
+    """What the writer needs besides the target: the planned manifest (``shard_boundaries`` set),
+    how rows are encoded, the tokenized samples in global order, and run options."""
+
+    output_dir: Path
+    manifest: dict
+    spec: SupervisionSpec
+    samples: Sequence[TokenizedSample]
+    pad_id: int
+    batch_size: int
+    resume: bool = False
+    progress: bool = True
+    skipped: dict | None = None        # the data's skip counts, echoed in the summary
+    probe: Probe | None = None         # a forward already run, reused by the shard that holds it
+
+
+def assign_shards(plans: Sequence[ShardPlan], rank: int, world_size: int) -> list[ShardPlan | None]:
+    """Rank ``rank``'s shard in each round: the ``(round * world_size + rank)``-th of ``plans`` (the
+    shards still to compute, in index order), None in a last round with fewer shards than ranks.
+    Over all ranks this covers ``plans`` exactly once."""
+    rounds = -(-len(plans) // world_size)
+    return [plans[i] if (i := r * world_size + rank) < len(plans) else None for r in range(rounds)]
+
+
+def drop_journals(out: Path) -> None:
+    """Remove the commit journals once ``manifest.json`` records everything they hold."""
+    paths = journal_files(out)
+    for path in paths:
+        path.unlink(missing_ok=True)
+    if paths:
+        fsync_dir(out)
+
+
+class _ByteCount:
+    def __init__(self) -> None:
+        self.bytes_written = 0
+
+    def count(self, n: int) -> None:
+        self.bytes_written += n
+
+
+class _ManifestOwner:
+    """Rank 0's hold on ``manifest.json``: side files, committed shard entries, completion."""
+
+    def __init__(self, out: Path, manifest: dict, counter: _ByteCount):
+        self.out = out
+        self.manifest = manifest
+        self.counter = counter
+        self.files: list[tuple[str, dict]] = []  # a resumed cache's side-file entries, in written order
+
+    def write(self) -> None:
+        validate_manifest(self.manifest)
+        atomic_write_json(self.out / MANIFEST_FILE, self.manifest)
+
+    def write_side_files(self, target: HFEagle3TargetModel, spec: SupervisionSpec) -> None:
+        """``target_embeddings`` (storage dtype) and, for ``hidden``, ``lm_head`` (the target's own
+        dtype, so read-time logits use exactly its weights); skipped when a resumed cache has them."""
+        if "target_embeddings" not in self.manifest["files"]:
+            weight = target.get_input_embeddings().weight.detach()  # [V, H]
+            self._side_file("target_embeddings", {"weight": weight.to("cpu", spec.dtype).contiguous()})
+        if spec.encoding == "hidden" and "lm_head" not in self.manifest["files"]:
+            weight, bias = target.output_projection()  # [V, H], [V] | None
+            tensors = {"weight": weight.detach().to("cpu").contiguous()}
+            if bias is not None:
+                tensors["bias"] = bias.detach().to("cpu").contiguous()
+            self._side_file("lm_head", tensors)
+
+    def _side_file(self, name: str, tensors) -> None:
+        entry = write_side_file(self.out, Manifest(self.manifest), name, tensors, on_bytes=self.counter.count)
+        self.manifest["files"][name] = entry
+        self.write()
+
+    def commit(self, entries: list[dict]) -> None:
+        if not entries:
+            return
+        shards = {e["index"]: e for e in self.manifest["shards"]}
+        shards.update({e["index"]: e for e in entries})
+        self.manifest["shards"] = [shards[k] for k in sorted(shards)]
+        self.manifest["stats"] = shard_stats(self.manifest["shards"])
+        self.write()
+
+    def finish(self) -> None:
+        missing = self.manifest["num_shards"] - len(self.manifest["shards"])
+        if missing:
+            raise RuntimeError(f"{missing} shard(s) of {self.manifest['num_shards']} were not committed; rerun with "
+                               "--resume to compute them")
+        self.manifest["stats"] = shard_stats(self.manifest["shards"])
+        self.manifest["complete"] = True
+        self.write()
+        drop_journals(self.out)
+
+
+def _resume_candidates(out: Path, manifest: dict, log) -> tuple[list[dict], list[tuple[str, dict]]]:
+    """Rank 0, cheap: refuse a changed configuration (naming every field), remove stale
+    temporaries, and list the shard entries (the manifest's, then the journals') whose place fits
+    this run's layout, and the old side-file entries in the order they were written."""
+    old = read_manifest(out)
+    differences = []
+    for key in RESUME_KEY_FIELDS:
+        for line in diff_manifest_config(old, manifest, (key,)):
+            differences.append(f"{line}  [{_FIELD_FLAGS[key]}]" if key in _FIELD_FLAGS else line)
+    if differences:
+        raise PrecomputeError(
+            f"--resume refused: the cache in {out} was made with a different configuration "
+            f"({len(differences)} field(s) differ, cache value != this run's):\n  - " + "\n  - ".join(differences)
+            + "\nRerun with the original settings, or write a new cache to another --output-dir."
+        )
+    for name in remove_stale_temporaries(out):
+        log(f"resume: removed stale temporary {name}")
+    candidates = []
+    for entry in [*sorted(old["shards"], key=lambda e: e["index"]), *read_journals(out)]:
+        problems = _entry_problems(entry, manifest)
+        if problems:
+            log(f"resume: {'; '.join(problems)}; the shard will be computed again")
+        else:
+            candidates.append(entry)
+    return candidates, list(old["files"].items())
+
+
+def _entry_problems(entry: dict, manifest: dict) -> list[str]:
+    """Problems with a shard entry's place in this run's layout (not its file; see ``verify_shard``)."""
+    index, bounds = entry.get("index"), manifest["shard_boundaries"]
+    if not isinstance(index, int) or not 0 <= index < manifest["num_shards"]:
+        return [f"shard entry {entry.get('file')!r}: index {index!r} is outside this cache's "
+                f"{manifest['num_shards']} shards"]
+    expected = (f"shard-{index:06d}.safetensors", bounds[index], bounds[index + 1] - bounds[index])
+    found = (entry.get("file"), entry.get("first_sample"), entry.get("num_samples"))
+    if found != expected:
+        return [f"shard entry {index}: (file, first_sample, num_samples) = {found}, expected {expected}"]
+    return []
+
+
+def write_cache(job: CacheJob, target: HFEagle3TargetModel, *, ctx: DistContext | None = None,
+                log: Callable[[str], None] = print) -> PrecomputeSummary:
+    """Write (or complete) the cache ``job`` describes with this rank's share of the shards; every
+    rank of ``ctx`` (None: one process) calls it with the same arguments (see the module docstring)."""
+    ctx = ctx or DistContext()
+    t0 = time.perf_counter()
+    out = job.output_dir
+    counter = _ByteCount()
+    owner = _ManifestOwner(out, job.manifest, counter) if ctx.is_main else None
+    lock = CacheLock(out) if ctx.is_main else None
+    created = ctx.is_main and not out.exists()
+    try:
+        def lock_and_list() -> list[dict]:
+            lock.acquire()
+            check_cache_contents(out, job.resume)  # again, now that no other writer can change it
+            if not (out / MANIFEST_FILE).exists():
+                return []
+            candidates, owner.files = _resume_candidates(out, owner.manifest, log)
+            return candidates
+
+        candidates = gather_step(ctx, "checking the cache to resume", lock_and_list if ctx.is_main else list)[0]
+
+        def verify_share() -> list[tuple[int, list[str]]]:
+            # every rank hashes every world_size-th candidate; rank 0 also the side files
+            found = [(i, verify_shard(out, candidates[i])) for i in range(ctx.rank, len(candidates), ctx.world_size)]
+            if owner is not None:
+                for name, entry in owner.files:  # in the order they were written
+                    problems = verify_shard(out, entry)
+                    if problems:
+                        # this one and those after it are written again, in the order of a fresh run
+                        log(f"resume: {'; '.join(problems)}; side files from {entry['file']} on will be written again")
+                        break
+                    owner.manifest["files"][name] = entry
+            return found
+
+        verified = gather_step(ctx, "verifying the committed shards", verify_share, patient=True)
+
+        def prepare() -> list[int]:
+            problems = dict(pair for share in verified for pair in share)
+            kept, seen = [], set()
+            for i, entry in enumerate(candidates):
+                if entry["index"] in seen:
+                    continue
+                if problems[i]:
+                    log(f"resume: {'; '.join(problems[i])}; the shard will be computed again")
+                else:
+                    kept.append(entry)
+                    seen.add(entry["index"])
+            kept.sort(key=lambda e: e["index"])
+            owner.manifest["shards"] = kept
+            owner.manifest["stats"] = shard_stats(kept)
+            owner.write()  # the journals' entries are now in the manifest
+            drop_journals(out)
+            owner.write_side_files(target, job.spec)
+            return [e["index"] for e in kept]
+
+        committed = set(gather_step(ctx, "preparing the cache directory", prepare if ctx.is_main else list)[0])
+        plans = plan_shards(job.manifest["shard_boundaries"])
+        todo = [p for p in plans if p.index not in committed]
+        meta = Manifest(job.manifest)
+        # samples already committed (not necessarily a prefix: a crashed distributed run leaves gaps)
+        done = sum(p.num_samples for p in plans if p.index in committed)
+        progress = Progress(len(job.samples), done, job.progress and ctx.is_main, lambda: counter.bytes_written)
+        try:
+            for round_plan in assign_shards(todo, ctx.rank, ctx.world_size):
+                def work(plan: ShardPlan | None = round_plan) -> dict | None:
+                    if plan is None:
+                        return None
+                    entry = _write_shard(plan, job, meta, target, progress, counter)
+                    append_commit(out, ctx.rank, entry)
+                    return entry
+
+                what = f"computing shard {round_plan.index}" if round_plan is not None else "waiting for the others"
+                entries = [e for e in gather_step(ctx, what, work) if e is not None]
+                if owner is not None:
+                    owner.commit(entries)
+                    mine = round_plan.index if round_plan is not None else None
+                    progress.bar.update(sum(e["num_samples"] for e in entries if e["index"] != mine))
+        finally:
+            progress.close()
+        per_rank = gather_step(ctx, "finishing", lambda: (progress.tokens, progress.slots, counter.bytes_written))
+
+        def finish() -> dict:
+            if owner is not None:
+                owner.finish()
+                return owner.manifest
+            return {}
+
+        final = gather_step(ctx, "committing the manifest", finish)[0]
+    finally:
+        if lock is not None:
+            lock.release()
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # this run created the directory and wrote nothing into it
+
+    tokens, slots, written = (sum(v[i] for v in per_rank) for i in range(3))
+    spec = job.spec
+    return PrecomputeSummary.from_manifest(
+        final, output_dir=out, encoding=spec.encoding, dtype=final["dtype"], draft_vocab_size=spec.vocab.size,
+        computed_samples=len(job.samples) - done, computed_tokens=tokens, slots=slots, resumed_from_sample=done,
+        bytes_written=written, wall_seconds=time.perf_counter() - t0, skipped=dict(job.skipped or {}),
+    )
+
+
+def _write_shard(plan: ShardPlan, job: CacheJob, meta: Manifest, target: HFEagle3TargetModel, progress: Progress,
+                 counter: _ByteCount) -> dict:
+    """Forward shard ``plan`` batch by batch, each sample's rows going straight into the pre-sized
+    shard file; commit it and return its manifest entry."""
+    shard_samples = job.samples[plan.first_sample : plan.stop]
+    shard = ShardFileWriter(job.output_dir, meta, plan.index, [len(s.input_ids) for s in shard_samples],
+                            [int(s.loss_mask.sum()) for s in shard_samples], on_bytes=counter.count)
+    try:
+        for local, record in shard_records(plan, job.samples, target, job.spec, pad_id=job.pad_id,
+                                           batch_size=job.batch_size, progress=progress, probe=job.probe):
+            record = SampleRecord(**record)
+            check_record(meta, plan.first_sample + local, record)
+            shard.write(local, record)
+        progress.refresh()
+        return shard.commit().to_dict()
+    except BaseException:
+        shard.abort()
+        raise

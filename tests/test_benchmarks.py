@@ -1,0 +1,60 @@
+"""Every precompute / cache benchmark script at its smallest size, in a subprocess, so none can
+rot (the trainer's are in tests/trainer/test_trainer_benchmarks.py). Each test checks the
+script's result lines, not its numbers."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+       "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+TINY = ["--seq-length", "64", "--median-tokens", "32"]
+
+
+def _run(script: str, *args: str) -> str:
+    r = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], env=ENV, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def test_precompute_overhead_prints_the_ratio_over_a_bare_forward():
+    out = _run("precompute_overhead.py", "--num-layers", "3", "--num-samples", "4", "--shard-size", "2",
+               "--vocab-size", "512", "--draft-vocab-size", "64", "--repeats", "1", *TINY)
+    assert re.search(r"^data +samples=4 .* shards=2 +full_shards=2 ", out, re.M), out
+    assert re.search(r"^bare HF forward +seconds=[0-9.e-]+ +tokens_per_s=", out, re.M), out
+    assert re.search(r"^RATIO run_precompute / bare forward ratio=[0-9.]+ +goal=<=1.05 +met=(True|False)", out, re.M)
+
+
+def test_precompute_memory_prints_the_curve_for_each_shard_size(tmp_path):
+    out = _run("precompute_memory.py", "--num-samples", "4", "--shard-sizes", "2,4", "--batch-size", "2",
+               "--vocab-size", "512", "--draft-vocab-size", "64", "--seq-length", "64", "--median-tokens", "32")
+    rows = re.findall(r"^ +(\d+) +([0-9.]+) +([0-9.-]+)$", out, re.M)
+    assert [int(r[0]) for r in rows] == [2, 4], out
+
+
+def test_disk_usage_compares_encodings():
+    out = _run("disk_usage.py", "--shape", "1024-32k", "--vocab-size", "512", "--intermediate-size", "64",
+               "--draft-vocab-sizes", "64", "--topk", "4", "--num-samples", "2", "--no-embedded", *TINY)
+    assert re.search(r"ours hidden, Vd=64 +bytes_per_token=[0-9.]+", out), out
+
+
+def test_reader_throughput_runs_every_path():
+    out = _run("reader_throughput.py", "--encodings", "hidden", "--num-samples", "4", "--hidden-size", "64",
+               "--vocab-size", "512", "--draft-vocab-size", "64", "--shard-size", "2", "--batch-tokens", "128",
+               "--batch-size", "2", "--loader-threads", "1", "--workers", "0", "--dense-batches", "1",
+               "--repeats", "1", *TINY)
+    assert re.search(r"loader \(1 threads\) +GB_per_s=[0-9.e-]+", out), out
+
+
+def test_precompute_scaling_writes_the_same_cache_with_two_ranks():
+    out = _run("precompute_scaling.py", "--num-samples", "8", "--seq-length", "64", "--shard-size", "2",
+               "--batch-size", "2", "--nproc", "2")
+    assert re.search(r"2 vs 1 process +throughput_ratio=[0-9.]+ +e2e_ratio=[0-9.]+ +identical_cache=True", out), out
