@@ -7,6 +7,7 @@
     draftcache train --cached-target-path CACHE --output-dir RUN
     draftcache export RUN --output DIR
     draftcache eval --draft DIR
+    draftcache regenerate --target-model T --input-data D --output OUT.jsonl
 
 Each command parses its options, calls one library function and prints its result.
 """
@@ -194,6 +195,11 @@ def evaluate(
     typer.echo(report.format())
     if report.mismatches:
         raise typer.Exit(1)
+
+
+from draftcache.regenerate.cli import regenerate_command  # noqa: E402
+
+app.command(name="regenerate")(regenerate_command)
 
 
 def main() -> None:

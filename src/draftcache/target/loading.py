@@ -22,14 +22,16 @@ def _compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
-def load_target_model(path: str, *, device: torch.device, trust_remote_code: bool = False):
-    """``AutoModelForCausalLM`` in eval mode on ``device``; safetensors weights only."""
+def load_target_model(path: str, *, device: torch.device, trust_remote_code: bool = False,
+                      dtype: torch.dtype | None = None):
+    """``AutoModelForCausalLM`` in eval mode on ``device``; safetensors weights only. ``dtype``
+    None: fp32 on the CPU, bf16 on GPUs."""
     from transformers import AutoModelForCausalLM
 
     local = Path(path).is_dir()
     model = AutoModelForCausalLM.from_pretrained(
         path,
-        dtype=_compute_dtype(device),
+        dtype=dtype or _compute_dtype(device),
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
         local_files_only=local,
