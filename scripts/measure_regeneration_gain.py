@@ -91,7 +91,7 @@ def regenerate(args: argparse.Namespace, work: Path) -> None:
 
 
 def train(args: argparse.Namespace, work: Path) -> None:
-    for name in ("original", "regenerated"):
+    for name in args.drafts:
         run = work / name
         if (run / "export" / "config.json").exists():
             continue
@@ -99,15 +99,14 @@ def train(args: argparse.Namespace, work: Path) -> None:
         if not (cache / "manifest.json").exists():
             _run([sys.executable, "-m", "draftcache.precompute", "--target-model", args.target, "--input-data",
                   str(work / f"train_{name}.jsonl"), "--output-dir", str(cache), "--seq-length", str(args.seq_length),
-                  "--draft-vocab-size", str(args.draft_vocab_size), "--supervision", "topk", "--target-probs-topk", "32",
-                  "--dtype", "fp32", "--device", "cpu", "--batch-size", "8", "--quiet"], work / f"precompute_{name}.log")
+                  "--draft-vocab-size", str(args.draft_vocab_size), "--device", "cpu", "--batch-size", "8", "--quiet"], work / f"precompute_{name}.log")
         _run(_cli("train", "--cached-target-path", str(cache), "--output-dir", str(run), "--epochs", str(args.epochs),
                   "--lr", str(args.lr), "--device", "cpu", "--init-lm-head", "--val-fraction", "0", "--seed", "0",
                   "--quiet"), work / f"train_{name}.log")
 
 
 def evaluate(args: argparse.Namespace, work: Path) -> None:
-    for name in ("original", "regenerated"):
+    for name in args.drafts:
         report = work / f"eval_{name}.txt"
         if report.exists():
             continue
@@ -129,7 +128,7 @@ def vllm_tau(args: argparse.Namespace, work: Path) -> None:
                                              return_dict=True)["input_ids"]
                for line in open(work / "heldout.jsonl")]
     results = {}
-    for name in ("original", "regenerated"):
+    for name in args.drafts:
         llm = LLM(model=args.target, dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
                   speculative_config={"method": "eagle3", "model": str(work / name / "export"),
                                       "num_speculative_tokens": 4})
@@ -154,6 +153,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", required=True, help="Working directory (data, caches, runs, logs).")
     p.add_argument("--stage", nargs="+", choices=STAGES, default=list(STAGES[:-1]))
+    p.add_argument("--drafts", nargs="+", choices=["original", "regenerated"], default=["original", "regenerated"],
+                   help="Which drafts the train / eval / vllm stages handle.")
     p.add_argument("--sharegpt", default=SHAREGPT)
     p.add_argument("--target", default=SMOLLM2)
     p.add_argument("--train", type=int, default=100, help="Training chats.")
@@ -161,8 +162,8 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="Per regenerated reply.")
     p.add_argument("--seq-length", type=int, default=512)
     p.add_argument("--draft-vocab-size", type=int, default=8192)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-new-tokens", type=int, default=64)
     args = p.parse_args()
     work = Path(args.work)

@@ -3,6 +3,7 @@ kill and resume, bad records, refused resumes, and the output read by ``precompu
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -127,6 +128,9 @@ def test_bad_settings_exit_2_and_write_nothing(tmp_path):
     assert "--max-new-tokens must be >= 1" in r.stderr and "--temperature must be >= 0" in r.stderr
     r = _run("--output", str(tmp_path / "out.txt"))
     assert r.returncode == 2 and "must end in .jsonl" in r.stderr
+    if importlib.util.find_spec("vllm") is None:
+        r = _run("--output", str(tmp_path / "out.jsonl"), "--engine", "vllm")
+        assert r.returncode == 2 and "--engine vllm: vLLM is not importable" in r.stderr and "--engine hf" in r.stderr
     assert list(tmp_path.iterdir()) == []
 
 
