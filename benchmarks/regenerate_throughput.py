@@ -1,7 +1,8 @@
 """Regeneration throughput: tokens/s of ``draftcache regenerate``'s vLLM and HF engines on the same prompts.
 
-Each engine runs in a fresh subprocess (vLLM binds its CPU threads; neither run sees the other's
-allocations), after a warm-up, over the same first-turn prompts rendered with the target's chat
+Each engine runs in a fresh subprocess (neither run sees the other's allocations; vLLM runs
+in-process there, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, so both engines run under the same process
+priority; vLLM's CPU build binds its own OpenMP threads, HF uses ``OMP_NUM_THREADS``), after a warm-up, over the same first-turn prompts rendered with the target's chat
 template, in the same batches the command uses (``--batch-size`` prompts per ``generate``), greedy.
 Prints one line per engine and the ratio, plus how many replies are identical.
 
@@ -106,7 +107,8 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--worker", engine, "--out", str(out), "--target", args.target,
                    "--input-data", args.input_data, "--num-prompts", str(args.num_prompts),
                    "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 sys.exit(f"{engine} run failed:\n{proc.stderr[-3000:]}")
             results[engine] = json.loads(out.read_text())

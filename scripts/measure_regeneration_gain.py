@@ -99,7 +99,8 @@ def train(args: argparse.Namespace, work: Path) -> None:
         if not (cache / "manifest.json").exists():
             _run([sys.executable, "-m", "draftcache.precompute", "--target-model", args.target, "--input-data",
                   str(work / f"train_{name}.jsonl"), "--output-dir", str(cache), "--seq-length", str(args.seq_length),
-                  "--draft-vocab-size", str(args.draft_vocab_size), "--device", "cpu", "--batch-size", "8", "--quiet"], work / f"precompute_{name}.log")
+                  "--draft-vocab-size", str(args.draft_vocab_size), "--device", "cpu", "--batch-size", "8",
+                  *(["--num-samples", str(args.use)] if args.use else []), "--quiet"], work / f"precompute_{name}.log")
         _run(_cli("train", "--cached-target-path", str(cache), "--output-dir", str(run), "--epochs", str(args.epochs),
                   "--lr", str(args.lr), "--device", "cpu", "--init-lm-head", "--val-fraction", "0", "--seed", "0",
                   "--quiet"), work / f"train_{name}.log")
@@ -158,6 +159,8 @@ def main() -> None:
     p.add_argument("--sharegpt", default=SHAREGPT)
     p.add_argument("--target", default=SMOLLM2)
     p.add_argument("--train", type=int, default=100, help="Training chats.")
+    p.add_argument("--use", type=int, default=None,
+                   help="Train both drafts on the first N chats only (both files keep the input order).")
     p.add_argument("--heldout", type=int, default=20, help="Held-out prompts.")
     p.add_argument("--max-new-tokens", type=int, default=128, help="Per regenerated reply.")
     p.add_argument("--seq-length", type=int, default=512)
