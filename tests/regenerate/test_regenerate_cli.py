@@ -83,6 +83,11 @@ def test_killed_and_resumed_equals_uninterrupted(reference, tmp_path):
     assert out.read_bytes() == ref.read_bytes()
     r = _run("--output", str(out), "--resume", *ARGS)  # a finished output: nothing to do
     assert r.returncode == 0 and "is complete" in r.stderr and out.read_bytes() == ref.read_bytes()
+    more = [a if a != "48" else "50" for a in ARGS]  # asking for more continues a finished output
+    r = _run("--output", str(out), "--resume", *more)
+    assert r.returncode == 0 and "regenerated  50 conversations" in r.stdout
+    assert out.read_bytes().startswith(ref.read_bytes())
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == list(range(50))
 
 
 def test_resume_with_other_sampling_is_refused_naming_the_fields(reference, tmp_path):

@@ -75,6 +75,12 @@ class Progress:
     cut: dict[str, int] = field(default_factory=dict)
     skipped_records: dict[str, int] = field(default_factory=dict)
     finished: bool = False
+    num_samples: int | None = None  # the --num-samples a finished run stopped at (None: the whole input)
+
+    def covers(self, num_samples: int | None) -> bool:
+        """Whether a finished run already holds what ``--num-samples num_samples`` asks for."""
+        return self.finished and (self.num_samples is None or (num_samples is not None
+                                                               and num_samples <= self.num_samples))
 
     def add(self, results: Sequence[Regenerated]) -> None:
         for r in results:
@@ -206,9 +212,10 @@ class RegenerationOutput:
         self.progress.output_bytes = self._out.tell()
         self._append(self._log, [asdict(self.progress)])
 
-    def finish(self, skipped_records: dict[str, int]) -> None:
+    def finish(self, skipped_records: dict[str, int], num_samples: int | None) -> None:
         self.progress.skipped_records = dict(skipped_records)
         self.progress.finished = True
+        self.progress.num_samples = num_samples
         self._append(self._log, [asdict(self.progress)])
 
     def close(self) -> None:

@@ -123,7 +123,7 @@ def regenerate(cfg: RegenerateConfig, *, log: Callable[[str], None] = print) -> 
     }
     output = RegenerationOutput(cfg.output, settings, resume=cfg.resume)
     done = output.progress.next_id
-    if output.progress.finished:
+    if output.progress.covers(cfg.num_samples):
         log(f"{output.path} is complete ({done} conversations read); nothing to do")
         return RegenerateSummary(str(output.path), engine_name, output.progress, output.progress.skipped_records,
                                  resumed_from=done)
@@ -144,6 +144,7 @@ def regenerate(cfg: RegenerateConfig, *, log: Callable[[str], None] = print) -> 
         hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bar
     engine = _build_engine(cfg, engine_name, target_path, device, dtype, stop_ids, max_model_len, tokenizer)
     output.start({"stop_token_ids": stop_ids, "engine_version": engine.version()})
+    output.progress.finished = False  # a finished run asked for more --num-samples continues
     if done:
         log(f"resuming {output.path}: {done} conversations done")
     regenerator = TurnRegenerator(tokenizer, template, engine, max_new_tokens=cfg.max_new_tokens,
@@ -166,7 +167,7 @@ def regenerate(cfg: RegenerateConfig, *, log: Callable[[str], None] = print) -> 
             if batch:
                 output.commit(regenerator.run(batch))
                 bar.update(len(batch))
-        output.finish(conversations.skipped.as_dict())
+        output.finish(conversations.skipped.as_dict(), limit)
     finally:
         output.close()
     return RegenerateSummary(str(output.path), f"{engine_name} ({engine.version()})", output.progress,
