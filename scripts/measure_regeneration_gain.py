@@ -112,7 +112,7 @@ def evaluate(args: argparse.Namespace, work: Path) -> None:
         if report.exists():
             continue
         _run(_cli("eval", "--draft", str(work / name / "export"), "--target-model", args.target, "--input-data",
-                  str(work / "heldout.jsonl"), "--num-prompts", str(args.heldout), "--draft-tokens", "4",
+                  str(work / "heldout.jsonl"), "--num-prompts", str(args.eval_prompts), "--draft-tokens", "4",
                   "--max-new-tokens", str(args.eval_new_tokens), "--device", "cpu"), report)
         print(report.read_text())
 
@@ -127,10 +127,11 @@ def vllm_tau(args: argparse.Namespace, work: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.target)
     prompts = [tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=True, add_generation_prompt=True,
                                              return_dict=True)["input_ids"]
-               for line in open(work / "heldout.jsonl")]
+               for line in open(work / "heldout.jsonl")][: args.eval_prompts]
     results = {}
     for name in args.drafts:
         llm = LLM(model=args.target, dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
+                  disable_log_stats=False, enable_prefix_caching=False,  # counters on; each prompt computed whole
                   speculative_config={"method": "eagle3", "model": str(work / name / "export"),
                                       "num_speculative_tokens": 4})
         llm.generate([{"prompt_token_ids": p} for p in prompts],
@@ -168,6 +169,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-new-tokens", type=int, default=64)
+    p.add_argument("--eval-prompts", type=int, default=16, help="The first N held-out prompts (both evals).")
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
