@@ -90,19 +90,27 @@ def regenerate(args: argparse.Namespace, work: Path) -> None:
               "--batch-size", "8", "--quiet", *(["--resume"] if progress.exists() else [])), work / "regenerate.log")
 
 
+def _complete(cache: Path) -> bool:
+    try:
+        return json.loads((cache / "manifest.json").read_text()).get("complete") is True
+    except (OSError, ValueError):
+        return False
+
+
 def train(args: argparse.Namespace, work: Path) -> None:
     for name in args.drafts:
         run = work / name
         if (run / "export" / "config.json").exists():
             continue
         cache = work / f"cache_{name}"
-        if not (cache / "manifest.json").exists():
+        if not _complete(cache):
             _run([sys.executable, "-m", "draftcache.precompute", "--target-model", args.target, "--input-data",
                   str(work / f"train_{name}.jsonl"), "--output-dir", str(cache), "--seq-length", str(args.seq_length),
                   "--draft-vocab-size", str(args.draft_vocab_size), "--device", "cpu", "--batch-size", "8",
                   *(["--num-samples", str(args.use)] if args.use else []), "--quiet"], work / f"precompute_{name}.log")
         _run(_cli("train", "--cached-target-path", str(cache), "--output-dir", str(run), "--epochs", str(args.epochs),
-                  "--lr", str(args.lr), "--device", "cpu", "--init-lm-head", "--val-fraction", "0", "--seed", "0",
+                  "--lr", str(args.lr), "--device", "cpu",
+                  *(["--max-steps", str(args.max_steps)] if args.max_steps else []), "--init-lm-head", "--val-fraction", "0", "--seed", "0",
                   "--quiet"), work / f"train_{name}.log")
 
 
@@ -168,6 +176,7 @@ def main() -> None:
     p.add_argument("--draft-vocab-size", type=int, default=8192)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-steps", type=int, default=None, help="The same optimizer-step budget for both drafts.")
     p.add_argument("--eval-new-tokens", type=int, default=64)
     p.add_argument("--eval-prompts", type=int, default=16, help="The first N held-out prompts (both evals).")
     args = p.parse_args()
