@@ -7,6 +7,7 @@
     draftcache train --cached-target-path CACHE --output-dir RUN
     draftcache export RUN --output DIR
     draftcache eval --draft DIR [--engine vllm]
+    draftcache regenerate --target-model T --input-data D --output OUT.jsonl
 
 Each command parses its options, calls one library function and prints its result.
 """
@@ -18,6 +19,7 @@ from typing import Optional
 
 import typer
 
+from draftcache.regenerate.cli import regenerate_command
 from draftcache.trainer.config import TrainConfig
 
 app = typer.Typer(add_completion=False, help="Look inside a draftcache cache, train an EAGLE-3 draft from it, export and evaluate it.", pretty_exceptions_enable=False, no_args_is_help=True)
@@ -270,6 +272,9 @@ def _evaluate_with_vllm(*, target_model: Optional[str], **kwargs) -> None:
     typer.echo(report.format())
     if not report.ok:
         raise typer.Exit(1)
+
+
+app.command(name="regenerate")(regenerate_command)
 
 
 def main() -> None:
