@@ -6,6 +6,7 @@ a forward that raises leaves the model without stray hooks.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +14,22 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["TargetForward", "CaptureError", "run_with_capture"]
+__all__ = ["TargetForward", "CaptureError", "run_with_capture", "kv_cache_kwargs", "returned_kv_cache"]
+
+
+def kv_cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` under the keyword this model's ``forward`` takes its KV cache by:
+    ``cache`` (transformers 5.25 and later, which deprecate ``past_key_values``) or
+    ``past_key_values`` (earlier releases, such as the one the vLLM environment pins)."""
+    params = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
+
+
+def returned_kv_cache(outputs: Any) -> Any:
+    """The KV cache a forward returned (``outputs.cache``, or ``outputs.past_key_values`` before
+    transformers 5.25); None when it returned none."""
+    cache = getattr(outputs, "cache", None)
+    return cache if cache is not None else getattr(outputs, "past_key_values", None)
 
 
 class CaptureError(RuntimeError):
@@ -85,7 +101,7 @@ def run_with_capture(
         with torch.no_grad():
             # only a decoding caller (speculative verify) passes a cache; plain capture keeps the
             # model's call signature minimal so custom layouts without cache support still work
-            cache_kwargs = {"past_key_values": past_key_values} if past_key_values is not None else {}
+            cache_kwargs = kv_cache_kwargs(model, past_key_values) if past_key_values is not None else {}
             outputs = model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -113,5 +129,5 @@ def run_with_capture(
         logits=logits,
         aux_hidden_states=aux,
         final_hidden=final[0].to(logits.device) if capture_final_hidden else None,
-        past_key_values=getattr(outputs, "past_key_values", None) if past_key_values is not None else None,
+        past_key_values=returned_kv_cache(outputs) if past_key_values is not None else None,
     )

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from draftcache.target import HFEagle3TargetModel
+from draftcache.target.capture import kv_cache_kwargs
 from draftcache.trainer.model import Eagle3DecodeCache, Eagle3DraftModel
 
 __all__ = ["SpecDecodeStats", "speculative_generate", "greedy_generate"]
@@ -92,7 +93,7 @@ def greedy_generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, eos_to
     ids = prompt_ids.view(1, -1)
     out: list[int] = []
     while len(out) < max_new_tokens:
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=ids, use_cache=True, **kv_cache_kwargs(model, cache)).logits
         token = int(logits[0, -1].argmax())
         out.append(token)
         if token == eos_token_id:
