@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = PrecomputeConfig(output_dir=str(work / "cache"), seq_length=args.seq_length,
                                draft_vocab_size=args.draft_vocab_size, batch_size=args.batch_size,
                                shard_size=args.shard_size, dtype=args.dtype, supervision=args.supervision,
-                               aux_layer_ids=tuple(aux) if aux else None, progress=False)
+                               num_samples=args.num_samples, aux_layer_ids=tuple(aux) if aux else None,
+                               progress=False)
         holder: dict = {}
         t_tok = timed(lambda: holder.update(samples=tokenize_conversations(cfg, tokenizer, conversations)), device)
         samples = holder["samples"]
@@ -140,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
                 bare.append(timed(lambda: bare_forward(model, batches), device))
             ratios.append(pipe[-1] / bare[-1])
         summary = holder["summary"]
+        for message in sorted(set(holder.get("log", []))):
+            print(f"log: {message}")
         manifest = json.loads((Path(cfg.output_dir) / "manifest.json").read_text())
         slots = sum(ids.numel() for ids, _ in batches)
         full_shards = sum(1 for e in manifest["shards"] if e["num_samples"] == cfg.shard_size)

@@ -71,7 +71,7 @@ def test_numeric_check_refuses_hidden_for_a_scaled_head(tmp_path, scaled_head_pa
     with pytest.raises(PrecomputeError, match=r"--supervision hidden refused for this target: the draft-vocab "
                                               r"probabilities rebuilt from the stored \(fp32\) final hidden states "
                                               r"differ from the target's by [\d.e+-]+ \(max abs difference over \d+ "
-                                              r"supervised rows\), above the tolerance 0.01"):
+                                              r"supervised rows\), above the tolerance 0.05"):
         _run(scaled_head_parts, tmp_path / "hidden", "hidden")
     assert not (tmp_path / "hidden").exists()
 

@@ -170,9 +170,11 @@ def _logit_transform_in_config(target: HFEagle3TargetModel) -> str | None:
 
 
 _REBUILD_CHECK_ROWS = 256  # supervised rows compared; a transform the rebuild misses shows on any of them
-# Largest |rebuilt - stored-probs| draft-vocab probability the hidden encoding may differ by: bf16
-# rounding of final_hidden moves probabilities by ~1e-3; a missed logit transform by far more.
-REBUILD_PROB_TOLERANCE = 1e-2
+# Largest |rebuilt - target| draft-vocab probability the hidden encoding may differ by. bf16 storage of
+# final_hidden moves probabilities by ~1e-3 (embedded target) to 1.4e-2 (SmolLM2-135M, ShareGPT); a
+# logit transform the rebuild misses by far more (0.26 for a head scaled by 2). The measured value
+# is recorded in the manifest and printed either way.
+REBUILD_PROB_TOLERANCE = 5e-2
 
 
 def _rebuild_closeness(target: HFEagle3TargetModel, samples: Sequence[TokenizedSample], cfg: PrecomputeConfig,
