@@ -119,12 +119,31 @@ def train(
     export_format: str = typer.Option(_TRAIN_DEFAULTS.export_format, "--export-format", help="eagle3 (SGLang + vLLM) or speculators."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    method: str = typer.Option("eagle3", "--method", help="eagle3, or dflash (online only: --target-model/--input-data)."),
+    target_layer_ids: Optional[str] = typer.Option(None, "--target-layer-ids", help="DFlash: decoder-layer ids such as '1,14,27' (default: evenly spaced, one per draft layer)."),
+    draft_layers: int = typer.Option(1, "--draft-layers", help="DFlash: draft decoder layers (NeMo's recipe: 5)."),
+    block_size: int = typer.Option(16, "--block-size", help="DFlash: anchor + masked slots per block (serve with num_speculative_tokens = block_size - 1)."),
+    num_anchors: int = typer.Option(512, "--num-anchors", help="DFlash: blocks sampled per packed row."),
+    mask_token_id: Optional[int] = typer.Option(None, "--mask-token-id", help="DFlash: token fed at masked slots (default: a special token absent from the data)."),
 ) -> None:
-    """Train an EAGLE-3 draft from a cache (or online from a co-located target) and export it.
+    """Train an EAGLE-3 draft from a cache (or online from a co-located target), or a DFlash draft online, and export it.
 
     Example: draftcache train --cached-target-path runs/cache --output-dir runs/draft
+             draftcache train --method dflash --output-dir runs/dflash --block-size 8 --max-steps 200
     """
     from draftcache.trainer.loop import train as run_train
+
+    if method == "dflash":
+        _train_dflash(output_dir=output_dir, cached_target_path=cached_target_path, target_model=target_model,
+                      input_data=input_data, seq_length=seq_length, chat_template=chat_template,
+                      target_layer_ids=target_layer_ids, num_draft_layers=draft_layers, block_size=block_size,
+                      num_anchors=num_anchors, mask_token_id=mask_token_id, epochs=epochs, max_steps=max_steps,
+                      batch_tokens=batch_tokens, lr=lr, warmup_steps=warmup_steps, grad_clip=grad_clip,
+                      val_fraction=val_fraction, eval_every=eval_every, save_every=save_every, log_every=log_every,
+                      seed=seed, device=device, resume=resume, trust_remote_code=trust_remote_code, progress=not quiet)
+        return
+    if method != "eagle3":
+        _fail(f"--method must be eagle3 or dflash, got {method!r}", 2)
 
     try:
         aux = [int(x) for x in aux_layer_ids.split(",")] if aux_layer_ids else None
@@ -154,6 +173,26 @@ def train(
         typer.echo(result.format())
 
 
+def _train_dflash(*, cached_target_path, target_layer_ids, batch_tokens, **options) -> None:
+    from draftcache.trainer.dflash_train import DFlashTrainConfig, train_dflash
+
+    if cached_target_path is not None:
+        _fail("--method dflash trains online only for now (--target-model/--input-data); DFlash caches are not written yet", 2)
+    try:
+        ids = tuple(int(x) for x in target_layer_ids.split(",")) if target_layer_ids else None
+    except ValueError:
+        _fail(f"--target-layer-ids: expected comma-separated integers such as '1,14,27', got {target_layer_ids!r}", 2)
+    try:
+        cfg = DFlashTrainConfig(target_layer_ids=ids, batch_tokens=batch_tokens or 1024, **options).validate()
+    except ValueError as e:
+        _fail(str(e), 2)
+    try:
+        result = train_dflash(cfg)
+    except _USER_ERRORS as e:
+        _fail(str(e))
+    typer.echo(result.format())
+
+
 @app.command()
 def export(
     checkpoint: str = typer.Argument(..., help="A run directory (its latest checkpoint) or a checkpoint directory."),
@@ -181,14 +220,16 @@ def evaluate(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
     device: Optional[str] = typer.Option(None, "--device"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    method: str = typer.Option("auto", "--method", help="eagle3, dflash (block drafting, K = block_size - 1) or auto (from the draft's config.json)."),
 ) -> None:
-    """Real greedy chain speculative decoding: acceptance length tau, per-position acceptance, speed vs greedy."""
+    """Real greedy speculative decoding (EAGLE-3 chain or DFlash block): tau, per-position acceptance, speed vs greedy."""
     from draftcache.trainer.evaluate import evaluate_draft
 
     try:
         report = evaluate_draft(draft_dir=draft, target_model=target_model, input_data=input_data,
                                 num_prompts=num_prompts, draft_tokens=draft_tokens, max_new_tokens=max_new_tokens,
-                                device=device, trust_remote_code=trust_remote_code, chat_template=chat_template)
+                                device=device, trust_remote_code=trust_remote_code, chat_template=chat_template,
+                                method=method)
     except _USER_ERRORS as e:
         _fail(str(e))
     typer.echo(report.format())

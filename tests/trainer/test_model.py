@@ -13,8 +13,8 @@ from draftcache.trainer.model import (
     Eagle3DraftModel,
     build_attention_mask,
     document_layout,
-    rope_inverse_frequencies,
 )
+from draftcache.trainer.layers import rope_inverse_frequencies
 
 from .helpers import LLAMA3_ROPE, random_draft, tiny_target_config
 

@@ -37,3 +37,15 @@ def test_quality_gate_fails_below_its_threshold(tmp_path):
     assert tau < 4.5
     assert "lossless        True" in r.stdout
     assert f"gate            FAIL: real tau {tau:.3f} < --min-tau 4.5" in r.stdout
+
+
+def test_dflash_vs_eagle3_benchmark_prints_both_drafts_and_the_ratio(tmp_path):
+    r = _run("dflash_vs_eagle3.py", "--out", str(tmp_path / "cmp"), "--max-steps", "2", "--num-prompts", "2",
+             "--max-new-tokens", "8", "--num-anchors", "16", "--block-size", "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("training    2 steps of <= 1024 tokens each: eagle3 ")
+    for name, line in zip(("eagle3", "dflash"), lines[1:3]):
+        assert re.match(rf"^{name} +K=3 tau [0-9.]+  accept/pos [0-9. ]+  spec [0-9.]+ tok/s  greedy [0-9.]+ tok/s  "
+                        r"speedup [0-9.]+x  lossless yes$", line), line
+    assert re.match(r"^ratio       dflash/eagle3 tau [0-9.]+x  speedup [0-9.]+x", lines[3])

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from .batch import TargetBatchError, check_sequence_inputs
-from .capture import run_with_capture
+from .capture import TargetForward, run_with_capture
 from .layer_ids import validate_dflash_layer_ids
 from .layout import decoder_layers_and_depth
 
@@ -93,4 +94,24 @@ class HFDFlashTargetModel:
             input_ids=input_ids,
             attention_mask=attention_mask,
             loss_mask=loss_mask,
+        )
+
+    def forward_capture(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        past_key_values: Any = None,
+    ) -> TargetForward:
+        """Run the target once: unshifted ``logits [B, S, V]`` and the context features
+        ``aux_hidden_states [B, S, n*H]``. ``past_key_values`` (a transformers ``Cache``)
+        continues a sequence, as speculative verification does; the cache comes back on the result."""
+        device = self.model.get_input_embeddings().weight.device
+        return run_with_capture(
+            self.model,
+            self._layers,
+            self._target_layer_ids,
+            input_ids=input_ids.to(device),
+            attention_mask=None if attention_mask is None else attention_mask.to(device),
+            past_key_values=past_key_values,
         )

@@ -19,7 +19,9 @@ import jinja2
 import torch
 
 from draftcache.data import ChatTokenizer, SkipCounts
-from draftcache.target import HFEagle3TargetModel
+from draftcache.target import HFDFlashTargetModel, HFEagle3TargetModel
+from draftcache.trainer.dflash_export import is_dflash_export, load_exported_dflash_draft
+from draftcache.trainer.dflash_speculative import dflash_speculative_generate
 from draftcache.trainer.export import load_exported_draft
 from draftcache.trainer.speculative import SpecDecodeStats, greedy_generate, speculative_generate, timed
 
@@ -108,16 +110,26 @@ def evaluate_draft(
     device: str | None = None,
     trust_remote_code: bool = False,
     chat_template: str | None = None,
+    method: str = "auto",
 ) -> EvalReport:
     """Measure the draft in ``draft_dir`` against its target on ``num_prompts`` prompts from
     ``input_data`` (chats or a prompts-only file; default: the embedded held-out chats), rendered
-    with ``chat_template`` (a ``--chat-template`` value) or the tokenizer's own."""
+    with ``chat_template`` (a ``--chat-template`` value) or the tokenizer's own.
+
+    ``method``: ``eagle3`` (chain drafting, ``draft_tokens`` per round), ``dflash`` (block
+    drafting; ``K = block_size - 1`` from the draft's config, ``draft_tokens`` is not used) or
+    ``auto`` (from the export's ``config.json``)."""
     from draftcache.data import load_conversations, set_chat_template
     from draftcache.defaults import default_eval_data_path, default_target_path
     from draftcache.target.loading import load_target_model, load_tokenizer, resolve_device
 
     if num_prompts < 1 or draft_tokens < 1 or max_new_tokens < 1:
         raise ValueError("--num-prompts, --draft-tokens and --max-new-tokens must all be >= 1")
+    found = "dflash" if is_dflash_export(draft_dir) else "eagle3"
+    if method not in ("auto", "eagle3", "dflash"):
+        raise ValueError(f"--method must be auto, eagle3 or dflash, got {method!r}")
+    if method != "auto" and method != found:
+        raise ValueError(f"--method {method} but {draft_dir} holds a {found} draft; pass --method {found} or auto")
     dev = resolve_device(device)
     target_path = target_model or default_target_path()
     tokenizer = load_tokenizer(target_path, trust_remote_code=trust_remote_code)
@@ -126,16 +138,29 @@ def evaluate_draft(
     conversations = load_conversations(input_data or default_eval_data_path(), prompts=True, lazy=True)
     prompts = prompt_ids_from_conversations(conversations, tokenizer, num_prompts, conversations.skipped)
     model = load_target_model(target_path, device=dev, trust_remote_code=trust_remote_code)
-    draft = load_exported_draft(draft_dir, target_embeddings=model.get_input_embeddings().weight.detach().float().cpu())
+    eos = tokenizer.eos_token_id
+    if found == "dflash":
+        draft = load_exported_dflash_draft(draft_dir, model).to(dev).eval()
+        target = HFDFlashTargetModel(model, draft.config.target_layer_ids)
+        draft_tokens = draft.config.block_size - 1
+
+        def speculate(ids, max_new, stats=None):
+            return dflash_speculative_generate(target, draft, ids, max_new_tokens=max_new, stats=stats,
+                                               eos_token_id=eos)
+    else:
+        draft = load_exported_draft(draft_dir, target_embeddings=model.get_input_embeddings().weight.detach().float().cpu())
+        target = HFEagle3TargetModel(model, aux_layer_ids=draft.config.aux_layer_ids)
+
+        def speculate(ids, max_new, stats=None):
+            return speculative_generate(target, draft, ids, max_new_tokens=max_new, draft_tokens=draft_tokens,
+                                        stats=stats, eos_token_id=eos)
     draft = draft.to(dev).eval()
     if dev.type != "cpu":
         draft = draft.to(torch.bfloat16)
-    target = HFEagle3TargetModel(model, aux_layer_ids=draft.config.aux_layer_ids)
-    eos = tokenizer.eos_token_id
 
     warm = torch.tensor(prompts[0], device=dev)
     greedy_generate(model, warm, 4, eos)
-    speculative_generate(target, draft, warm, max_new_tokens=4, draft_tokens=draft_tokens, eos_token_id=eos)
+    speculate(warm, 4)
 
     stats = SpecDecodeStats(draft_tokens=draft_tokens)
     t_greedy = t_spec = 0.0
@@ -145,8 +170,7 @@ def evaluate_draft(
         ids = torch.tensor(p, device=dev)
         ref, dt = timed(greedy_generate, model, ids, max_new_tokens, eos)
         t_greedy, n_greedy = t_greedy + dt, n_greedy + len(ref)
-        out, dt = timed(speculative_generate, target, draft, ids, max_new_tokens=max_new_tokens,
-                        draft_tokens=draft_tokens, stats=stats, eos_token_id=eos)
+        out, dt = timed(speculate, ids, max_new_tokens, stats)
         t_spec, n_spec = t_spec + dt, n_spec + len(out)
         mismatches += int(out != ref)
     return EvalReport(

@@ -30,6 +30,21 @@ def load_checkpoint_draft(checkpoint: str | Path) -> tuple[Eagle3DraftModel, dic
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, *, format: str = "eagle3") -> Path:
+    """Export a checkpoint; a DFlash run (``extra.method == "dflash"``) always exports vLLM's DFlash layout."""
+    ckpt = latest_checkpoint(checkpoint)
+    if ckpt is not None and read_checkpoint_meta(ckpt).get("extra", {}).get("method") == "dflash":
+        return _export_dflash_checkpoint(ckpt, output)
     model, extra = load_checkpoint_draft(checkpoint)
     return export_draft(model, output, target_config=extra.get("target_config") or None,
                         target_model_id=extra.get("target_model_id"), format=format)
+
+
+def _export_dflash_checkpoint(ckpt: Path, output: str | Path) -> Path:
+    from draftcache.trainer.dflash_config import DFlashDraftConfig
+    from draftcache.trainer.dflash_export import export_dflash_draft
+    from draftcache.trainer.dflash_model import DFlashDraftModel
+
+    extra = read_checkpoint_meta(ckpt)["extra"]
+    model = DFlashDraftModel(DFlashDraftConfig.from_dict(extra["draft_config"]))
+    model.load_state_dict(load_file(str(ckpt / "draft.safetensors")))  # includes the target's embeddings/lm_head
+    return export_dflash_draft(model, output, target_model_id=extra.get("target_model_id"))

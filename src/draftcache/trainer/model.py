@@ -28,10 +28,8 @@ measures both.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -39,6 +37,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from draftcache.data.vocab import DraftVocab
+from draftcache.trainer.layers import (
+    SUPPORTED_ROPE_TYPES,
+    RMSNorm,
+    Rotary,
+    SwiGLUMLP,
+    rope_type,
+    rotate_half,
+    target_rope,
+    text_config,
+)
 
 __all__ = [
     "Eagle3DraftConfig",
@@ -52,55 +60,13 @@ __all__ = [
     "attend_sdpa",
     "build_attention_mask",
     "document_layout",
-    "rope_inverse_frequencies",
-    "SUPPORTED_ROPE_TYPES",
 ]
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
 # --------------------------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------------------------
-
-
-def _rope_type(rope_scaling: Mapping[str, Any] | None) -> str:
-    if not rope_scaling:
-        return "default"
-    return str(rope_scaling.get("rope_type", rope_scaling.get("type", "default")))
-
-
-def _target_rope(text_config: Any) -> tuple[float, dict[str, Any] | None]:
-    """``(rope_theta, rope_scaling)`` of a HF config, from transformers 4.x fields
-    (``rope_theta`` + ``rope_scaling``) or 5.x ``rope_parameters`` (theta inside the dict)."""
-    params = getattr(text_config, "rope_parameters", None)
-    if isinstance(params, Mapping) and params:
-        params = dict(params)
-        theta = params.pop("rope_theta", None)
-        if theta is None:
-            theta = getattr(text_config, "rope_theta", None)
-        scaling = params if _rope_type(params) != "default" else None
-    else:
-        theta = getattr(text_config, "rope_theta", None)
-        scaling = getattr(text_config, "rope_scaling", None)
-        scaling = dict(scaling) if scaling else None
-    if theta is None:
-        raise ValueError(
-            "target config has no rope_theta (nor rope_parameters['rope_theta']); "
-            "pass a config of a RoPE model or build Eagle3DraftConfig by hand"
-        )
-    return float(theta), scaling
-
-
-def _text_config(hf_config: Any) -> Any:
-    """The language-model part of a HF config object or of its ``to_dict()`` form."""
-    if isinstance(hf_config, Mapping):
-        text = hf_config.get("text_config") or hf_config
-        return SimpleNamespace(**text)
-    getter = getattr(hf_config, "get_text_config", None)
-    if callable(getter):
-        return getter()
-    return getattr(hf_config, "text_config", None) or hf_config
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,9 +143,9 @@ class Eagle3DraftConfig:
             problems.append(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
         if self.rope_theta <= 0:
             problems.append(f"rope_theta must be > 0, got {self.rope_theta}")
-        if _rope_type(self.rope_scaling) not in SUPPORTED_ROPE_TYPES:
+        if rope_type(self.rope_scaling) not in SUPPORTED_ROPE_TYPES:
             problems.append(
-                f"rope_scaling type {_rope_type(self.rope_scaling)!r} is not supported; "
+                f"rope_scaling type {rope_type(self.rope_scaling)!r} is not supported; "
                 f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
             )
         if self.hidden_act != "silu":
@@ -204,7 +170,7 @@ class Eagle3DraftConfig:
         ``max_position_embeddings`` from the target, so the draft serves at the target's
         context length with the target's position encoding.
         """
-        text = _text_config(hf_config)
+        text = text_config(hf_config)
         missing = [name for name in ("hidden_size", "intermediate_size", "num_attention_heads",
                                      "vocab_size", "max_position_embeddings")
                    if getattr(text, name, None) is None]
@@ -213,7 +179,7 @@ class Eagle3DraftConfig:
         heads = int(text.num_attention_heads)
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
         head_dim = getattr(text, "head_dim", None) or int(text.hidden_size) // heads
-        theta, scaling = _target_rope(text)
+        theta, scaling = target_rope(text)
         num_layers = getattr(text, "num_hidden_layers", None)
         if num_layers is not None and any(int(i) >= int(num_layers) for i in aux_layer_ids):
             raise ValueError(
@@ -314,87 +280,6 @@ def build_attention_mask(
 # --------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------
-
-
-def rope_inverse_frequencies(head_dim: int, rope_theta: float, rope_scaling: Mapping[str, Any] | None) -> torch.Tensor:
-    """``[head_dim // 2]`` float32 RoPE inverse frequencies with ``linear`` or ``llama3`` scaling.
-
-    ``linear`` divides every frequency by ``factor``. ``llama3`` keeps high frequencies
-    (wavelength below ``original_max_position_embeddings / high_freq_factor``), divides low
-    ones (wavelength above ``original / low_freq_factor``) by ``factor`` and interpolates
-    linearly in ``original / wavelength`` between the two.
-    """
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
-    inv_freq = 1.0 / (float(rope_theta) ** exponents)
-    kind = _rope_type(rope_scaling)
-    if kind == "default" or rope_scaling is None:
-        return inv_freq
-    if kind not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"rope_scaling type {kind!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
-    required = ("factor",) if kind == "linear" else (
-        "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    absent = [name for name in required if name not in rope_scaling]
-    if absent:
-        raise ValueError(f"rope_scaling of type {kind!r} lacks {absent}: {dict(rope_scaling)}")
-    factor = float(rope_scaling["factor"])
-    if kind == "linear":
-        return inv_freq / factor
-    low = float(rope_scaling["low_freq_factor"])
-    high = float(rope_scaling["high_freq_factor"])
-    original = float(rope_scaling["original_max_position_embeddings"])
-    wavelength = 2 * math.pi / inv_freq
-    smooth = (original / wavelength - low) / (high - low)
-    interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    scaled = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
-    is_mid = (wavelength >= original / high) & (wavelength <= original / low)
-    return torch.where(is_mid, interpolated, scaled)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
-
-
-class _Rotary:
-    """RoPE tables computed in float32 from positions; kept off the module's buffers so
-    ``model.to(bfloat16)`` cannot degrade the frequencies and the state_dict stays exact."""
-
-    def __init__(self, config: Eagle3DraftConfig) -> None:
-        self._inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
-        self._on_device: dict[torch.device, torch.Tensor] = {}
-
-    def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``position_ids [B, T]`` -> ``cos, sin [B, 1, T, head_dim]`` in ``dtype``."""
-        device = position_ids.device
-        if device not in self._on_device:
-            self._on_device[device] = self._inv_freq.to(device)
-        freqs = position_ids.to(torch.float32)[..., None] * self._on_device[device]  # [B, T, d/2]
-        angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, T, d]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-class Eagle3RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        wide = x.to(torch.promote_types(dtype, torch.float32))  # at least fp32, never a downcast
-        normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(dtype)
-
-
-class Eagle3MLP(nn.Module):
-    def __init__(self, config: Eagle3DraftConfig) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 @dataclass
@@ -562,7 +447,7 @@ class Eagle3Attention(nn.Module):
         self.k_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
-        self.rotary = _Rotary(config)
+        self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling)
         self.attn_implementation = "sdpa"  # or "eager" (the reference); set via Eagle3DraftModel
         self.query_chunk: int | None = SDPA_QUERY_CHUNK
 
@@ -584,8 +469,8 @@ class Eagle3Attention(nn.Module):
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = self.rotary.cos_sin(position_ids, q.dtype)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
         if isinstance(cache, Eagle3DecodeCache):
             block_k, block_v = cache.append(k, v)  # mask is [B, 1, T_new, T_past + T_new]
             diag_k, diag_v = [], []
@@ -610,11 +495,11 @@ class Eagle3DecoderLayer(nn.Module):
     def __init__(self, config: Eagle3DraftConfig) -> None:
         super().__init__()
         self.norm_before_residual = config.norm_before_residual
-        self.hidden_norm = Eagle3RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.input_layernorm = Eagle3RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hidden_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Eagle3Attention(config)
-        self.post_attention_layernorm = Eagle3RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = Eagle3MLP(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
 
     def forward(
         self,
@@ -655,7 +540,7 @@ class Eagle3DraftModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.target_vocab_size, config.hidden_size)
         self.fc = nn.Linear(config.num_aux_layers * config.target_hidden_size, config.hidden_size, bias=False)
         self.midlayer = Eagle3DecoderLayer(config)
-        self.norm = Eagle3RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.draft_vocab_size, bias=False)
         # default maps: draft id i = target id i (the first Vd target ids)
         self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.int64))

@@ -1,0 +1,180 @@
+"""DFlash training objective: anchor sampling, block labels, position-decayed cross-entropy.
+
+Supervision is the TARGET's argmax, not the data token: ``target_argmax[t]`` is the target's
+greedy choice for position ``t + 1`` given ``x_{<=t}``. Greedy verification accepts a draft
+token exactly when it equals that argmax, so the argmax is what acceptance rewards (a data
+token the target would not have produced can never be accepted at temperature 0).
+
+For an anchor at slot ``p`` the block slot ``k >= 1`` predicts position ``p + k`` and its
+label is ``target_argmax[p + k - 1]``; the slot counts iff ``p + k`` is in the anchor's
+document and ``loss_mask[p + k]`` is set. Slot ``k`` weighs ``exp(-(k - 1) / decay)``
+(NeMo's recipe: ``decay = 7``): a later slot only matters if every earlier one was accepted.
+The loss is the weighted mean over counted slots.
+
+Anchors are drawn uniformly without replacement among supervised slots (``loss_mask[p]``,
+in-document position ``>= 1`` so the context is never empty, and at least one slot left in
+the document), up to ``num_anchors`` per row (NeMo: 512).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from draftcache.trainer.dflash_model import DFlashDraftModel, build_dflash_blocks
+from draftcache.trainer.model import document_layout
+
+__all__ = [
+    "DFLASH_LOSS_DECAY",
+    "DFlashLossOutput",
+    "dflash_block_labels",
+    "dflash_loss",
+    "dflash_position_weights",
+    "sample_anchors",
+]
+
+DFLASH_LOSS_DECAY = 7.0
+
+
+def _layout(batch: int, seq: int, seq_lens: torch.Tensor | None, device: torch.device):
+    if seq_lens is None:
+        seq_lens = torch.full((batch, 1), seq, dtype=torch.int64, device=device)
+    return document_layout(seq_lens.to(device), seq)
+
+
+def dflash_position_weights(block_size: int, decay: float = DFLASH_LOSS_DECAY) -> torch.Tensor:
+    """``[Bk]`` float32: ``0`` for the anchor slot, ``exp(-(k - 1) / decay)`` for slot ``k >= 1``."""
+    k = torch.arange(block_size, dtype=torch.float32)
+    weights = torch.exp(-(k - 1) / decay)
+    weights[0] = 0.0
+    return weights
+
+
+def sample_anchors(
+    loss_mask: torch.Tensor,
+    *,
+    num_anchors: int,
+    seq_lens: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``num_anchors`` anchor slots per row, sorted: ``positions [B, A]`` int64, ``valid [B, A]`` bool.
+
+    ``A = min(num_anchors, most candidates in any row)`` (at least 1); rows with fewer
+    candidates are padded with slot 0 and ``valid = False``.
+    """
+    batch, seq = loss_mask.shape
+    device = loss_mask.device
+    _, positions, remaining = _layout(batch, seq, seq_lens, device)
+    candidate = loss_mask.bool() & (positions >= 1) & (remaining >= 1)
+    if attention_mask is not None:
+        candidate = candidate & attention_mask.bool()
+    count = int(candidate.sum(-1).max().item()) if batch else 0
+    width = max(1, min(int(num_anchors), count))
+    scores = torch.rand(batch, seq, generator=generator, device="cpu").to(device)
+    scores = scores.masked_fill(~candidate, -1.0)
+    top, slots = scores.topk(width, dim=-1)
+    valid = top >= 0
+    slots = torch.where(valid, slots, torch.full_like(slots, seq))  # padding sorts last
+    slots, order = slots.sort(-1)
+    valid = valid.gather(1, order)
+    return torch.where(valid, slots, torch.zeros_like(slots)), valid
+
+
+def dflash_block_labels(
+    target_argmax: torch.Tensor,
+    loss_mask: torch.Tensor,
+    anchor_positions: torch.Tensor,
+    anchor_valid: torch.Tensor,
+    *,
+    block_size: int,
+    seq_lens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``labels [B, A, Bk]`` int64 and ``label_mask [B, A, Bk]`` bool (slot 0 never counts)."""
+    batch, seq = target_argmax.shape
+    device = target_argmax.device
+    _, _, remaining = _layout(batch, seq, seq_lens, device)
+    k = torch.arange(block_size, device=device)
+    predicted = anchor_positions[:, :, None] + k  # [B, A, Bk] slot each block position predicts
+    in_doc = (k >= 1) & (k <= remaining.gather(1, anchor_positions)[:, :, None])
+    clamped = predicted.clamp(max=seq - 1)
+    label_slots = (predicted - 1).clamp(min=0, max=seq - 1)
+    labels = target_argmax.gather(1, label_slots.flatten(1)).view_as(predicted)
+    supervised = loss_mask.bool().gather(1, clamped.flatten(1)).view_as(predicted)
+    return labels, in_doc & supervised & anchor_valid[:, :, None]
+
+
+@dataclass
+class DFlashLossOutput:
+    """Loss and block metrics of one batch.
+
+    Attributes:
+        loss: scalar, weighted mean cross-entropy over counted slots.
+        correct: ``[Bk]`` counted slots whose draft argmax equals the label, per block position.
+        counted: ``[Bk]`` counted slots per block position.
+        accept_length_sum: sum over valid anchors of ``1 + leading correct slots`` (greedy
+            acceptance simulated on the training blocks; stops at the first wrong or uncounted slot).
+        num_blocks: valid anchors.
+    """
+
+    loss: torch.Tensor
+    correct: torch.Tensor
+    counted: torch.Tensor
+    accept_length_sum: float
+    num_blocks: int
+
+
+def dflash_loss(
+    model: DFlashDraftModel,
+    *,
+    target_hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    target_argmax: torch.Tensor,
+    loss_mask: torch.Tensor,
+    anchor_positions: torch.Tensor,
+    anchor_valid: torch.Tensor,
+    seq_lens: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    decay: float = DFLASH_LOSS_DECAY,
+) -> DFlashLossOutput:
+    """Forward the draft on the given anchors' blocks and score them against the target's argmax.
+
+    Args:
+        target_hidden: ``[B, S, n*H_t]`` concatenated target features (unshifted).
+        input_ids / target_argmax / loss_mask: ``[B, S]``; ``target_argmax[t]`` predicts ``t + 1``.
+        anchor_positions / anchor_valid: ``[B, A]`` from :func:`sample_anchors`.
+        seq_lens: ``[B, D]`` document lengths of packed rows, or None (one document per row).
+    """
+    config = model.config
+    batch, seq = input_ids.shape
+    _, positions, _ = _layout(batch, seq, seq_lens, input_ids.device)
+    blocks = build_dflash_blocks(input_ids, anchor_positions, anchor_valid, block_size=config.block_size,
+                                 mask_token_id=config.mask_token_id, seq_lens=seq_lens,
+                                 attention_mask=attention_mask)
+    hidden = model(target_hidden, positions, blocks)  # [B, A, Bk, H]
+    labels, label_mask = dflash_block_labels(target_argmax, loss_mask, anchor_positions, anchor_valid,
+                                             block_size=config.block_size, seq_lens=seq_lens)
+    weights = dflash_position_weights(config.block_size, decay).to(hidden.device)
+    slot_weights = weights.expand_as(label_mask)[label_mask]  # [N]
+    logits = model.compute_logits(hidden[label_mask]).float()  # [N, V], only counted slots
+    ce = F.cross_entropy(logits, labels[label_mask], reduction="none")
+    total = slot_weights.sum()
+    loss = (ce * slot_weights).sum() / total.clamp(min=torch.finfo(total.dtype).tiny)
+    with torch.no_grad():
+        hit = torch.zeros_like(label_mask)
+        hit[label_mask] = logits.argmax(-1) == labels[label_mask]
+        correct = hit[..., 1:].sum((0, 1))
+        counted = label_mask[..., 1:].sum((0, 1))
+        leading = torch.cumprod(hit[..., 1:].long(), dim=-1).sum(-1)  # [B, A]
+        accept = float((1 + leading)[anchor_valid].sum().item())
+    zero = torch.zeros(1, dtype=correct.dtype, device=correct.device)
+    return DFlashLossOutput(
+        loss=loss,
+        correct=torch.cat([zero, correct]),
+        counted=torch.cat([zero, counted.to(correct.dtype)]),
+        accept_length_sum=accept,
+        num_blocks=int(anchor_valid.sum().item()),
+    )
+

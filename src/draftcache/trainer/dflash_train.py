@@ -1,0 +1,322 @@
+"""``draftcache train --method dflash``: train a DFlash draft online from a co-located frozen target.
+
+Per micro-batch (consecutive samples packed into one row of at most ``batch_tokens``): the target
+runs once over the batch's documents (right-padded, no cross-document attention), giving the
+concatenated ``target_layer_ids`` outputs (unshifted) and its argmax at every position; both are
+packed into the row with the document boundaries in ``seq_lens``. Anchors are sampled among
+supervised positions and the draft is trained with :func:`dflash_loss`. Checkpoints, ``--resume``,
+the warmup/cosine schedule, the seeded epoch plan and the held-out split are the EAGLE-3 trainer's
+(:mod:`draftcache.trainer.checkpoint`, :mod:`draftcache.trainer.batching`). Metrics: loss,
+per-block-position accuracy and simulated acceptance length (mean over blocks of 1 + leading
+correct slots, greedy). Single process (no DDP yet).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from draftcache.trainer.batching import plan_epoch, split_train_val
+from draftcache.trainer.checkpoint import TrainState, latest_checkpoint, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from draftcache.trainer.dflash_config import DFlashDraftConfig
+from draftcache.trainer.dflash_loss import DFLASH_LOSS_DECAY, dflash_loss, sample_anchors
+from draftcache.trainer.dflash_model import DFlashDraftModel
+
+__all__ = ["DFlashTrainConfig", "DFlashTrainResult", "train_dflash", "choose_mask_token_id"]
+
+
+@dataclass(frozen=True)
+class DFlashTrainConfig:
+    """Everything that shapes one DFlash training run (validated before anything loads)."""
+
+    output_dir: str
+    target_model: str | None = None        # HF name/dir; None = embedded default target
+    input_data: str | None = None          # chats; None = embedded default chats
+    seq_length: int = 2048                 # truncate conversations
+    chat_template: str | None = None       # Jinja file or text replacing the tokenizer's template
+    target_layer_ids: tuple[int, ...] | None = None  # None = default_dflash_layer_ids(L, num_draft_layers)
+    num_draft_layers: int = 1              # NeMo's recipe: 5; 1 keeps CPU runs small
+    block_size: int = 16                   # anchor + 15 masked slots (NeMo: 16)
+    num_anchors: int = 512                 # blocks sampled per packed row (NeMo: 512 per sequence)
+    mask_token_id: int | None = None       # None = a special token absent from the training data
+    loss_decay: float = DFLASH_LOSS_DECAY  # slot k weighs exp(-(k-1)/decay)
+    epochs: int = 4
+    max_steps: int | None = None
+    batch_tokens: int = 1024               # token budget of a packed micro-batch
+    lr: float = 3e-3                       # suits the tiny embedded draft; ~6e-4 for real targets
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 0.5
+    val_fraction: float = 0.05
+    eval_every: int = 100
+    save_every: int = 200
+    log_every: int = 10
+    seed: int = 0
+    device: str | None = None
+    resume: bool = False
+    export: bool = True
+    trust_remote_code: bool = False
+    progress: bool = True
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        for name, low in (("num_draft_layers", 1), ("block_size", 2), ("num_anchors", 1), ("epochs", 1),
+                          ("batch_tokens", 2), ("eval_every", 1), ("save_every", 1), ("log_every", 1)):
+            if getattr(self, name) < low:
+                p.append(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            p.append(f"--max-steps must be >= 1, got {self.max_steps}")
+        if self.lr <= 0:
+            p.append(f"--lr must be > 0, got {self.lr}")
+        if self.loss_decay <= 0:
+            p.append(f"--loss-decay must be > 0, got {self.loss_decay}")
+        if not 0 <= self.val_fraction < 1:
+            p.append(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        return p
+
+    def validate(self) -> "DFlashTrainConfig":
+        problems = self.problems()
+        if problems:
+            raise ValueError("invalid DFlash training settings:\n  - " + "\n  - ".join(problems))
+        return self
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["target_layer_ids"] = list(self.target_layer_ids) if self.target_layer_ids is not None else None
+        return d
+
+
+@dataclass
+class DFlashTrainResult:
+    run_dir: str
+    steps: int
+    train_loss: float
+    val_loss: float | None = None
+    val_acc: list[float] = field(default_factory=list)  # per block slot 1..B-1
+    val_sim_tau: float | None = None
+    wall_seconds: float = 0.0
+    export_dir: str | None = None
+
+    def format(self) -> str:
+        lines = [f"run                     {self.run_dir}",
+                 f"steps                   {self.steps} in {self.wall_seconds:.1f} s",
+                 f"train loss              {self.train_loss:.4f}"]
+        if self.val_loss is not None:
+            lines += [f"val loss                {self.val_loss:.4f}",
+                      f"val acc/block slot      {' '.join(f'{a:.3f}' for a in self.val_acc)}",
+                      f"val sim tau             {self.val_sim_tau:.3f} (mean over blocks of 1 + leading correct slots)"]
+        if self.export_dir:
+            lines.append(f"export                  {self.export_dir}")
+        return "\n".join(lines)
+
+
+def choose_mask_token_id(tokenizer, samples) -> int:
+    """The smallest special-token id that never occurs in ``samples`` (its embedding then means only "masked")."""
+    used: set[int] = set()
+    for s in samples:
+        used.update(int(t) for t in s.input_ids)
+    for token_id in sorted(set(getattr(tokenizer, "all_special_ids", []) or [])):
+        if token_id not in used:
+            return int(token_id)
+    raise ValueError("every special token of the tokenizer occurs in the training data; pass --mask-token-id "
+                     "with a token id the data never contains")
+
+
+class _Supervisor:
+    """Runs the frozen target over a micro-batch's documents and packs what the loss needs."""
+
+    def __init__(self, target, samples, pad_id: int, device: torch.device):
+        self.target, self.samples, self.pad_id, self.device = target, samples, pad_id, device
+
+    @torch.no_grad()
+    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        docs = [self.samples[i] for i in indices]
+        lens = [len(d.input_ids) for d in docs]
+        width = max(lens)
+        ids = torch.full((len(docs), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros(len(docs), width, dtype=torch.long)
+        for r, d in enumerate(docs):
+            ids[r, : lens[r]] = torch.as_tensor(d.input_ids)
+            attn[r, : lens[r]] = 1
+        fwd = self.target.forward_capture(ids.to(self.device), attn.to(self.device))
+        keep = attn.bool().to(self.device)
+        return {
+            "input_ids": ids.to(self.device)[keep][None],                      # [1, T]
+            "target_hidden": fwd.aux_hidden_states[keep][None].float(),        # [1, T, n*H_t]
+            "target_argmax": fwd.logits.argmax(-1)[keep][None],                # [1, T]
+            "loss_mask": torch.cat([torch.as_tensor(d.loss_mask, dtype=torch.long) for d in docs])[None].to(self.device),
+            "seq_lens": torch.tensor([lens], device=self.device),
+        }
+
+
+def _sums(block: int, device) -> torch.Tensor:
+    """``[loss sum, micro-batches, accept sum, blocks, correct[B], counted[B]]`` float64."""
+    return torch.zeros(4 + 2 * block, dtype=torch.float64, device=device)
+
+
+def _add(sums: torch.Tensor, out, block: int) -> None:
+    sums[0] += out.loss.detach().double()
+    sums[1] += 1
+    sums[2] += out.accept_length_sum
+    sums[3] += out.num_blocks
+    sums[4 : 4 + block] += out.correct.double()
+    sums[4 + block :] += out.counted.double()
+
+
+def _summary(sums: torch.Tensor, block: int) -> dict:
+    acc = (sums[4 : 4 + block] / sums[4 + block :].clamp_min(1)).tolist()[1:]
+    return {"loss": float(sums[0] / sums[1].clamp_min(1)), "acc": acc,
+            "sim_tau": float(sums[2] / sums[3].clamp_min(1))}
+
+
+_RESUME_FREE = frozenset({"output_dir", "resume", "progress", "device", "eval_every", "save_every", "log_every",
+                          "export", "trust_remote_code"})
+
+
+def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
+    """Train a DFlash draft into ``cfg.output_dir`` (checkpoints, metrics.jsonl, export/)."""
+    from draftcache.data import ChatTokenizer, load_conversations, set_chat_template, tokenize_all
+    from draftcache.defaults import default_data_path, default_target_path
+    from draftcache.target import HFDFlashTargetModel, default_dflash_layer_ids
+    from draftcache.target.loading import load_target_model, load_tokenizer, resolve_device
+
+    cfg.validate()
+    t0 = time.perf_counter()
+    run_dir = Path(cfg.output_dir)
+    if latest_checkpoint(run_dir) is not None and not cfg.resume:
+        raise FileExistsError(f"--output-dir {run_dir} already holds a training run; pass --resume to continue it "
+                              "or choose another directory")
+    device = resolve_device(cfg.device)
+    target_path = cfg.target_model or default_target_path()
+    conversations = load_conversations(cfg.input_data or default_data_path(), trust_remote_code=cfg.trust_remote_code)
+    tokenizer = load_tokenizer(target_path, trust_remote_code=cfg.trust_remote_code)
+    set_chat_template(tokenizer, cfg.chat_template)
+    samples = tokenize_all(conversations, ChatTokenizer(tokenizer, cfg.seq_length), conversations.skipped,
+                           strict=False, progress=False)
+    model = load_target_model(target_path, device=device, trust_remote_code=cfg.trust_remote_code)
+    num_layers = int(model.config.get_text_config().num_hidden_layers)
+    layer_ids = list(cfg.target_layer_ids) if cfg.target_layer_ids else default_dflash_layer_ids(
+        num_layers, cfg.num_draft_layers)
+    target = HFDFlashTargetModel(model, layer_ids)
+    mask_id = cfg.mask_token_id if cfg.mask_token_id is not None else choose_mask_token_id(tokenizer, samples)
+    draft_config = DFlashDraftConfig.from_target_config(model.config, target_layer_ids=layer_ids, mask_token_id=mask_id,
+                                                        num_hidden_layers=cfg.num_draft_layers,
+                                                        block_size=cfg.block_size)
+    torch.manual_seed(cfg.seed)
+    draft = DFlashDraftModel.from_target(draft_config, model).to(device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    supervise = _Supervisor(target, samples, pad_id, device)
+    lengths = [len(s.input_ids) for s in samples]
+    train_idx, val_idx = split_train_val(len(samples), cfg.val_fraction, cfg.seed)
+    params = [p for p in draft.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    per_epoch = len(plan_epoch(train_idx, lengths, seed=cfg.seed, epoch=0, batch_tokens=cfg.batch_tokens, batch_size=1))
+    total = cfg.max_steps or cfg.epochs * per_epoch
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / max(1, cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    describe = {"method": "dflash", "draft_config": draft_config.to_dict(), "target_model_id": target_path,
+                "target_config": model.config.to_dict(), "num_samples": len(samples)}
+    state = TrainState()
+    if cfg.resume and (ckpt := latest_checkpoint(run_dir)) is not None:
+        meta = read_checkpoint_meta(ckpt)
+        diffs = [f"{k}: {meta['config'].get(k)!r} != {v!r}" for k, v in sorted(cfg.as_dict().items())
+                 if k not in _RESUME_FREE and meta.get("config", {}).get(k) != v]
+        if meta.get("extra", {}).get("num_samples") != len(samples):
+            diffs.append(f"num_samples: {meta.get('extra', {}).get('num_samples')!r} != {len(samples)}")
+        if diffs:
+            raise ValueError(f"--resume refused: {ckpt} was trained with different settings or data:\n  - "
+                             + "\n  - ".join(diffs))
+        state, _ = load_checkpoint(ckpt, model=draft, optimizer=optimizer, scheduler=scheduler)
+        log(f"resumed from {ckpt} at step {state.step}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    block = cfg.block_size
+
+    def run(batch: dict, generator: torch.Generator):
+        anchors, valid = sample_anchors(batch["loss_mask"], num_anchors=cfg.num_anchors, seq_lens=batch["seq_lens"],
+                                        generator=generator)
+        return dflash_loss(draft, target_hidden=batch["target_hidden"], input_ids=batch["input_ids"],
+                           target_argmax=batch["target_argmax"], loss_mask=batch["loss_mask"],
+                           anchor_positions=anchors, anchor_valid=valid, seq_lens=batch["seq_lens"],
+                           decay=cfg.loss_decay)
+
+    @torch.no_grad()
+    def validate() -> dict | None:
+        if not val_idx:
+            return None
+        draft.eval()
+        sums = _sums(block, device)
+        val_gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same anchors at every validation
+        for indices in plan_epoch(val_idx, lengths, seed=cfg.seed, epoch=0, batch_tokens=cfg.batch_tokens,
+                                  batch_size=1, shuffle=False):
+            _add(sums, run(supervise(indices), val_gen), block)
+        draft.train()
+        return _summary(sums, block)
+
+    def record(entry: dict) -> None:
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    window, last_loss, val = _sums(block, device), float("nan"), None
+    draft.train()
+    while state.step < total:
+        plan = plan_epoch(train_idx, lengths, seed=cfg.seed, epoch=state.epoch, batch_tokens=cfg.batch_tokens,
+                          batch_size=1)
+        for indices in plan[state.batches_in_epoch :]:
+            batch = supervise(indices)
+            # anchors seeded by the step, so a resumed run draws what an uninterrupted one would
+            out = run(batch, torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.step))
+            out.loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            _add(window, out, block)
+            state.step += 1
+            state.batches_in_epoch += 1
+            state.tokens_seen += int(batch["input_ids"].numel())
+            if state.step % cfg.log_every == 0 or state.step == total:
+                summary = _summary(window, block)
+                last_loss = summary["loss"]
+                record({"step": state.step, "epoch": state.epoch, "split": "train", **summary,
+                        "lr": scheduler.get_last_lr()[0], "tokens_seen": state.tokens_seen})
+                if cfg.progress:
+                    log(f"step {state.step}/{total} loss {last_loss:.4f} sim tau {summary['sim_tau']:.3f}")
+                window.zero_()
+            if state.step % cfg.eval_every == 0 or state.step == total:
+                val = validate()
+                if val is not None:
+                    record({"step": state.step, "split": "val", **val})
+            if state.step % cfg.save_every == 0 or state.step == total:
+                save_checkpoint(run_dir, model=draft, optimizer=optimizer, scheduler=scheduler, state=state,
+                                config=cfg.as_dict(), extra=describe)
+            if state.step >= total:
+                break
+        else:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+    if val is None:
+        val = validate()
+    export_dir = None
+    if cfg.export:
+        from draftcache.trainer.dflash_export import export_dflash_draft
+
+        export_dir = str(export_dflash_draft(draft, run_dir / "export", target_model_id=target_path))
+    result = DFlashTrainResult(run_dir=str(run_dir), steps=state.step, train_loss=last_loss,
+                               val_loss=val["loss"] if val else None, val_acc=val["acc"] if val else [],
+                               val_sim_tau=val["sim_tau"] if val else None,
+                               wall_seconds=time.perf_counter() - t0, export_dir=export_dir)
+    (run_dir / "result.json").write_text(json.dumps(result.__dict__, indent=1))
+    return result
