@@ -15,7 +15,7 @@ from draftcache.precompute.fingerprint import chat_template_fingerprint
 from draftcache.precompute.output_dir import PrecomputeError, check_output_dir
 from draftcache.precompute.pipeline import run_precompute, tokenize_conversations
 from draftcache.precompute.summary import PrecomputeSummary
-from draftcache.target import HFEagle3TargetModel, num_hidden_layers
+from draftcache.target import HFDFlashTargetModel, HFEagle3TargetModel, default_dflash_layer_ids, num_hidden_layers
 from draftcache.target.layout import text_config
 from draftcache.target.loading import load_target_model, load_tokenizer, resolve_device
 
@@ -87,9 +87,13 @@ def _run(cfg: PrecomputeConfig, ctx: DistContext, device, log: Callable[[str], N
 
         hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bar
 
-    def load_target() -> HFEagle3TargetModel:
+    def load_target() -> HFEagle3TargetModel | HFDFlashTargetModel:
         model = load_target_model(target_path, device=device, trust_remote_code=cfg.trust_remote_code,
                                   device_map=cfg.device_map)
+        if cfg.method == "dflash":
+            ids = list(cfg.target_layer_ids) if cfg.target_layer_ids is not None else default_dflash_layer_ids(
+                num_hidden_layers(model.config), cfg.draft_layers)
+            return HFDFlashTargetModel(model, ids)
         aux = list(cfg.aux_layer_ids) if cfg.aux_layer_ids is not None else None
         return HFEagle3TargetModel(model, aux_layer_ids=aux)
 
@@ -113,6 +117,11 @@ def _check_target_config(cfg: PrecomputeConfig, path: str) -> None:
     vocab_size = getattr(text_config(config), "vocab_size", None)
     problems = cfg.target_problems(num_layers=num_hidden_layers(config),
                                    vocab_size=vocab_size if isinstance(vocab_size, int) else 1 << 62)
+    if cfg.method == "dflash" and cfg.target_layer_ids is None:
+        try:
+            default_dflash_layer_ids(num_hidden_layers(config), cfg.draft_layers)
+        except ValueError as exc:
+            problems.append(f"--draft-layers {cfg.draft_layers}: {exc} (--target-layer-ids)")
     if problems:
         raise ConfigError("invalid precompute settings for this target:\n  - " + "\n  - ".join(problems))
 
