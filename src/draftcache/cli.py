@@ -185,9 +185,11 @@ def _train_dflash(*, target_layer_ids, batch_tokens, **options) -> None:
         cfg = DFlashTrainConfig(target_layer_ids=ids, batch_tokens=batch_tokens or 1024, **options).validate()
     except ValueError as e:
         _fail(str(e), 2)
+    from draftcache.cache_format import CacheFormatError
+
     try:
         result = train_dflash(cfg)
-    except _USER_ERRORS as e:
+    except (*_USER_ERRORS, CacheFormatError) as e:  # a damaged cache is named, not a traceback
         _fail(str(e))
     typer.echo(result.format())
 

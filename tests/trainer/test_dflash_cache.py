@@ -231,3 +231,15 @@ def test_train_refuses_an_eagle3_cache_and_other_layers(cache, tmp_path):
     r = _run("draftcache.cli", "train", "--method", "dflash", "--cached-target-path", str(cache),
              "--output-dir", str(tmp_path / "y"), "--target-layer-ids", "1,2,3", *TRAIN)
     assert r.returncode == 1 and "but the cache holds layers [1, 4, 6]" in r.stderr
+
+
+def test_train_names_a_damaged_shard_without_a_traceback(cache, tmp_path):
+    import shutil
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(cache, copy)
+    shard = copy / "shard-000000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated
+    r = _run("draftcache.cli", "train", "--method", "dflash", "--cached-target-path", str(copy),
+             "--output-dir", str(tmp_path / "run"), *TRAIN)
+    assert r.returncode == 1 and "shard-000000.safetensors" in r.stderr and "Traceback" not in r.stderr, r.stderr
