@@ -121,14 +121,14 @@ def train(
     export_format: str = typer.Option(_TRAIN_DEFAULTS.export_format, "--export-format", help="eagle3 (SGLang + vLLM) or speculators."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
-    method: str = typer.Option("eagle3", "--method", help="eagle3, or dflash (online only: --target-model/--input-data)."),
+    method: str = typer.Option("eagle3", "--method", help="eagle3, or dflash (online, or from a cache written by precompute-eagle3 --method dflash)."),
     target_layer_ids: Optional[str] = typer.Option(None, "--target-layer-ids", help="DFlash: decoder-layer ids such as '1,14,27' (default: evenly spaced, one per draft layer)."),
     draft_layers: int = typer.Option(1, "--draft-layers", help="DFlash: draft decoder layers (NeMo's recipe: 5)."),
     block_size: int = typer.Option(16, "--block-size", help="DFlash: anchor + masked slots per block (serve with num_speculative_tokens = block_size - 1)."),
     num_anchors: int = typer.Option(512, "--num-anchors", help="DFlash: blocks sampled per packed row."),
     mask_token_id: Optional[int] = typer.Option(None, "--mask-token-id", help="DFlash: token fed at masked slots (default: a special token absent from the data)."),
 ) -> None:
-    """Train an EAGLE-3 draft from a cache (or online from a co-located target), or a DFlash draft online, and export it.
+    """Train an EAGLE-3 or DFlash draft from a cache (or online from a co-located target), and export it.
 
     Example: draftcache train --cached-target-path runs/cache --output-dir runs/draft
              draftcache train --method dflash --output-dir runs/dflash --block-size 8 --max-steps 200
@@ -136,7 +136,8 @@ def train(
     from draftcache.trainer.loop import train as run_train
 
     if method == "dflash":
-        _train_dflash(output_dir=output_dir, cached_target_path=cached_target_path, target_model=target_model,
+        _train_dflash(output_dir=output_dir, cached_target_path=cached_target_path,
+                      allow_partial_cache=allow_partial_cache, target_model=target_model,
                       input_data=input_data, seq_length=seq_length, chat_template=chat_template,
                       target_layer_ids=target_layer_ids, num_draft_layers=draft_layers, block_size=block_size,
                       num_anchors=num_anchors, mask_token_id=mask_token_id, epochs=epochs, max_steps=max_steps,
@@ -175,11 +176,9 @@ def train(
         typer.echo(result.format())
 
 
-def _train_dflash(*, cached_target_path, target_layer_ids, batch_tokens, **options) -> None:
+def _train_dflash(*, target_layer_ids, batch_tokens, **options) -> None:
     from draftcache.trainer.dflash_train import DFlashTrainConfig, train_dflash
 
-    if cached_target_path is not None:
-        _fail("--method dflash trains online only for now (--target-model/--input-data); DFlash caches are not written yet", 2)
     try:
         ids = tuple(int(x) for x in target_layer_ids.split(",")) if target_layer_ids else None
     except ValueError:
@@ -188,9 +187,11 @@ def _train_dflash(*, cached_target_path, target_layer_ids, batch_tokens, **optio
         cfg = DFlashTrainConfig(target_layer_ids=ids, batch_tokens=batch_tokens or 1024, **options).validate()
     except ValueError as e:
         _fail(str(e), 2)
+    from draftcache.cache_format import CacheFormatError
+
     try:
         result = train_dflash(cfg)
-    except _USER_ERRORS as e:
+    except (*_USER_ERRORS, CacheFormatError) as e:  # a damaged cache is named, not a traceback
         _fail(str(e))
     typer.echo(result.format())
 

@@ -74,4 +74,4 @@ def test_bad_settings_exit_2_naming_them(tmp_path):
     r = _cli("train", "--method", "dflash", "--output-dir", str(tmp_path / "x"), "--block-size", "1")
     assert r.returncode == 2 and "--block-size must be >= 2" in r.stderr
     r = _cli("train", "--method", "dflash", "--output-dir", str(tmp_path / "y"), "--cached-target-path", str(tmp_path))
-    assert r.returncode == 2 and "online only" in r.stderr
+    assert r.returncode == 1 and "is not a draftcache cache directory" in r.stderr  # not a cache: named, no traceback

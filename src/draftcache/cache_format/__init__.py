@@ -5,6 +5,7 @@ Producers (precompute), consumers (trainer) and the CLI import the format only f
 
 from draftcache.cache_format.batching import collate_padded, collate_raw, pack_samples
 from draftcache.cache_format.checksum import atomic_write_bytes, atomic_write_json, sha256_file
+from draftcache.cache_format.dflash import expand_dflash_raw
 from draftcache.cache_format.dataset import CacheDataset, CacheIterableDataset
 from draftcache.cache_format.errors import (
     CacheCorruptError,
@@ -61,6 +62,7 @@ __all__ = [
     "diff_manifest_config",
     "inspect_cache",
     "load_manifest_schema",
+    "expand_dflash_raw",
     "new_manifest",
     "open_cache",
     "pack_samples",

@@ -41,8 +41,9 @@ def inspect_cache(path: str | os.PathLike) -> str:
         f"vocab {m.vocab_size}, {d['target']['num_layers']} layers)",
         f"tokenizer    {d['tokenizer']['name_or_path']}",
         f"capture      layer_ids {d['capture']['layer_ids']} (HF hidden_states {d['capture']['hf_hidden_states_index']})",
-        f"supervision  {m.encoding}{f' (k={m.topk})' if m.topk else ''}, dtype {m.dtype}, draft vocab "
-        f"{d['draft_vocab']['size']}",
+        (f"supervision  {m.encoding}{f' (k={m.topk})' if m.topk else ''}, dtype {m.dtype}, draft vocab "
+         f"{d['draft_vocab']['size']}" if m.kind == "eagle3" else
+         f"supervision  {m.encoding}: the target's greedy token per supervised position (unshifted), dtype {m.dtype}"),
         f"samples      {committed_prefix(d)} committed of {m.num_samples} planned, seq_length {m.seq_length}",
         f"shards       {len(shards)} of {m.num_shards} (shard_size {m.shard_size})",
         f"tokens       {tokens} ({d['stats']['num_supervised']} supervised)",
@@ -196,10 +197,12 @@ def cache_stats(path: str | os.PathLike) -> str:
     if lengths.numel() == 0:
         return f"{path}: no committed samples yet"
     t2d = reader.draft_vocab.t2d
-    supervised = in_draft = 0
+    supervised = in_draft = agree = 0
     for entry in reader.manifest["shards"][: len(reader.shard_ranges())]:  # the committed prefix
         shard = ShardFile(Path(path) / entry["file"], entry["bytes"])
         argmax = shard.read("target_argmax").long()  # [M]
+        if reader.kind == "dflash":  # row of supervised q = the target's greedy token for q: compare with the data
+            agree += int((argmax == shard.read("input_ids").long()[shard.read("loss_mask").bool()]).sum())
         shard.close()
         supervised += argmax.numel()
         in_draft += int(t2d[argmax].sum())
@@ -213,7 +216,9 @@ def cache_stats(path: str | os.PathLike) -> str:
         f"max {int(lengths.max())} of seq_length {seq_length})",
         f"supervised         {supervised} ({supervised / tokens:.1%} of tokens)",
         f"draft vocab        {reader.draft_vocab.size} tokens cover {in_draft / max(supervised, 1):.1%} of the "
-        "target's argmax at supervised positions",
+        "target's argmax at supervised positions" if reader.kind == "eagle3" else
+        f"target greedy      equals the data token at {agree / max(supervised, 1):.1%} of supervised positions "
+        "(the draft learns the target's choice, not the data's)",
         "length histogram",
     ]
     width = max(counts) or 1
@@ -236,6 +241,11 @@ def show_sample(path: str | os.PathLike, index: int) -> str:
             parts.append(f"[[{text}]]" if mask[start] else text)
             start = t
     header = f"sample {index}: {len(ids)} tokens, {sum(mask)} supervised (in [[...]]){note}"
+    if reader.kind == "dflash":  # the target's greedy tokens for the supervised positions
+        greedy = raw["target_argmax"].tolist()
+        agree = sum(g == t for g, t in zip(greedy, (t for t, keep in zip(ids, mask) if keep)))
+        header += (f"\ntarget greedy at the supervised positions ({agree} of {len(greedy)} equal the data): "
+                   f"{decode(greedy)!r}")
     return header + "\n" + "".join(parts)
 
 

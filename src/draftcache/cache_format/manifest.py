@@ -25,6 +25,8 @@ from draftcache.cache_format.errors import FormatVersionError, ManifestError
 from draftcache.cache_format.schema import (
     FORMAT_VERSION,
     KIND,
+    KIND_SHIFT,
+    LM_HEAD_ENCODINGS,
     MANIFEST_FILE,
     load_manifest_schema,
     shard_filename,
@@ -73,6 +75,7 @@ def new_manifest(
     shard_boundaries: Sequence[int] | None = None,
     special_token_ids: Iterable[int] = (),
     rebuild_max_abs_prob_diff: float | None = None,
+    kind: str = KIND,
 ) -> dict[str, Any]:
     """A validated manifest for a new cache (``complete: false``, no shards or side files yet).
 
@@ -88,7 +91,7 @@ def new_manifest(
     manifest = {
         "format_version": FORMAT_VERSION,
         "tool": {"name": "draftcache", "version": __version__},
-        "kind": KIND,
+        "kind": kind,
         "complete": False,
         "target": dict(target),
         "tokenizer": dict(tokenizer),
@@ -96,7 +99,7 @@ def new_manifest(
             "layer_ids": [int(i) for i in layer_ids],
             "convention": "decoder_layer_output",
             "hf_hidden_states_index": [int(i) + 1 for i in layer_ids],
-            "shift": "left_by_one",
+            "shift": KIND_SHIFT.get(kind, "left_by_one"),
         },
         "seq_length": seq_length,
         "dtype": dtype,
@@ -185,6 +188,11 @@ class Manifest:
     @classmethod
     def from_dir(cls, cache_dir: str | os.PathLike) -> "Manifest":
         return cls(read_manifest(cache_dir))
+
+    @property
+    def kind(self) -> str:
+        """``eagle3`` | ``dflash``."""
+        return self.data["kind"]
 
     @property
     def encoding(self) -> str:
@@ -330,6 +338,12 @@ def _rule_problems(m: Mapping[str, Any]) -> list[str]:
         out.append(f"supervision.topk must be null when supervision.encoding is {encoding!r}; got {topk}")
     if encoding == "topk" and topk is not None and topk > len(ids):
         out.append(f"supervision.topk {topk} exceeds the draft vocabulary size {len(ids)}")
+    kind = m["kind"]
+    if m["capture"]["shift"] != KIND_SHIFT[kind]:
+        out.append(f"capture.shift must be {KIND_SHIFT[kind]!r} for a {kind!r} cache; got {m['capture']['shift']!r}")
+    if (kind == "dflash") != (encoding == "argmax"):
+        out.append(f"a {kind!r} cache cannot use supervision.encoding {encoding!r}: dflash caches store 'argmax', "
+                   "eagle3 caches 'probs', 'topk' or 'hidden'")
     layer_ids = m["capture"]["layer_ids"]
     if m["capture"]["hf_hidden_states_index"] != [i + 1 for i in layer_ids]:
         out.append(f"capture.hf_hidden_states_index {m['capture']['hf_hidden_states_index']} must be layer_ids + 1 "
@@ -370,7 +384,7 @@ def _rule_problems(m: Mapping[str, Any]) -> list[str]:
         indices = [s["index"] for s in m["shards"]]
         if indices != list(range(num_shards)):
             out.append(f"complete is true but shards {sorted(set(range(num_shards)) - set(indices))[:10]} are missing")
-        needed = ["target_embeddings"] + (["lm_head"] if encoding == "hidden" else [])
+        needed = ["target_embeddings"] + (["lm_head"] if encoding in LM_HEAD_ENCODINGS else [])
         for name in needed:
             if name not in m["files"]:
                 out.append(f"complete is true but files.{name} is missing (the {encoding!r} encoding needs it)")

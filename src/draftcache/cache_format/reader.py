@@ -22,6 +22,11 @@ stored rows of several samples straight into one buffer (a raw batch, see ``batc
 ``pack_samples`` of the samples' ``reader[i]``: the dense ``[B, T, Vd]`` targets never exist on
 the host.
 
+A ``kind: "dflash"`` cache is never shifted: ``reader[i]`` is sample ``i`` as the DFlash trainer's
+row (``expand_dflash_raw`` of that one sample, squeezed: ``input_ids``, ``loss_mask``,
+``target_argmax [S]``, ``aux_hidden_states [S, F]``); batches go through ``get_raw_batch`` then
+``expand_dflash_raw`` (see ``dflash.py``).
+
 Shards are opened lazily (an LRU of at most ``MAX_OPEN_SHARDS`` open files); opening checks the
 file size and header against the manifest, ``verify=True`` also its sha256.
 """
@@ -39,6 +44,7 @@ from typing import Any
 import torch
 
 from draftcache.cache_format.batching import collate_raw, raw_batch_layout
+from draftcache.cache_format.dflash import expand_dflash_raw
 from draftcache.cache_format.errors import CacheCorruptError
 from draftcache.cache_format.manifest import Manifest, read_manifest
 from draftcache.cache_format.resume import committed_shards
@@ -78,6 +84,7 @@ class CacheReader:
         self._meta = Manifest(read_manifest(self.path))
         self.verify = verify
         self.encoding = self._meta.encoding
+        self.kind = self._meta.kind
         self.dtype = storage_dtype(self._meta.dtype)
         self._shards = [dict(e) for e in committed_shards(self._meta.data)]
         self._first = [e["first_sample"] for e in self._shards]
@@ -137,14 +144,23 @@ class CacheReader:
         """``[V, H]`` the target's input embeddings (``target_embeddings.safetensors``)."""
         return self._side_file("target_embeddings").read("weight")
 
+    def all_input_ids(self) -> torch.Tensor:
+        """``[N] int32`` the token ids of every committed sample, concatenated in sample order
+        (only the ``input_ids`` tensor of each shard is read)."""
+        parts = [self._shard(k)[0].read("input_ids") for k in range(len(self._shards))]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32)
+
     def target_lm_head(self) -> torch.Tensor | None:
-        """``[V, H]`` the target's output projection, stored by ``hidden`` caches only (else None)."""
+        """``[V, H]`` the target's output projection, stored by ``hidden`` and ``dflash`` caches (else None)."""
         if "lm_head" not in self.manifest.get("files", {}):
             return None
         return self._side_file("lm_head").read("weight")
 
     # ------------------------------------------------------------------ samples
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if self.kind == "dflash":
+            row = expand_dflash_raw(collate_raw([self.get_raw(index)]))
+            return {name: value[0] for name, value in row.items() if name != "seq_lens"}
         return self.rebuild_targets(self.get_raw(index))
 
     def get_raw(self, index: int) -> dict[str, torch.Tensor]:
@@ -251,6 +267,9 @@ class CacheReader:
         sample receives position ``t+1``'s target; a supervised position 0 has no slot and its row
         is written to a scratch row past the end (one per sample, so every index is unique).
         """
+        if self.kind == "dflash":
+            raise ValueError("expand_batch builds shifted EAGLE-3 batches; this is a dflash cache: use "
+                             "expand_dflash_raw(raw, device)")
         device = torch.device(device) if device is not None else raw["input_ids"].device
         num_rows, width = (int(v) for v in raw["batch_shape"].tolist())
         packed = bool(raw["packed"])

@@ -27,7 +27,9 @@ class SampleRecord:
         final_hidden: ``[M, H]`` the target's final hidden state, lm_head input (encoding ``hidden``).
 
     Row r of every ``[M, ...]`` tensor belongs to the r-th position with ``loss_mask == 1``.
-    Exactly one encoding's tensors must be set.
+    At most one encoding's tensors may be set; none is the ``argmax`` encoding of DFlash caches,
+    whose ``target_argmax`` row for supervised position ``q`` is the target's greedy token FOR
+    ``q`` (the argmax of the logits at ``q - 1``; the data token at ``q = 0``, which no block predicts).
     """
 
     input_ids: torch.Tensor
@@ -57,9 +59,9 @@ class SampleRecord:
                              f"{num_supervised}; got shape {tuple(argmax.shape)} dtype {argmax.dtype}")
         given = [name for name in ("target_probs", "topk_probs", "topk_ids", "final_hidden")
                  if getattr(self, name) is not None]
-        if given not in (["target_probs"], ["topk_probs", "topk_ids"], ["final_hidden"]):
-            raise ValueError(f"set exactly one encoding: target_probs (probs), topk_probs + topk_ids (topk) or "
-                             f"final_hidden (hidden); got {given or 'none'}")
+        if given not in ([], ["target_probs"], ["topk_probs", "topk_ids"], ["final_hidden"]):
+            raise ValueError(f"set exactly one encoding (or none: argmax, DFlash caches): target_probs (probs), "
+                             f"topk_probs + topk_ids (topk) or final_hidden (hidden); got {given}")
         for name in given:
             rows = getattr(self, name)
             if rows.dim() != 2 or rows.shape[0] != num_supervised:
@@ -72,10 +74,12 @@ class SampleRecord:
 
     @property
     def encoding(self) -> str:
-        """``probs`` | ``topk`` | ``hidden``: which target-side tensors this record carries."""
+        """``probs`` | ``topk`` | ``hidden`` | ``argmax``: which target-side tensors this record carries."""
         if self.target_probs is not None:
             return "probs"
-        return "topk" if self.topk_probs is not None else "hidden"
+        if self.topk_probs is not None:
+            return "topk"
+        return "hidden" if self.final_hidden is not None else "argmax"
 
     @property
     def num_tokens(self) -> int:

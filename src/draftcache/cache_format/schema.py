@@ -16,6 +16,9 @@ import torch
 __all__ = [
     "FORMAT_VERSION",
     "KIND",
+    "KINDS",
+    "KIND_SHIFT",
+    "LM_HEAD_ENCODINGS",
     "MANIFEST_FILE",
     "LOCK_FILE",
     "ENCODINGS",
@@ -31,7 +34,11 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 2  # 2: shard_boundaries / max_shard_bytes, draft_vocab.special_token_ids, supervision.rebuild_max_abs_prob_diff
-KIND = "eagle3"
+KIND = "eagle3"  # the default kind
+# Cache kinds and how their per-position data is aligned: eagle3 rows are shifted by the reader
+# (slot t reads position t+1's target); dflash is never shifted (the block mask aligns).
+KIND_SHIFT: dict[str, str] = {"eagle3": "left_by_one", "dflash": "none"}
+KINDS = tuple(KIND_SHIFT)
 MANIFEST_FILE = "manifest.json"
 LOCK_FILE = ".lock"
 
@@ -40,14 +47,21 @@ ENCODINGS: dict[str, tuple[str, ...]] = {
     "probs": ("target_probs",),  # [M, Vd] storage dtype
     "topk": ("topk_probs", "topk_ids"),  # [M, k] storage dtype, [M, k] int32
     "hidden": ("final_hidden",),  # [M, H] storage dtype
+    # dflash only: target_argmax [M] alone, the target's greedy token FOR each supervised position
+    # (argmax of the logits one position earlier), which is what greedy verification accepts
+    "argmax": (),
 }
+
+# Encodings whose caches store the target's lm_head (side file ``lm_head``): hidden rebuilds logits
+# from it; argmax (dflash) needs it because the draft computes its logits with the target's lm_head.
+LM_HEAD_ENCODINGS = ("hidden", "argmax")
 
 STORAGE_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # Side files written once per cache: name -> tensors they hold.
 SIDE_FILES: dict[str, tuple[str, ...]] = {
     "target_embeddings": ("weight",),  # [V, H]
-    "lm_head": ("weight", "bias"),  # [V, H], optional [V]; hidden encoding only
+    "lm_head": ("weight", "bias"),  # [V, H], optional [V]; LM_HEAD_ENCODINGS only
 }
 
 # Tensors every shard holds, in file order (the encoding's tensors follow).
@@ -89,7 +103,8 @@ def expected_shard_tensors(manifest: Mapping[str, Any], entry: Mapping[str, Any]
     dtype = storage_dtype(manifest["dtype"])
     encoding = manifest["supervision"]["encoding"]
     hidden = manifest["target"]["hidden_size"]
-    width = {"probs": manifest["draft_vocab"]["size"], "topk": manifest["supervision"]["topk"], "hidden": hidden}
+    width = {"probs": manifest["draft_vocab"]["size"], "topk": manifest["supervision"]["topk"], "hidden": hidden,
+             "argmax": 0}
     expected = {
         "input_ids": (torch.int32, (tokens,)),
         "loss_mask": (torch.uint8, (tokens,)),

@@ -63,7 +63,8 @@ class ShardFileWriter:
         self._written = [False] * n
         self._left = n
         dtype = storage_dtype(meta.dtype)
-        width = {"probs": len(meta.selected_token_ids), "topk": meta.topk, "hidden": meta.hidden_size}[meta.encoding]
+        width = {"probs": len(meta.selected_token_ids), "topk": meta.topk, "hidden": meta.hidden_size,
+                 "argmax": 0}[meta.encoding]
         total_tokens, total_rows = self._token_at[-1], self._row_at[-1]
         specs = [
             ("input_ids", torch.int32, (total_tokens,)),

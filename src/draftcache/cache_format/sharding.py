@@ -35,8 +35,10 @@ class SampleBytes:
             row = int(manifest["draft_vocab"]["size"]) * item          # target_probs [Vd]
         elif encoding == "topk":
             row = int(manifest["supervision"]["topk"]) * (item + 4)    # topk_probs [k] + topk_ids [k] int32
-        else:
+        elif encoding == "hidden":
             row = hidden * item                                         # final_hidden [H]
+        else:
+            row = 0                                                     # argmax: target_argmax only
         self.per_token = 4 + 1 + aux * item
         self.per_supervised = 4 + row
         self.per_sample = 16

@@ -33,6 +33,7 @@ from draftcache.cache_format.shard_writer import ShardFileWriter
 from draftcache.cache_format.resume import RESUME_KEY_FIELDS, committed_shards, journal_path
 from draftcache.cache_format.schema import (
     FORMAT_VERSION,
+    LM_HEAD_ENCODINGS,
     MANIFEST_FILE,
     SIDE_FILES,
     side_filename,
@@ -177,7 +178,7 @@ class CacheWriter:
             raise ValueError(f"close(complete=True) but only {self._next_index} of {self._meta.num_samples} planned "
                              "samples were added; add the rest or call close(complete=False)")
         with self._lock:
-            needed = ["target_embeddings"] + (["lm_head"] if self._meta.encoding == "hidden" else [])
+            needed = ["target_embeddings"] + (["lm_head"] if self._meta.encoding in LM_HEAD_ENCODINGS else [])
             absent = [n for n in needed if n not in self._manifest["files"]]
             if absent:
                 raise ValueError(f"close(complete=True) but side file(s) {absent} were not written; call "
@@ -314,8 +315,10 @@ def check_record(meta: Manifest, index: int, record: SampleRecord) -> None:
     if record.aux_hidden_states.shape[1] != meta.aux_dim:
         problems.append(f"aux_hidden_states has width {record.aux_hidden_states.shape[1]}, expected "
                         f"len(layer_ids) * hidden_size = {meta.aux_dim}")
-    expected_width = {"probs": len(meta.selected_token_ids), "topk": meta.topk, "hidden": meta.hidden_size}[meta.encoding]
-    rows = {"probs": record.target_probs, "topk": record.topk_probs, "hidden": record.final_hidden}[meta.encoding]
+    expected_width = {"probs": len(meta.selected_token_ids), "topk": meta.topk, "hidden": meta.hidden_size,
+                      "argmax": 0}[meta.encoding]
+    rows = {"probs": record.target_probs, "topk": record.topk_probs, "hidden": record.final_hidden,
+            "argmax": None}[meta.encoding]
     if rows is not None and rows.shape[1] != expected_width:
         problems.append(f"its {meta.encoding!r} rows have width {rows.shape[1]}, expected {expected_width}")
     for name, tensor, limit in (("input_ids", record.input_ids, meta.vocab_size),

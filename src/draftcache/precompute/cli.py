@@ -22,7 +22,7 @@ import typer
 
 from draftcache.precompute.config import ConfigError, PrecomputeConfig, parse_layer_ids
 
-app = typer.Typer(add_completion=False, help="Run a frozen target once over a chat corpus and write an EAGLE-3 supervision cache.", pretty_exceptions_enable=False)
+app = typer.Typer(add_completion=False, help="Run a frozen target once over a chat corpus and write an EAGLE-3 (or, with --method dflash, a DFlash) supervision cache.", pretty_exceptions_enable=False)
 
 
 def _fail(message: str, code: int) -> None:
@@ -54,6 +54,9 @@ def precompute(
     target_probs_topk: int = typer.Option(0, "--target-probs-topk", help="Keep the top-k draft-vocab probabilities (topk encoding)."),
     num_workers: int = typer.Option(0, "--num-workers", help="Tokenize in N worker processes (spawned, one tokenizer each; the result is identical to 0 = in this process). Worth it for large corpora: each worker takes a few seconds to start."),
     chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Chat template replacing the tokenizer's own: the path of a Jinja file, or the template text itself (a value that is not an existing file must contain '{{' or '{%'). The manifest fingerprints the template used, so --resume needs the same one."),
+    method: str = typer.Option("eagle3", "--method", help="eagle3, or dflash: the concatenated outputs of --target-layer-ids (unshifted) and the target's greedy token per supervised position (manifest kind dflash)."),
+    target_layer_ids: Optional[str] = typer.Option(None, "--target-layer-ids", help="DFlash: decoder-layer ids such as '1,14,27' (default: one per draft layer, evenly spaced over [1, L-3]; [L//2] for one)."),
+    draft_layers: int = typer.Option(1, "--draft-layers", help="DFlash: draft decoder layers the default --target-layer-ids are spread for (NeMo's recipe: 5)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
     engine: str = typer.Option("hf", "--engine", help="What runs the target: hf (transformers, in this process, on --device) or vllm (vLLM serves it; needs the vllm package). Recorded in the manifest; --resume needs the same engine."),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vLLM tensor parallelism: shard the target over N devices (--engine vllm only)."),
@@ -70,7 +73,9 @@ def precompute(
             device=device, device_map=device_map, split=split, shuffle_seed=shuffle_seed, num_samples=num_samples,
             aux_layer_ids=_layer_ids(aux_layer_ids), trust_remote_code=trust_remote_code, strict=strict,
             resume=resume, supervision=supervision, target_probs_topk=target_probs_topk, num_workers=num_workers,
-            chat_template=chat_template, progress=not quiet, engine=engine, tensor_parallel_size=tensor_parallel_size,
+            chat_template=chat_template, method=method, draft_layers=draft_layers,
+            target_layer_ids=_layer_ids(target_layer_ids, "--target-layer-ids"), progress=not quiet,
+            engine=engine, tensor_parallel_size=tensor_parallel_size,
         ).validate()
     except ConfigError as e:
         _fail(str(e), 2)
@@ -101,8 +106,8 @@ def precompute(
         typer.echo(summary.format())
 
 
-def _layer_ids(text: Optional[str]) -> Optional[tuple[int, ...]]:
-    ids = parse_layer_ids(text)
+def _layer_ids(text: Optional[str], flag: str = "--aux-layer-ids") -> Optional[tuple[int, ...]]:
+    ids = parse_layer_ids(text, flag)
     return tuple(ids) if ids is not None else None
 
 

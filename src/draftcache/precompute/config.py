@@ -6,9 +6,11 @@ from dataclasses import asdict, dataclass
 
 from draftcache.data.templates import chat_template_problem
 
-__all__ = ["PrecomputeConfig", "ConfigError", "SUPERVISION_CHOICES", "DTYPE_CHOICES", "ENGINE_CHOICES", "parse_layer_ids"]
+__all__ = ["PrecomputeConfig", "ConfigError", "SUPERVISION_CHOICES", "DTYPE_CHOICES", "METHOD_CHOICES",
+           "ENGINE_CHOICES", "parse_layer_ids"]
 
 SUPERVISION_CHOICES = ("auto", "probs", "topk", "hidden")
+METHOD_CHOICES = ("eagle3", "dflash")  # the manifest's ``kind``
 DTYPE_CHOICES = ("bf16", "fp16", "fp32")
 ENGINE_CHOICES = ("hf", "vllm")  # what runs the target: transformers in-process, or vLLM
 
@@ -17,7 +19,7 @@ class ConfigError(ValueError):
     """One or more command-line values are invalid; the message lists every problem."""
 
 
-def parse_layer_ids(text: str | None) -> list[int] | None:
+def parse_layer_ids(text: str | None, flag: str = "--aux-layer-ids") -> list[int] | None:
     """``"1,15,28"`` -> ``[1, 15, 28]``; ``None``/empty -> ``None`` (use the default recipe)."""
     if text is None or str(text).strip() == "":
         return None
@@ -25,7 +27,7 @@ def parse_layer_ids(text: str | None) -> list[int] | None:
         return [int(part) for part in str(text).split(",") if part.strip() != ""]
     except ValueError:
         raise ConfigError(
-            f"--aux-layer-ids: expected comma-separated integers such as '1,15,28', got {text!r}"
+            f"{flag}: expected comma-separated integers such as '1,15,28', got {text!r}"
         ) from None
 
 
@@ -58,6 +60,9 @@ class PrecomputeConfig:
     target_probs_topk: int = 0           # k for the topk encoding (NeMo: >0 switches topk on)
     num_workers: int = 0                 # tokenisation processes (spawned); 0 = in this process
     chat_template: str | None = None     # Jinja file or text replacing the tokenizer's template (fingerprinted)
+    method: str = "eagle3"               # eagle3 | dflash: what the cache supervises (manifest kind)
+    target_layer_ids: tuple[int, ...] | None = None  # dflash: captured layers; None = default_dflash_layer_ids(L, draft_layers)
+    draft_layers: int = 1                # dflash: draft depth the default layer rule spreads ids for
     progress: bool = True                # tqdm bars (--quiet turns them off)
     engine: str = "hf"                   # hf | vllm (recorded in the manifest; --resume needs the same)
     tensor_parallel_size: int = 1        # vLLM tensor parallelism (engine vllm only)
@@ -108,6 +113,7 @@ class PrecomputeConfig:
                 p.append(f"--aux-layer-ids must be distinct, got {ids} (repeated: {repeated})")
             if any(i < 0 for i in ids):
                 p.append(f"--aux-layer-ids must be non-negative decoder-layer ids, got {ids}")
+        p += self._method_problems()
         if self.num_workers < 0:
             p.append(f"--num-workers must be >= 0, got {self.num_workers}")
         if self.engine not in ENGINE_CHOICES:
@@ -117,6 +123,8 @@ class PrecomputeConfig:
         elif self.tensor_parallel_size > 1 and self.engine != "vllm":
             p.append(f"--tensor-parallel-size {self.tensor_parallel_size} needs --engine vllm (the hf engine runs "
                      "the target on one device; shard the data over processes with torchrun instead)")
+        if self.engine == "vllm" and self.method != "eagle3":
+            p.append(f"--engine vllm captures EAGLE-3 supervision only; --method {self.method} runs with --engine hf")
         if self.engine == "vllm" and self.device_map is not None:
             p.append("--device-map is for --engine hf; vLLM splits a target with --tensor-parallel-size")
         if self.engine == "vllm" and self.device is not None:
@@ -127,9 +135,41 @@ class PrecomputeConfig:
             p.append(template)
         return p
 
+    def _method_problems(self) -> list[str]:
+        p: list[str] = []
+        if self.method not in METHOD_CHOICES:
+            return [f"--method must be one of {', '.join(METHOD_CHOICES)}, got {self.method!r}"]
+        if self.method == "eagle3":
+            if self.target_layer_ids is not None:
+                p.append("--target-layer-ids is for --method dflash; EAGLE-3 caches take --aux-layer-ids")
+            return p
+        for flag, given in (("--aux-layer-ids", self.aux_layer_ids is not None),
+                            ("--draft-vocab-size", self.draft_vocab_size is not None),
+                            ("--supervision", self.supervision != "auto"),
+                            ("--target-probs-topk", self.target_probs_topk > 0)):
+            if given:
+                p.append(f"{flag} is for EAGLE-3 caches; --method dflash stores the target's argmax over the full "
+                         "vocabulary (drop it, or use --target-layer-ids / --draft-layers)")
+        if self.draft_layers < 1:
+            p.append(f"--draft-layers must be >= 1, got {self.draft_layers}")
+        if self.target_layer_ids is not None:
+            ids = list(self.target_layer_ids)
+            if not ids:
+                p.append("--target-layer-ids is empty; DFlash needs at least one target layer")
+            if len(set(ids)) != len(ids):
+                p.append(f"--target-layer-ids must be distinct, got {ids}")
+            if any(i < 0 for i in ids):
+                p.append(f"--target-layer-ids must be non-negative decoder-layer ids, got {ids}")
+        return p
+
     def target_problems(self, *, num_layers: int, vocab_size: int) -> list[str]:
         """Values that do not fit the target (read from its config before the weights load)."""
         p: list[str] = []
+        if self.method == "dflash" and self.target_layer_ids is not None:
+            outside = [i for i in self.target_layer_ids if i >= num_layers]
+            if outside:
+                p.append(f"--target-layer-ids {outside} out of range: the target has {num_layers} decoder layers, "
+                         f"so ids must lie in [0, {num_layers})")
         if self.aux_layer_ids is not None:
             outside = [i for i in self.aux_layer_ids if i >= num_layers]
             if outside:
@@ -166,4 +206,5 @@ class PrecomputeConfig:
         is the way to derive a changed config."""
         d = asdict(self)
         d["aux_layer_ids"] = list(self.aux_layer_ids) if self.aux_layer_ids is not None else None
+        d["target_layer_ids"] = list(self.target_layer_ids) if self.target_layer_ids is not None else None
         return d

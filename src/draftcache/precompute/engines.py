@@ -69,7 +69,8 @@ def _local_model_dir(path: str, trust_remote_code: bool) -> Path:
 
 
 def build_target(cfg: PrecomputeConfig, target_path: str, device: torch.device) -> Any:
-    """The target wrapper ``cfg.engine`` names, capturing ``cfg.aux_layer_ids`` (default recipe when None)."""
+    """The target wrapper ``cfg.engine`` and ``cfg.method`` name: EAGLE-3 capturing ``cfg.aux_layer_ids``
+    (default recipe when None), or DFlash capturing ``cfg.target_layer_ids`` (default rule when None)."""
     aux = list(cfg.aux_layer_ids) if cfg.aux_layer_ids is not None else None
     if cfg.engine == "vllm":
         from draftcache.target.vllm_runner import VLLMEagle3TargetModel, VLLMTargetRunner
@@ -79,11 +80,15 @@ def build_target(cfg: PrecomputeConfig, target_path: str, device: torch.device) 
                                   max_model_len=cfg.seq_length + 1,  # the longest sample plus the one token generated
                                   trust_remote_code=cfg.trust_remote_code)
         return VLLMEagle3TargetModel(runner, aux_layer_ids=aux)
-    from draftcache.target import HFEagle3TargetModel
+    from draftcache.target import HFDFlashTargetModel, HFEagle3TargetModel, default_dflash_layer_ids, num_hidden_layers
     from draftcache.target.loading import load_target_model
 
     model = load_target_model(target_path, device=device, trust_remote_code=cfg.trust_remote_code,
                               device_map=cfg.device_map)
+    if cfg.method == "dflash":
+        ids = list(cfg.target_layer_ids) if cfg.target_layer_ids is not None else default_dflash_layer_ids(
+            num_hidden_layers(model.config), cfg.draft_layers)
+        return HFDFlashTargetModel(model, ids)
     return HFEagle3TargetModel(model, aux_layer_ids=aux)
 
 

@@ -16,7 +16,7 @@ from draftcache.precompute.fingerprint import chat_template_fingerprint
 from draftcache.precompute.output_dir import PrecomputeError, check_output_dir
 from draftcache.precompute.pipeline import run_precompute, tokenize_conversations
 from draftcache.precompute.summary import PrecomputeSummary
-from draftcache.target import num_hidden_layers
+from draftcache.target import default_dflash_layer_ids, num_hidden_layers
 from draftcache.target.layout import text_config
 from draftcache.target.loading import load_tokenizer, resolve_device
 
@@ -115,6 +115,11 @@ def _check_target_config(cfg: PrecomputeConfig, path: str) -> None:
     vocab_size = getattr(text_config(config), "vocab_size", None)
     problems = cfg.target_problems(num_layers=num_hidden_layers(config),
                                    vocab_size=vocab_size if isinstance(vocab_size, int) else 1 << 62)
+    if cfg.method == "dflash" and cfg.target_layer_ids is None:
+        try:
+            default_dflash_layer_ids(num_hidden_layers(config), cfg.draft_layers)
+        except ValueError as exc:
+            problems.append(f"--draft-layers {cfg.draft_layers}: {exc} (--target-layer-ids)")
     if problems:
         raise ConfigError("invalid precompute settings for this target:\n  - " + "\n  - ".join(problems))
 

@@ -20,7 +20,7 @@ import torch
 
 import draftcache
 from draftcache.cache_format import FORMAT_VERSION, SampleBytes, plan_shard_boundaries
-from draftcache.cache_format.schema import storage_dtype
+from draftcache.cache_format.schema import KIND_SHIFT, storage_dtype
 from draftcache.data import (
     ChatTokenizer,
     ConversationSet,
@@ -46,7 +46,7 @@ from draftcache.precompute.planning import length_bucketed_batches
 from draftcache.precompute.records import SupervisionSpec
 from draftcache.precompute.summary import PrecomputeSummary
 from draftcache.precompute.writer import CacheJob, write_cache
-from draftcache.target import HFEagle3TargetModel
+from draftcache.target import HFDFlashTargetModel, HFEagle3TargetModel
 from draftcache.target.supervision import compute_target_distribution
 
 __all__ = ["run_precompute", "tokenize_conversations", "check_output_dir", "PrecomputeSummary", "PrecomputeError"]
@@ -75,7 +75,7 @@ def tokenize_conversations(cfg: PrecomputeConfig, tokenizer, conversations: Conv
 def run_precompute(
     cfg: PrecomputeConfig,
     *,
-    target: HFEagle3TargetModel,
+    target: HFEagle3TargetModel | HFDFlashTargetModel,
     tokenizer,
     conversations: ConversationSet,
     samples: Sequence[TokenizedSample],
@@ -86,7 +86,9 @@ def run_precompute(
     """Write (or with ``cfg.resume`` continue) the cache at ``cfg.output_dir``.
 
     Args:
-        target: the frozen target; its device(s) and dtype are used as they are.
+        target: the frozen target; its device(s) and dtype are used as they are. An
+            ``HFDFlashTargetModel`` for ``cfg.method == "dflash"`` (kind ``dflash``: its layers'
+            outputs, unshifted, and the ``argmax`` encoding over the full vocabulary).
         tokenizer: the target's tokenizer (fingerprinted, special ids kept in the draft vocabulary).
         conversations: the loaded input (its identity and skip counts go into the manifest).
         samples: ``tokenize_conversations(cfg, tokenizer, conversations)``, in global order
@@ -110,6 +112,12 @@ def run_precompute(
         if ctx.is_main:
             check_output_dir(out, cfg.resume)
         problems = cfg.target_problems(num_layers=target.num_layers, vocab_size=target.vocab_size)
+        if isinstance(target, HFDFlashTargetModel) != (cfg.method == "dflash"):
+            problems.append(f"--method {cfg.method} needs {'HFDFlashTargetModel' if cfg.method == 'dflash' else 'HFEagle3TargetModel'}"
+                            f", got {type(target).__name__}")
+        if cfg.target_layer_ids is not None and list(cfg.target_layer_ids) != target.aux_layer_ids:
+            problems.append(f"--target-layer-ids {list(cfg.target_layer_ids)} but the target captures "
+                            f"{target.aux_layer_ids}; build HFDFlashTargetModel with the same ids")
         if cfg.aux_layer_ids is not None and list(cfg.aux_layer_ids) != target.aux_layer_ids:
             problems.append(f"--aux-layer-ids {list(cfg.aux_layer_ids)} but the target captures "
                             f"{target.aux_layer_ids}; build HFEagle3TargetModel with the same ids")
@@ -134,8 +142,11 @@ def run_precompute(
                                     "draft_vocab": {"size": vocab.size}})
         first_shard = plan_shard_boundaries([hidden_bytes(len(s.input_ids), int(s.loss_mask.sum())) for s in samples],
                                             cfg.shard_size, cfg.max_shard_bytes)[1]
-        encoding, why, probe, closeness = _choose_encoding(cfg, target, samples[:first_shard], vocab,
-                                                           pad_id_of(tokenizer), dtype)
+        if cfg.method == "dflash":  # the target's argmax over its full vocabulary: no choice, no probe
+            encoding, why, probe, closeness = "argmax", None, None, None
+        else:
+            encoding, why, probe, closeness = _choose_encoding(cfg, target, samples[:first_shard], vocab,
+                                                               pad_id_of(tokenizer), dtype)
         if why:
             log(why)
         manifest = _build_manifest(cfg, target=target, tokenizer=tokenizer, conversations=conversations,
@@ -244,7 +255,7 @@ def _build_manifest(cfg: PrecomputeConfig, *, target: HFEagle3TargetModel, token
     return {
         "format_version": FORMAT_VERSION,
         "tool": {"name": "draftcache", "version": draftcache.__version__},
-        "kind": "eagle3",
+        "kind": cfg.method,
         "complete": False,
         "target": {
             "model_id": model_id,
@@ -267,7 +278,7 @@ def _build_manifest(cfg: PrecomputeConfig, *, target: HFEagle3TargetModel, token
             "layer_ids": list(target.aux_layer_ids),
             "convention": "decoder_layer_output",
             "hf_hidden_states_index": [i + 1 for i in target.aux_layer_ids],
-            "shift": "left_by_one",
+            "shift": KIND_SHIFT[cfg.method],
         },
         "seq_length": cfg.seq_length,
         "dtype": cfg.dtype,

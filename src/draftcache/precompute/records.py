@@ -20,7 +20,8 @@ __all__ = ["SupervisionSpec", "batch_to_records"]
 @dataclass(frozen=True)
 class SupervisionSpec:
     """How target-side rows are encoded: ``probs`` (draft-vocab softmax), ``topk`` (renormalised
-    top-k of it) or ``hidden`` (the lm_head input, rebuilt to logits at read time)."""
+    top-k of it), ``hidden`` (the lm_head input, rebuilt to logits at read time) or ``argmax``
+    (DFlash caches: ``target_argmax`` alone, label-aligned, see ``batch_to_records``)."""
 
     encoding: str
     vocab: DraftVocab
@@ -61,8 +62,15 @@ def batch_to_records(
         final_hidden = final_hidden.to(logits.device)
     aux_hidden_states = aux_hidden_states.to(logits.device)
     sup = loss_mask.bool()                                   # [B, T]
-    target_argmax = logits.argmax(dim=-1)[sup].to(torch.int32)  # [M_total]; no [M, V] copy for it
-    if spec.encoding == "hidden":
+    greedy = logits.argmax(dim=-1)                           # [B, T]; no [M, V] copy for it
+    if spec.encoding == "argmax":
+        # DFlash: row of supervised position q = the target's greedy token FOR q (argmax at q - 1),
+        # what a block slot predicting q is labelled with; q = 0 has no prediction (the data token)
+        greedy = torch.cat([input_ids[:, :1].to(greedy.dtype), greedy[:, :-1]], dim=1)
+    target_argmax = greedy[sup].to(torch.int32)              # [M_total]
+    if spec.encoding == "argmax":
+        payload = {}
+    elif spec.encoding == "hidden":
         if final_hidden is None:
             raise ValueError("the hidden encoding needs the target's final hidden state (capture_final_hidden=True)")
         payload = {"final_hidden": final_hidden[sup].to(spec.dtype)}

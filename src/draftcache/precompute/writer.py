@@ -44,6 +44,7 @@ from draftcache.cache_format import (
 )
 from draftcache.cache_format.checksum import atomic_write_json, fsync_dir
 from draftcache.cache_format.manifest import Manifest, shard_stats
+from draftcache.cache_format.schema import LM_HEAD_ENCODINGS
 from draftcache.cache_format.resume import journal_files, read_journals
 from draftcache.cache_format.writer import append_commit, check_record, write_side_file
 from draftcache.data import TokenizedSample
@@ -64,7 +65,8 @@ _FIELD_FLAGS = {
     "target.config_fingerprint": "--target-model config",
     "tokenizer.fingerprint": "--target-model tokenizer",
     "tokenizer.chat_template_fingerprint": "--chat-template (or the tokenizer's own template)",
-    "capture.layer_ids": "--aux-layer-ids",
+    "kind": "--method",
+    "capture.layer_ids": "--aux-layer-ids",  # --target-layer-ids for dflash caches
     "seq_length": "--seq-length",
     "dtype": "--dtype",
     "supervision.encoding": "--supervision",
@@ -138,12 +140,15 @@ class _ManifestOwner:
         atomic_write_json(self.out / MANIFEST_FILE, self.manifest)
 
     def write_side_files(self, target: HFEagle3TargetModel, spec: SupervisionSpec) -> None:
-        """``target_embeddings`` (storage dtype) and, for ``hidden``, ``lm_head`` (the target's own
+        """``target_embeddings`` (storage dtype; the target's for ``argmax``) and, for ``hidden`` and
+        ``argmax``, ``lm_head`` (the target's own
         dtype, so read-time logits use exactly its weights); skipped when a resumed cache has them."""
         if "target_embeddings" not in self.manifest["files"]:
             weight = target.get_input_embeddings().weight.detach()  # [V, H]
-            self._side_file("target_embeddings", {"weight": weight.to("cpu", spec.dtype).contiguous()})
-        if spec.encoding == "hidden" and "lm_head" not in self.manifest["files"]:
+            # a DFlash draft embeds its blocks with exactly the target's table (vLLM shares it): keep its dtype
+            dtype = weight.dtype if spec.encoding == "argmax" else spec.dtype
+            self._side_file("target_embeddings", {"weight": weight.to("cpu", dtype).contiguous()})
+        if spec.encoding in LM_HEAD_ENCODINGS and "lm_head" not in self.manifest["files"]:
             weight, bias = target.output_projection()  # [V, H], [V] | None
             tensors = {"weight": weight.detach().to("cpu").contiguous()}
             if bias is not None:
@@ -183,7 +188,9 @@ def _resume_candidates(out: Path, manifest: dict, log) -> tuple[list[dict], list
     differences = []
     for key in RESUME_KEY_FIELDS:
         for line in diff_manifest_config(old, manifest, (key,)):
-            differences.append(f"{line}  [{_FIELD_FLAGS[key]}]" if key in _FIELD_FLAGS else line)
+            flag = "--target-layer-ids" if key == "capture.layer_ids" and manifest["kind"] == "dflash" else \
+                _FIELD_FLAGS.get(key)
+            differences.append(f"{line}  [{flag}]" if flag else line)
     if differences:
         raise PrecomputeError(
             f"--resume refused: the cache in {out} was made with a different configuration "

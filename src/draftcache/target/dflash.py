@@ -16,7 +16,7 @@ from torch import nn
 from .batch import TargetBatchError, check_sequence_inputs
 from .capture import TargetForward, run_with_capture
 from .layer_ids import validate_dflash_layer_ids
-from .layout import decoder_layers_and_depth
+from .layout import decoder_layers_and_depth, output_projection, target_hidden_size
 
 __all__ = ["DFlashTargetBatch", "HFDFlashTargetModel"]
 
@@ -68,8 +68,27 @@ class HFDFlashTargetModel:
         return list(self._target_layer_ids)
 
     @property
+    def aux_layer_ids(self) -> list[int]:
+        """``target_layer_ids`` under the name the cache writer records as ``capture.layer_ids``."""
+        return self.target_layer_ids
+
+    @property
     def num_layers(self) -> int:
         return self._num_layers
+
+    @property
+    def hidden_size(self) -> int:
+        """Decoder hidden size H (context features are ``len(target_layer_ids) * H`` wide)."""
+        return target_hidden_size(self.model)
+
+    @property
+    def vocab_size(self) -> int:
+        """Logit width V, read from the output projection."""
+        return int(self.output_projection()[0].shape[0])
+
+    def output_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(weight [V, H], bias [V] or None)`` of the target's lm_head (the draft computes its logits with it)."""
+        return output_projection(self.model)
 
     def get_input_embeddings(self) -> nn.Embedding:
         """The target's input embedding module (the DFlash draft reuses it)."""
@@ -102,6 +121,7 @@ class HFDFlashTargetModel:
         attention_mask: torch.Tensor | None = None,
         *,
         past_key_values: Any = None,
+        capture_final_hidden: bool = False,
     ) -> TargetForward:
         """Run the target once: unshifted ``logits [B, S, V]`` and the context features
         ``aux_hidden_states [B, S, n*H]``. ``past_key_values`` (a transformers ``Cache``)
@@ -114,4 +134,5 @@ class HFDFlashTargetModel:
             input_ids=input_ids.to(device),
             attention_mask=None if attention_mask is None else attention_mask.to(device),
             past_key_values=past_key_values,
+            capture_final_hidden=capture_final_hidden,
         )

@@ -11,7 +11,7 @@ from torch import nn
 from .batch import Eagle3TargetBatch, check_sequence_inputs, shifted_eagle3_batch
 from .capture import TargetForward, run_with_capture
 from .layer_ids import default_eagle3_aux_layer_ids, validate_eagle3_aux_layer_ids
-from .layout import TargetLayoutError, decoder_layers_and_depth, text_config
+from .layout import decoder_layers_and_depth, output_projection, target_hidden_size
 from .packing import packed_attention_mask, packed_position_ids, validate_seq_lens
 
 __all__ = ["HFEagle3TargetModel"]
@@ -50,8 +50,7 @@ class HFEagle3TargetModel:
     @property
     def hidden_size(self) -> int:
         """Decoder hidden size H (aux features are ``3H`` wide): ``hidden_size`` of the text config."""
-        size = getattr(text_config(self.model.config), "hidden_size", None)
-        return int(size) if size is not None else int(self.model.get_input_embeddings().weight.shape[1])
+        return target_hidden_size(self.model)
 
     @property
     def vocab_size(self) -> int:
@@ -64,10 +63,7 @@ class HFEagle3TargetModel:
 
     def output_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(weight [V, H], bias [V] or None)`` of the target's lm_head."""
-        head = self.model.get_output_embeddings()
-        if head is None or getattr(head, "weight", None) is None:
-            raise TargetLayoutError(f"{type(self.model).__name__} has no output embeddings (lm_head)")
-        return head.weight, getattr(head, "bias", None)
+        return output_projection(self.model)
 
     def _device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device

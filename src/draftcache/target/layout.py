@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 __all__ = [
+    "target_hidden_size",
+    "output_projection",
     "find_decoder_layers",
     "decoder_layers_and_depth",
     "text_config",
@@ -102,3 +105,17 @@ def decoder_layers_and_depth(model: nn.Module) -> tuple[list[nn.Module], int]:
     if len(layers) < depth:
         raise TargetLayoutError(f"config says {depth} decoder layers but the model holds {len(layers)}")
     return layers, depth
+
+
+def target_hidden_size(model: nn.Module) -> int:
+    """Decoder hidden size H: ``hidden_size`` of the text config, else the input embedding width."""
+    size = getattr(text_config(model.config), "hidden_size", None)
+    return int(size) if size is not None else int(model.get_input_embeddings().weight.shape[1])
+
+
+def output_projection(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight [V, H], bias [V] or None)`` of a causal LM's lm_head."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        raise TargetLayoutError(f"{type(model).__name__} has no output embeddings (lm_head)")
+    return head.weight, getattr(head, "bias", None)

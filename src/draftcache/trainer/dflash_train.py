@@ -1,10 +1,13 @@
-"""``draftcache train --method dflash``: train a DFlash draft online from a co-located frozen target.
+"""``draftcache train --method dflash``: train a DFlash draft online from a co-located frozen target,
+or from a dflash cache (``--cached-target-path``: ``precompute-eagle3 --method dflash``).
 
 Per micro-batch (consecutive samples packed into one row of at most ``batch_tokens``): the target
 runs once over the batch's documents (right-padded, no cross-document attention), giving the
 concatenated ``target_layer_ids`` outputs (unshifted) and its argmax at every position; both are
 packed into the row with the document boundaries in ``seq_lens``. Anchors are sampled among
-supervised positions and the draft is trained with :func:`dflash_loss`. Checkpoints, ``--resume``,
+supervised positions and the draft is trained with :func:`dflash_loss`. From a cache the same row
+is read from disk (only the batch's rows) by ``expand_dflash_raw``; the loss reads the argmax only
+at supervised positions, which is all the cache stores, so both paths give the same loss. Checkpoints, ``--resume``,
 the warmup/cosine schedule, the seeded epoch plan and the held-out split are the EAGLE-3 trainer's
 (:mod:`draftcache.trainer.checkpoint`, :mod:`draftcache.trainer.batching`). Metrics: loss,
 per-block-position accuracy and simulated acceptance length (mean over blocks of 1 + leading
@@ -27,7 +30,8 @@ from draftcache.trainer.dflash_config import DFlashDraftConfig
 from draftcache.trainer.dflash_loss import DFLASH_LOSS_DECAY, dflash_loss, sample_anchors
 from draftcache.trainer.dflash_model import DFlashDraftModel
 
-__all__ = ["DFlashTrainConfig", "DFlashTrainResult", "train_dflash", "choose_mask_token_id"]
+__all__ = ["DFlashTrainConfig", "DFlashTrainResult", "train_dflash", "choose_mask_token_id", "OnlineDFlashBatches",
+           "CachedDFlashBatches"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,8 @@ class DFlashTrainConfig:
     """Everything that shapes one DFlash training run (validated before anything loads)."""
 
     output_dir: str
+    cached_target_path: str | None = None  # a dflash cache (precompute-eagle3 --method dflash); no target is loaded
+    allow_partial_cache: bool = False      # train on an unfinished cache's committed samples
     target_model: str | None = None        # HF name/dir; None = embedded default target
     input_data: str | None = None          # chats; None = embedded default chats
     seq_length: int = 2048                 # truncate conversations
@@ -78,6 +84,12 @@ class DFlashTrainConfig:
             p.append(f"--loss-decay must be > 0, got {self.loss_decay}")
         if not 0 <= self.val_fraction < 1:
             p.append(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.cached_target_path is not None:
+            online = [flag for flag, given in (("--input-data", self.input_data), ("--chat-template", self.chat_template))
+                      if given is not None]
+            if online:
+                p.append(f"{', '.join(online)} only apply online; a cache already holds its tokenized data "
+                         "(drop them, or drop --cached-target-path)")
         return p
 
     def validate(self) -> "DFlashTrainConfig":
@@ -121,15 +133,22 @@ def choose_mask_token_id(tokenizer, samples) -> int:
     used: set[int] = set()
     for s in samples:
         used.update(int(t) for t in s.input_ids)
-    for token_id in sorted(set(getattr(tokenizer, "all_special_ids", []) or [])):
+    return _unused_special_id(getattr(tokenizer, "all_special_ids", []) or [], used)
+
+
+def _unused_special_id(special_ids, used: set[int]) -> int:
+    for token_id in sorted(set(special_ids)):
         if token_id not in used:
             return int(token_id)
     raise ValueError("every special token of the tokenizer occurs in the training data; pass --mask-token-id "
                      "with a token id the data never contains")
 
 
-class _Supervisor:
-    """Runs the frozen target over a micro-batch's documents and packs what the loss needs."""
+class OnlineDFlashBatches:
+    """Runs the frozen target over a micro-batch's documents and packs what the loss needs:
+    ``batches(indices)`` gives one packed row, ``input_ids / target_argmax / loss_mask [1, T]``
+    (``target_argmax[t]`` = the target's greedy token for ``t + 1``, unshifted convention),
+    ``target_hidden [1, T, n*H]`` float32 and ``seq_lens [1, docs]``."""
 
     def __init__(self, target, samples, pad_id: int, device: torch.device):
         self.target, self.samples, self.pad_id, self.device = target, samples, pad_id, device
@@ -155,6 +174,58 @@ class _Supervisor:
         }
 
 
+class CachedDFlashBatches:
+    """Reads a micro-batch's samples from a dflash cache (only their rows, ``preadv``) as the packed
+    row ``OnlineDFlashBatches`` builds online: ``expand_dflash_raw`` with the features in float32
+    (``target_argmax`` is 0 where the next position is not supervised; the loss never reads it there)."""
+
+    def __init__(self, reader, device: torch.device):
+        self.reader, self.device = reader, device
+
+    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        from draftcache.cache_format import expand_dflash_raw
+
+        row = expand_dflash_raw(self.reader.get_raw_batch(indices), self.device)
+        return {"input_ids": row["input_ids"], "target_hidden": row["aux_hidden_states"].float(),
+                "target_argmax": row["target_argmax"], "loss_mask": row["loss_mask"], "seq_lens": row["seq_lens"]}
+
+
+def _open_dflash_cache(cfg: "DFlashTrainConfig"):
+    """The cache's reader, refusing an EAGLE-3 cache, an unfinished one (unless allowed) and
+    ``--target-layer-ids`` other than the cached layers."""
+    from draftcache.cache_format import open_cache
+
+    reader = open_cache(cfg.cached_target_path)
+    if reader.kind != "dflash":
+        raise ValueError(f"--cached-target-path {cfg.cached_target_path} is a {reader.kind!r} cache; --method dflash "
+                         "trains from a dflash cache (precompute-eagle3 --method dflash)")
+    if not reader.complete and not cfg.allow_partial_cache:
+        raise ValueError(f"cache {cfg.cached_target_path} is incomplete ({len(reader)} of "
+                         f"{reader.manifest['num_samples']} samples committed): finish it with precompute --resume, "
+                         "or pass --allow-partial-cache to train on the committed samples")
+    cached = list(reader.manifest["capture"]["layer_ids"])
+    if cfg.target_layer_ids is not None and list(cfg.target_layer_ids) != cached:
+        raise ValueError(f"--target-layer-ids {list(cfg.target_layer_ids)} but the cache holds layers {cached}; "
+                         "drop the flag or precompute a cache with those layers")
+    if "config" not in reader.manifest["target"]:
+        raise ValueError(f"cache {cfg.cached_target_path} does not record the target's config (target.config); "
+                         "precompute it again with this version")
+    return reader
+
+
+def _cache_mask_token_id(reader, tokenizer_path: str | None, trust_remote_code: bool) -> int:
+    """As ``choose_mask_token_id`` over the cache's tokens: the tokenizer named in the manifest (or
+    ``tokenizer_path``) gives the special ids, the shards' ``input_ids`` what occurs."""
+    from draftcache.target.loading import load_tokenizer
+
+    name = tokenizer_path or reader.manifest["tokenizer"]["name_or_path"]
+    try:
+        specials = load_tokenizer(name, trust_remote_code=trust_remote_code).all_special_ids
+    except Exception:  # no local tokenizer: the special ids the manifest records
+        specials = reader.manifest["draft_vocab"]["special_token_ids"]
+    return _unused_special_id(specials, set(reader.all_input_ids().unique().tolist()))
+
+
 def _sums(block: int, device) -> torch.Tensor:
     """``[loss sum, micro-batches, accept sum, blocks, correct[B], counted[B]]`` float64."""
     return torch.zeros(4 + 2 * block, dtype=torch.float64, device=device)
@@ -176,7 +247,7 @@ def _summary(sums: torch.Tensor, block: int) -> dict:
 
 
 _RESUME_FREE = frozenset({"output_dir", "resume", "progress", "device", "eval_every", "save_every", "log_every",
-                          "export", "trust_remote_code"})
+                          "export", "trust_remote_code", "allow_partial_cache"})
 
 
 def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
@@ -193,27 +264,45 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
         raise FileExistsError(f"--output-dir {run_dir} already holds a training run; pass --resume to continue it "
                               "or choose another directory")
     device = resolve_device(cfg.device)
-    target_path = cfg.target_model or default_target_path()
-    conversations = load_conversations(cfg.input_data or default_data_path(), trust_remote_code=cfg.trust_remote_code)
-    tokenizer = load_tokenizer(target_path, trust_remote_code=cfg.trust_remote_code)
-    set_chat_template(tokenizer, cfg.chat_template)
-    samples = tokenize_all(conversations, ChatTokenizer(tokenizer, cfg.seq_length), conversations.skipped,
-                           strict=False, progress=False)
-    model = load_target_model(target_path, device=device, trust_remote_code=cfg.trust_remote_code)
-    num_layers = int(model.config.get_text_config().num_hidden_layers)
-    layer_ids = list(cfg.target_layer_ids) if cfg.target_layer_ids else default_dflash_layer_ids(
-        num_layers, cfg.num_draft_layers)
-    target = HFDFlashTargetModel(model, layer_ids)
-    mask_id = cfg.mask_token_id if cfg.mask_token_id is not None else choose_mask_token_id(tokenizer, samples)
-    draft_config = DFlashDraftConfig.from_target_config(model.config, target_layer_ids=layer_ids, mask_token_id=mask_id,
+    if cfg.cached_target_path is not None:
+        # from a dflash cache: no target runs; its config, embeddings and lm_head come from the cache
+        reader = _open_dflash_cache(cfg)
+        target_path = reader.manifest["target"]["model_id"]
+        hf_config = reader.manifest["target"]["config"]
+        layer_ids = list(reader.manifest["capture"]["layer_ids"])
+        mask_id = cfg.mask_token_id if cfg.mask_token_id is not None else _cache_mask_token_id(
+            reader, cfg.target_model, cfg.trust_remote_code)
+        supervise = CachedDFlashBatches(reader, device)
+        lengths = reader.sample_lengths().tolist()
+        weights = (reader.target_embeddings(), reader.target_lm_head())
+    else:
+        target_path = cfg.target_model or default_target_path()
+        conversations = load_conversations(cfg.input_data or default_data_path(),
+                                           trust_remote_code=cfg.trust_remote_code)
+        tokenizer = load_tokenizer(target_path, trust_remote_code=cfg.trust_remote_code)
+        set_chat_template(tokenizer, cfg.chat_template)
+        samples = tokenize_all(conversations, ChatTokenizer(tokenizer, cfg.seq_length), conversations.skipped,
+                               strict=False, progress=False)
+        model = load_target_model(target_path, device=device, trust_remote_code=cfg.trust_remote_code)
+        hf_config = model.config
+        num_layers = int(model.config.get_text_config().num_hidden_layers)
+        layer_ids = list(cfg.target_layer_ids) if cfg.target_layer_ids else default_dflash_layer_ids(
+            num_layers, cfg.num_draft_layers)
+        target = HFDFlashTargetModel(model, layer_ids)
+        mask_id = cfg.mask_token_id if cfg.mask_token_id is not None else choose_mask_token_id(tokenizer, samples)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        supervise = OnlineDFlashBatches(target, samples, pad_id, device)
+        lengths = [len(s.input_ids) for s in samples]
+        weights = (model.get_input_embeddings().weight.detach(), model.get_output_embeddings().weight.detach())
+    draft_config = DFlashDraftConfig.from_target_config(hf_config, target_layer_ids=layer_ids, mask_token_id=mask_id,
                                                         num_hidden_layers=cfg.num_draft_layers,
                                                         block_size=cfg.block_size)
     torch.manual_seed(cfg.seed)
-    draft = DFlashDraftModel.from_target(draft_config, model).to(device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    supervise = _Supervisor(target, samples, pad_id, device)
-    lengths = [len(s.input_ids) for s in samples]
-    train_idx, val_idx = split_train_val(len(samples), cfg.val_fraction, cfg.seed)
+    draft = DFlashDraftModel(draft_config)
+    draft.load_target_embeddings(*weights)
+    draft = draft.to(device)
+    num_samples = len(lengths)
+    train_idx, val_idx = split_train_val(num_samples, cfg.val_fraction, cfg.seed)
     params = [p for p in draft.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     per_epoch = len(plan_epoch(train_idx, lengths, seed=cfg.seed, epoch=0, batch_tokens=cfg.batch_tokens, batch_size=1))
@@ -227,14 +316,15 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     describe = {"method": "dflash", "draft_config": draft_config.to_dict(), "target_model_id": target_path,
-                "target_config": model.config.to_dict(), "num_samples": len(samples)}
+                "target_config": hf_config if isinstance(hf_config, dict) else hf_config.to_dict(),
+                "num_samples": num_samples}
     state = TrainState()
     if cfg.resume and (ckpt := latest_checkpoint(run_dir)) is not None:
         meta = read_checkpoint_meta(ckpt)
         diffs = [f"{k}: {meta['config'].get(k)!r} != {v!r}" for k, v in sorted(cfg.as_dict().items())
                  if k not in _RESUME_FREE and meta.get("config", {}).get(k) != v]
-        if meta.get("extra", {}).get("num_samples") != len(samples):
-            diffs.append(f"num_samples: {meta.get('extra', {}).get('num_samples')!r} != {len(samples)}")
+        if meta.get("extra", {}).get("num_samples") != num_samples:
+            diffs.append(f"num_samples: {meta.get('extra', {}).get('num_samples')!r} != {num_samples}")
         if diffs:
             raise ValueError(f"--resume refused: {ckpt} was trained with different settings or data:\n  - "
                              + "\n  - ".join(diffs))

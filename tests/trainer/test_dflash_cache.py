@@ -1,0 +1,245 @@
+"""DFlash caches end to end on the embedded default target: ``precompute-eagle3 --method dflash``
+(real CLI) -> ``draftcache inspect | verify | stats | show`` -> ``train --method dflash
+--cached-target-path``, and the parity of cached and online supervision (fp32)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from draftcache.cache_format import open_cache, read_manifest
+from draftcache.data import ChatTokenizer, load_conversations, tokenize_all
+from draftcache.defaults import default_data_path, default_target_path
+from draftcache.target import HFDFlashTargetModel, default_dflash_layer_ids
+from draftcache.target.loading import load_target_model, load_tokenizer
+from draftcache.trainer.dflash_config import DFlashDraftConfig
+from draftcache.trainer.dflash_loss import dflash_loss, sample_anchors
+from draftcache.trainer.dflash_model import DFlashDraftModel
+from draftcache.trainer.dflash_train import CachedDFlashBatches, OnlineDFlashBatches
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+NUM_SAMPLES = 48
+LAYERS = [1, 4, 6]
+TRAIN = ["--max-steps", "3", "--save-every", "3", "--log-every", "1", "--eval-every", "3", "--block-size", "4",
+         "--num-anchors", "16", "--batch-tokens", "256", "--val-fraction", "0.1", "--lr", "1e-3", "--quiet"]
+
+
+def _run(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], env=ENV, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same intra-op threads as the subprocesses, so fp32 sums agree
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """An fp32 dflash cache of the embedded default's first NUM_SAMPLES chats, layers LAYERS."""
+    out = tmp_path_factory.mktemp("dflash_cache") / "cache"
+    r = _run("draftcache.precompute", "--method", "dflash", "--output-dir", str(out), "--dtype", "fp32",
+             "--num-samples", str(NUM_SAMPLES), "--target-layer-ids", ",".join(map(str, LAYERS)),
+             "--shard-size", "20", "--batch-size", "3", "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def online():
+    """The embedded target (fp32) and its tokenized chats, as ``train --method dflash`` builds them."""
+    model = load_target_model(default_target_path(), device=torch.device("cpu"))
+    tokenizer = load_tokenizer(default_target_path())
+    conversations = load_conversations(default_data_path())
+    samples = tokenize_all(conversations, ChatTokenizer(tokenizer, 2048), conversations.skipped, strict=False,
+                           progress=False)[:NUM_SAMPLES]
+    return model, tokenizer, samples
+
+
+def test_manifest_says_dflash_unshifted_argmax(cache):
+    m = read_manifest(cache)
+    assert m["kind"] == "dflash" and m["complete"]
+    assert m["capture"] == {"layer_ids": LAYERS, "convention": "decoder_layer_output",
+                            "hf_hidden_states_index": [i + 1 for i in LAYERS], "shift": "none"}
+    assert m["supervision"]["encoding"] == "argmax" and m["dtype"] == "fp32"
+    assert set(m["files"]) == {"target_embeddings", "lm_head"}  # the draft reuses both
+    assert m["num_shards"] == 3 and m["num_samples"] == NUM_SAMPLES
+
+
+def test_default_layer_ids_follow_the_draft_depth(tmp_path):
+    out = tmp_path / "c"
+    r = _run("draftcache.precompute", "--method", "dflash", "--output-dir", str(out), "--num-samples", "4",
+             "--draft-layers", "3", "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert read_manifest(out)["capture"]["layer_ids"] == default_dflash_layer_ids(8, 3) == [1, 3, 5]
+
+
+def test_cached_rows_equal_the_online_batches(cache, online):
+    """Same packed rows from the cache as from the co-located target: ids, masks, boundaries,
+    features (fp32), and the target's greedy token wherever the loss reads it."""
+    model, tokenizer, samples = online
+    reader = open_cache(cache)
+    make_online = OnlineDFlashBatches(HFDFlashTargetModel(model, LAYERS), samples, tokenizer.pad_token_id or 0,
+                                      torch.device("cpu"))
+    make_cached = CachedDFlashBatches(reader, torch.device("cpu"))
+    for indices in ([0], [1, 2, 3], [19, 20, 21, 40], list(range(30, 38))):  # across shard boundaries too
+        a, b = make_online(indices), make_cached(indices)
+        for key in ("input_ids", "loss_mask", "seq_lens"):
+            assert torch.equal(a[key], b[key]), key
+        torch.testing.assert_close(b["target_hidden"], a["target_hidden"], rtol=1e-5, atol=1e-5)
+        # the loss reads target_argmax[t] only where t + 1 is supervised in the same document
+        starts = torch.repeat_interleave(torch.cumsum(a["seq_lens"][0], 0) - a["seq_lens"][0], a["seq_lens"][0])
+        local = torch.arange(a["input_ids"].shape[1]) - starts
+        read = torch.zeros_like(a["loss_mask"][0], dtype=torch.bool)
+        read[:-1] = a["loss_mask"][0, 1:].bool() & (local[1:] >= 1)
+        assert read.any()
+        assert torch.equal(a["target_argmax"][0][read], b["target_argmax"][0][read])
+
+
+def test_cached_loss_and_grads_equal_online(cache, online):
+    """The parity the trainer relies on: on the same batches and anchors, the loss and every
+    gradient from the cache equal those from the co-located target (fp32, tiny target)."""
+    model, tokenizer, samples = online
+    reader = open_cache(cache)
+    config = DFlashDraftConfig.from_target_config(model.config, target_layer_ids=LAYERS, mask_token_id=0,
+                                                  num_hidden_layers=2, block_size=4)
+    sources = {"online": OnlineDFlashBatches(HFDFlashTargetModel(model, LAYERS), samples, tokenizer.pad_token_id or 0,
+                                             torch.device("cpu")),
+               "cache": CachedDFlashBatches(reader, torch.device("cpu"))}
+    torch.manual_seed(0)
+    draft = DFlashDraftModel.from_target(config, model)
+    for indices in ([0, 1, 2], [20, 21, 22, 23, 24]):
+        result = {}
+        for name, make in sources.items():
+            batch = make(indices)
+            anchors, valid = sample_anchors(batch["loss_mask"], num_anchors=16, seq_lens=batch["seq_lens"],
+                                            generator=torch.Generator().manual_seed(7))
+            draft.zero_grad(set_to_none=True)
+            out = dflash_loss(draft, target_hidden=batch["target_hidden"], input_ids=batch["input_ids"],
+                              target_argmax=batch["target_argmax"], loss_mask=batch["loss_mask"],
+                              anchor_positions=anchors, anchor_valid=valid, seq_lens=batch["seq_lens"])
+            out.loss.backward()
+            grads = {k: p.grad.clone() for k, p in draft.named_parameters() if p.grad is not None}
+            result[name] = (out, grads)
+        (a, ga), (b, gb) = result["online"], result["cache"]
+        assert a.num_blocks == b.num_blocks > 0 and torch.equal(a.counted, b.counted)
+        torch.testing.assert_close(b.loss, a.loss, rtol=1e-5, atol=1e-6)
+        assert ga.keys() == gb.keys() and "fc.weight" in ga
+        for k in ga:
+            torch.testing.assert_close(gb[k], ga[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_inspect_verify_stats_show_understand_dflash(cache):
+    r = _run("draftcache.cli", "inspect", str(cache))
+    assert r.returncode == 0 and "v2 dflash, complete" in r.stdout
+    assert "supervision  argmax: the target's greedy token per supervised position" in r.stdout
+    r = _run("draftcache.cli", "verify", str(cache))
+    assert r.returncode == 0 and "OK" in r.stdout and "checked 5 file(s)" in r.stdout
+    r = _run("draftcache.cli", "stats", str(cache))
+    assert r.returncode == 0 and f"samples            {NUM_SAMPLES}" in r.stdout
+    assert "target greedy      equals the data token at" in r.stdout
+    r = _run("draftcache.cli", "show", str(cache), "0")
+    raw = open_cache(cache).get_raw(0)
+    agree = int((raw["target_argmax"] == raw["input_ids"][raw["loss_mask"].bool()]).sum())
+    assert r.returncode == 0
+    assert f"({agree} of {int(raw['loss_mask'].sum())} equal the data)" in r.stdout
+
+
+def test_verify_names_a_damaged_dflash_shard(cache, tmp_path):
+    import shutil
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(cache, copy)
+    shard = copy / "shard-000001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    r = _run("draftcache.cli", "verify", str(copy))
+    assert r.returncode != 0 and "shard-000001.safetensors" in r.stdout + r.stderr
+
+
+def test_resume_with_another_method_is_refused_naming_it(cache, tmp_path):
+    import shutil
+
+    copy = tmp_path / "c"
+    shutil.copytree(cache, copy)
+    r = _run("draftcache.precompute", "--output-dir", str(copy), "--dtype", "fp32", "--num-samples", str(NUM_SAMPLES),
+             "--shard-size", "20", "--resume", "--quiet")
+    assert r.returncode == 1
+    assert 'kind: "dflash" != "eagle3"  [--method]' in r.stderr, r.stderr[-2000:]
+    assert 'supervision.encoding: "argmax" != "hidden"' in r.stderr
+
+
+def test_dflash_flags_refused_for_the_wrong_method(tmp_path):
+    r = _run("draftcache.precompute", "--output-dir", str(tmp_path / "a"), "--target-layer-ids", "1,2")
+    assert r.returncode == 2 and "--target-layer-ids is for --method dflash" in r.stderr
+    r = _run("draftcache.precompute", "--method", "dflash", "--output-dir", str(tmp_path / "b"),
+             "--draft-vocab-size", "100")
+    assert r.returncode == 2 and "--draft-vocab-size is for EAGLE-3 caches" in r.stderr
+    r = _run("draftcache.precompute", "--method", "dflash", "--output-dir", str(tmp_path / "c"),
+             "--target-layer-ids", "1,9")
+    assert r.returncode == 2 and "--target-layer-ids [9] out of range" in r.stderr
+    assert not (tmp_path / "c").exists()
+
+
+def test_train_from_cache_matches_online_training(cache, tmp_path):
+    """``train --method dflash --cached-target-path`` through the real CLI: the same steps, losses
+    and weights as online training on the same chats (fp32 cache; --input-data limited to them)."""
+    data = tmp_path / "chats.jsonl"
+    lines = open(default_data_path()).read().splitlines()  # the embedded chats: one JSON record a line
+    data.write_text("\n".join(lines[:NUM_SAMPLES]) + "\n")
+    common = [*TRAIN, "--draft-layers", "3", "--target-layer-ids", ",".join(map(str, LAYERS))]
+    r = _run("draftcache.cli", "train", "--method", "dflash", "--cached-target-path", str(cache),
+             "--output-dir", str(tmp_path / "cached"), *common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _run("draftcache.cli", "train", "--method", "dflash", "--input-data", str(data),
+             "--output-dir", str(tmp_path / "online"), *common)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def metrics(run):
+        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    cached, online_ = metrics("cached"), metrics("online")
+    assert [(m["step"], m["split"]) for m in cached] == [(m["step"], m["split"]) for m in online_]
+    for a, b in zip(cached, online_):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+    config = json.loads((tmp_path / "cached" / "export" / "config.json").read_text())
+    assert config["dflash_config"]["target_layer_ids"] == LAYERS
+    from safetensors.torch import load_file
+
+    wa = load_file(str(tmp_path / "cached" / "export" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "online" / "export" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-5, msg=k)
+
+
+def test_train_refuses_an_eagle3_cache_and_other_layers(cache, tmp_path):
+    eagle = tmp_path / "eagle"
+    r = _run("draftcache.precompute", "--output-dir", str(eagle), "--num-samples", "4", "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _run("draftcache.cli", "train", "--method", "dflash", "--cached-target-path", str(eagle),
+             "--output-dir", str(tmp_path / "x"), *TRAIN)
+    assert r.returncode == 1 and "is a 'eagle3' cache" in r.stderr
+    r = _run("draftcache.cli", "train", "--method", "dflash", "--cached-target-path", str(cache),
+             "--output-dir", str(tmp_path / "y"), "--target-layer-ids", "1,2,3", *TRAIN)
+    assert r.returncode == 1 and "but the cache holds layers [1, 4, 6]" in r.stderr
+
+
+def test_train_names_a_damaged_shard_without_a_traceback(cache, tmp_path):
+    import shutil
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(cache, copy)
+    shard = copy / "shard-000000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated
+    r = _run("draftcache.cli", "train", "--method", "dflash", "--cached-target-path", str(copy),
+             "--output-dir", str(tmp_path / "run"), *TRAIN)
+    assert r.returncode == 1 and "shard-000000.safetensors" in r.stderr and "Traceback" not in r.stderr, r.stderr
