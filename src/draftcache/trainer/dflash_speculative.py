@@ -20,7 +20,7 @@ import torch
 
 from draftcache.target import HFDFlashTargetModel
 from draftcache.trainer.dflash_model import DFlashBlocks, DFlashDraftModel
-from draftcache.trainer.speculative import SpecDecodeStats
+from draftcache.trainer.speculative import SpecDecodeStats, emit_round
 
 __all__ = ["dflash_propose", "dflash_speculative_generate"]
 
@@ -84,9 +84,7 @@ def dflash_speculative_generate(
             cache.crop(-(K - accepted))  # keep x_m, d_1..d_a
         context = torch.cat([context, fwd.aux_hidden_states[:, : accepted + 1]], dim=1)
         new = proposal[:accepted] + [preds[accepted]]
-        if eos_token_id is not None and eos_token_id in new:
-            new = new[: new.index(eos_token_id) + 1]
-        out.extend(new)
+        out.extend(emit_round(new, eos_token_id))
         last = out[-1]
     out = out[:max_new_tokens]
     stats.emitted_tokens += len(out) - 1  # out[0] came from the prompt's forward, not from a round

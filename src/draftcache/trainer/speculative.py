@@ -26,7 +26,7 @@ from draftcache.target import HFEagle3TargetModel
 from draftcache.target.capture import kv_cache_kwargs
 from draftcache.trainer.model import Eagle3DecodeCache, Eagle3DraftModel
 
-__all__ = ["SpecDecodeStats", "speculative_generate", "greedy_generate"]
+__all__ = ["SpecDecodeStats", "speculative_generate", "greedy_generate", "emit_round"]
 
 
 @dataclass
@@ -151,13 +151,19 @@ def speculative_generate(
         d_cache.crop(context_len)
         aux = fwd.aux_hidden_states[:, : accepted + 1]  # features of x_m, d_1..d_a
         step = draft.decode(torch.tensor([new], device=device), draft.fc(aux.to(draft.fc.weight.dtype)), d_cache)
-        if eos_token_id is not None and eos_token_id in new:
-            new = new[: new.index(eos_token_id) + 1]
-        out.extend(new)
+        out.extend(emit_round(new, eos_token_id))
         last = out[-1]
     out = out[:max_new_tokens]
     stats.emitted_tokens += len(out) - 1  # out[0] came from the prompt's forward, not from a round
     return out
+
+
+def emit_round(new: list[int], eos_token_id: int | None) -> list[int]:
+    """The tokens a verify round emits: its accepted draft tokens plus the bonus token, cut after
+    the first EOS (what follows an EOS is never emitted, so it never counts toward tau)."""
+    if eos_token_id is not None and eos_token_id in new:
+        return new[: new.index(eos_token_id) + 1]
+    return new
 
 
 def timed(fn, *args, **kwargs):
