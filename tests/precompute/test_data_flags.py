@@ -134,3 +134,32 @@ def test_num_workers_writes_the_same_cache(tmp_path):
     assert manifest["num_samples"] == 30
     assert manifest["dataset"]["dropped_leading_turns"] == {"turns": 1, "records": 1}
     assert summaries[0].skipped == summaries[1].skipped and summaries[0].skipped["invalid_json"] == 1
+
+
+def test_a_tokenizer_without_template_runs_with_chat_template_and_is_named_without(tmp_path):
+    """A base model's tokenizer has no chat template: --chat-template supplies one (the run
+    finishes and fingerprints it); without it the error names the flag and nothing is written."""
+    import shutil
+    from pathlib import Path
+
+    bare = tmp_path / "base-target"
+    shutil.copytree(target_dir(), bare)
+    template = (bare / "chat_template.jinja").read_text(encoding="utf-8")
+    (bare / "chat_template.jinja").unlink()
+    assert "chat_template" not in json.loads((bare / "tokenizer_config.json").read_text(encoding="utf-8"))
+
+    def run(out, *extra):
+        return CliRunner().invoke(app, ["--target-model", str(bare), "--input-data", str(data_file()),
+                                        "--output-dir", str(out), "--seq-length", "64", "--num-samples", "4",
+                                        "--quiet", *extra])
+
+    refused = run(tmp_path / "refused")
+    assert refused.exit_code != 0
+    assert "--chat-template" in refused.output and "no chat template" in refused.output
+    assert not Path(tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
+
+    ok = run(tmp_path / "ok", "--chat-template", template)
+    assert ok.exit_code == 0, ok.output
+    manifest = read_manifest_json(tmp_path / "ok")
+    assert manifest["num_samples"] == 4
+    assert manifest["tokenizer"]["chat_template_fingerprint"] == hashlib.sha256(template.encode()).hexdigest()

@@ -76,7 +76,7 @@ def _run(cfg: PrecomputeConfig, ctx: DistContext, device, log: Callable[[str], N
         conversations = load_conversations(cfg.input_data or default_data_path(), split=cfg.split, strict=cfg.strict,
                                            shuffle_seed=cfg.shuffle_seed, num_samples=cfg.num_samples,
                                            trust_remote_code=cfg.trust_remote_code, lazy=True)
-        tokenizer = load_tokenizer(target_path, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = load_tokenizer(target_path, trust_remote_code=cfg.trust_remote_code, chat_template=cfg.chat_template)
         set_chat_template(tokenizer, cfg.chat_template)
         if cfg.resume and ctx.is_main:
             _check_resume_template(Path(cfg.output_dir), tokenizer)

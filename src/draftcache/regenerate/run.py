@@ -103,7 +103,7 @@ def regenerate(cfg: RegenerateConfig, *, log: Callable[[str], None] = print) -> 
     conversations = load_conversations(cfg.input_data or default_data_path(), split=cfg.split, strict=cfg.strict,
                                        shuffle_seed=cfg.shuffle_seed, trust_remote_code=cfg.trust_remote_code,
                                        lazy=True)
-    tokenizer = load_tokenizer(target_path, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = load_tokenizer(target_path, trust_remote_code=cfg.trust_remote_code, chat_template=cfg.chat_template)
     set_chat_template(tokenizer, cfg.chat_template)
     template = ChatTokenizer(tokenizer, None).chat_template  # refuses a template that fails a plain chat
     try:

@@ -55,14 +55,16 @@ def load_target_model(path: str, *, device: torch.device, trust_remote_code: boo
     return model.eval()
 
 
-def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+def load_tokenizer(path: str, *, trust_remote_code: bool = False, chat_template: str | None = None):
+    """The target's tokenizer. It must carry a chat template unless ``chat_template`` (a
+    ``--chat-template`` value the caller then sets on it) supplies one."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
                                         local_files_only=Path(path).is_dir())
-    if getattr(tok, "chat_template", None) in (None, ""):
+    if chat_template is None and getattr(tok, "chat_template", None) in (None, ""):
         raise ValueError(
-            f"the tokenizer of {path} has no chat template; draftcache renders conversations with the "
-            "tokenizer's own template, so use a chat/instruct model or add a chat_template to its tokenizer_config.json"
+            f"the tokenizer of {path} has no chat template; draftcache renders conversations with a chat "
+            "template: pass --chat-template (a Jinja file or the template text), or use a chat/instruct model"
         )
     return tok

@@ -279,7 +279,7 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
         target_path = cfg.target_model or default_target_path()
         conversations = load_conversations(cfg.input_data or default_data_path(),
                                            trust_remote_code=cfg.trust_remote_code)
-        tokenizer = load_tokenizer(target_path, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = load_tokenizer(target_path, trust_remote_code=cfg.trust_remote_code, chat_template=cfg.chat_template)
         set_chat_template(tokenizer, cfg.chat_template)
         samples = tokenize_all(conversations, ChatTokenizer(tokenizer, cfg.seq_length), conversations.skipped,
                                strict=False, progress=False)

@@ -118,7 +118,7 @@ def load_eval_prompts(*, target_path: str, input_data: str | None = None, num_pr
     from draftcache.defaults import default_eval_data_path
     from draftcache.target.loading import load_tokenizer
 
-    tokenizer = load_tokenizer(target_path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(target_path, trust_remote_code=trust_remote_code, chat_template=chat_template)
     set_chat_template(tokenizer, chat_template)
     # prompts-only records are welcome here; read only as many records as the prompts need
     conversations = load_conversations(input_data or default_eval_data_path(), prompts=True, lazy=True)
