@@ -75,3 +75,25 @@ def test_resume_with_another_world_size_is_refused(cache, ddp_run):
     ddp, _ = ddp_run
     r = _run([sys.executable, "-m", "draftcache.cli", *_args(cache, ddp, "--resume")], ok=False)
     assert r.returncode == 1 and "world_size: 2 != 1" in r.stderr, r.stderr[-2000:]
+
+
+def test_online_ddp_matches_single_process_with_validation(tmp_path):
+    """Online, each rank runs its own copy of the embedded target on its share; the held-out split is
+    split by rank too and its metric sums all-reduced (here both splits give an even number of
+    micro-batches, so no rank pads its share and the two runs see the same batches)."""
+    args = ["train", "--method", "dflash", "--max-steps", "2", "--block-size", "4", "--num-anchors", "16",
+            "--batch-tokens", "200", "--val-fraction", "0.05", "--eval-every", "2", "--log-every", "1",
+            "--device", "cpu", "--quiet"]
+    _run(_torchrun(2, [*args, "--output-dir", str(tmp_path / "ddp")]))
+    _run([sys.executable, "-m", "draftcache.cli", *args, "--output-dir", str(tmp_path / "single"), "--grad-accum", "2"])
+    a = load_file(str(tmp_path / "ddp" / "export" / "model.safetensors"))
+    b = load_file(str(tmp_path / "single" / "export" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    x = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    y = [json.loads(line) for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in x] == [(r["step"], r["split"]) for r in y] == [
+        (1, "train"), (2, "train"), (2, "val")]
+    for p, q in zip(x, y):
+        assert p["loss"] == pytest.approx(q["loss"], rel=1e-4)
+        assert p["acc"] == pytest.approx(q["acc"], abs=1e-9)
