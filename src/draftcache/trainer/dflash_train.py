@@ -83,7 +83,8 @@ class DFlashTrainConfig:
     def problems(self) -> list[str]:
         p: list[str] = []
         for name, low in (("num_draft_layers", 1), ("block_size", 2), ("num_anchors", 1), ("epochs", 1),
-                          ("batch_tokens", 2), ("grad_accum", 1), ("eval_every", 1), ("save_every", 1), ("log_every", 1)):
+                          ("batch_tokens", 2), ("grad_accum", 1), ("eval_every", 1), ("save_every", 1),
+                          ("log_every", 1)):
             if getattr(self, name) < low:
                 p.append(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -358,7 +359,8 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
                              + "\n  - ".join(diffs) + "\nRerun with the original settings (and number of ranks), "
                              "or start a new --output-dir.")
         state, _ = load_checkpoint(ckpt, model=draft, optimizer=optimizer, scheduler=scheduler)
-        log(f"resumed from {ckpt} at step {state.step}")
+        if is_main:
+            log(f"resumed from {ckpt} at step {state.step}")
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     block = cfg.block_size
