@@ -141,7 +141,8 @@ def train(
                       input_data=input_data, seq_length=seq_length, chat_template=chat_template,
                       target_layer_ids=target_layer_ids, num_draft_layers=draft_layers, block_size=block_size,
                       num_anchors=num_anchors, mask_token_id=mask_token_id, epochs=epochs, max_steps=max_steps,
-                      batch_tokens=batch_tokens, lr=lr, warmup_steps=warmup_steps, grad_clip=grad_clip,
+                      batch_tokens=batch_tokens, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
+                      grad_clip=grad_clip,
                       val_fraction=val_fraction, eval_every=eval_every, save_every=save_every, log_every=log_every,
                       seed=seed, device=device, resume=resume, trust_remote_code=trust_remote_code, progress=not quiet)
         return
@@ -189,11 +190,15 @@ def _train_dflash(*, target_layer_ids, batch_tokens, **options) -> None:
         _fail(str(e), 2)
     from draftcache.cache_format import CacheFormatError
 
+    from draftcache.trainer.distributed import shutdown_distributed
+
     try:
         result = train_dflash(cfg)
     except (*_USER_ERRORS, CacheFormatError) as e:  # a damaged cache is named, not a traceback
-        _fail(str(e))
-    typer.echo(result.format())
+        _fail(str(e))  # exit at once: torchrun then stops the other ranks (a barrier here could hang)
+    shutdown_distributed()
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        typer.echo(result.format())
 
 
 @app.command()

@@ -11,7 +11,12 @@ at supervised positions, which is all the cache stores, so both paths give the s
 the warmup/cosine schedule, the seeded epoch plan and the held-out split are the EAGLE-3 trainer's
 (:mod:`draftcache.trainer.checkpoint`, :mod:`draftcache.trainer.batching`). Metrics: loss,
 per-block-position accuracy and simulated acceptance length (mean over blocks of 1 + leading
-correct slots, greedy). Single process (no DDP yet).
+correct slots, greedy). Under ``torchrun`` it runs DDP as the EAGLE-3 loop does
+(:mod:`draftcache.trainer.distributed`): each rank reads its share of every epoch's micro-batches
+(``plan_epoch(rank=, world_size=)``; online, each rank runs its own copy of the target on them),
+gradients are averaged over ranks, metric sums all-reduced, and rank 0 alone writes checkpoints,
+metrics and the export. ``--grad-accum G`` on one process steps on the same micro-batches, with the
+same anchors, as ``G`` ranks: anchors are seeded by a micro-batch's global index in the epoch plan.
 """
 
 from __future__ import annotations
@@ -19,16 +24,20 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from draftcache.trainer.batching import plan_epoch, split_train_val
 from draftcache.trainer.checkpoint import TrainState, latest_checkpoint, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from draftcache.trainer.dflash_config import DFlashDraftConfig
 from draftcache.trainer.dflash_loss import DFLASH_LOSS_DECAY, dflash_loss, sample_anchors
 from draftcache.trainer.dflash_model import DFlashDraftModel
+from draftcache.trainer.distributed import all_reduce_sum, init_distributed
+from draftcache.trainer.loop import accumulation_group
 
 __all__ = ["DFlashTrainConfig", "DFlashTrainResult", "train_dflash", "choose_mask_token_id", "OnlineDFlashBatches",
            "CachedDFlashBatches"]
@@ -54,6 +63,7 @@ class DFlashTrainConfig:
     epochs: int = 4
     max_steps: int | None = None
     batch_tokens: int = 1024               # token budget of a packed micro-batch
+    grad_accum: int = 1                    # micro-batches per optimizer step (per rank under torchrun)
     lr: float = 3e-3                       # suits the tiny embedded draft; ~6e-4 for real targets
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
@@ -73,7 +83,8 @@ class DFlashTrainConfig:
     def problems(self) -> list[str]:
         p: list[str] = []
         for name, low in (("num_draft_layers", 1), ("block_size", 2), ("num_anchors", 1), ("epochs", 1),
-                          ("batch_tokens", 2), ("eval_every", 1), ("save_every", 1), ("log_every", 1)):
+                          ("batch_tokens", 2), ("grad_accum", 1), ("eval_every", 1), ("save_every", 1),
+                          ("log_every", 1)):
             if getattr(self, name) < low:
                 p.append(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -240,6 +251,19 @@ def _add(sums: torch.Tensor, out, block: int) -> None:
     sums[4 + block :] += out.counted.double()
 
 
+class _DFlashLossModule(torch.nn.Module):
+    """Routes :func:`dflash_loss` through ``forward`` so DistributedDataParallel sees the call."""
+
+    def __init__(self, draft: DFlashDraftModel):
+        super().__init__()
+        self.draft = draft
+
+    def forward(self, batch: dict, anchors: torch.Tensor, valid: torch.Tensor, *, decay: float):
+        return dflash_loss(self.draft, target_hidden=batch["target_hidden"], input_ids=batch["input_ids"],
+                           target_argmax=batch["target_argmax"], loss_mask=batch["loss_mask"],
+                           anchor_positions=anchors, anchor_valid=valid, seq_lens=batch["seq_lens"], decay=decay)
+
+
 def _summary(sums: torch.Tensor, block: int) -> dict:
     acc = (sums[4 : 4 + block] / sums[4 + block :].clamp_min(1)).tolist()[1:]
     return {"loss": float(sums[0] / sums[1].clamp_min(1)), "acc": acc,
@@ -255,7 +279,7 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
     from draftcache.data import ChatTokenizer, load_conversations, set_chat_template, tokenize_all
     from draftcache.defaults import default_data_path, default_target_path
     from draftcache.target import HFDFlashTargetModel, default_dflash_layer_ids
-    from draftcache.target.loading import load_target_model, load_tokenizer, resolve_device
+    from draftcache.target.loading import load_target_model, load_tokenizer
 
     cfg.validate()
     t0 = time.perf_counter()
@@ -263,7 +287,9 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
     if latest_checkpoint(run_dir) is not None and not cfg.resume:
         raise FileExistsError(f"--output-dir {run_dir} already holds a training run; pass --resume to continue it "
                               "or choose another directory")
-    device = resolve_device(cfg.device)
+    dist_info = init_distributed(cfg.device)
+    device, rank, world = dist_info.device, dist_info.rank, dist_info.world_size
+    is_main = rank == 0
     if cfg.cached_target_path is not None:
         # from a dflash cache: no target runs; its config, embeddings and lm_head come from the cache
         reader = _open_dflash_cache(cfg)
@@ -305,8 +331,9 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
     train_idx, val_idx = split_train_val(num_samples, cfg.val_fraction, cfg.seed)
     params = [p for p in draft.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    per_epoch = len(plan_epoch(train_idx, lengths, seed=cfg.seed, epoch=0, batch_tokens=cfg.batch_tokens, batch_size=1))
-    total = cfg.max_steps or cfg.epochs * per_epoch
+    per_epoch = len(plan_epoch(train_idx, lengths, seed=cfg.seed, epoch=0, batch_tokens=cfg.batch_tokens, batch_size=1,
+                               rank=rank, world_size=world))
+    total = cfg.max_steps or cfg.epochs * -(-per_epoch // cfg.grad_accum)  # a short last group is a step too
 
     def lr_at(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -317,72 +344,105 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     describe = {"method": "dflash", "draft_config": draft_config.to_dict(), "target_model_id": target_path,
                 "target_config": hf_config if isinstance(hf_config, dict) else hf_config.to_dict(),
-                "num_samples": num_samples}
+                "num_samples": num_samples, "world_size": world}
     state = TrainState()
     if cfg.resume and (ckpt := latest_checkpoint(run_dir)) is not None:
         meta = read_checkpoint_meta(ckpt)
         diffs = [f"{k}: {meta['config'].get(k)!r} != {v!r}" for k, v in sorted(cfg.as_dict().items())
                  if k not in _RESUME_FREE and meta.get("config", {}).get(k) != v]
-        if meta.get("extra", {}).get("num_samples") != num_samples:
-            diffs.append(f"num_samples: {meta.get('extra', {}).get('num_samples')!r} != {num_samples}")
+        for key, value in (("num_samples", num_samples), ("world_size", world)):
+            saved = meta.get("extra", {}).get(key, 1 if key == "world_size" else None)  # older runs: one process
+            if saved != value:
+                diffs.append(f"{key}: {saved!r} != {value!r}")
         if diffs:
             raise ValueError(f"--resume refused: {ckpt} was trained with different settings or data:\n  - "
-                             + "\n  - ".join(diffs))
+                             + "\n  - ".join(diffs) + "\nRerun with the original settings (and number of ranks), "
+                             "or start a new --output-dir.")
         state, _ = load_checkpoint(ckpt, model=draft, optimizer=optimizer, scheduler=scheduler)
-        log(f"resumed from {ckpt} at step {state.step}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+        if is_main:
+            log(f"resumed from {ckpt} at step {state.step}")
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     block = cfg.block_size
+    loss_module = local_loss = _DFlashLossModule(draft)  # validation runs outside DDP (no gradients)
+    if world > 1:
+        loss_module = torch.nn.parallel.DistributedDataParallel(
+            loss_module, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def run(batch: dict, generator: torch.Generator):
+    def run(module, batch: dict, generator: torch.Generator):
         anchors, valid = sample_anchors(batch["loss_mask"], num_anchors=cfg.num_anchors, seq_lens=batch["seq_lens"],
                                         generator=generator)
-        return dflash_loss(draft, target_hidden=batch["target_hidden"], input_ids=batch["input_ids"],
-                           target_argmax=batch["target_argmax"], loss_mask=batch["loss_mask"],
-                           anchor_positions=anchors, anchor_valid=valid, seq_lens=batch["seq_lens"],
-                           decay=cfg.loss_decay)
+        return module(batch, anchors, valid, decay=cfg.loss_decay)
+
+    def anchor_seed(base: int, global_index: int) -> int:
+        return base * 1_000_003 + global_index
+
+    val_plan = plan_epoch(val_idx, lengths, seed=cfg.seed, epoch=0, batch_tokens=cfg.batch_tokens, batch_size=1,
+                          rank=rank, world_size=world, shuffle=False) if val_idx else []
 
     @torch.no_grad()
     def validate() -> dict | None:
-        if not val_idx:
+        if not val_plan:
             return None
         draft.eval()
         sums = _sums(block, device)
-        val_gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same anchors at every validation
-        for indices in plan_epoch(val_idx, lengths, seed=cfg.seed, epoch=0, batch_tokens=cfg.batch_tokens,
-                                  batch_size=1, shuffle=False):
-            _add(sums, run(supervise(indices), val_gen), block)
+        for i, indices in enumerate(val_plan):
+            # seeded by the micro-batch's global index: the same anchors at every validation, on any world size
+            gen = torch.Generator().manual_seed(anchor_seed(cfg.seed + 1, i * world + rank))
+            _add(sums, run(local_loss, supervise(indices), gen), block)
         draft.train()
+        all_reduce_sum(sums, dist_info)
         return _summary(sums, block)
 
     def record(entry: dict) -> None:
+        if not is_main:
+            return
         with open(run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")
+
+    def checkpoint() -> None:
+        if is_main:
+            save_checkpoint(run_dir, model=draft, optimizer=optimizer, scheduler=scheduler, state=state,
+                            config=cfg.as_dict(), extra=describe)
+        if world > 1:
+            dist.barrier()
 
     window, last_loss, val = _sums(block, device), float("nan"), None
     draft.train()
     while state.step < total:
         plan = plan_epoch(train_idx, lengths, seed=cfg.seed, epoch=state.epoch, batch_tokens=cfg.batch_tokens,
-                          batch_size=1)
+                          batch_size=1, rank=rank, world_size=world)
+        micro_batches = len(plan)  # equal on every rank, so all ranks sync on the same micro-batch
+        # checkpoints follow optimizer steps, so a resumed epoch restarts at a group boundary
         for indices in plan[state.batches_in_epoch :]:
             batch = supervise(indices)
-            # anchors seeded by the step, so a resumed run draws what an uninterrupted one would
-            out = run(batch, torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.step))
-            out.loss.backward()
+            group, sync = accumulation_group(state.batches_in_epoch, micro_batches, cfg.grad_accum)
+            in_group = state.batches_in_epoch % cfg.grad_accum
+            # anchors seeded by the micro-batch's global index (step, slot in its group, rank): a resumed
+            # run draws what an uninterrupted one would, and G ranks what one process with --grad-accum G does
+            gen = torch.Generator().manual_seed(
+                anchor_seed(cfg.seed, state.step * cfg.grad_accum * world + in_group * world + rank))
+            with loss_module.no_sync() if (world > 1 and not sync) else nullcontext():
+                out = run(loss_module, batch, gen)
+                (out.loss / group).backward()
+            _add(window, out, block)
+            state.batches_in_epoch += 1
+            state.tokens_seen += int(batch["input_ids"].numel())
+            if not sync:
+                continue
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            _add(window, out, block)
             state.step += 1
-            state.batches_in_epoch += 1
-            state.tokens_seen += int(batch["input_ids"].numel())
             if state.step % cfg.log_every == 0 or state.step == total:
+                all_reduce_sum(window, dist_info)
                 summary = _summary(window, block)
                 last_loss = summary["loss"]
                 record({"step": state.step, "epoch": state.epoch, "split": "train", **summary,
                         "lr": scheduler.get_last_lr()[0], "tokens_seen": state.tokens_seen})
-                if cfg.progress:
+                if cfg.progress and is_main:
                     log(f"step {state.step}/{total} loss {last_loss:.4f} sim tau {summary['sim_tau']:.3f}")
                 window.zero_()
             if state.step % cfg.eval_every == 0 or state.step == total:
@@ -390,8 +450,7 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
                 if val is not None:
                     record({"step": state.step, "split": "val", **val})
             if state.step % cfg.save_every == 0 or state.step == total:
-                save_checkpoint(run_dir, model=draft, optimizer=optimizer, scheduler=scheduler, state=state,
-                                config=cfg.as_dict(), extra=describe)
+                checkpoint()
             if state.step >= total:
                 break
         else:
@@ -400,7 +459,7 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
     if val is None:
         val = validate()
     export_dir = None
-    if cfg.export:
+    if cfg.export and is_main:
         from draftcache.trainer.dflash_export import export_dflash_draft
 
         export_dir = str(export_dflash_draft(draft, run_dir / "export", target_model_id=target_path))
@@ -408,5 +467,6 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
                                val_loss=val["loss"] if val else None, val_acc=val["acc"] if val else [],
                                val_sim_tau=val["sim_tau"] if val else None,
                                wall_seconds=time.perf_counter() - t0, export_dir=export_dir)
-    (run_dir / "result.json").write_text(json.dumps(result.__dict__, indent=1))
+    if is_main:
+        (run_dir / "result.json").write_text(json.dumps(result.__dict__, indent=1))
     return result
