@@ -37,7 +37,7 @@ from draftcache.trainer.dflash_config import DFlashDraftConfig
 from draftcache.trainer.dflash_loss import DFLASH_LOSS_DECAY, dflash_loss, sample_anchors
 from draftcache.trainer.dflash_model import DFlashDraftModel
 from draftcache.trainer.distributed import all_reduce_sum, init_distributed
-from draftcache.trainer.loop import accumulation_group
+from draftcache.trainer.loop import accumulation_group, optimizer_step
 
 __all__ = ["DFlashTrainConfig", "DFlashTrainResult", "train_dflash", "choose_mask_token_id", "OnlineDFlashBatches",
            "CachedDFlashBatches"]
@@ -430,11 +430,7 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
             state.tokens_seen += int(batch["input_ids"].numel())
             if not sync:
                 continue
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(params, optimizer, scheduler, cfg.grad_clip)
             state.step += 1
             if state.step % cfg.log_every == 0 or state.step == total:
                 all_reduce_sum(window, dist_info)

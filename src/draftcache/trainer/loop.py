@@ -9,6 +9,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,7 +28,7 @@ from draftcache.trainer.distributed import DistInfo, all_reduce_sum, init_distri
 from draftcache.trainer.model import Eagle3DraftConfig, Eagle3DraftModel
 from draftcache.trainer.ttt import simulated_acceptance_length, ttt_forward
 
-__all__ = ["train", "TrainResult", "build_draft", "evaluate_loss", "accumulation_group"]
+__all__ = ["train", "TrainResult", "build_draft", "evaluate_loss", "accumulation_group", "optimizer_step"]
 
 
 @dataclass
@@ -161,6 +162,17 @@ def evaluate_loss(model, source, plan, cfg: TrainConfig, device, dist_info: Dist
     all_reduce_sum(sums, dist_info)
     model.train()
     return _summarize(sums, k)
+
+
+def optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any,
+                   grad_clip: float) -> None:
+    """One update at the end of an accumulation group: clip (``grad_clip > 0``), step the
+    optimizer and the LR schedule, drop the gradients."""
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def accumulation_group(position: int, micro_batches: int, grad_accum: int) -> tuple[int, bool]:
@@ -303,11 +315,7 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
             state.tokens_seen += int(inputs["attention_mask"].sum())
             if not sync:
                 continue
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(params, optimizer, scheduler, cfg.grad_clip)
             state.step += 1
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == total_steps:
