@@ -199,7 +199,7 @@ def write_chats(path: Path, count: int, *, vocab_size: int, lengths: ChatLengths
 def load_embedded(target_dir: str | None, data_path: str | None):
     """The embedded default target (model on CPU in fp32, tokenizer) and chat data path, from
     ``draftcache.defaults`` unless given."""
-    from draftcache.target.loading import load_target_model, load_tokenizer
+    from draftcache.targets.loading import load_target_model, load_tokenizer
 
     if target_dir is None or data_path is None:
         from draftcache.defaults import default_data_path, default_target_path

@@ -43,10 +43,10 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from draftcache.trainer.config import TrainConfig
-    from draftcache.trainer.dflash_train import DFlashTrainConfig, train_dflash
+    from draftcache.trainer.eagle3.config import TrainConfig
+    from draftcache.trainer.dflash.train import DFlashTrainConfig, train_dflash
     from draftcache.trainer.evaluate import evaluate_draft
-    from draftcache.trainer.loop import train
+    from draftcache.trainer.eagle3.train import train
 
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)

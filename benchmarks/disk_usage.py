@@ -44,8 +44,8 @@ from _common import (  # noqa: E402
 
 from draftcache.data import load_conversations  # noqa: E402
 from draftcache.precompute import PrecomputeConfig, run_precompute, tokenize_conversations  # noqa: E402
-from draftcache.target import HFEagle3TargetModel  # noqa: E402
-from draftcache.target.capture import TargetForward  # noqa: E402
+from draftcache.targets import HFEagle3TargetModel  # noqa: E402
+from draftcache.targets.capture import TargetForward  # noqa: E402
 
 _STORAGE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 

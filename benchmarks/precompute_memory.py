@@ -44,7 +44,7 @@ torch.manual_seed(0)
 vocab = args["vocab_size"]
 model = build_llama("1024-32k", num_layers=3, vocab_size=vocab, intermediate_size=256)
 tokenizer = build_word_tokenizer(vocab)
-from draftcache.target import HFEagle3TargetModel
+from draftcache.targets import HFEagle3TargetModel
 target = HFEagle3TargetModel(model, aux_layer_ids=[0, 1, 2])
 work = Path(tempfile.mkdtemp(prefix="draftcache-mem-"))
 data = work / "chats.jsonl"

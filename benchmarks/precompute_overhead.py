@@ -35,7 +35,7 @@ from draftcache.data import load_conversations  # noqa: E402
 from draftcache.precompute import PrecomputeConfig, run_precompute, tokenize_conversations  # noqa: E402
 from draftcache.precompute.forward import pad_batch, pad_id_of  # noqa: E402
 from draftcache.precompute.planning import length_bucketed_batches, plan_shards  # noqa: E402
-from draftcache.target import HFEagle3TargetModel  # noqa: E402
+from draftcache.targets import HFEagle3TargetModel  # noqa: E402
 
 GOAL = 1.05
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="draftcache-overhead-"))
     try:
         if args.model:
-            from draftcache.target.loading import load_target_model, load_tokenizer
+            from draftcache.targets.loading import load_target_model, load_tokenizer
 
             model = load_target_model(args.model, device=device)
             tokenizer = load_tokenizer(args.model)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from draftcache.trainer.config import TrainConfig
+from draftcache.trainer.eagle3.config import TrainConfig
 
 
 def main() -> int:
@@ -55,7 +55,7 @@ def main() -> int:
     from draftcache.precompute.config import PrecomputeConfig
     from draftcache.precompute.main import precompute_from_config
     from draftcache.trainer.evaluate import evaluate_draft
-    from draftcache.trainer.loop import train
+    from draftcache.trainer.eagle3.train import train
 
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)

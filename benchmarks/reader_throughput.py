@@ -23,7 +23,7 @@ Paths measured, on the training plan the trainer makes (``plan_epoch``: shuffled
   (fresh buffers, shared-memory transport).
 * ``get_raw + collate_raw``: per-sample reads, then concatenation.
 * ``reader[i] + pack/collate (old trainer path)``: dense float32 targets per sample on the host,
-  then ``pack_samples`` / ``collate_padded`` (what ``trainer/sources.py`` does today); timed on
+  then ``pack_samples`` / ``collate_padded`` (what ``trainer/eagle3/sources.py`` does today); timed on
   the first ``--dense-batches`` batches, since a ``hidden`` cache runs the lm_head on the CPU here.
 
 The caches are written with ``CacheWriter`` from random tensors of the real shapes (throughput

@@ -29,7 +29,7 @@ def _prompts(target: str, input_data: str, n: int, max_new_tokens: int):
     """(tokenizer, engine stop ids, first-turn prompt ids of the first ``n`` usable conversations)."""
     from draftcache.data import ChatTokenizer, load_conversations
     from draftcache.regenerate.turns import end_of_turn_ids
-    from draftcache.target.loading import load_tokenizer
+    from draftcache.targets.loading import load_tokenizer
     from transformers import GenerationConfig
 
     tokenizer = load_tokenizer(target)
@@ -59,7 +59,7 @@ def worker(args: argparse.Namespace) -> None:
                             max_model_len=1024, dtype="float32", seed=0)
     else:
         from draftcache.regenerate.engines import HFEngine
-        from draftcache.target.loading import load_target_model
+        from draftcache.targets.loading import load_target_model
 
         model = load_target_model(args.target, device=torch.device("cpu"), dtype=torch.float32)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]

@@ -67,8 +67,8 @@ def run_child(args: argparse.Namespace) -> dict:
     """One variant: build the draft and batch, warm up, then time ``--repeats`` passes."""
     import torch
 
-    from draftcache.trainer.model import Eagle3DraftConfig, Eagle3DraftModel
-    from draftcache.trainer.ttt import ttt_forward
+    from draftcache.trainer.eagle3.model import Eagle3DraftConfig, Eagle3DraftModel
+    from draftcache.trainer.eagle3.ttt import ttt_forward
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -20,7 +20,7 @@ from typing import Optional
 import typer
 
 from draftcache.regenerate.cli import regenerate_command
-from draftcache.trainer.config import TrainConfig
+from draftcache.trainer.eagle3.config import TrainConfig
 
 app = typer.Typer(add_completion=False, help="Look inside a draftcache cache, train an EAGLE-3 draft from it, export and evaluate it.", pretty_exceptions_enable=False, no_args_is_help=True)
 
@@ -133,7 +133,7 @@ def train(
     Example: draftcache train --cached-target-path runs/cache --output-dir runs/draft
              draftcache train --method dflash --output-dir runs/dflash --block-size 8 --max-steps 200
     """
-    from draftcache.trainer.loop import train as run_train
+    from draftcache.trainer.eagle3.train import train as run_train
 
     if method == "dflash":
         _train_dflash(output_dir=output_dir, cached_target_path=cached_target_path,
@@ -178,7 +178,7 @@ def train(
 
 
 def _train_dflash(*, target_layer_ids, batch_tokens, **options) -> None:
-    from draftcache.trainer.dflash_train import DFlashTrainConfig, train_dflash
+    from draftcache.trainer.dflash.train import DFlashTrainConfig, train_dflash
 
     try:
         ids = tuple(int(x) for x in target_layer_ids.split(",")) if target_layer_ids else None
@@ -240,7 +240,7 @@ def evaluate(
     if engine not in ("draftcache", "vllm"):
         _fail(f"--engine must be draftcache or vllm, got {engine!r}", 2)
     if engine == "vllm":
-        from draftcache.trainer.dflash_export import is_dflash_export
+        from draftcache.trainer.dflash.export import is_dflash_export
 
         if method == "dflash" or (method == "auto" and is_dflash_export(draft)):
             _fail("--engine vllm evaluates EAGLE-3 drafts; a DFlash draft is served by vLLM in "

@@ -18,12 +18,12 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engin
 import pytest
 import torch
 
-from draftcache.target import HFDFlashTargetModel, default_dflash_layer_ids
-from draftcache.trainer.dflash_config import DFlashDraftConfig
-from draftcache.trainer.dflash_export import export_dflash_draft
-from draftcache.trainer.dflash_loss import dflash_loss, sample_anchors
-from draftcache.trainer.dflash_model import DFlashDraftModel
-from draftcache.trainer.dflash_speculative import dflash_speculative_generate
+from draftcache.targets import HFDFlashTargetModel, default_dflash_layer_ids
+from draftcache.trainer.dflash.config import DFlashDraftConfig
+from draftcache.trainer.dflash.export import export_dflash_draft
+from draftcache.trainer.dflash.loss import dflash_loss, sample_anchors
+from draftcache.trainer.dflash.model import DFlashDraftModel
+from draftcache.trainer.dflash.speculative import dflash_speculative_generate
 from draftcache.trainer.speculative import SpecDecodeStats, greedy_generate
 
 BLOCK = 4

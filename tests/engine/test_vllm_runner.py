@@ -67,7 +67,7 @@ def tokenized(smollm2_dir, chats_file):
     from draftcache.data import load_conversations
     from draftcache.precompute.config import PrecomputeConfig
     from draftcache.precompute.pipeline import tokenize_conversations
-    from draftcache.target.loading import load_tokenizer
+    from draftcache.targets.loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(smollm2_dir))
     cfg = PrecomputeConfig(output_dir="unused", seq_length=SEQ_LENGTH, progress=False)
@@ -89,9 +89,9 @@ def _padded(samples, pad_id: int = 0):
 @pytest.fixture(scope="module")
 def targets(smollm2_dir):
     """(vLLM target, HF target) over SmolLM2 in fp32, the default aux layers [1, 14, 26]."""
-    from draftcache.target import HFEagle3TargetModel
-    from draftcache.target.loading import load_target_model
-    from draftcache.target.vllm_runner import VLLMEagle3TargetModel, VLLMTargetRunner
+    from draftcache.targets import HFEagle3TargetModel
+    from draftcache.targets.loading import load_target_model
+    from draftcache.targets.vllm_runner import VLLMEagle3TargetModel, VLLMTargetRunner
 
     torch.set_num_threads(1)
     vllm_target = VLLMEagle3TargetModel(VLLMTargetRunner(smollm2_dir, max_model_len=SEQ_LENGTH + 1))
@@ -144,7 +144,7 @@ def test_vllm_capture_matches_hf(targets, tokenized):
 def test_vllm_batches_and_draft_distributions_match_hf(targets, tokenized):
     """The shifted EAGLE-3 batches, and the draft-vocabulary target distributions the cache stores."""
     from draftcache.data import build_draft_vocab, count_supervised_tokens
-    from draftcache.target import compute_target_distribution
+    from draftcache.targets import compute_target_distribution
 
     vllm_target, hf_target = targets
     ids, am, lm = _padded(tokenized[:4])

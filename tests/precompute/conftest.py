@@ -37,7 +37,7 @@ def config_only_target(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference_target():
     """The default target in fp32 on the CPU, wrapped for the online EAGLE-3 path."""
-    from draftcache.target import HFEagle3TargetModel
-    from draftcache.target.loading import load_target_model
+    from draftcache.targets import HFEagle3TargetModel
+    from draftcache.targets.loading import load_target_model
 
     return HFEagle3TargetModel(load_target_model(target_dir(), device=torch.device("cpu")))

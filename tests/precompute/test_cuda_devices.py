@@ -15,8 +15,8 @@ import torch
 from draftcache.cache_format import open_cache
 from draftcache.data import load_conversations
 from draftcache.precompute import PrecomputeConfig, run_precompute, tokenize_conversations
-from draftcache.target import HFEagle3TargetModel
-from draftcache.target.loading import load_target_model, load_tokenizer
+from draftcache.targets import HFEagle3TargetModel
+from draftcache.targets.loading import load_target_model, load_tokenizer
 
 from .helpers import target_dir, write_chat_subset
 

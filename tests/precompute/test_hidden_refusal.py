@@ -16,8 +16,8 @@ from draftcache.precompute import (
     tokenize_conversations,
 )
 from draftcache.precompute.cli import app
-from draftcache.target import HFEagle3TargetModel
-from draftcache.target.loading import load_target_model, load_tokenizer
+from draftcache.targets import HFEagle3TargetModel
+from draftcache.targets.loading import load_target_model, load_tokenizer
 
 from .helpers import save_tiny_target, target_dir, write_chat_subset
 

@@ -14,7 +14,7 @@ import draftcache
 from draftcache.cache_format import load_manifest_schema, open_cache, validate_manifest
 from draftcache.data import ChatTokenizer, load_conversations, tokenize_all
 from draftcache.precompute import PrecomputeConfig, precompute_from_config
-from draftcache.target.loading import load_tokenizer
+from draftcache.targets.loading import load_tokenizer
 
 from .helpers import default_dims, read_manifest_json, target_dir, write_chat_subset
 

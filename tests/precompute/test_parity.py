@@ -20,8 +20,8 @@ from draftcache.data import (
     tokenize_all,
 )
 from draftcache.precompute import PrecomputeConfig, precompute_from_config
-from draftcache.target import compute_target_distribution
-from draftcache.target.loading import load_tokenizer
+from draftcache.targets import compute_target_distribution
+from draftcache.targets.loading import load_tokenizer
 
 from .helpers import default_dims, save_tiny_target, target_dir, write_chat_subset
 
@@ -193,8 +193,8 @@ def test_topk_keeps_the_argmax_and_the_renormalised_top_k(caches, samples, refer
 
 @pytest.mark.parametrize("family", ["qwen3", "mistral"])
 def test_other_architectures_match_the_online_path(tmp_path, chat, family):
-    from draftcache.target import HFEagle3TargetModel
-    from draftcache.target.loading import load_target_model
+    from draftcache.targets import HFEagle3TargetModel
+    from draftcache.targets.loading import load_target_model
 
     model_dir = save_tiny_target(tmp_path / family, family)
     cache = _precompute(tmp_path / "cache", chat, target=model_dir, num_samples=4, dtype="fp32", batch_size=2,

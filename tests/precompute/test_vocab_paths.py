@@ -11,9 +11,9 @@ from draftcache.cache_format import open_cache
 from draftcache.data import load_conversations
 from draftcache.data.vocab import count_supervised_tokens, supervised_token_counts
 from draftcache.precompute import PrecomputeConfig, run_precompute, tokenize_conversations
-from draftcache.target import HFEagle3TargetModel
-from draftcache.target.loading import load_target_model, load_tokenizer
-from draftcache.trainer.sources import CachedSource, OnlineSource
+from draftcache.targets import HFEagle3TargetModel
+from draftcache.targets.loading import load_target_model, load_tokenizer
+from draftcache.trainer.eagle3.sources import CachedSource, OnlineSource
 
 from .helpers import target_dir, write_chat_subset
 

@@ -9,7 +9,7 @@ from draftcache.data import BadRecordError, ChatTokenizer, Conversation
 from draftcache.defaults import default_target_path
 from draftcache.regenerate.engines import Generation, HFEngine
 from draftcache.regenerate.turns import TurnRegenerator, end_of_turn_ids
-from draftcache.target.loading import load_target_model, load_tokenizer
+from draftcache.targets.loading import load_target_model, load_tokenizer
 
 MAX_NEW = 24
 

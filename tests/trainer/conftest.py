@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from draftcache.trainer.model import Eagle3DraftConfig
+from draftcache.trainer.eagle3.model import Eagle3DraftConfig
 
 from .helpers import tiny_target_config
 

@@ -6,7 +6,7 @@ import torch
 from transformers import LlamaConfig
 
 from draftcache.data.vocab import DraftVocab
-from draftcache.trainer.model import Eagle3DraftConfig, Eagle3DraftModel
+from draftcache.trainer.eagle3.model import Eagle3DraftConfig, Eagle3DraftModel
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",

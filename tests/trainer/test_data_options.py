@@ -13,11 +13,11 @@ from transformers import AutoConfig
 
 from draftcache.data import ChatTemplateError
 from draftcache.defaults import default_target_path
-from draftcache.trainer.config import TrainConfig
+from draftcache.trainer.eagle3.config import TrainConfig
 from draftcache.trainer.evaluate import evaluate_draft
-from draftcache.trainer.export import export_draft
-from draftcache.trainer.model import Eagle3DraftConfig
-from draftcache.trainer.setup import build_source
+from draftcache.trainer.eagle3.export import export_draft
+from draftcache.trainer.eagle3.model import Eagle3DraftConfig
+from draftcache.trainer.eagle3.setup import build_source
 
 from .helpers import random_draft
 from .pipeline_fixtures import build_tiny_target_dir

@@ -15,12 +15,12 @@ import torch
 from draftcache.cache_format import open_cache, read_manifest
 from draftcache.data import ChatTokenizer, load_conversations, tokenize_all
 from draftcache.defaults import default_data_path, default_target_path
-from draftcache.target import HFDFlashTargetModel, default_dflash_layer_ids
-from draftcache.target.loading import load_target_model, load_tokenizer
-from draftcache.trainer.dflash_config import DFlashDraftConfig
-from draftcache.trainer.dflash_loss import dflash_loss, sample_anchors
-from draftcache.trainer.dflash_model import DFlashDraftModel
-from draftcache.trainer.dflash_train import CachedDFlashBatches, OnlineDFlashBatches
+from draftcache.targets import HFDFlashTargetModel, default_dflash_layer_ids
+from draftcache.targets.loading import load_target_model, load_tokenizer
+from draftcache.trainer.dflash.config import DFlashDraftConfig
+from draftcache.trainer.dflash.loss import dflash_loss, sample_anchors
+from draftcache.trainer.dflash.model import DFlashDraftModel
+from draftcache.trainer.dflash.train import CachedDFlashBatches, OnlineDFlashBatches
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 NUM_SAMPLES = 48

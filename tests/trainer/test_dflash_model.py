@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from draftcache.trainer.dflash_config import DFlashDraftConfig
-from draftcache.trainer.dflash_loss import (
+from draftcache.trainer.dflash.config import DFlashDraftConfig
+from draftcache.trainer.dflash.loss import (
     dflash_block_labels,
     dflash_loss,
     dflash_position_weights,
     sample_anchors,
 )
-from draftcache.trainer.dflash_model import DFlashDraftModel, build_dflash_blocks, dflash_context_mask
+from draftcache.trainer.dflash.model import DFlashDraftModel, build_dflash_blocks, dflash_context_mask
 
 BLOCK = 4
 MASK_ID = 63
@@ -127,7 +127,7 @@ def _batch(seed=0):
 
 def test_context_mask_matches_per_block_definition():
     docs, _, _, _, _, seq_lens = _batch()
-    from draftcache.trainer.model import document_layout
+    from draftcache.trainer.layers import document_layout
     doc_ids, _, _ = document_layout(seq_lens, 20)
     attention_mask = torch.ones(2, 20, dtype=torch.long)
     attention_mask[1, 17:] = 0
@@ -174,7 +174,7 @@ def test_loss_equals_slow_per_block_reference(kv_heads):
 
 def test_anchor_sampling_respects_supervision_and_documents():
     _, _, _, _, loss_mask, seq_lens = _batch()
-    from draftcache.trainer.model import document_layout
+    from draftcache.trainer.layers import document_layout
     _, positions, remaining = document_layout(seq_lens, 20)
     anchors, valid = sample_anchors(loss_mask, num_anchors=512, seq_lens=seq_lens)
     for b in range(2):

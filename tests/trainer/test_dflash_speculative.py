@@ -14,12 +14,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from draftcache.defaults import default_target_path
-from draftcache.target import HFDFlashTargetModel
-from draftcache.trainer.dflash_config import DFlashDraftConfig
-from draftcache.trainer.dflash_export import export_dflash_draft, load_exported_dflash_draft
-from draftcache.trainer.dflash_loss import dflash_loss, sample_anchors
-from draftcache.trainer.dflash_model import DFlashDraftModel
-from draftcache.trainer.dflash_speculative import dflash_speculative_generate
+from draftcache.targets import HFDFlashTargetModel
+from draftcache.trainer.dflash.config import DFlashDraftConfig
+from draftcache.trainer.dflash.export import export_dflash_draft, load_exported_dflash_draft
+from draftcache.trainer.dflash.loss import dflash_loss, sample_anchors
+from draftcache.trainer.dflash.model import DFlashDraftModel
+from draftcache.trainer.dflash.speculative import dflash_speculative_generate
 from draftcache.trainer.speculative import SpecDecodeStats, greedy_generate
 
 BLOCK = 4

@@ -12,7 +12,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from draftcache.trainer.dflash_train import DFlashTrainConfig, train_dflash
+from draftcache.trainer.dflash.train import DFlashTrainConfig, train_dflash
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 ARGS = ["--max-steps", "4", "--save-every", "2", "--log-every", "2", "--eval-every", "2", "--block-size", "4",

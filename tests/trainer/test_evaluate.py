@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from draftcache.trainer.config import TrainConfig
-from draftcache.trainer.loop import train
+from draftcache.trainer.eagle3.config import TrainConfig
+from draftcache.trainer.eagle3.train import train
 
 from .pipeline_fixtures import build_tiny_target_dir, precompute_cache, write_chats
 

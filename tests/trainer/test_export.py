@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from draftcache.trainer.checkpoint import TrainState, save_checkpoint
-from draftcache.trainer.export import export_draft, load_exported_draft
-from draftcache.trainer.model import Eagle3DraftConfig
+from draftcache.trainer.eagle3.export import export_draft, load_exported_draft
+from draftcache.trainer.eagle3.model import Eagle3DraftConfig
 
 from .helpers import LLAMA3_ROPE, random_draft, tiny_target_config
 

@@ -18,13 +18,13 @@ from safetensors.torch import load_file
 
 from draftcache.cache_format import collate_padded, open_cache, validate_manifest
 from draftcache.trainer.batching import plan_epoch, split_train_val
-from draftcache.trainer.config import TrainConfig
+from draftcache.trainer.eagle3.config import TrainConfig
 from draftcache.trainer.exporting import export_checkpoint
-from draftcache.trainer.export import load_exported_draft
-from draftcache.trainer.loop import accumulation_group, build_draft, train
-from draftcache.trainer.setup import build_source
-from draftcache.trainer.sources import CachedSource, IncompleteCacheError
-from draftcache.trainer.ttt import simulated_acceptance_length, ttt_forward
+from draftcache.trainer.eagle3.export import load_exported_draft
+from draftcache.trainer.eagle3.train import accumulation_group, build_draft, train
+from draftcache.trainer.eagle3.setup import build_source
+from draftcache.trainer.eagle3.sources import CachedSource, IncompleteCacheError
+from draftcache.trainer.eagle3.ttt import simulated_acceptance_length, ttt_forward
 
 from .pipeline_fixtures import build_tiny_target_dir, precompute_cache, write_chats
 

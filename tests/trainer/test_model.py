@@ -8,13 +8,12 @@ from transformers import LlamaConfig, LlavaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from draftcache.data.vocab import DraftVocab
-from draftcache.trainer.model import (
+from draftcache.trainer.eagle3.model import (
     Eagle3DraftConfig,
     Eagle3DraftModel,
     build_attention_mask,
-    document_layout,
 )
-from draftcache.trainer.layers import rope_inverse_frequencies
+from draftcache.trainer.layers import document_layout, rope_inverse_frequencies
 
 from .helpers import LLAMA3_ROPE, random_draft, tiny_target_config
 
@@ -157,7 +156,7 @@ def test_vocab_embeddings_and_lm_head_warm_start(draft_config):
 
 
 def test_forward_equals_first_ttt_step_and_norm_before_residual_changes_output(draft_config):
-    from draftcache.trainer.ttt import ttt_forward
+    from draftcache.trainer.eagle3.ttt import ttt_forward
 
     model = random_draft(draft_config)
     torch.manual_seed(3)
@@ -180,7 +179,7 @@ def test_decode_cache_path_is_the_same_with_fused_and_eager_attention(draft_conf
     token, each causal over everything before it) gives the same outputs with both implementations."""
     import copy
 
-    from draftcache.trainer.model import Eagle3DecodeCache
+    from draftcache.trainer.eagle3.model import Eagle3DecodeCache
 
     fused = random_draft(draft_config).eval()
     eager = copy.deepcopy(fused)

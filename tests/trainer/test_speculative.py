@@ -8,9 +8,10 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from draftcache.target import HFEagle3TargetModel
-from draftcache.trainer.model import Eagle3DecodeCache, Eagle3DraftConfig, Eagle3DraftModel, Eagle3Output
-from draftcache.trainer.speculative import SpecDecodeStats, greedy_generate, speculative_generate
+from draftcache.targets import HFEagle3TargetModel
+from draftcache.trainer.eagle3.model import Eagle3DecodeCache, Eagle3DraftConfig, Eagle3DraftModel, Eagle3Output
+from draftcache.trainer.eagle3.speculative import speculative_generate
+from draftcache.trainer.speculative import SpecDecodeStats, greedy_generate
 
 V = 96
 

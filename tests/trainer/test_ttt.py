@@ -12,9 +12,9 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from draftcache.data.vocab import DraftVocab
-from draftcache.target.supervision import compute_target_distribution
-from draftcache.trainer.model import Eagle3DraftConfig, Eagle3DraftModel
-from draftcache.trainer.ttt import simulated_acceptance_length, ttt_forward
+from draftcache.targets.supervision import compute_target_distribution
+from draftcache.trainer.eagle3.model import Eagle3DraftConfig, Eagle3DraftModel
+from draftcache.trainer.eagle3.ttt import simulated_acceptance_length, ttt_forward
 
 from .helpers import random_draft
 

@@ -51,7 +51,7 @@ from draftcache.cache_format.resume import committed_shards
 from draftcache.cache_format.schema import encoding_tensors, expected_shard_tensors, shard_metadata, storage_dtype
 from draftcache.cache_format.shard_file import ShardFile
 from draftcache.data.vocab import DraftVocab, select_draft_vocab
-from draftcache.target.supervision import compute_target_distribution
+from draftcache.targets.supervision import compute_target_distribution
 
 __all__ = ["MAX_OPEN_SHARDS", "CacheReader", "open_cache"]
 

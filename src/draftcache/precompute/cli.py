@@ -83,7 +83,7 @@ def precompute(
     from draftcache.precompute.distributed import DistContext, PeerLostError, RankFailedError
     from draftcache.precompute.main import precompute_from_config
     from draftcache.precompute.output_dir import PrecomputeError
-    from draftcache.target import RunnerError
+    from draftcache.targets import RunnerError
 
     try:
         ctx = DistContext.from_env()

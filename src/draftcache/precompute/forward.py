@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from draftcache.data import TokenizedSample
 from draftcache.precompute.planning import ShardPlan, length_bucketed_batches
 from draftcache.precompute.records import SupervisionSpec, batch_to_records
-from draftcache.target import HFEagle3TargetModel, TargetForward
+from draftcache.targets import HFEagle3TargetModel, TargetForward
 
 __all__ = ["Probe", "Progress", "pad_batch", "pad_id_of", "input_device", "shard_records"]
 

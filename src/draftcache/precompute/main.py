@@ -16,9 +16,9 @@ from draftcache.precompute.fingerprint import chat_template_fingerprint
 from draftcache.precompute.output_dir import PrecomputeError, check_output_dir
 from draftcache.precompute.pipeline import run_precompute, tokenize_conversations
 from draftcache.precompute.summary import PrecomputeSummary
-from draftcache.target import default_dflash_layer_ids, num_hidden_layers
-from draftcache.target.layout import text_config
-from draftcache.target.loading import load_tokenizer, resolve_device
+from draftcache.targets import default_dflash_layer_ids, num_hidden_layers
+from draftcache.targets.layout import text_config
+from draftcache.targets.loading import load_tokenizer, resolve_device
 
 __all__ = ["precompute_from_config", "DEFAULT_MODEL_ID"]
 

@@ -46,8 +46,8 @@ from draftcache.precompute.planning import length_bucketed_batches
 from draftcache.precompute.records import SupervisionSpec
 from draftcache.precompute.summary import PrecomputeSummary
 from draftcache.precompute.writer import CacheJob, write_cache
-from draftcache.target import HFDFlashTargetModel, HFEagle3TargetModel
-from draftcache.target.supervision import compute_target_distribution
+from draftcache.targets import HFDFlashTargetModel, HFEagle3TargetModel
+from draftcache.targets.supervision import compute_target_distribution
 
 __all__ = ["run_precompute", "tokenize_conversations", "check_output_dir", "PrecomputeSummary", "PrecomputeError"]
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from draftcache.data.vocab import DraftVocab
-from draftcache.target.supervision import compute_target_distribution
+from draftcache.targets.supervision import compute_target_distribution
 
 __all__ = ["SupervisionSpec", "batch_to_records"]
 

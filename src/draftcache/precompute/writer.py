@@ -54,7 +54,7 @@ from draftcache.precompute.output_dir import PrecomputeError, check_cache_conten
 from draftcache.precompute.planning import ShardPlan, plan_shards
 from draftcache.precompute.records import SupervisionSpec
 from draftcache.precompute.summary import PrecomputeSummary
-from draftcache.target import HFEagle3TargetModel
+from draftcache.targets import HFEagle3TargetModel
 
 __all__ = ["CacheJob", "write_cache", "assign_shards", "drop_journals"]
 

@@ -80,8 +80,8 @@ def regenerate(cfg: RegenerateConfig, *, log: Callable[[str], None] = print) -> 
     from transformers import AutoConfig, GenerationConfig
 
     from draftcache.defaults import default_data_path, default_target_path
-    from draftcache.target.layout import text_config
-    from draftcache.target.loading import load_tokenizer, resolve_device
+    from draftcache.targets.layout import text_config
+    from draftcache.targets.loading import load_tokenizer, resolve_device
 
     cfg.validate()
     engine_name = cfg.engine or default_engine()
@@ -205,7 +205,7 @@ def _build_engine(cfg: RegenerateConfig, engine_name: str, target_path: str, dev
                           trust_remote_code=cfg.trust_remote_code)
     import torch
 
-    from draftcache.target.loading import load_target_model
+    from draftcache.targets.loading import load_target_model
 
     model = load_target_model(target_path, device=device, trust_remote_code=cfg.trust_remote_code,
                               dtype=getattr(torch, _DTYPES[dtype]))

@@ -19,11 +19,12 @@ import jinja2
 import torch
 
 from draftcache.data import ChatTokenizer, SkipCounts
-from draftcache.target import HFDFlashTargetModel, HFEagle3TargetModel
-from draftcache.trainer.dflash_export import is_dflash_export, load_exported_dflash_draft
-from draftcache.trainer.dflash_speculative import dflash_speculative_generate
-from draftcache.trainer.export import load_exported_draft
-from draftcache.trainer.speculative import SpecDecodeStats, greedy_generate, speculative_generate, timed
+from draftcache.targets import HFDFlashTargetModel, HFEagle3TargetModel
+from draftcache.trainer.dflash.export import is_dflash_export, load_exported_dflash_draft
+from draftcache.trainer.dflash.speculative import dflash_speculative_generate
+from draftcache.trainer.eagle3.export import load_exported_draft
+from draftcache.trainer.eagle3.speculative import speculative_generate
+from draftcache.trainer.speculative import SpecDecodeStats, greedy_generate, timed
 
 __all__ = ["EvalPrompts", "EvalReport", "evaluate_draft", "load_eval_prompts", "prompt_ids_from_conversations"]
 
@@ -116,7 +117,7 @@ def load_eval_prompts(*, target_path: str, input_data: str | None = None, num_pr
     ``target_path``'s tokenizer's own. Both evals (ours and ``--engine vllm``) read them here."""
     from draftcache.data import load_conversations, set_chat_template
     from draftcache.defaults import default_eval_data_path
-    from draftcache.target.loading import load_tokenizer
+    from draftcache.targets.loading import load_tokenizer
 
     tokenizer = load_tokenizer(target_path, trust_remote_code=trust_remote_code, chat_template=chat_template)
     set_chat_template(tokenizer, chat_template)
@@ -148,7 +149,7 @@ def evaluate_draft(
     drafting; ``K = block_size - 1`` from the draft's config, ``draft_tokens`` is not used) or
     ``auto`` (from the export's ``config.json``)."""
     from draftcache.defaults import default_target_path
-    from draftcache.target.loading import load_target_model, resolve_device
+    from draftcache.targets.loading import load_target_model, resolve_device
 
     if num_prompts < 1 or draft_tokens < 1 or max_new_tokens < 1:
         raise ValueError("--num-prompts, --draft-tokens and --max-new-tokens must all be >= 1")

@@ -7,8 +7,8 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from draftcache.trainer.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint_meta
-from draftcache.trainer.export import export_draft
-from draftcache.trainer.model import Eagle3DraftConfig, Eagle3DraftModel
+from draftcache.trainer.eagle3.export import export_draft
+from draftcache.trainer.eagle3.model import Eagle3DraftConfig, Eagle3DraftModel
 
 __all__ = ["export_checkpoint", "load_checkpoint_draft"]
 
@@ -43,9 +43,9 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *, format: str
 
 
 def _export_dflash_checkpoint(ckpt: Path, output: str | Path) -> Path:
-    from draftcache.trainer.dflash_config import DFlashDraftConfig
-    from draftcache.trainer.dflash_export import export_dflash_draft
-    from draftcache.trainer.dflash_model import DFlashDraftModel
+    from draftcache.trainer.dflash.config import DFlashDraftConfig
+    from draftcache.trainer.dflash.export import export_dflash_draft
+    from draftcache.trainer.dflash.model import DFlashDraftModel
 
     extra = read_checkpoint_meta(ckpt)["extra"]
     model = DFlashDraftModel(DFlashDraftConfig.from_dict(extra["draft_config"]))

@@ -1,4 +1,5 @@
-"""Building blocks shared by the EAGLE-3 and DFlash drafts: RMSNorm, SwiGLU MLP, RoPE.
+"""Building blocks shared by the EAGLE-3 and DFlash drafts: RMSNorm, SwiGLU MLP, RoPE, and the
+layout of packed documents in a row (``document_layout``).
 
 Both drafts are Llama/Qwen3-style decoder layers; these pieces are numerically what the
 engines run (RMSNorm in at least fp32, RoPE in the ``rotate_half`` / neox layout with
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "document_layout",
     "RMSNorm",
     "Rotary",
     "SUPPORTED_ROPE_TYPES",
@@ -161,3 +163,31 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def document_layout(seq_lens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-slot document index, in-document position and remaining tokens for packed rows.
+
+    Args:
+        seq_lens: ``[B, D]`` int document lengths per row (zeros for unused slots), each row
+            summing to ``seq_len``.
+        seq_len: ``T``.
+
+    Returns:
+        ``doc_ids [B, T]`` int64, ``position_ids [B, T]`` (restarting at 0 in each document)
+        and ``doc_remaining [B, T]`` = tokens after ``t`` in its document (``len - 1 - pos``).
+    """
+    seq_lens = seq_lens.to(torch.int64)
+    if seq_lens.dim() != 2:
+        raise ValueError(f"seq_lens must be [B, max_docs], got shape {tuple(seq_lens.shape)}")
+    totals = seq_lens.sum(-1)
+    if bool((totals != seq_len).any()) or bool((seq_lens < 0).any()):
+        raise ValueError(
+            f"seq_lens rows must be non-negative and sum to the sequence length {seq_len}; got sums {totals.tolist()}"
+        )
+    ends = seq_lens.cumsum(-1)  # [B, D]
+    slots = torch.arange(seq_len, device=seq_lens.device).expand(seq_lens.size(0), seq_len).contiguous()
+    doc_ids = torch.searchsorted(ends, slots, right=True)  # [B, T]
+    doc_end = ends.gather(1, doc_ids)
+    doc_start = doc_end - seq_lens.gather(1, doc_ids)
+    return doc_ids, slots - doc_start, doc_end - 1 - slots

@@ -42,7 +42,7 @@ import torch
 from safetensors.torch import load_file
 
 from draftcache.trainer.evaluate import EvalPrompts, EvalReport, evaluate_draft, load_eval_prompts
-from draftcache.trainer.export import CONFIG_FILE, WEIGHTS_FILE
+from draftcache.trainer.eagle3.export import CONFIG_FILE, WEIGHTS_FILE
 from draftcache.trainer.speculative import SpecDecodeStats
 
 __all__ = ["VLLMEngine", "VLLMLoadCheck", "VLLMEvalReport", "check_vllm_draft", "compare_with_export",

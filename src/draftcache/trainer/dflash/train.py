@@ -33,11 +33,11 @@ import torch.distributed as dist
 
 from draftcache.trainer.batching import plan_epoch, split_train_val
 from draftcache.trainer.checkpoint import TrainState, latest_checkpoint, load_checkpoint, read_checkpoint_meta, save_checkpoint
-from draftcache.trainer.dflash_config import DFlashDraftConfig
-from draftcache.trainer.dflash_loss import DFLASH_LOSS_DECAY, dflash_loss, sample_anchors
-from draftcache.trainer.dflash_model import DFlashDraftModel
+from draftcache.trainer.dflash.config import DFlashDraftConfig
+from draftcache.trainer.dflash.loss import DFLASH_LOSS_DECAY, dflash_loss, sample_anchors
+from draftcache.trainer.dflash.model import DFlashDraftModel
 from draftcache.trainer.distributed import all_reduce_sum, init_distributed
-from draftcache.trainer.loop import accumulation_group, optimizer_step
+from draftcache.trainer.optim import accumulation_group, optimizer_step
 
 __all__ = ["DFlashTrainConfig", "DFlashTrainResult", "train_dflash", "choose_mask_token_id", "OnlineDFlashBatches",
            "CachedDFlashBatches"]
@@ -227,7 +227,7 @@ def _open_dflash_cache(cfg: "DFlashTrainConfig"):
 def _cache_mask_token_id(reader, tokenizer_path: str | None, trust_remote_code: bool) -> int:
     """As ``choose_mask_token_id`` over the cache's tokens: the tokenizer named in the manifest (or
     ``tokenizer_path``) gives the special ids, the shards' ``input_ids`` what occurs."""
-    from draftcache.target.loading import load_tokenizer
+    from draftcache.targets.loading import load_tokenizer
 
     name = tokenizer_path or reader.manifest["tokenizer"]["name_or_path"]
     try:
@@ -278,8 +278,8 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
     """Train a DFlash draft into ``cfg.output_dir`` (checkpoints, metrics.jsonl, export/)."""
     from draftcache.data import ChatTokenizer, load_conversations, set_chat_template, tokenize_all
     from draftcache.defaults import default_data_path, default_target_path
-    from draftcache.target import HFDFlashTargetModel, default_dflash_layer_ids
-    from draftcache.target.loading import load_target_model, load_tokenizer
+    from draftcache.targets import HFDFlashTargetModel, default_dflash_layer_ids
+    from draftcache.targets.loading import load_target_model, load_tokenizer
 
     cfg.validate()
     t0 = time.perf_counter()
@@ -456,7 +456,7 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
         val = validate()
     export_dir = None
     if cfg.export and is_main:
-        from draftcache.trainer.dflash_export import export_dflash_draft
+        from draftcache.trainer.dflash.export import export_dflash_draft
 
         export_dir = str(export_dflash_draft(draft, run_dir / "export", target_model_id=target_path))
     result = DFlashTrainResult(run_dir=str(run_dir), steps=state.step, train_loss=last_loss,

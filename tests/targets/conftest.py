@@ -1,4 +1,4 @@
-"""Fixtures for tests/target (tiny models live in ``tiny_targets.py``)."""
+"""Fixtures for tests/targets (tiny models live in ``tiny_targets.py``)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import torch
 from tiny_targets import FAMILIES, HIDDEN, LAYERS, VOCAB, build_model, hook_snapshot, reference_hidden_states
 from torch import nn
 
-from draftcache.target import (
+from draftcache.targets import (
     HFEagle3TargetModel,
     LayerIdError,
     TargetBatchError,
@@ -241,7 +241,7 @@ def test_module_dict_with_bad_keys():
 
 @pytest.mark.parametrize("wrapper", ["eagle3", "dflash", "runner"])
 def test_every_hf_wrapper_rejects_a_config_deeper_than_the_model(wrapper):
-    from draftcache.target import HFDFlashTargetModel, HFTargetRunner
+    from draftcache.targets import HFDFlashTargetModel, HFTargetRunner
 
     model = build_model("llama", fresh=True)
     model.config.num_hidden_layers = LAYERS + 1

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from draftcache.defaults import default_target_path
-from draftcache.target import HFEagle3TargetModel
-from draftcache.target.loading import load_target_model
+from draftcache.targets import HFEagle3TargetModel
+from draftcache.targets.loading import load_target_model
 
 
 def _inputs():

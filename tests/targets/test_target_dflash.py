@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_targets import HIDDEN, build_model, hook_snapshot, reference_hidden_states
 
-from draftcache.target import (
+from draftcache.targets import (
     DFlashTargetBatch,
     HFDFlashTargetModel,
     LayerIdError,

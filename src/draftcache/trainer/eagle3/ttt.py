@@ -16,7 +16,7 @@ Step ``k`` (0-based) simulates the draft's ``k``-th chained prediction from slot
 * RoPE positions are ``position_ids + k`` (the k-th drafted token sits k places further on);
 * the query at slot ``t`` attends to the step-0 keys of slots ``<= t`` (causal, inside its
   document when packed, never a padding key) plus the keys that steps ``1..k`` produced at
-  slot ``t`` itself: one "diagonal" key per step. See :class:`~draftcache.trainer.model.Eagle3KVCache`.
+  slot ``t`` itself: one "diagonal" key per step. See :class:`~draftcache.trainer.eagle3.model.Eagle3KVCache`.
 
 Per-step loss is the soft cross-entropy ``-(position_mask * target_probs * log_softmax(logits)).sum(-1)``
 averaged over the step's valid positions (``position_mask.sum()``, at least 1), NeMo's choice.
@@ -39,8 +39,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from draftcache.target.supervision import compute_target_distribution, shift_left_with_zero
-from draftcache.trainer.model import (
+from draftcache.targets.supervision import compute_target_distribution, shift_left_with_zero
+from draftcache.trainer.eagle3.model import (
     Eagle3DraftModel,
     Eagle3KVCache,
     build_attention_mask,

@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file, save
 
 from draftcache.cache_format import atomic_write_bytes
-from draftcache.trainer.dflash_config import DFlashDraftConfig
-from draftcache.trainer.dflash_model import DFlashDraftModel
+from draftcache.trainer.dflash.config import DFlashDraftConfig
+from draftcache.trainer.dflash.model import DFlashDraftModel
 
 __all__ = ["DFLASH_EXPORT_FORMAT", "export_dflash_draft", "load_exported_dflash_draft", "is_dflash_export"]
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from tiny_targets import PACKING_FAMILIES, VOCAB, build_model
 
-from draftcache.target import HFEagle3TargetModel, PackingError, block_causal_mask, packed_position_ids
-from draftcache.target.packing import packed_attention_mask
+from draftcache.targets import HFEagle3TargetModel, PackingError, block_causal_mask, packed_position_ids
+from draftcache.targets.packing import packed_attention_mask
 
 # Row 0: three documents and a 2-token pad tail; row 1: two documents, an unused (zero) slot, full row.
 SEQ_LENS = torch.tensor([[5, 7, 3], [9, 0, 8]])

@@ -23,10 +23,11 @@ from draftcache.trainer.checkpoint import (
     read_checkpoint_meta,
     save_checkpoint,
 )
-from draftcache.trainer.config import TrainConfig
+from draftcache.trainer.eagle3.config import TrainConfig
+from draftcache.trainer.optim import accumulation_group, optimizer_step
 from draftcache.trainer.distributed import DistInfo, all_reduce_sum, init_distributed
-from draftcache.trainer.model import Eagle3DraftConfig, Eagle3DraftModel
-from draftcache.trainer.ttt import simulated_acceptance_length, ttt_forward
+from draftcache.trainer.eagle3.model import Eagle3DraftConfig, Eagle3DraftModel
+from draftcache.trainer.eagle3.ttt import simulated_acceptance_length, ttt_forward
 
 __all__ = ["train", "TrainResult", "build_draft", "evaluate_loss", "accumulation_group", "optimizer_step"]
 
@@ -164,29 +165,6 @@ def evaluate_loss(model, source, plan, cfg: TrainConfig, device, dist_info: Dist
     return _summarize(sums, k)
 
 
-def optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any,
-                   grad_clip: float) -> None:
-    """One update at the end of an accumulation group: clip (``grad_clip > 0``), step the
-    optimizer and the LR schedule, drop the gradients."""
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def accumulation_group(position: int, micro_batches: int, grad_accum: int) -> tuple[int, bool]:
-    """``(size, last)`` of the gradient-accumulation group holding micro-batch ``position`` of an
-    epoch of ``micro_batches``: groups of ``grad_accum`` from the epoch's start, the last one taking
-    what is left; ``last`` when ``position`` ends its group (the optimizer steps after it).
-
-    Each micro-batch's loss is divided by its group's size, so a short final group is a mean
-    too, and every step ends inside its epoch: no gradient carries over into the next one."""
-    start = position - position % grad_accum
-    size = min(grad_accum, micro_batches - start)
-    return size, position == start + size - 1
-
-
 # Settings that do not change which micro-batches a step sees or how they are optimised.
 # (allow_partial_cache only permits; what the run reads is compared as its data source.)
 _RESUME_FREE_FIELDS = frozenset({"output_dir", "resume", "progress", "device", "num_workers", "eval_every",
@@ -229,7 +207,7 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
             f"--output-dir {run_dir} already holds a training run; pass --resume to continue it or choose another directory"
         )
     if source is None:
-        from draftcache.trainer.setup import build_source
+        from draftcache.trainer.eagle3.setup import build_source
 
         source = build_source(cfg, device)
     source.check_complete(allow_partial=cfg.allow_partial_cache)  # before anything is written
@@ -342,7 +320,7 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
         val = evaluate_loss(model, source, val_plan, cfg, device, dist_info)
     export_dir = None
     if cfg.export and is_main:
-        from draftcache.trainer.export import export_draft
+        from draftcache.trainer.eagle3.export import export_draft
 
         export_dir = str(run_dir / "export")
         export_draft(model, export_dir, target_config=source.info.hf_config, target_model_id=source.info.model_id,

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from draftcache.trainer.dflash_model import DFlashDraftModel, build_dflash_blocks
-from draftcache.trainer.model import document_layout
+from draftcache.trainer.dflash.model import DFlashDraftModel, build_dflash_blocks
+from draftcache.trainer.layers import document_layout
 
 __all__ = [
     "DFLASH_LOSS_DECAY",

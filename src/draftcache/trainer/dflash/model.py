@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from draftcache.trainer.dflash_config import DFlashDraftConfig
+from draftcache.trainer.dflash.config import DFlashDraftConfig
 from draftcache.trainer.layers import RMSNorm, Rotary, SwiGLUMLP, apply_rotary
-from draftcache.trainer.model import document_layout
+from draftcache.trainer.layers import document_layout
 
 __all__ = ["DFlashDraftModel", "DFlashBlocks", "build_dflash_blocks", "dflash_context_mask"]
 

@@ -1,8 +1,8 @@
-"""A :class:`~draftcache.target.TargetRunner` backed by vLLM (imported only when a runner is built).
+"""A :class:`~draftcache.targets.TargetRunner` backed by vLLM (imported only when a runner is built).
 
 vLLM's ``extract_hidden_states`` speculative method captures hidden states while the target runs
 the prompt (one generated token, discarded), and its hidden-states KV connector writes them per
-request to a safetensors file; :mod:`draftcache.target.vllm_connector` makes that connector work on
+request to a safetensors file; :mod:`draftcache.targets.vllm_connector` makes that connector work on
 the CPU build. This module turns the files back into the runner contract.
 
 Layer ids (three conventions for the same tensors):

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from draftcache.target import (
+from draftcache.targets import (
     Eagle3TargetBatch,
     LayerIdError,
     TargetBatchError,
@@ -148,7 +148,7 @@ def test_too_shallow_out_of_range():
 
 def test_import_pulls_no_engine_or_transformers():
     code = (
-        "import sys, draftcache.target; "
+        "import sys, draftcache.targets; "
         "bad = sorted({m.split('.')[0] for m in sys.modules} & {'sglang', 'vllm', 'transformers'}); "
         "print(bad); sys.exit(1 if bad else 0)"
     )

@@ -5,7 +5,7 @@ unused slots and a row's lengths sum to at most ``T``. Positions past the sum (t
 form one-token "documents" that attend only to themselves.
 
 What transformers 5.23 does with a custom mask (read from ``masking_utils`` and the attention
-functions, and checked by ``tests/target/test_packing.py``):
+functions, and checked by ``tests/targets/test_packing.py``):
 
 * Any 4D ``attention_mask`` is returned unchanged by ``create_causal_mask`` and
   ``create_sliding_window_causal_mask`` (it is taken as already prepared), so the model

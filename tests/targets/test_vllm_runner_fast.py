@@ -1,6 +1,6 @@
 """The vLLM runner's parts that need no vLLM: layer-id conventions checked against a real HF forward,
 the head (final norm + lm_head) it rebuilds logits with, the weights fingerprint it streams from the
-checkpoint, row validation, the ``--engine`` flags and the import isolation of ``draftcache.target``.
+checkpoint, row validation, the ``--engine`` flags and the import isolation of ``draftcache.targets``.
 
 The runner itself (vLLM on SmolLM2) is tested in tests/engine/test_vllm_runner.py.
 """
@@ -21,9 +21,9 @@ import torch
 from draftcache.defaults import default_data_path, default_target_path
 from draftcache.precompute.config import PrecomputeConfig
 from draftcache.precompute.fingerprint import config_fingerprint, model_fingerprint, named_tensors_fingerprint
-from draftcache.target import HFEagle3TargetModel, RunnerError, TargetLayoutError
-from draftcache.target.loading import load_target_model
-from draftcache.target.vllm_runner import TargetHeadModel, right_padded_lengths, vllm_capture_ids, vllm_layer_id
+from draftcache.targets import HFEagle3TargetModel, RunnerError, TargetLayoutError
+from draftcache.targets.loading import load_target_model
+from draftcache.targets.vllm_runner import TargetHeadModel, right_padded_lengths, vllm_capture_ids, vllm_layer_id
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 VLLM_AVAILABLE = importlib.util.find_spec("vllm") is not None
@@ -149,7 +149,7 @@ def test_valid_engine_flags():
 
 
 def test_importing_the_target_and_precompute_does_not_import_vllm():
-    code = ("import sys, draftcache.target, draftcache.target.vllm_runner, draftcache.precompute.engines, "
+    code = ("import sys, draftcache.targets, draftcache.targets.vllm_runner, draftcache.precompute.engines, "
             "draftcache.precompute.pipeline, draftcache.precompute.cli; "
             "loaded = sorted(m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')); "
             "assert not loaded, loaded; print('ok')")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from draftcache.trainer.config import TrainConfig
-from draftcache.trainer.sources import CachedSource, OnlineSource
+from draftcache.trainer.eagle3.config import TrainConfig
+from draftcache.trainer.eagle3.sources import CachedSource, OnlineSource
 
 __all__ = ["build_source"]
 
@@ -16,8 +16,8 @@ def build_source(cfg: TrainConfig, device: torch.device):
                             num_workers=cfg.num_workers)
     from draftcache.data import ChatTokenizer, load_conversations, set_chat_template, tokenize_all
     from draftcache.defaults import default_data_path, default_target_path
-    from draftcache.target import HFEagle3TargetModel
-    from draftcache.target.loading import load_target_model, load_tokenizer
+    from draftcache.targets import HFEagle3TargetModel
+    from draftcache.targets.loading import load_target_model, load_tokenizer
 
     target_path = cfg.target_model or default_target_path()
     conversations = load_conversations(cfg.input_data or default_data_path(), trust_remote_code=cfg.trust_remote_code)

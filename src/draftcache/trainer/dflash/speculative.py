@@ -18,17 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from draftcache.target import HFDFlashTargetModel
-from draftcache.trainer.dflash_model import DFlashBlocks, DFlashDraftModel
-from draftcache.trainer.speculative import SpecDecodeStats, emit_round
+from draftcache.targets import HFDFlashTargetModel
+from draftcache.trainer.dflash.model import DFlashBlocks, DFlashDraftModel
+from draftcache.trainer.speculative import SpecDecodeStats, emit_round, new_kv_cache
 
 __all__ = ["dflash_propose", "dflash_speculative_generate"]
-
-
-def _new_cache(model):
-    from transformers import DynamicCache
-
-    return DynamicCache(config=model.config)
 
 
 @torch.no_grad()
@@ -65,7 +59,7 @@ def dflash_speculative_generate(
     if stats.draft_tokens != K:
         raise ValueError(f"stats count {stats.draft_tokens} draft tokens per round, the draft proposes {K}")
     device = prompt_ids.device
-    cache = _new_cache(target.model)
+    cache = new_kv_cache(target.model)
     fwd = target.forward_capture(prompt_ids.view(1, -1), past_key_values=cache)
     cache = fwd.past_key_values
     context = fwd.aux_hidden_states  # [1, n, n_layers*H_t], features of the committed tokens

@@ -1,8 +1,8 @@
-"""Tiny real Hugging Face models for tests/target: fp32, 8 layers, hidden 32, vocab 128, built from configs.
+"""Tiny real Hugging Face models for tests/targets: fp32, 8 layers, hidden 32, vocab 128, built from configs.
 
 Nothing is downloaded.
 
-Families cover the layouts ``draftcache.target`` must find:
+Families cover the layouts ``draftcache.targets`` must find:
 ``model.model.layers`` (llama, qwen2, qwen3, mistral), ``model.model.language_model.layers``
 (llava, gemma3: multimodal models run on text only) and ``model.transformer.h`` (gpt2).
 mistral and gemma3 get ``sliding_window=4`` so packing tests exercise the window

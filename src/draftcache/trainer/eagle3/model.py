@@ -11,7 +11,7 @@ Layout (parameter names are the exported checkpoint names, no ``model.`` prefix)
     d2t [Vd] int64, t2d [V] bool                draft id -> target id offsets, target membership
 
 ``logits = lm_head(norm(h_out))``; the pre-norm ``h_out`` is the hidden state fed to the next
-draft step (training-time test, see :mod:`draftcache.trainer.ttt`).
+draft step (training-time test, see :mod:`draftcache.trainer.eagle3.ttt`).
 
 Attention supports the EAGLE-3 draft-step cache (:class:`Eagle3KVCache`): the first step
 attends causally over the sequence and caches its keys/values; every later step at slot ``t``
@@ -38,6 +38,7 @@ from torch import nn
 
 from draftcache.data.vocab import DraftVocab
 from draftcache.trainer.layers import (
+    document_layout,
     SUPPORTED_ROPE_TYPES,
     RMSNorm,
     Rotary,
@@ -59,9 +60,7 @@ __all__ = [
     "attend_eager",
     "attend_sdpa",
     "build_attention_mask",
-    "document_layout",
 ]
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,34 +220,6 @@ class Eagle3DraftConfig:
 # --------------------------------------------------------------------------------------------
 # Masks and packed layout
 # --------------------------------------------------------------------------------------------
-
-
-def document_layout(seq_lens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-slot document index, in-document position and remaining tokens for packed rows.
-
-    Args:
-        seq_lens: ``[B, D]`` int document lengths per row (zeros for unused slots), each row
-            summing to ``seq_len``.
-        seq_len: ``T``.
-
-    Returns:
-        ``doc_ids [B, T]`` int64, ``position_ids [B, T]`` (restarting at 0 in each document)
-        and ``doc_remaining [B, T]`` = tokens after ``t`` in its document (``len - 1 - pos``).
-    """
-    seq_lens = seq_lens.to(torch.int64)
-    if seq_lens.dim() != 2:
-        raise ValueError(f"seq_lens must be [B, max_docs], got shape {tuple(seq_lens.shape)}")
-    totals = seq_lens.sum(-1)
-    if bool((totals != seq_len).any()) or bool((seq_lens < 0).any()):
-        raise ValueError(
-            f"seq_lens rows must be non-negative and sum to the sequence length {seq_len}; got sums {totals.tolist()}"
-        )
-    ends = seq_lens.cumsum(-1)  # [B, D]
-    slots = torch.arange(seq_len, device=seq_lens.device).expand(seq_lens.size(0), seq_len).contiguous()
-    doc_ids = torch.searchsorted(ends, slots, right=True)  # [B, T]
-    doc_end = ends.gather(1, doc_ids)
-    doc_start = doc_end - seq_lens.gather(1, doc_ids)
-    return doc_ids, slots - doc_start, doc_end - 1 - slots
 
 
 def build_attention_mask(

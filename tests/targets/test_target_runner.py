@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_targets import LAYERS, build_model, reference_hidden_states
 
-from draftcache.target import (
+from draftcache.targets import (
     HFEagle3TargetModel,
     HFTargetRunner,
     LayerIdError,

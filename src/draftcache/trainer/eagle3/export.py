@@ -58,7 +58,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from draftcache.cache_format.checksum import atomic_write_bytes
-from draftcache.trainer.model import Eagle3DraftConfig, Eagle3DraftModel
+from draftcache.trainer.eagle3.model import Eagle3DraftConfig, Eagle3DraftModel
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -345,7 +345,7 @@ def _named_target_embeddings(model_id: str | None) -> torch.Tensor | None:
         model_id = default_target_path()
     if not model_id or not (Path(model_id) / "config.json").is_file():
         return None
-    from draftcache.target.loading import load_target_model
+    from draftcache.targets.loading import load_target_model
 
     model = load_target_model(model_id, device=torch.device("cpu"))
     return model.get_input_embeddings().weight.detach().float()
