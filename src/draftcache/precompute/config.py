@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import asdict, dataclass
 
 from draftcache.data.templates import chat_template_problem
@@ -89,6 +90,9 @@ class PrecomputeConfig:
             p.append(f"--device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.device_map not in (None, "auto"):
             p.append(f"--device-map must be 'auto' (or omitted for one device), got {self.device_map!r}")
+        elif self.device_map is not None and importlib.util.find_spec("accelerate") is None:
+            p.append(f"--device-map {self.device_map} splits the target with accelerate, which is not installed: "
+                     "pip install 'draftcache[devices]' (one device needs no --device-map)")
         if self.num_samples is not None and self.num_samples < 1:
             p.append(f"--num-samples must be >= 1 (or omitted for all), got {self.num_samples}")
         if self.supervision not in SUPERVISION_CHOICES:

@@ -26,13 +26,14 @@ def load_target_model(path: str, *, device: torch.device, trust_remote_code: boo
                       device_map: str | dict | None = None, dtype: torch.dtype | None = None):
     """``AutoModelForCausalLM`` in eval mode; safetensors weights only.
 
-    The weights are loaded straight onto ``device`` (``from_pretrained(device_map=device)``), never
-    built whole in host RAM first. ``device_map="auto"`` (or an explicit ``{module: device}``
-    map) splits a target too large for one device over the visible devices (needs the
-    ``devices`` extra, ``accelerate``); ``device`` then only picks the compute dtype, the
-    captured layers may live on different devices, and ``forward_capture`` gathers their
-    outputs on the device of the logits. ``dtype``: the compute dtype (default: fp32 on the CPU,
-    bf16 on GPUs).
+    One device (``device_map=None``) needs nothing beyond the base install: transformers refuses
+    any ``device_map`` without ``accelerate``, so the weights are read onto the host and, for
+    another device, moved there with ``.to`` (host RAM then holds the target once, briefly); on
+    the CPU nothing moves. ``device_map="auto"`` (or an explicit ``{module: device}`` map) splits
+    a target too large for one device over the visible devices (needs the ``devices`` extra,
+    ``accelerate``); ``device`` then only picks the compute dtype, the captured layers may live
+    on different devices, and ``forward_capture`` gathers their outputs on the device of the
+    logits. ``dtype``: the compute dtype (default: fp32 on the CPU, bf16 on GPUs).
     """
     from transformers import AutoModelForCausalLM
 
@@ -42,7 +43,8 @@ def load_target_model(path: str, *, device: torch.device, trust_remote_code: boo
         try:
             import accelerate  # noqa: F401
         except ImportError:
-            raise ImportError("device_map needs accelerate: pip install 'draftcache[devices]'") from None
+            raise ImportError(f"device_map={device_map!r} splits the target with accelerate, which is not installed: "
+                              "pip install 'draftcache[devices]'") from None
     local = Path(path).is_dir()
     model = AutoModelForCausalLM.from_pretrained(
         path,
@@ -50,8 +52,10 @@ def load_target_model(path: str, *, device: torch.device, trust_remote_code: boo
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
         local_files_only=local,
-        device_map=device_map if device_map is not None else device,
+        device_map=device_map,
     )
+    if device_map is None and device.type != "cpu":
+        model = model.to(device)
     return model.eval()
 
 
