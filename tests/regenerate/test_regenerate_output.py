@@ -48,6 +48,28 @@ def test_resume_cuts_a_torn_line_and_an_uncommitted_batch(tmp_path):
     assert progress[-1]["output_bytes"] == path.stat().st_size
 
 
+def test_a_complete_progress_line_without_its_newline_is_torn(tmp_path):
+    """A kill between the JSON of a progress line and its newline: the line is cut, its batch redone,
+    and the file stays resumable (appending onto it would glue two JSON objects into one line)."""
+    path = tmp_path / "out.jsonl"
+    _write(path, [_results(0, 2), _results(2, 2), _results(4, 2)])
+    progress_path = path.with_name("out.jsonl.progress")
+    raw = progress_path.read_bytes()
+    assert raw.endswith(b"}\n")
+    progress_path.write_bytes(raw[:-1])  # the tear exactly at the newline
+    json.loads(raw[:-1].rsplit(b"\n", 1)[1])  # the last line is still complete JSON
+    out = RegenerationOutput(str(path), SETTINGS, resume=True)
+    assert out.progress.next_id == 4 and out.progress.regenerated == 4
+    out.start({})
+    out.commit(_results(4, 2))
+    out.close()
+    again = RegenerationOutput(str(path), SETTINGS, resume=True)  # old code: refused as damaged
+    assert again.progress.next_id == 6
+    assert [json.loads(line)["id"] for line in path.read_bytes().splitlines()] == [0, 1, 2, 3, 4, 5]
+    progress = [json.loads(line) for line in progress_path.read_bytes().splitlines()]
+    assert [p.get("next_id") for p in progress[1:]] == [2, 4, 6]
+
+
 def test_other_settings_are_refused_naming_each_field_and_flag(tmp_path):
     path = tmp_path / "out.jsonl"
     _write(path, [_results(0, 1)])

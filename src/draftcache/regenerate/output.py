@@ -136,21 +136,19 @@ class RegenerationOutput:
                               "records are complete is unknown (it was not written by draftcache regenerate, or the "
                               "progress file was removed); write to another --output")
         raw = self.progress_path.read_bytes()
-        lines = raw.split(b"\n")
+        # A line is committed only with its "\n" (fsynced after it): what follows the last "\n" is
+        # torn by a kill, even when it happens to parse as JSON, and is cut like any torn line.
+        lines = raw.split(b"\n")[:-1]
         good, end = [], 0
         for i, line in enumerate(lines):
-            if not line.strip():
-                end += len(line) + 1
-                continue
-            try:
-                good.append(json.loads(line))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                if i < len(lines) - 1:  # only the last line may be torn by a kill
+            if line.strip():
+                try:
+                    good.append(json.loads(line))
+                except (json.JSONDecodeError, UnicodeDecodeError):
                     raise ResumeError(f"--resume: {self.progress_path}:{i + 1} is not JSON; the progress file is "
                                       "damaged. Write to another --output") from None
-                break
             end += len(line) + 1
-        self._progress_bytes = min(end, len(raw))
+        self._progress_bytes = end
         if not good or good[0].get("format") != _FORMAT:
             raise ResumeError(f"--resume: {self.progress_path} is not a draftcache regenerate progress file")
         if good[0].get("version") != _VERSION:
