@@ -68,6 +68,9 @@ def test_sample_bytes_match_the_written_file(tmp_path):
     meta, records = _records(4, "probs", "bf16")
     entry = write_shard_file(tmp_path, meta, 0, records)
     size = SampleBytes(meta.data)
-    data = sum(size(r.num_tokens, r.num_supervised) for r in records) + 16
-    header = entry.bytes - data
-    assert 8 < header < 1024  # everything else in the file is the header
+    data = sum(size(r.num_tokens, r.num_supervised) for r in records) + 16  # + the two leading int64 offsets
+    raw = (tmp_path / entry.file).read_bytes()
+    assert entry.bytes == len(raw)
+    # safetensors: u64 little-endian length N, then N bytes of JSON header, then the tensor data
+    header = 8 + int.from_bytes(raw[:8], "little")
+    assert entry.bytes == header + data
