@@ -61,7 +61,9 @@ rc=0
 for module in tests/engine/test_*.py; do
   echo "engine tier: $module"
   status=0
+  start=$SECONDS
   "$PY" -m pytest -q -m engine "$module" "$@" || status=$?
+  echo "engine tier: $module: $((SECONDS - start)) s (exit $status)"
   if [ "$status" -ne 0 ] && [ "$rc" -eq 0 ]; then rc=$status; fi
 done
 exit "$rc"
