@@ -149,6 +149,7 @@ def test_load_check_passes(served):
         "model.layers.0.mlp.down_proj.weight"])
     assert check.flags == {"norm_before_fc": False, "fc_norm": False, "norm_output": False,
                            "norm_before_residual": False, "use_aux_hidden_state": True}
+    assert check.aux_layers == (2, 15, 27)  # the cache's decoder-layer outputs [1, 14, 26], as vLLM ids
 
 
 def test_outputs_equal_plain_greedy(served, chain):
@@ -217,6 +218,31 @@ def test_unused_weight_warning_fails_the_check(chain, tmp_path):
     assert any("mask_hidden found in weights" in w for w in check.warnings), check.warnings
 
 
+def test_shifted_aux_layer_ids_fail_the_check(chain, tmp_path):
+    """An export whose engine-facing ids are off by one (our ids written where vLLM wants ours + 1):
+    vLLM serves it losslessly, feeding the drafter the wrong layers; the aux-layer check fails."""
+    from draftcache.trainer.vllm_eval import check_vllm_draft, make_vllm, release_vllm
+
+    src = chain["exports"]["eagle3"]
+    config = json.loads((src / "config.json").read_text())
+    trained = config["draftcache"]["aux_layer_ids"]
+    assert config["eagle_aux_hidden_state_layer_ids"] == [i + 1 for i in trained]
+    config["eagle_aux_hidden_state_layer_ids"] = list(trained)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    shutil.copy(src / "model.safetensors", tmp_path / "model.safetensors")
+    engine = make_vllm(chain["target"], draft_dir=str(tmp_path), draft_tokens=K, max_model_len=chain["max_len"])
+    try:
+        check = check_vllm_draft(engine, tmp_path)
+    finally:
+        release_vllm(engine)
+    assert not check.ok
+    assert check.aux_layers == tuple(trained)
+    assert check.problems == [
+        f"vLLM feeds the drafter target layers {trained} (its ids: the input of layer i), but the draft was trained "
+        f"on the outputs of decoder layers {trained}, vLLM ids {[i + 1 for i in trained]}: the export's "
+        "eagle_aux_hidden_state_layer_ids is off (a wrong mapping stays lossless, only acceptance drops)"]
+
+
 def test_cli_eval_engine_vllm(chain, engine_env):
     """``draftcache eval --engine vllm`` end to end, in a subprocess (its own two engines)."""
     out = _run([sys.executable, "-m", "draftcache.cli", "eval", "--engine", "vllm", "--draft",
@@ -224,3 +250,4 @@ def test_cli_eval_engine_vllm(chain, engine_env):
                 "--num-prompts", "2", "--draft-tokens", str(K), "--max-new-tokens", "8"], engine_env, "eval --engine vllm")
     assert "load check         ok: 11 drafter parameters equal the export" in out
     assert "counters equal" in out and "= plain greedy     yes" in out and "= our output       yes" in out
+    assert "target aux layers  [2, 15, 27]" in out and "verdict            ok" in out

@@ -20,7 +20,15 @@ the check fails on any difference, any export tensor that lands nowhere, any par
 filled (``embed_tokens`` may come from the target: vLLM shares the target's table when the export
 has none), any weight-related warning vLLM logs while loading, and any EAGLE-3 variant flag
 (``norm_before_fc``, ``fc_norm``, ``norm_output``, ``norm_before_residual``) read otherwise than
-our draft computes.
+our draft computes, and any difference between the target layers vLLM feeds the drafter (the
+``eagle_aux_hidden_state_layer_ids`` it resolved, read from the target model in the worker) and the
+layers the draft was trained on (the cache's aux ids the export records, plus one: vLLM's id ``i``
+is the input of decoder layer ``i``, ours the output of layer ``i``). A wrong mapping stays lossless
+and only lowers acceptance, so no other check would catch it.
+
+The verdict (``VLLMEvalReport.ok``) needs every check: the load check, vLLM speculative output equal
+to vLLM plain greedy and to our eval's output, our eval lossless, and vLLM's acceptance counters
+equal to ours.
 
 The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that the check reads the
 drafter's parameters directly; fp32 and ``enforce_eager`` (the CPU build's settings; outputs must
@@ -46,8 +54,8 @@ from draftcache.trainer.eagle3.export import CONFIG_FILE, WEIGHTS_FILE
 from draftcache.trainer.speculative import SpecDecodeStats
 
 __all__ = ["VLLMEngine", "VLLMLoadCheck", "VLLMEvalReport", "check_vllm_draft", "compare_with_export",
-           "counters_since", "drafter_state", "evaluate_with_vllm", "make_vllm", "release_vllm", "vllm_generate",
-           "vllm_spec_counters"]
+           "counters_since", "drafter_state", "evaluate_with_vllm", "make_vllm", "release_vllm", "served_aux_layers",
+           "trained_aux_layer_ids", "vllm_generate", "vllm_spec_counters"]
 
 # vLLM's Eagle3 q/k/v and gate/up stacking (LlamaModel.hf_to_vllm_mapper), in row order
 _STACKED = {".q_proj.": (".qkv_proj.", 0), ".k_proj.": (".qkv_proj.", 1), ".v_proj.": (".qkv_proj.", 2),
@@ -70,6 +78,7 @@ class VLLMLoadCheck:
     problems: list[str] = field(default_factory=list)   # differences, missing or skipped names, flags
     warnings: list[str] = field(default_factory=list)   # weight-related warnings vLLM logged while loading
     flags: dict[str, Any] = field(default_factory=dict)  # EAGLE-3 variant flags as vLLM read them
+    aux_layers: tuple[int, ...] | None = None            # target layers vLLM feeds the drafter (its ids)
 
     @property
     def ok(self) -> bool:
@@ -99,10 +108,12 @@ def _vllm_name(name: str) -> tuple[str, int | None] | None:
 
 
 def compare_with_export(params: dict[str, torch.Tensor], embed_shared: bool, flags: dict[str, bool],
-                        export_dir: Path) -> VLLMLoadCheck:
+                        export_dir: Path, aux_layers: tuple[int, ...] | None = None) -> VLLMLoadCheck:
     """``params``: the drafter's parameters as its ``load_weights`` left them; ``embed_shared``:
-    whether vLLM then replaced its ``embed_tokens`` by the target's; ``flags``: as vLLM read them."""
-    check = VLLMLoadCheck(flags=dict(flags))
+    whether vLLM then replaced its ``embed_tokens`` by the target's; ``flags``: as vLLM read them;
+    ``aux_layers``: the target layers vLLM feeds the drafter (:func:`served_aux_layers`), checked
+    against the export's trained ids when given."""
+    check = VLLMLoadCheck(flags=dict(flags), aux_layers=None if aux_layers is None else tuple(aux_layers))
     tensors = load_file(str(export_dir / WEIGHTS_FILE))
     # stacked parameters are filled block by block: collect the blocks, then compare once
     blocks: dict[str, dict[int, torch.Tensor]] = {}
@@ -135,7 +146,28 @@ def compare_with_export(params: dict[str, torch.Tensor], embed_shared: bool, fla
     for flag, want in _expected_flags(export_dir).items():
         if flags.get(flag) != want:
             check.problems.append(f"vLLM reads {flag}={flags.get(flag)}, our draft computes {flag}={want}")
+    if aux_layers is not None:
+        trained = trained_aux_layer_ids(export_dir)
+        want = tuple(sorted(i + 1 for i in trained))
+        if tuple(aux_layers) != want:
+            check.problems.append(
+                f"vLLM feeds the drafter target layers {list(aux_layers)} (its ids: the input of layer i), but the "
+                f"draft was trained on the outputs of decoder layers {trained}, vLLM ids {list(want)}: the export's "
+                "eagle_aux_hidden_state_layer_ids is off (a wrong mapping stays lossless, only acceptance drops)")
     return check
+
+
+def trained_aux_layer_ids(export_dir: Path) -> list[int]:
+    """The decoder layers (ours: layer ``i``'s output) the exported draft was trained on: what the
+    export records (``draftcache.aux_layer_ids``, the cache's ids), else its ``eagle_config``."""
+    data = json.loads((export_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    recorded = (data.get("draftcache") or {}).get("aux_layer_ids")
+    if recorded is None:
+        recorded = (data.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+    if recorded is None:
+        raise ValueError(f"{export_dir / CONFIG_FILE} records no trained aux layer ids (draftcache.aux_layer_ids); "
+                         "export the draft with draftcache export")
+    return [int(i) for i in recorded]
 
 
 def _same(check: VLLMLoadCheck, pname: str, param: torch.Tensor, tensor: torch.Tensor, source: str) -> None:
@@ -171,6 +203,18 @@ def drafter_state(worker) -> tuple[bool, dict[str, bool]]:
         "norm_before_residual": model.layers[0]._residual_norm.__name__ == "_norm_before_residual",
         "use_aux_hidden_state": bool(model.use_aux_hidden_state),
     }
+
+
+def served_aux_layers(worker) -> tuple[int, ...]:
+    """Runs in vLLM's worker (``llm.collective_rpc``): the target layers whose hidden states vLLM
+    feeds the drafter, as its model runner resolved them (``eagle_aux_hidden_state_layer_ids`` of
+    the draft config, else the model's default) and set on the target's decoder
+    (``EagleModelMixin.aux_hidden_state_layers``; vLLM id ``i`` = the input of layer ``i``)."""
+    runner = getattr(worker, "model_runner", None) or worker.worker.model_runner
+    target = runner.get_model() if hasattr(runner, "get_model") else runner.model
+    parent = target.get_language_model() if hasattr(target, "get_language_model") else target
+    holder = getattr(parent, "model", parent)  # the same unwrapping as vLLM's set_aux_hidden_state_layers
+    return tuple(int(i) for i in holder.aux_hidden_state_layers)
 
 
 @contextmanager
@@ -225,7 +269,8 @@ def check_vllm_draft(engine: "VLLMEngine", draft_dir: str | os.PathLike[str]) ->
         raise RuntimeError(f"expected one drafter load, saw {len(engine.drafter_params)}; is the engine in-process "
                            "(VLLM_ENABLE_V1_MULTIPROCESSING=0) and speculative?")
     shared, flags = engine.llm.collective_rpc(drafter_state)[0]
-    check = compare_with_export(engine.drafter_params[0], shared, flags, Path(draft_dir))
+    aux_layers = engine.llm.collective_rpc(served_aux_layers)[0]
+    check = compare_with_export(engine.drafter_params[0], shared, flags, Path(draft_dir), aux_layers=aux_layers)
     check.warnings = list(engine.warnings)
     return check
 
@@ -344,9 +389,24 @@ class VLLMEvalReport:
                                   a.num_accepted_tokens_per_pos) == (b.num_drafts, b.num_draft_tokens,
                                                                      b.num_accepted_tokens, b.num_accepted_tokens_per_pos)
 
+    def failures(self) -> list[str]:
+        """Every check that failed (empty: the verdict is ok)."""
+        failed = []
+        if not self.load_check.ok:
+            failed.append("load check")
+        if self.plain_mismatches:
+            failed.append(f"{self.plain_mismatches} vLLM outputs differ from vLLM plain greedy")
+        if self.ours_mismatches:
+            failed.append(f"{self.ours_mismatches} vLLM outputs differ from ours")
+        if self.ours.mismatches:
+            failed.append(f"our eval is not lossless ({self.ours.mismatches} mismatches)")
+        if not self.counters_equal:
+            failed.append("acceptance counters differ")
+        return failed
+
     @property
     def ok(self) -> bool:
-        return self.load_check.ok and self.plain_mismatches == 0 and self.ours.mismatches == 0
+        return not self.failures()
 
     def format(self) -> str:
         e, o = self.engine, self.ours.stats
@@ -357,6 +417,7 @@ class VLLMEvalReport:
             "vLLM:",
             f"  load check         {self.load_check.format()}",
             f"  variant flags      {', '.join(f'{k}={v}' for k, v in self.load_check.flags.items())}",
+            f"  target aux layers  {list(self.load_check.aux_layers or [])} (vLLM ids, as it resolved them)",
             f"  engine counters    drafts {e.num_drafts}, draft tokens {e.num_draft_tokens}, accepted "
             f"{e.num_accepted_tokens}, accepted per position {e.num_accepted_tokens_per_pos}",
             f"  mean accept length {e.mean_acceptance_length:.3f} (vLLM) vs {o.mean_acceptance_length:.3f} (ours, same "
@@ -365,6 +426,7 @@ class VLLMEvalReport:
             f"  = plain greedy     {'yes' if self.plain_mismatches == 0 else f'NO: {self.plain_mismatches}/{n} prompts differ'}"
             " (vLLM speculative vs vLLM plain, fp32)",
             f"  = our output       {'yes' if self.ours_mismatches == 0 else f'NO: {self.ours_mismatches}/{n} prompts differ'}",
+            f"  verdict            {'ok' if self.ok else 'FAILED: ' + '; '.join(self.failures())}",
         ])
 
 
