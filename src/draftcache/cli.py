@@ -21,6 +21,7 @@ import typer
 
 from draftcache.regenerate.cli import regenerate_command
 from draftcache.trainer.eagle3.config import TrainConfig
+from draftcache.targets.vllm_options import GPU_MEMORY_HELP, VLLM_ARG_HELP
 
 app = typer.Typer(add_completion=False, help="Look inside a draftcache cache, train an EAGLE-3 draft from it, export and evaluate it.", pretty_exceptions_enable=False, no_args_is_help=True)
 
@@ -233,6 +234,8 @@ def evaluate(
                                "that vLLM loaded every drafter weight as exported, vLLM's own acceptance counters next to "
                                "ours, and whether its output equals its plain greedy one (needs vLLM installed)."),
     method: str = typer.Option("auto", "--method", help="eagle3, dflash (block drafting, K = block_size - 1) or auto (from the draft's config.json)."),
+    gpu_memory_utilization: Optional[float] = typer.Option(None, "--gpu-memory-utilization", help=GPU_MEMORY_HELP + " (--engine vllm only)"),
+    vllm_arg: Optional[list[str]] = typer.Option(None, "--vllm-arg", help=VLLM_ARG_HELP + " (--engine vllm only)"),
 ) -> None:
     """Real greedy speculative decoding (EAGLE-3 chain or DFlash block): tau, per-position acceptance, speed vs greedy."""
     from draftcache.trainer.evaluate import evaluate_draft
@@ -248,8 +251,11 @@ def evaluate(
                   "for our own DFlash eval)", 2)
         _evaluate_with_vllm(draft_dir=draft, target_model=target_model, input_data=input_data, chat_template=chat_template,
                             num_prompts=num_prompts, draft_tokens=draft_tokens, max_new_tokens=max_new_tokens,
-                            trust_remote_code=trust_remote_code)
+                            trust_remote_code=trust_remote_code, gpu_memory_utilization=gpu_memory_utilization,
+                            vllm_args=tuple(vllm_arg or ()))
         return
+    if gpu_memory_utilization is not None or vllm_arg:
+        _fail("--gpu-memory-utilization and --vllm-arg configure vLLM: they need --engine vllm", 2)
     try:
         report = evaluate_draft(draft_dir=draft, target_model=target_model, input_data=input_data,
                                 num_prompts=num_prompts, draft_tokens=draft_tokens, max_new_tokens=max_new_tokens,

@@ -21,6 +21,7 @@ from typing import Optional
 import typer
 
 from draftcache.precompute.config import ConfigError, PrecomputeConfig, parse_layer_ids
+from draftcache.targets.vllm_options import GPU_MEMORY_HELP, VLLM_ARG_HELP
 
 app = typer.Typer(add_completion=False, help="Run a frozen target once over a chat corpus and write an EAGLE-3 (or, with --method dflash, a DFlash) supervision cache.", pretty_exceptions_enable=False)
 
@@ -60,6 +61,8 @@ def precompute(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
     engine: str = typer.Option("hf", "--engine", help="What runs the target: hf (transformers, in this process, on --device) or vllm (vLLM serves it; needs the vllm package). Recorded in the manifest; --resume needs the same engine."),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vLLM tensor parallelism: shard the target over N devices (--engine vllm only)."),
+    gpu_memory_utilization: Optional[float] = typer.Option(None, "--gpu-memory-utilization", help=GPU_MEMORY_HELP + " Room for one batch's states and logits is left (--engine vllm only; not a --resume setting)."),
+    vllm_arg: Optional[list[str]] = typer.Option(None, "--vllm-arg", help=VLLM_ARG_HELP + " (--engine vllm only; not a --resume setting)"),
 ) -> None:
     """Write the EAGLE-3 supervision cache of a frozen target over a chat corpus.
 
@@ -76,6 +79,7 @@ def precompute(
             chat_template=chat_template, method=method, draft_layers=draft_layers,
             target_layer_ids=_layer_ids(target_layer_ids, "--target-layer-ids"), progress=not quiet,
             engine=engine, tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization, vllm_args=tuple(vllm_arg or ()),
         ).validate()
     except ConfigError as e:
         _fail(str(e), 2)

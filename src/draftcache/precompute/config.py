@@ -6,6 +6,7 @@ import importlib.util
 from dataclasses import asdict, dataclass
 
 from draftcache.data.templates import chat_template_problem
+from draftcache.targets.vllm_options import RUNNER_RESERVED_ARGS, memory_utilization_problem, parse_vllm_args
 
 __all__ = ["PrecomputeConfig", "ConfigError", "SUPERVISION_CHOICES", "DTYPE_CHOICES", "METHOD_CHOICES",
            "ENGINE_CHOICES", "parse_layer_ids"]
@@ -67,6 +68,8 @@ class PrecomputeConfig:
     progress: bool = True                # tqdm bars (--quiet turns them off)
     engine: str = "hf"                   # hf | vllm (recorded in the manifest; --resume needs the same)
     tensor_parallel_size: int = 1        # vLLM tensor parallelism (engine vllm only)
+    gpu_memory_utilization: float | None = None  # vLLM's device (CPU build: host RAM) share; None = what is free
+    vllm_args: tuple[str, ...] = ()      # further vllm.LLM arguments, KEY=VALUE (VALUE read as JSON)
 
     def problems(self) -> list[str]:
         """Every invalid value, each naming its flag."""
@@ -131,6 +134,15 @@ class PrecomputeConfig:
             p.append(f"--engine vllm captures EAGLE-3 supervision only; --method {self.method} runs with --engine hf")
         if self.engine == "vllm" and self.device_map is not None:
             p.append("--device-map is for --engine hf; vLLM splits a target with --tensor-parallel-size")
+        if self.engine != "vllm" and (self.gpu_memory_utilization is not None or self.vllm_args):
+            p.append("--gpu-memory-utilization and --vllm-arg configure vLLM: they need --engine vllm")
+        memory = memory_utilization_problem(self.gpu_memory_utilization)
+        if memory:
+            p.append(memory)
+        try:
+            parse_vllm_args(self.vllm_args, reserved=RUNNER_RESERVED_ARGS)
+        except ValueError as e:
+            p.append(str(e))
         if self.engine == "vllm" and self.device is not None:
             p.append(f"--device {self.device} does not apply to --engine vllm, which places the target itself "
                      "(use --tensor-parallel-size N); drop --device")
@@ -211,4 +223,5 @@ class PrecomputeConfig:
         d = asdict(self)
         d["aux_layer_ids"] = list(self.aux_layer_ids) if self.aux_layer_ids is not None else None
         d["target_layer_ids"] = list(self.target_layer_ids) if self.target_layer_ids is not None else None
+        d["vllm_args"] = list(self.vllm_args)
         return d

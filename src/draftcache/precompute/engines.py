@@ -73,12 +73,16 @@ def build_target(cfg: PrecomputeConfig, target_path: str, device: torch.device) 
     (default recipe when None), or DFlash capturing ``cfg.target_layer_ids`` (default rule when None)."""
     aux = list(cfg.aux_layer_ids) if cfg.aux_layer_ids is not None else None
     if cfg.engine == "vllm":
+        from draftcache.targets.vllm_options import RUNNER_RESERVED_ARGS, parse_vllm_args
         from draftcache.targets.vllm_runner import VLLMEagle3TargetModel, VLLMTargetRunner
 
         runner = VLLMTargetRunner(_local_model_dir(target_path, cfg.trust_remote_code),
                                   tensor_parallel_size=cfg.tensor_parallel_size,
                                   max_model_len=cfg.seq_length + 1,  # the longest sample plus the one token generated
-                                  trust_remote_code=cfg.trust_remote_code)
+                                  trust_remote_code=cfg.trust_remote_code,
+                                  llm_kwargs=parse_vllm_args(cfg.vllm_args, reserved=RUNNER_RESERVED_ARGS),
+                                  gpu_memory_utilization=cfg.gpu_memory_utilization,
+                                  batch_tokens=cfg.batch_size * cfg.seq_length)
         return VLLMEagle3TargetModel(runner, aux_layer_ids=aux)
     from draftcache.targets import HFDFlashTargetModel, HFEagle3TargetModel, default_dflash_layer_ids, num_hidden_layers
     from draftcache.targets.loading import load_target_model

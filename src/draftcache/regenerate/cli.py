@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from draftcache.regenerate.config import RegenerateConfig, RegenerateConfigError
+from draftcache.targets.vllm_options import GPU_MEMORY_HELP, VLLM_ARG_HELP
 
 __all__ = ["regenerate_command"]
 
@@ -34,6 +35,8 @@ def regenerate_command(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run into --output (same settings required)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    gpu_memory_utilization: Optional[float] = typer.Option(None, "--gpu-memory-utilization", help=GPU_MEMORY_HELP + " (--engine vllm; not a --resume setting)"),
+    vllm_arg: Optional[list[str]] = typer.Option(None, "--vllm-arg", help=VLLM_ARG_HELP + " (--engine vllm; not a --resume setting)"),
 ) -> None:
     """Replace every assistant turn with the target's own reply (turn by turn), for precompute-eagle3.
 
@@ -48,6 +51,7 @@ def regenerate_command(
             max_model_len=max_model_len, dtype=dtype, device=device, tensor_parallel_size=tensor_parallel_size,
             split=split, shuffle_seed=shuffle_seed, num_samples=num_samples, strict=strict, resume=resume,
             trust_remote_code=trust_remote_code, progress=not quiet,
+            gpu_memory_utilization=gpu_memory_utilization, vllm_args=tuple(vllm_arg or ()),
         ).validate()
         summary = regenerate(cfg, log=lambda message: typer.echo(message, err=True))
     except RegenerateConfigError as e:

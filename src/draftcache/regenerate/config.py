@@ -5,11 +5,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from draftcache.data.templates import chat_template_problem
+from draftcache.targets.vllm_options import memory_utilization_problem, parse_vllm_args
 
-__all__ = ["ENGINE_CHOICES", "DTYPE_CHOICES", "RegenerateConfig", "RegenerateConfigError"]
+__all__ = ["ENGINE_CHOICES", "DTYPE_CHOICES", "VLLM_RESERVED_ARGS", "RegenerateConfig", "RegenerateConfigError"]
 
 ENGINE_CHOICES = ("vllm", "hf")
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+#: ``vllm.LLM`` arguments regenerate sets from its own flags (``--vllm-arg`` may not set them)
+VLLM_RESERVED_ARGS = {"model": "use --target-model", "tokenizer": "the target's tokenizer is used",
+                      "dtype": "use --dtype", "max_model_len": "use --max-model-len", "seed": "use --seed",
+                      "tensor_parallel_size": "use --tensor-parallel-size", "trust_remote_code": "use --trust-remote-code"}
 
 
 class RegenerateConfigError(ValueError):
@@ -37,6 +42,8 @@ class RegenerateConfig:
     dtype: str = "auto"                   # auto = fp32 on CPU, bf16 on GPUs
     device: str | None = None             # HF engine: cuda, cuda:N or cpu (None = cuda when available)
     tensor_parallel_size: int = 1         # vLLM engine
+    gpu_memory_utilization: float | None = None  # vLLM engine: device (CPU build: host RAM) share; None = what is free
+    vllm_args: tuple[str, ...] = ()       # vLLM engine: further vllm.LLM arguments, KEY=VALUE (not resume settings)
     split: str | None = None              # HF dataset split (default "train")
     shuffle_seed: int | None = 42         # order of hub datasets (local files keep file order)
     num_samples: int | None = None        # the first N valid conversations; None = all
@@ -75,6 +82,15 @@ class RegenerateConfig:
             p.append("--tensor-parallel-size applies to --engine vllm only")
         if self.num_samples is not None and self.num_samples < 1:
             p.append(f"--num-samples must be >= 1 (or omitted for all), got {self.num_samples}")
+        if self.engine == "hf" and (self.gpu_memory_utilization is not None or self.vllm_args):
+            p.append("--gpu-memory-utilization and --vllm-arg configure vLLM: they apply to --engine vllm only")
+        memory = memory_utilization_problem(self.gpu_memory_utilization)
+        if memory:
+            p.append(memory)
+        try:
+            parse_vllm_args(self.vllm_args, reserved=VLLM_RESERVED_ARGS)
+        except ValueError as e:
+            p.append(str(e))
         template = chat_template_problem(self.chat_template)
         if template:
             p.append(template)

@@ -116,16 +116,21 @@ class VLLMEngine:
 
     def __init__(self, model_path: str, *, stop_ids: Sequence[int], temperature: float, max_new_tokens: int,
                  max_model_len: int, dtype: str, seed: int, tensor_parallel_size: int = 1,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, gpu_memory_utilization: float | None = None,
+                 llm_kwargs: dict[str, Any] | None = None) -> None:
         from vllm import LLM
         from vllm.platforms import current_platform
+
+        from draftcache.targets.vllm_options import engine_memory_kwargs
 
         self.stop_ids = frozenset(int(t) for t in stop_ids)
         self.temperature = temperature
         self.max_new_tokens = max_new_tokens
-        self.llm = LLM(model=model_path, tokenizer=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                       tensor_parallel_size=tensor_parallel_size, trust_remote_code=trust_remote_code,
-                       enforce_eager=current_platform.is_cpu())  # the CPU build does not capture graphs
+        kwargs = dict(model=model_path, tokenizer=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                      tensor_parallel_size=tensor_parallel_size, trust_remote_code=trust_remote_code,
+                      enforce_eager=current_platform.is_cpu())  # the CPU build does not capture graphs
+        kwargs.update(engine_memory_kwargs(gpu_memory_utilization, llm_kwargs, on_cpu=current_platform.is_cpu()))
+        self.llm = LLM(**kwargs)
 
     def version(self) -> str:
         import vllm

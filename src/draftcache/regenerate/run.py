@@ -199,10 +199,14 @@ def _auto_dtype(engine_name: str, device: Any) -> str:
 def _build_engine(cfg: RegenerateConfig, engine_name: str, target_path: str, device: Any, dtype: str,
                   stop_ids: list[int], max_model_len: int, tokenizer: Any) -> Engine:
     if engine_name == "vllm":
+        from draftcache.regenerate.config import VLLM_RESERVED_ARGS
+        from draftcache.targets.vllm_options import parse_vllm_args
+
         return VLLMEngine(target_path, stop_ids=stop_ids, temperature=cfg.temperature,
                           max_new_tokens=cfg.max_new_tokens, max_model_len=max_model_len, dtype=_DTYPES[dtype],
                           seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
-                          trust_remote_code=cfg.trust_remote_code)
+                          trust_remote_code=cfg.trust_remote_code, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                          llm_kwargs=parse_vllm_args(cfg.vllm_args, reserved=VLLM_RESERVED_ARGS))
     import torch
 
     from draftcache.targets.loading import load_target_model

@@ -36,6 +36,7 @@ from .capture import TargetForward
 from .layer_ids import default_eagle3_aux_layer_ids, validate_eagle3_aux_layer_ids
 from .layout import TargetLayoutError, num_hidden_layers, text_config
 from .runner import RunnerEagle3TargetModel, RunnerError
+from .vllm_options import engine_memory_kwargs
 
 __all__ = [
     "VLLMTargetRunner",
@@ -246,7 +247,12 @@ class VLLMTargetRunner:
         max_model_len: longest prompt + 1 the engine must hold; default: the model's own limit.
         dtype: compute dtype; default fp32 on vLLM's CPU build, bf16 on an accelerator.
         trust_remote_code: passed to vLLM and transformers.
-        llm_kwargs: further ``vllm.LLM`` arguments (e.g. ``max_num_batched_tokens``).
+        llm_kwargs: further ``vllm.LLM`` arguments (e.g. ``max_num_batched_tokens``; ``--vllm-arg``).
+        gpu_memory_utilization: the share of the device (of host RAM on the CPU build) vLLM may
+            reserve; default: what is free when the engine starts, less one batch (below).
+        batch_tokens: most tokens (padded ``B * S``) one :meth:`capture` call is given: room for
+            that batch's states, logits and target distribution is left beside the engine when
+            the memory share is chosen by default.
 
     The engine starts at the first :meth:`set_aux_layers` (the captured ids are fixed when vLLM
     starts; a later call with other ids restarts it). :meth:`close` stops it and removes the
@@ -255,7 +261,8 @@ class VLLMTargetRunner:
 
     def __init__(self, model_dir: str | os.PathLike, *, tensor_parallel_size: int = 1, max_model_len: int | None = None,
                  dtype: torch.dtype | None = None, trust_remote_code: bool = False,
-                 llm_kwargs: dict[str, Any] | None = None) -> None:
+                 llm_kwargs: dict[str, Any] | None = None, gpu_memory_utilization: float | None = None,
+                 batch_tokens: int = 0) -> None:
         if int(tensor_parallel_size) < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
         vllm = _import_vllm()
@@ -273,6 +280,8 @@ class VLLMTargetRunner:
         self.max_model_len = max_model_len
         self.trust_remote_code = trust_remote_code
         self.llm_kwargs = dict(llm_kwargs or {})
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.batch_tokens = int(batch_tokens)
         self.engine = {"name": VLLM_ENGINE_NAME, "version": _vllm_version()}
         self._vllm = vllm
         self._llm = None
@@ -303,7 +312,10 @@ class VLLMTargetRunner:
             # the CPU build pins each rank's OpenMP threads to its own cores by default, which fails
             # where fewer cores are free than ranks need; let the OS place them
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-        self._storage = tempfile.mkdtemp(prefix="draftcache-vllm-hidden-")
+        # vLLM's connector hands each prompt's states over in a file (the engine core is another
+        # process); on a memory-backed tmpfs that file never reaches a disk
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        self._storage = tempfile.mkdtemp(prefix="draftcache-vllm-hidden-", dir=shm)
         kwargs = dict(
             model=str(self.model_dir),
             dtype=str(self.dtype).replace("torch.", ""),
@@ -326,9 +338,18 @@ class VLLMTargetRunner:
         )
         if self.max_model_len is not None:
             kwargs["max_model_len"] = int(self.max_model_len)
-        kwargs.update(self.llm_kwargs)
+        kwargs.update(engine_memory_kwargs(self.gpu_memory_utilization, self.llm_kwargs, on_cpu=self._on_cpu,
+                                           reserve_bytes=self.batch_reserve_bytes(len(capture_ids))))
         self._llm = self._vllm.LLM(**kwargs)
         self._sampling = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+
+    def batch_reserve_bytes(self, num_capture_ids: int) -> int:
+        """What one :meth:`capture` of ``batch_tokens`` tokens holds beside the engine: the
+        ``[B, S, k, H]`` states in the compute dtype, ``[B, S, V]`` logits and, downstream, the
+        target distribution and its softmax (fp32) -- the head itself is already loaded."""
+        vocab = int(self.model.lm_head.weight.shape[0])
+        item = torch.empty((), dtype=self.dtype).element_size()
+        return self.batch_tokens * ((num_capture_ids + 1) * self.hidden_size * item + 3 * vocab * 4)
 
     def _stop_engine(self) -> None:
         llm, self._llm = self._llm, None

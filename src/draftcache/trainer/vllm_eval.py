@@ -41,6 +41,7 @@ import gc
 import json
 import logging
 import os
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,7 @@ from draftcache.trainer.eagle3.export import CONFIG_FILE, WEIGHTS_FILE
 from draftcache.trainer.speculative import SpecDecodeStats
 
 __all__ = ["VLLMEngine", "VLLMLoadCheck", "VLLMEvalReport", "check_vllm_draft", "compare_with_export",
-           "counters_since", "drafter_state", "evaluate_with_vllm", "make_vllm", "release_vllm", "served_aux_layers",
+           "counters_since", "drafter_state", "evaluate_with_vllm", "make_vllm", "release_vllm", "served_aux_layers", "VLLM_RESERVED_ARGS",
            "trained_aux_layer_ids", "vllm_generate", "vllm_spec_counters"]
 
 # vLLM's Eagle3 q/k/v and gate/up stacking (LlamaModel.hf_to_vllm_mapper), in row order
@@ -290,17 +291,33 @@ class VLLMEngine:
     drafter_params: list[dict[str, torch.Tensor]]
 
 
+#: ``vllm.LLM`` arguments :func:`make_vllm` sets itself (``--vllm-arg`` may not set them)
+VLLM_RESERVED_ARGS = {
+    "model": "use --target-model", "speculative_config": "set from --draft and --draft-tokens",
+    "dtype": "the comparison runs in fp32", "enforce_eager": "the comparison runs eager",
+    "max_model_len": "set from the prompts and --max-new-tokens", "seed": "the comparison is greedy",
+    "disable_log_stats": "the acceptance counters need stats", "enable_prefix_caching": "the counters need every forward",
+}
+
+
 def make_vllm(target_model: str, *, draft_dir: str | None = None, draft_tokens: int = 4, max_model_len: int = 2048,
-              seed: int = 0) -> VLLMEngine:
+              seed: int = 0, gpu_memory_utilization: float | None = None,
+              llm_kwargs: dict[str, Any] | None = None) -> VLLMEngine:
     """A vLLM engine for ``target_model`` (fp32, eager, in-process, stats on, no prefix caching),
-    speculative with the EAGLE-3 draft in ``draft_dir`` when given."""
+    speculative with the EAGLE-3 draft in ``draft_dir`` when given; ``gpu_memory_utilization``
+    (default: what is free) and further ``llm_kwargs`` as ``--gpu-memory-utilization`` and
+    ``--vllm-arg`` give them (see :mod:`draftcache.targets.vllm_options`)."""
     if os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
         raise RuntimeError("the vLLM load check reads the drafter in-process; unset VLLM_ENABLE_V1_MULTIPROCESSING "
                            "or set it to 0")
     from vllm import LLM
+    from vllm.platforms import current_platform
+
+    from draftcache.targets.vllm_options import engine_memory_kwargs
 
     kwargs: dict[str, Any] = dict(model=target_model, dtype="float32", enforce_eager=True, max_model_len=max_model_len,
                                   seed=seed, disable_log_stats=False, enable_prefix_caching=False)
+    kwargs.update(engine_memory_kwargs(gpu_memory_utilization, llm_kwargs, on_cpu=current_platform.is_cpu()))
     if draft_dir is not None:
         kwargs["speculative_config"] = {"method": "eagle3", "model": str(draft_dir),
                                         "num_speculative_tokens": draft_tokens}
@@ -440,10 +457,20 @@ def evaluate_with_vllm(
     max_new_tokens: int = 64,
     chat_template: str | None = None,
     trust_remote_code: bool = False,
+    gpu_memory_utilization: float | None = None,
+    vllm_args: Sequence[str] = (),
 ) -> VLLMEvalReport:
-    """Our eval, vLLM plain greedy and vLLM with the draft, on the same prompts (see module doc)."""
+    """Our eval, vLLM plain greedy and vLLM with the draft, on the same prompts (see module doc).
+    ``gpu_memory_utilization``, ``vllm_args``: ``--gpu-memory-utilization``, ``--vllm-arg``."""
+    from draftcache.targets.vllm_options import memory_utilization_problem, parse_vllm_args
+
     if num_prompts < 1 or draft_tokens < 1 or max_new_tokens < 1:
         raise ValueError("--num-prompts, --draft-tokens and --max-new-tokens must all be >= 1")
+    problem = memory_utilization_problem(gpu_memory_utilization)
+    if problem:
+        raise ValueError(problem)
+    llm_kwargs = parse_vllm_args(vllm_args, reserved=VLLM_RESERVED_ARGS)
+    engine_options = {"gpu_memory_utilization": gpu_memory_utilization, "llm_kwargs": llm_kwargs}
     for required in (CONFIG_FILE, WEIGHTS_FILE):
         if not (Path(draft_dir) / required).is_file():
             raise FileNotFoundError(f"{Path(draft_dir) / required} not found; --draft needs a directory written by "
@@ -456,11 +483,12 @@ def evaluate_with_vllm(
     eos = prompts.tokenizer.eos_token_id
     max_len = max(len(p) for p in prompts.ids) + max_new_tokens + draft_tokens + 8
 
-    plain_engine = make_vllm(target_model, max_model_len=max_len)
+    plain_engine = make_vllm(target_model, max_model_len=max_len, **engine_options)
     plain = vllm_generate(plain_engine.llm, prompts.ids, max_new_tokens, eos)
     release_vllm(plain_engine)
 
-    spec_engine = make_vllm(target_model, draft_dir=draft_dir, draft_tokens=draft_tokens, max_model_len=max_len)
+    spec_engine = make_vllm(target_model, draft_dir=draft_dir, draft_tokens=draft_tokens, max_model_len=max_len,
+                            **engine_options)
     check = check_vllm_draft(spec_engine, draft_dir)
     before = vllm_spec_counters(spec_engine.llm, draft_tokens)
     spec = vllm_generate(spec_engine.llm, prompts.ids, max_new_tokens, eos)
