@@ -237,6 +237,21 @@ def _import_vllm() -> Any:
     return vllm
 
 
+def _states_dir(batch_bytes: int) -> str | None:
+    """Where vLLM's connector writes each prompt's states for us to read back: ``/dev/shm``
+    (memory-backed, the file never reaches a disk) when it has room for two batches and 256 MB,
+    else the default temporary directory (containers often give ``/dev/shm`` only 64 MB).
+
+    vLLM 0.32 has no other way out for them: the engine core runs in another process, and a
+    request's output carries only JSON-able ``kv_transfer_params``."""
+    try:
+        stats = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    free = stats.f_bavail * stats.f_frsize
+    return "/dev/shm" if os.access("/dev/shm", os.W_OK) and free >= max(2 * batch_bytes, 256 << 20) else None
+
+
 class VLLMTargetRunner:
     """Run the frozen target in vLLM and return EAGLE-3 supervision (a :class:`TargetRunner`).
 
@@ -312,10 +327,9 @@ class VLLMTargetRunner:
             # the CPU build pins each rank's OpenMP threads to its own cores by default, which fails
             # where fewer cores are free than ranks need; let the OS place them
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-        # vLLM's connector hands each prompt's states over in a file (the engine core is another
-        # process); on a memory-backed tmpfs that file never reaches a disk
-        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-        self._storage = tempfile.mkdtemp(prefix="draftcache-vllm-hidden-", dir=shm)
+        item = torch.empty((), dtype=self.dtype).element_size()
+        self._storage = tempfile.mkdtemp(prefix="draftcache-vllm-hidden-",
+                                         dir=_states_dir(self.batch_tokens * len(capture_ids) * self.hidden_size * item))
         kwargs = dict(
             model=str(self.model_dir),
             dtype=str(self.dtype).replace("torch.", ""),
