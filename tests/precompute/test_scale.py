@@ -121,6 +121,7 @@ def test_resume_reuses_the_recorded_encoding_without_a_probe(tmp_path, monkeypat
         precompute_from_config(_config(out, data, num_samples=10, shard_size=4), log=lambda _: None)
     committed = [e["index"] for e in read_journals(out)]
     assert committed == [0]
+    assert "1 more shard(s) are recorded in the commit journals" in "\n".join(verify_cache(out).notes)
     monkeypatch.setattr(pipeline, "REBUILD_PROB_TOLERANCE", -1.0)  # any measurement now refuses hidden
     forwards = _Forwards(monkeypatch)
     logs: list[str] = []
