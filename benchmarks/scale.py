@@ -80,7 +80,7 @@ def child_precompute(args: dict) -> dict:
     dims = dict(MODEL_SHAPES["llama-3.1-8b"], tie_word_embeddings=args["tie_word_embeddings"])
     config = LlamaConfig(num_hidden_layers=args["num_layers"], bos_token_id=1, eos_token_id=3, pad_token_id=0, **dims)
     with no_init_weights():  # random values below: torch's default init of 1.5e9 weights takes minutes here
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args["model_dtype"]))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -90,7 +90,7 @@ def child_precompute(args: dict) -> dict:
                 p.uniform_(-0.02, 0.02, generator=generator)
     model.eval()
     vocab = dims["vocab_size"]
-    target = HFEagle3TargetModel(model)
+    target = HFEagle3TargetModel(model, aux_layer_ids=[0, args["num_layers"] // 2, args["num_layers"] - 1])
     tokenizer = build_word_tokenizer(vocab)
     work = Path(args["work"])
     data = work / "chats.jsonl"
@@ -242,8 +242,11 @@ def main() -> None:
                                                                "captures three distinct layers)")
     ap.add_argument("--untied", action="store_true", help="separate lm_head as in Llama-3.1-8B (2.1 GB more host RAM; "
                                                           "the default ties it to the embeddings, bytes/token unchanged)")
+    ap.add_argument("--model-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="the target's weights (bf16 as served; float32 forwards ~8x faster on a CPU without bf16 "
+                         "units but needs twice the RAM)")
     ap.add_argument("--num-samples", type=int, default=4, help="precompute chats")
-    ap.add_argument("--median-tokens", type=int, default=96)
+    ap.add_argument("--median-tokens", type=int, default=64)
     ap.add_argument("--seq-length", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--commit-points", default="100,1000,10000,30000")
@@ -268,9 +271,11 @@ def main() -> None:
     if "precompute" in parts:
         with tempfile.TemporaryDirectory(prefix="draftcache-scale-") as work:
             r = _child("precompute", work=work, num_layers=args.num_layers, tie_word_embeddings=not args.untied,
+                       model_dtype=args.model_dtype,
                        num_samples=args.num_samples, median_tokens=args.median_tokens, seq_length=args.seq_length,
                        batch_size=args.batch_size)
-        shape = (f"8B widths, {r['num_layers']} layers, {'untied' if args.untied else 'tied'} lm_head, "
+        tying = "untied" if args.untied else "tied"
+        shape = (f"8B widths, {r['num_layers']} layers, {args.model_dtype}, {tying} lm_head, "
                  f"{args.num_samples} chats, {r['tokens']} tokens")
         emit(_row("precompute shard bytes per token", r["shard_bytes"] / r["tokens"], "B/token",
                   f"encoding {r['encoding']} bf16, {r['supervised'] / r['tokens']:.0%} supervised; {shape}"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from draftcache.data import token_store
 from draftcache.data import (
     ChatTokenizer,
     TokenizedSample,
@@ -41,7 +42,11 @@ def test_tokenizing_into_a_store_gives_the_same_samples(samples, tmp_path):
     assert (tmp_path / "s" / "loss_mask.bin").stat().st_size == sum(len(s.input_ids) for s in samples)
 
 
-def test_slices_lengths_and_counts_match_a_list(samples, tmp_path):
+@pytest.mark.parametrize("chunks", [None, (3, 7)])
+def test_slices_lengths_and_counts_match_a_list(samples, tmp_path, monkeypatch, chunks):
+    if chunks:  # whole-store passes cut into many chunks (samples, tokens)
+        monkeypatch.setattr(token_store, "_CHUNK_SAMPLES", chunks[0])
+        monkeypatch.setattr(token_store, "_CHUNK_TOKENS", chunks[1])
     writer = TokenStoreWriter(tmp_path / "s")
     for s in samples:
         writer.append(s)
@@ -49,6 +54,7 @@ def test_slices_lengths_and_counts_match_a_list(samples, tmp_path):
     view = store[5:13]
     assert len(view) == 8 and view[0].source == samples[5].source and view[-1].source == samples[12].source
     assert list(sample_lengths(view)) == list(sample_lengths(samples[5:13]))
+    assert list(sample_lengths(store)) == list(sample_lengths(samples))
     with pytest.raises(IndexError):
         view[8]
     counts = sum(share_token_counts(store, 2048, r, 3) for r in range(3))

@@ -31,8 +31,8 @@ from draftcache.data.chat import TokenizedSample
 __all__ = ["TokenStore", "TokenStoreWriter", "sample_lengths", "share_token_counts"]
 
 _FILES = ("input_ids.bin", "loss_mask.bin", "offsets.bin", "supervised.bin", "sources.txt", "source_offsets.bin")
-_CHUNK_SAMPLES = 1 << 16   # samples per chunk of a whole-store pass
-_CHUNK_TOKENS = 1 << 22    # tokens per chunk of a whole-store pass (20 MB of ids + mask)
+_CHUNK_SAMPLES = 1 << 13   # samples per chunk of a whole-store pass
+_CHUNK_TOKENS = 1 << 18    # tokens per chunk of a whole-store pass (~3 MB transient)
 _BUFFER = 1 << 20
 
 
