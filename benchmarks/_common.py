@@ -9,6 +9,7 @@ memory. Run the scripts from the repository root (``python benchmarks/<script>.p
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -177,7 +178,8 @@ def write_chats(path: Path, count: int, *, vocab_size: int, lengths: ChatLengths
     rng = random.Random(seed)
     first = len(_SPECIALS)
     ranks = list(range(vocab_size - first))
-    weights = [1.0 / (r + 1) ** 1.1 for r in ranks]
+    # cumulative once: choices(weights=...) would re-add the V weights for every chat
+    cum_weights = list(itertools.accumulate(1.0 / (r + 1) ** 1.1 for r in ranks))
     words_by_rank = [f"t{first + r}" for r in rng.sample(ranks, len(ranks))]  # frequent words spread over ids
     drawn = lengths.draw(count, rng)
     with open(path, "w") as f:
@@ -186,7 +188,7 @@ def write_chats(path: Path, count: int, *, vocab_size: int, lengths: ChatLengths
             budget = max(2 * turns, total - 1 - 6 * turns)  # tokens left for words after BOS and headers
             reply = max(turns, round(budget * assistant_share))
             ask = max(turns, budget - reply)
-            words = iter(rng.choices(words_by_rank, weights=weights, k=ask + reply))
+            words = iter(rng.choices(words_by_rank, cum_weights=cum_weights, k=ask + reply))
             messages = []
             for t in range(turns):
                 n_ask = ask // turns + (t < ask % turns)

@@ -58,3 +58,14 @@ def test_precompute_scaling_writes_the_same_cache_with_two_ranks():
     out = _run("precompute_scaling.py", "--num-samples", "8", "--seq-length", "64", "--shard-size", "2",
                "--batch-size", "2", "--nproc", "2")
     assert re.search(r"2 vs 1 process +throughput_ratio=[0-9.]+ +e2e_ratio=[0-9.]+ +identical_cache=True", out), out
+
+
+def test_scale_prints_flat_ratios_for_commits_and_tokenization():
+    out = _run("scale.py", "--parts", "manifest,tokenize,training", "--commit-points", "10,100", "--commit-repeats",
+               "3", "--tokenize-sizes", "100,200", "--tokenize-modes", "store", "--no-training")
+    assert re.search(r"^manifest commit after 100 shards, ours +[0-9.e+-]+ ms +previous design [0-9.e+-]+ ms", out,
+                     re.M), out
+    assert re.search(r"^RATIO commit time 100 / 10 shards, ours +[0-9.e+-]+ x +previous design [0-9.e+-]+ x", out,
+                     re.M), out
+    assert re.search(r"^RATIO tokenize\+plan RSS rise N=200 / N=100, store +[0-9.e+-]+ x", out, re.M), out
+    assert "training memory: skipped (--no-training)" in out

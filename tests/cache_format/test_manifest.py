@@ -1,8 +1,7 @@
-"""Manifest: schema file, validation (jsonschema and the built-in fallback), version checks."""
+"""Manifest: schema file, validation, version checks."""
 
 from __future__ import annotations
 
-import builtins
 import copy
 import filecmp
 import json
@@ -77,19 +76,10 @@ def _problem_topic(problem: str) -> str:
     return problem
 
 
-def test_fallback_validator_reports_the_same_problems_without_jsonschema(manifest, monkeypatch):
-    real_import = builtins.__import__
-
-    def no_jsonschema(name, *args, **kwargs):
-        if name == "jsonschema":
-            raise ImportError("jsonschema is not installed")
-        return real_import(name, *args, **kwargs)
-
-    with_lib = _structure_problems(_broken(manifest))
-    monkeypatch.setattr(builtins, "__import__", no_jsonschema)
-    without = _structure_problems(_broken(manifest))
-    assert len(without) == len(with_lib) == 6
-    assert sorted(map(_problem_topic, without)) == sorted(map(_problem_topic, with_lib))
+def test_structure_problems_name_the_failing_node(manifest):
+    problems = _structure_problems(_broken(manifest))
+    assert "$.seq_length: must be integer" in problems
+    assert "$.supervision.encoding: must be one of ['probs', 'topk', 'hidden', 'argmax']" in problems
     assert _structure_problems(manifest) == []
 
 

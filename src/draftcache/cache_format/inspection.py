@@ -16,7 +16,7 @@ import torch
 from draftcache.cache_format.errors import CacheCorruptError, ManifestError
 from draftcache.cache_format.manifest import Manifest, read_manifest
 from draftcache.cache_format.reader import CacheReader
-from draftcache.cache_format.resume import committed_prefix, verify_shard
+from draftcache.cache_format.resume import committed_prefix, read_journals, verify_shard
 from draftcache.cache_format.schema import LOCK_FILE, SIDE_FILES, expected_shard_tensors, shard_metadata
 from draftcache.cache_format.shard_file import ShardFile
 
@@ -106,7 +106,11 @@ def verify_cache(path: str | os.PathLike) -> VerifyReport:
     if missing:
         report.notes.append(f"incomplete: {len(missing)} of {manifest['num_shards']} shards are not committed "
                             f"(first missing: {missing[0]}); resume the precompute with --resume")
-    listed = {s["file"] for s in manifest["shards"]} | {f["file"] for f in manifest["files"].values()}
+    journaled = {e["file"] for e in read_journals(root) if e.get("index") not in committed}
+    if journaled:
+        report.notes.append(f"{len(journaled)} more shard(s) are recorded in the commit journals (a precompute is "
+                            "running, or --resume will verify them and fold them into the manifest)")
+    listed = {s["file"] for s in manifest["shards"]} | {f["file"] for f in manifest["files"].values()} | journaled
     for p in sorted(root.iterdir()):
         if re.search(r"\.tmp-\d+$", p.name):
             report.notes.append(f"stale temporary {p.name} (removed by the next --resume)")

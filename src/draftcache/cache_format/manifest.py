@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from draftcache import __version__
-from draftcache.cache_format._schema_check import schema_problems
 from draftcache.cache_format.checksum import dumps_json
 from draftcache.cache_format.errors import FormatVersionError, ManifestError
 from draftcache.cache_format.schema import (
@@ -136,8 +135,8 @@ def shard_stats(shards: Iterable[Mapping[str, Any]]) -> dict[str, int]:
 def validate_manifest(manifest: Mapping[str, Any]) -> None:
     """Check ``manifest`` against the JSON schema and the cross-field rules.
 
-    Uses ``jsonschema`` when it is importable, else the built-in interpreter of the same schema
-    file. Raises ``FormatVersionError`` for another ``format_version`` and ``ManifestError``
+    The schema is compiled once (``fastjsonschema``), so a call costs about as much as reading
+    the manifest. Raises ``FormatVersionError`` for another ``format_version`` and ``ManifestError``
     listing every problem otherwise.
     """
     if not isinstance(manifest, Mapping):
@@ -262,27 +261,77 @@ class Manifest:
         return self.shard_boundaries[index + 1] - self.shard_boundaries[index]
 
 
-_SCHEMA_CACHE: dict[str, Any] = {}
-
-
 # Long lists of non-negative ints ([V] token counts, [Vd] ids): checked here in one pass, and
-# shown to the schema validator as their first element only (validating 128k items one by one
-# through jsonschema takes seconds, and every reader and DataLoader worker validates the manifest).
+# shown to the schema validator as their first element only (every reader and DataLoader worker
+# validates the manifest; a 128k-item list checked item by item is the bulk of the cost).
 _INT_ARRAYS = (("token_counts",), ("draft_vocab", "selected_token_ids"))
 
 
+class _SchemaValidators:
+    """The manifest schema compiled once: the whole document (the fast path, one call for a valid
+    manifest) and each top-level property on its own, so that an invalid manifest gets one
+    problem per wrong section rather than only the first (``fastjsonschema`` stops at the first)."""
+
+    def __init__(self) -> None:
+        import fastjsonschema
+
+        self.schema = _inline_refs(load_manifest_schema())
+        # draft-07 keywords only (the schema uses no 2020-12 feature); nothing left to resolve remotely
+        self.whole = fastjsonschema.compile({"$schema": "http://json-schema.org/draft-07/schema#", **self.schema},
+                                            handlers={})
+        self.parts = {key: fastjsonschema.compile(sub, handlers={}) for key, sub in self.schema["properties"].items()}
+
+    def problems(self, instance: Mapping[str, Any]) -> list[str]:
+        import fastjsonschema
+
+        try:
+            self.whole(instance)
+            return []
+        except fastjsonschema.JsonSchemaValueException:
+            pass
+        out = [f"$: required property {key!r} is missing" for key in self.schema.get("required", [])
+               if key not in instance]
+        if self.schema.get("additionalProperties") is False:
+            out += [f"$: unexpected property {key!r}" for key in instance if key not in self.parts]
+        for key, check in self.parts.items():
+            if key in instance:
+                try:
+                    check(instance[key])
+                except fastjsonschema.JsonSchemaValueException as exc:
+                    name = exc.name or "data"  # fastjsonschema names the failing node data.x[0].y
+                    where = f"$.{key}" + name[len("data"):]
+                    out.append(f"{where}: {exc.message.removeprefix(name).strip()[:300]}")
+        return out or ["$: does not match the manifest schema"]
+
+
+def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with every local ``{"$ref": "#/$defs/<name>"}`` replaced by its definition and
+    ``$schema`` / ``$id`` / ``$defs`` dropped, so that each part compiles on its own."""
+    defs = schema.get("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if ref is not None:
+                if not ref.startswith("#/$defs/") or ref[len("#/$defs/"):] not in defs:
+                    raise ValueError(f"the manifest schema may only reference its own $defs; got {ref!r}")
+                return walk(defs[ref[len("#/$defs/"):]])
+            return {k: walk(v) for k, v in node.items() if k not in ("$schema", "$id", "$defs")}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(schema)
+
+
+_VALIDATORS: list[_SchemaValidators] = []  # compiled on first use, once per process
+
+
 def _structure_problems(manifest: Mapping[str, Any]) -> list[str]:
-    schema = _SCHEMA_CACHE.get("schema")
-    if schema is None:
-        schema = _SCHEMA_CACHE["schema"] = load_manifest_schema()
+    if not _VALIDATORS:
+        _VALIDATORS.append(_SchemaValidators())
     instance, problems = _shorten_int_arrays(manifest)
-    try:
-        import jsonschema
-    except ImportError:
-        return problems + schema_problems(instance, schema)
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(instance), key=lambda e: list(map(str, e.absolute_path)))
-    return problems + [f"{e.json_path}: {e.message[:300]}" for e in errors]
+    return problems + _VALIDATORS[0].problems(instance)
 
 
 def _shorten_int_arrays(manifest: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:

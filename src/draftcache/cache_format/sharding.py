@@ -14,7 +14,7 @@ so every rank of a distributed run, and a resumed run, computes the same boundar
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from draftcache.cache_format.schema import storage_dtype
@@ -47,10 +47,11 @@ class SampleBytes:
         return num_tokens * self.per_token + num_supervised * self.per_supervised + self.per_sample
 
 
-def plan_shard_boundaries(sizes: Sequence[int], shard_size: int, max_shard_bytes: int | None = None) -> list[int]:
-    """``[num_shards + 1]`` first global sample of each shard, then ``len(sizes)``.
+def plan_shard_boundaries(sizes: Iterable[int], shard_size: int, max_shard_bytes: int | None = None) -> list[int]:
+    """``[num_shards + 1]`` first global sample of each shard, then the number of samples.
 
-    ``sizes[i]`` is the bytes sample ``i`` adds (``SampleBytes``). Greedy in global order: a shard
+    ``sizes[i]`` is the bytes sample ``i`` adds (``SampleBytes``); any iterable, read once (a
+    generator keeps planning a million samples from holding a million sizes). Greedy in global order: a shard
     closes when it holds ``shard_size`` samples or the next sample would take it past
     ``max_shard_bytes`` (the 16 bytes of the two leading offsets included).
     """
@@ -59,7 +60,7 @@ def plan_shard_boundaries(sizes: Sequence[int], shard_size: int, max_shard_bytes
     if max_shard_bytes is not None and max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be >= 1 or None; got {max_shard_bytes}")
     boundaries = [0]
-    count, used = 0, 16
+    count, used, n = 0, 16, 0
     for i, size in enumerate(sizes):
         full = count == shard_size or (max_shard_bytes is not None and count and used + size > max_shard_bytes)
         if full:
@@ -67,6 +68,7 @@ def plan_shard_boundaries(sizes: Sequence[int], shard_size: int, max_shard_bytes
             count, used = 0, 16
         count += 1
         used += size
-    if sizes:
-        boundaries.append(len(sizes))
+        n = i + 1
+    if n:
+        boundaries.append(n)
     return boundaries

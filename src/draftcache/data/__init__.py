@@ -57,6 +57,8 @@ __all__ = [
     "SkipCounts",
     "SkippedRecord",
     "TokenizedSample",
+    "TokenStore",
+    "TokenStoreWriter",
     "build_draft_vocab",
     "chat_template_problem",
     "count_supervised_tokens",
@@ -68,12 +70,18 @@ __all__ = [
     "read_chat_template",
     "set_chat_template",
     "tokenize_all",
+    "sample_lengths",
+    "share_token_counts",
 ]
 
 _LAZY = {
     "ChatTokenizer": "draftcache.data.chat",
     "TokenizedSample": "draftcache.data.chat",
     "tokenize_all": "draftcache.data.chat",
+    "TokenStore": "draftcache.data.token_store",
+    "TokenStoreWriter": "draftcache.data.token_store",
+    "sample_lengths": "draftcache.data.token_store",
+    "share_token_counts": "draftcache.data.token_store",
     "DATA_EXTENSIONS": "draftcache.data.loading",
     "ConversationSet": "draftcache.data.loading",
     "DataFileError": "draftcache.data.loading",

@@ -258,9 +258,10 @@ class _Tally:
     """Consumes encodings in input order: keeps samples, counts (or in strict mode raises on) the
     refused ones, and knows when ``limit`` samples are kept."""
 
-    def __init__(self, chat: ChatTokenizer, skipped: SkipCounts, strict: bool, limit: int | None, bar) -> None:
+    def __init__(self, chat: ChatTokenizer, skipped: SkipCounts, strict: bool, limit: int | None, bar,
+                 into: Any = None) -> None:
         self.chat, self.skipped, self.strict, self.limit, self.bar = chat, skipped, strict, limit, bar
-        self.samples: list[TokenizedSample] = []
+        self.samples: Any = [] if into is None else into  # a list, or anything with append() and len()
         self.attempted = 0
         self.template_errors = 0
         self.first_template_error: tuple[str, str] | None = None
@@ -303,8 +304,12 @@ def tokenize_all(
     progress: bool | None = None,
     limit: int | None = None,
     num_workers: int = 0,
+    into: Any = None,
 ) -> list[TokenizedSample]:
     """Tokenize conversations in order until ``limit`` samples are kept (all when None).
+
+    The kept samples are appended to ``into`` (e.g. a ``TokenStoreWriter``, so that host memory
+    does not grow with the dataset), which is returned; a new list when None.
 
     Conversations the template refuses (``template_error``) or that keep no supervised target
     after truncation (``no_supervised_tokens``) are counted in ``skipped``, or with ``strict``
@@ -331,7 +336,7 @@ def tokenize_all(
     expected = min(x for x in (known, limit) if x is not None) if (known, limit) != (None, None) else None
     show = (expected is None or expected >= _PROGRESS_MIN) if progress is None else progress
     with tqdm(total=expected, desc="tokenizing", unit="sample", disable=not show) as bar:
-        tally = _Tally(chat_tokenizer, skipped, strict, limit, bar)
+        tally = _Tally(chat_tokenizer, skipped, strict, limit, bar, into)
         stream = iter(conversations)
         if num_workers == 0:
             for conversation in stream:
@@ -339,7 +344,7 @@ def tokenize_all(
                     break
         else:
             _tokenize_in_pool(stream, chat_tokenizer, tally, num_workers)
-    if not tally.samples:
+    if not len(tally.samples):
         if tally.attempted and tally.template_errors == tally.attempted:
             source, detail = tally.first_template_error
             raise ChatTemplateError(f"the chat template refused every conversation ({tally.attempted}; the first, at "

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from draftcache.data import TokenizedSample
+from draftcache.data import TokenizedSample, sample_lengths
 from draftcache.precompute.planning import ShardPlan, length_bucketed_batches
 from draftcache.precompute.records import SupervisionSpec, batch_to_records
 from draftcache.targets import HFEagle3TargetModel, TargetForward
@@ -29,10 +29,16 @@ __all__ = ["Probe", "Progress", "pad_batch", "pad_id_of", "input_device", "shard
 @dataclass
 class Probe:
     """A forward already run (the one that decided the encoding): ``indices`` are global sample
-    indices; the shard holding exactly this batch reuses ``out`` instead of computing it twice."""
+    indices; the shard holding exactly this batch reuses ``out`` instead of computing it twice.
+    ``take`` hands ``out`` over and forgets it, so whoever still holds the probe holds no tensors
+    (its logits are ``[B, T, V]``: 2 GB at batch 4 x 2048 tokens x 128k vocabulary in bf16)."""
 
     indices: list[int]
-    out: TargetForward
+    out: TargetForward | None
+
+    def take(self) -> TargetForward | None:
+        out, self.out = self.out, None
+        return out
 
 
 def pad_id_of(tokenizer) -> int:
@@ -47,14 +53,15 @@ def input_device(target: HFEagle3TargetModel) -> torch.device:
 def pad_batch(samples: Sequence[TokenizedSample], indices: Sequence[int], pad_id: int, device: torch.device
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
     """Right-padded ``input_ids``, ``attention_mask``, ``loss_mask`` ``[B, T]`` on ``device`` and the real lengths."""
-    lengths = [len(samples[i].input_ids) for i in indices]
+    rows = [samples[i] for i in indices]  # once each: a TokenStore reads them from disk
+    lengths = [len(s.input_ids) for s in rows]
     ids = torch.full((len(indices), max(lengths)), pad_id, dtype=torch.long)  # [B, T]
     lm = torch.zeros_like(ids)                                                 # [B, T]; padding 0
     am = torch.zeros_like(ids)                                                 # [B, T]
-    for row, i in enumerate(indices):
+    for row, sample in enumerate(rows):
         n = lengths[row]
-        ids[row, :n] = samples[i].input_ids
-        lm[row, :n] = samples[i].loss_mask
+        ids[row, :n] = sample.input_ids
+        lm[row, :n] = sample.loss_mask
         am[row, :n] = 1
     return ids.to(device), am.to(device), lm.to(device), lengths
 
@@ -70,14 +77,15 @@ def shard_records(plan: ShardPlan, samples: Sequence[TokenizedSample], target: H
     length-bucketed batch order; a record is yielded only once its copy to the host is done."""
     device = input_device(target)
     shard_samples = samples[plan.first_sample : plan.stop]
-    lengths = [len(s.input_ids) for s in shard_samples]
+    lengths = [n for n, _ in sample_lengths(shard_samples)]
     pending = None  # (event, indices, records) of the previous batch, whose copy may be in flight
     with _device_context(device):
         for indices in length_bucketed_batches(lengths, batch_size):
             ids, am, lm, lens = pad_batch(shard_samples, indices, pad_id, device)
-            if probe is not None and [plan.first_sample + i for i in indices] == probe.indices:
-                out, probe = probe.out, None  # the encoding probe already ran exactly this batch
-            else:
+            out = None
+            if probe is not None and probe.out is not None and [plan.first_sample + i for i in indices] == probe.indices:
+                out = probe.take()  # the encoding probe already ran exactly this batch
+            if out is None:
                 out = target.forward_capture(ids, am, capture_final_hidden=spec.encoding == "hidden")
             batch = batch_to_records(logits=out.logits, aux_hidden_states=out.aux_hidden_states,
                                      final_hidden=out.final_hidden, input_ids=ids, loss_mask=lm, lengths=lens,

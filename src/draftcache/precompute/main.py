@@ -4,13 +4,17 @@ directory, the target's config, the data (read and tokenized); only then are the
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from draftcache.data import load_conversations, set_chat_template
+from draftcache.data import TokenStore, load_conversations, set_chat_template
 from draftcache.precompute.config import ConfigError, PrecomputeConfig
-from draftcache.precompute.distributed import DistContext, init_distributed, run_step, shutdown_distributed
+from draftcache.precompute.distributed import DistContext, gather_step, init_distributed, run_step, \
+    shutdown_distributed
 from draftcache.precompute.engines import build_target, check_engine
 from draftcache.precompute.fingerprint import chat_template_fingerprint
 from draftcache.precompute.output_dir import PrecomputeError, check_output_dir
@@ -80,10 +84,38 @@ def _run(cfg: PrecomputeConfig, ctx: DistContext, device, log: Callable[[str], N
         set_chat_template(tokenizer, cfg.chat_template)
         if cfg.resume and ctx.is_main:
             _check_resume_template(Path(cfg.output_dir), tokenizer)
-        samples = tokenize_conversations(replace(cfg, progress=cfg.progress and ctx.is_main), tokenizer, conversations)
-        return conversations, tokenizer, samples
+        loaded.update(conversations=conversations, tokenizer=tokenizer, samples=None)
+        if not ctx.is_main:
+            return None
+        # rank 0 tokenizes once, into a store on disk; the ranks on its host read it
+        store = tokenize_conversations(cfg, tokenizer, conversations, store_dir=stores.new())
+        loaded["samples"] = store
+        return socket.gethostname(), str(store.directory)
 
-    conversations, tokenizer, samples = run_step(ctx, "loading and tokenising the data", load)
+    stores = _TokenStores()
+    loaded: dict = {}
+    try:
+        # patient: the other ranks wait while rank 0 tokenizes (hours for millions of conversations)
+        host, shared = gather_step(ctx, "loading and tokenising the data", load, patient=True)[0]
+        conversations, tokenizer, samples = loaded["conversations"], loaded["tokenizer"], loaded["samples"]
+        if samples is None:
+            def open_store():
+                if host == socket.gethostname() and Path(shared).is_dir():
+                    return TokenStore(shared)
+                # another host: tokenize here, once per rank (the same samples: deterministic)
+                return tokenize_conversations(replace(cfg, progress=False), tokenizer, conversations,
+                                              store_dir=stores.new())
+
+            samples = run_step(ctx, "opening the tokenized data", open_store)
+        else:
+            run_step(ctx, "opening the tokenized data", lambda: None)
+        return _run_target(cfg, ctx, device, log, target_path, conversations, tokenizer, samples)
+    finally:
+        stores.remove()
+
+
+def _run_target(cfg: PrecomputeConfig, ctx: DistContext, device, log: Callable[[str], None], target_path: str,
+                conversations, tokenizer, samples) -> PrecomputeSummary:
     if not cfg.progress or not ctx.is_main:
         from transformers.utils import logging as hf_logging
 
@@ -98,6 +130,23 @@ def _run(cfg: PrecomputeConfig, ctx: DistContext, device, log: Callable[[str], N
         close = getattr(target, "close", None)  # an engine-served target stops its engine
         if callable(close):
             close()
+
+
+class _TokenStores:
+    """The temporary token stores this process created (``$TMPDIR/draftcache-tokens-*``), removed
+    when the run ends, however it ends (a SIGKILL leaves one behind)."""
+
+    def __init__(self) -> None:
+        self.paths: list[Path] = []
+
+    def new(self) -> Path:
+        path = Path(tempfile.mkdtemp(prefix="draftcache-tokens-"))
+        self.paths.append(path)
+        return path
+
+    def remove(self) -> None:
+        for path in self.paths:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _check_target_config(cfg: PrecomputeConfig, path: str) -> None:

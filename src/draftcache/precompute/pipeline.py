@@ -5,7 +5,8 @@ shard, and hand unpadded records to the background shard writer.
 their tokenized samples), so tests drive it with tiny real objects; ``main.py`` only loads them.
 
 Order of work, cheapest and most likely to fail first: settings, output directory, draft
-vocabulary, encoding (one probe forward), manifest; only then is the directory created and
+vocabulary, encoding (rank 0 decides, with one probe forward unless ``--resume`` finds the choice
+recorded; every rank uses rank 0's decision), manifest; only then is the directory created and
 locked, so a refused run leaves nothing behind.
 """
 
@@ -19,21 +20,23 @@ from pathlib import Path
 import torch
 
 import draftcache
-from draftcache.cache_format import FORMAT_VERSION, SampleBytes, plan_shard_boundaries
+from draftcache.cache_format import FORMAT_VERSION, MANIFEST_FILE, SampleBytes, plan_shard_boundaries, read_manifest
 from draftcache.cache_format.schema import KIND_SHIFT, storage_dtype
 from draftcache.data import (
     ChatTokenizer,
     ConversationSet,
     DraftVocab,
     TokenizedSample,
+    TokenStoreWriter,
     select_draft_vocab,
+    sample_lengths,
     set_chat_template,
+    share_token_counts,
     special_token_ids,
-    supervised_token_counts,
     tokenize_all,
 )
 from draftcache.precompute.config import ConfigError, PrecomputeConfig
-from draftcache.precompute.distributed import DistContext, all_reduce_sum, run_step
+from draftcache.precompute.distributed import DistContext, all_reduce_sum, gather_step, run_step
 from draftcache.precompute.engines import engine_info, weights_fingerprint
 from draftcache.precompute.fingerprint import (
     chat_template_fingerprint,
@@ -55,9 +58,13 @@ __all__ = ["run_precompute", "tokenize_conversations", "check_output_dir", "Prec
 _LOGIT_TRANSFORM_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_logit_scale")
 
 
-def tokenize_conversations(cfg: PrecomputeConfig, tokenizer, conversations: ConversationSet) -> list[TokenizedSample]:
+def tokenize_conversations(cfg: PrecomputeConfig, tokenizer, conversations: ConversationSet, *,
+                           store_dir: Path | None = None) -> Sequence[TokenizedSample]:
     """Render and tokenize conversations, truncated to ``cfg.seq_length``, until ``cfg.num_samples``
     samples survive (all when None), in ``cfg.num_workers`` processes.
+
+    With ``store_dir`` the samples go to a ``TokenStore`` written there (returned, open), so host
+    memory does not grow with the dataset; else they are returned as a list.
 
     ``cfg.chat_template`` (when set) is first made the tokenizer's template, so the manifest
     ``run_precompute`` writes fingerprints the template actually used. A lazily loaded
@@ -67,8 +74,16 @@ def tokenize_conversations(cfg: PrecomputeConfig, tokenizer, conversations: Conv
     fails the start-up probe or refuses every conversation raises ``ChatTemplateError``.
     """
     set_chat_template(tokenizer, cfg.chat_template)
-    return tokenize_all(conversations, ChatTokenizer(tokenizer, cfg.seq_length), conversations.skipped,
-                        strict=cfg.strict, progress=cfg.progress, limit=cfg.num_samples, num_workers=cfg.num_workers)
+    into = TokenStoreWriter(store_dir) if store_dir is not None else None
+    try:
+        samples = tokenize_all(conversations, ChatTokenizer(tokenizer, cfg.seq_length), conversations.skipped,
+                               strict=cfg.strict, progress=cfg.progress, limit=cfg.num_samples,
+                               num_workers=cfg.num_workers, into=into)
+    except BaseException:
+        if into is not None:
+            into.close().close()
+        raise
+    return into.close() if into is not None else samples
 
 
 @torch.no_grad()
@@ -126,47 +141,83 @@ def run_precompute(
 
     run_step(ctx, "checking the settings", check)
     # each rank counts a disjoint part of the samples; the sum is the one-process count
-    mine = samples[ctx.rank::ctx.world_size]
-    counts = all_reduce_sum(ctx, supervised_token_counts([s.input_ids for s in mine], [s.loss_mask for s in mine],
-                                                          target.vocab_size))  # [V] int64
+    counts = all_reduce_sum(ctx, share_token_counts(samples, target.vocab_size, ctx.rank, ctx.world_size))  # [V] int64
 
-    def plan() -> tuple[dict, SupervisionSpec, Probe | None]:
-        specials = special_token_ids(tokenizer)
-        vocab = select_draft_vocab(counts, cfg.draft_vocab_size, specials)
-        dtype = storage_dtype(cfg.dtype)
+    specials = special_token_ids(tokenizer)
+    vocab = run_step(ctx, "choosing the draft vocabulary", lambda: select_draft_vocab(counts, cfg.draft_vocab_size,
+                                                                                       specials))
+    dtype = storage_dtype(cfg.dtype)
+    probe: list[Probe] = []  # rank 0's probe forward, if it ran one
+
+    def choose() -> tuple[str, str | None, float | None]:
+        """Rank 0 alone decides the encoding; every rank then uses its decision (a per-rank
+        measurement near the tolerance, or on mixed GPUs, could disagree)."""
+        if cfg.method == "dflash":  # the target's argmax over its full vocabulary: no choice, no probe
+            return "argmax", None, None
+        recorded = _recorded_encoding(cfg, out)
+        if recorded is not None:  # --resume: the choice the cache was made with, not measured again
+            encoding, closeness = recorded
+            return encoding, f"resume: supervision {encoding}, as recorded in the cache (not measured again)", \
+                closeness
         # the probe forward is the first batch of shard 0 as a hidden cache would cut it, so that
-        # shard reuses it instead of running it twice
+        # shard (rank 0's first) reuses it instead of running it twice
         hidden_bytes = SampleBytes({"dtype": cfg.dtype, "target": {"hidden_size": target.hidden_size},
                                     "capture": {"layer_ids": target.aux_layer_ids},
                                     "supervision": {"encoding": "hidden", "topk": None},
                                     "draft_vocab": {"size": vocab.size}})
-        first_shard = plan_shard_boundaries([hidden_bytes(len(s.input_ids), int(s.loss_mask.sum())) for s in samples],
-                                            cfg.shard_size, cfg.max_shard_bytes)[1]
-        if cfg.method == "dflash":  # the target's argmax over its full vocabulary: no choice, no probe
-            encoding, why, probe, closeness = "argmax", None, None, None
-        else:
-            encoding, why, probe, closeness = _choose_encoding(cfg, target, samples[:first_shard], vocab,
-                                                               pad_id_of(tokenizer), dtype)
-        if why:
-            log(why)
+        first_shard = plan_shard_boundaries((hidden_bytes(*n) for n in sample_lengths(samples)), cfg.shard_size,
+                                            cfg.max_shard_bytes)[1]
+        encoding, why, forward, closeness = _choose_encoding(cfg, target, samples[:first_shard], vocab,
+                                                             pad_id_of(tokenizer), dtype)
+        if forward is not None:
+            probe.append(forward)
+        return encoding, why, closeness
+
+    encoding, why, closeness = gather_step(ctx, "choosing the encoding", choose if ctx.is_main else _nothing)[0]
+    if why:
+        log(why)
+
+    def plan() -> tuple[dict, SupervisionSpec]:
         manifest = _build_manifest(cfg, target=target, tokenizer=tokenizer, conversations=conversations,
                                    model_id=model_id, vocab=vocab, counts=counts, encoding=encoding,
                                    num_samples=len(samples), special_ids=specials, closeness=closeness)
         sample_bytes = SampleBytes(manifest)
-        sizes = [sample_bytes(len(s.input_ids), int(s.loss_mask.sum())) for s in samples]
+        sizes = (sample_bytes(*n) for n in sample_lengths(samples))
         manifest["shard_boundaries"] = plan_shard_boundaries(sizes, cfg.shard_size, cfg.max_shard_bytes)
         manifest["num_shards"] = len(manifest["shard_boundaries"]) - 1
         spec = SupervisionSpec(encoding=encoding, vocab=vocab, dtype=dtype,
                                topk=cfg.target_probs_topk if encoding == "topk" else None)
-        return manifest, spec, probe
+        return manifest, spec
 
-    manifest, spec, probe = run_step(ctx, "choosing the draft vocabulary and encoding", plan)
+    manifest, spec = run_step(ctx, "planning the shards", plan)
     job = CacheJob(output_dir=out, manifest=manifest, spec=spec, samples=samples, pad_id=pad_id_of(tokenizer),
                    batch_size=cfg.batch_size, resume=cfg.resume, progress=cfg.progress,
-                   skipped=conversations.skipped.as_dict(), probe=probe)
+                   skipped=conversations.skipped.as_dict(), probe=probe.pop() if probe else None)
     summary = write_cache(job, target, ctx=ctx, log=log)
     summary.wall_seconds = time.perf_counter() - t0
     return summary
+
+
+def _nothing() -> None:
+    return None
+
+
+def _recorded_encoding(cfg: PrecomputeConfig, out: Path) -> tuple[str, float | None] | None:
+    """On ``--resume``, the encoding (and measured rebuild closeness) the cache in ``out`` records,
+    when this run's request allows it (``auto``: ``hidden`` or ``probs``; ``hidden``: ``hidden``);
+    None otherwise (no cache yet, an unreadable one, or another request: the resume check proper
+    then compares and refuses with every differing field)."""
+    if not cfg.resume or not (out / MANIFEST_FILE).is_file():
+        return None
+    try:
+        old = read_manifest(out)
+    except (OSError, ValueError):
+        return None
+    encoding = old["supervision"]["encoding"]
+    allowed = {"auto": ("hidden", "probs"), "hidden": ("hidden",)}.get(cfg.encoding_request, ())
+    if old["kind"] != cfg.method or encoding not in allowed:
+        return None
+    return encoding, old["supervision"].get("rebuild_max_abs_prob_diff") if encoding == "hidden" else None
 
 
 def _logit_transform_in_config(target: HFEagle3TargetModel) -> str | None:

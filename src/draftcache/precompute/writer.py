@@ -15,8 +15,11 @@ Who does what:
   batch by batch (``ShardFileWriter``: host memory is a batch of records, not a shard), commits
   it atomically and appends its entry to ``rank-R.commits.jsonl`` (fsynced);
 - after each round the ranks exchange their outcomes (``gather_step``): a failure anywhere stops
-  every rank with ``rank R failed: ...``, and rank 0 records the round's entries in the manifest;
-- at the end rank 0 marks the manifest complete and removes the journals.
+  every rank with ``rank R failed: ...``, and rank 0 records the round's entries in memory (the
+  journals are the on-disk record until the end, so a commit costs the same after 30,000 shards
+  as after 10: ``manifest.json`` is not rewritten per shard);
+- at the end rank 0 compacts: it writes the complete manifest (every shard in index order) and
+  removes the journals. ``--resume`` compacts the same way before computing anything.
 
 Shard ``k`` holds the samples ``shard_boundaries`` gives it whoever computes it, and the final
 manifest lists the shards in index order with the same totals, so the cache is the same for any
@@ -47,7 +50,7 @@ from draftcache.cache_format.manifest import Manifest, shard_stats
 from draftcache.cache_format.schema import LM_HEAD_ENCODINGS
 from draftcache.cache_format.resume import journal_files, read_journals
 from draftcache.cache_format.writer import append_commit, check_record, write_side_file
-from draftcache.data import TokenizedSample
+from draftcache.data import TokenizedSample, sample_lengths
 from draftcache.precompute.distributed import DistContext, gather_step
 from draftcache.precompute.forward import Probe, Progress, shard_records
 from draftcache.precompute.output_dir import PrecomputeError, check_cache_contents
@@ -56,7 +59,7 @@ from draftcache.precompute.records import SupervisionSpec
 from draftcache.precompute.summary import PrecomputeSummary
 from draftcache.targets import HFEagle3TargetModel
 
-__all__ = ["CacheJob", "write_cache", "assign_shards", "drop_journals"]
+__all__ = ["CacheJob", "write_cache", "assign_shards", "drop_journals", "ManifestOwner", "ByteCount"]
 
 # The flag behind each manifest field a resumed run must match, named in the refusal.
 _FIELD_FLAGS = {
@@ -98,7 +101,7 @@ class CacheJob:
     resume: bool = False
     progress: bool = True
     skipped: dict | None = None        # the data's skip counts, echoed in the summary
-    probe: Probe | None = None         # a forward already run, reused by the shard that holds it
+    probe: Probe | None = None         # a forward already run, reused by the shard that holds it, then released
 
 
 def assign_shards(plans: Sequence[ShardPlan], rank: int, world_size: int) -> list[ShardPlan | None]:
@@ -118,7 +121,9 @@ def drop_journals(out: Path) -> None:
         fsync_dir(out)
 
 
-class _ByteCount:
+class ByteCount:
+    """Bytes of shards and side files this rank wrote (the progress bar's ``written``)."""
+
     def __init__(self) -> None:
         self.bytes_written = 0
 
@@ -126,18 +131,36 @@ class _ByteCount:
         self.bytes_written += n
 
 
-class _ManifestOwner:
-    """Rank 0's hold on ``manifest.json``: side files, committed shard entries, completion."""
+class ManifestOwner:
+    """Rank 0's hold on ``manifest.json``: side files, committed shard entries, completion.
 
-    def __init__(self, out: Path, manifest: dict, counter: _ByteCount):
+    ``manifest.json`` is written (and validated) only when the set of trusted shards is decided:
+    at start (a fresh plan, or on ``--resume`` the compaction of the journals into it), after each
+    side file, and at ``finish``. A shard commit costs O(1) in the number of shards: its entry is
+    already fsynced in its rank's commit journal (``append_commit``), which is what a crash leaves
+    for ``--resume`` to verify; ``commit`` only records it in memory and updates the totals.
+    """
+
+    def __init__(self, out: Path, manifest: dict, counter: ByteCount):
         self.out = out
         self.manifest = manifest
         self.counter = counter
         self.files: list[tuple[str, dict]] = []  # a resumed cache's side-file entries, in written order
+        self._shards = {e["index"]: e for e in manifest["shards"]}  # committed, by index
+        self.manifest_writes = 0  # times manifest.json was (validated and) written
 
     def write(self) -> None:
         validate_manifest(self.manifest)
         atomic_write_json(self.out / MANIFEST_FILE, self.manifest)
+        self.manifest_writes += 1
+
+    def start(self, kept: list[dict]) -> None:
+        """Make ``kept`` (verified entries, by index) the committed shards and write the manifest:
+        after this the journals' entries are in ``manifest.json`` and the journals can go."""
+        self._shards = {e["index"]: e for e in kept}
+        self.manifest["shards"] = sorted(kept, key=lambda e: e["index"])
+        self.manifest["stats"] = shard_stats(self.manifest["shards"])
+        self.write()
 
     def write_side_files(self, target: HFEagle3TargetModel, spec: SupervisionSpec) -> None:
         """``target_embeddings`` (storage dtype; the target's for ``argmax``) and, for ``hidden`` and
@@ -161,19 +184,28 @@ class _ManifestOwner:
         self.write()
 
     def commit(self, entries: list[dict]) -> None:
-        if not entries:
-            return
-        shards = {e["index"]: e for e in self.manifest["shards"]}
-        shards.update({e["index"]: e for e in entries})
-        self.manifest["shards"] = [shards[k] for k in sorted(shards)]
-        self.manifest["stats"] = shard_stats(self.manifest["shards"])
-        self.write()
+        """Record shard entries already journaled by the ranks that committed them. O(len(entries))."""
+        stats = self.manifest["stats"]
+        for entry in entries:
+            old = self._shards.get(entry["index"])
+            if old is not None:
+                for key in stats:
+                    stats[key] -= old[key]
+            self._shards[entry["index"]] = entry
+            for key in stats:
+                stats[key] += entry[key]
+
+    @property
+    def num_committed(self) -> int:
+        return len(self._shards)
 
     def finish(self) -> None:
-        missing = self.manifest["num_shards"] - len(self.manifest["shards"])
+        """Compact: write the complete manifest (every shard, in index order), then drop the journals."""
+        missing = self.manifest["num_shards"] - len(self._shards)
         if missing:
             raise RuntimeError(f"{missing} shard(s) of {self.manifest['num_shards']} were not committed; rerun with "
                                "--resume to compute them")
+        self.manifest["shards"] = [self._shards[k] for k in sorted(self._shards)]
         self.manifest["stats"] = shard_stats(self.manifest["shards"])
         self.manifest["complete"] = True
         self.write()
@@ -229,8 +261,8 @@ def write_cache(job: CacheJob, target: HFEagle3TargetModel, *, ctx: DistContext 
     ctx = ctx or DistContext()
     t0 = time.perf_counter()
     out = job.output_dir
-    counter = _ByteCount()
-    owner = _ManifestOwner(out, job.manifest, counter) if ctx.is_main else None
+    counter = ByteCount()
+    owner = ManifestOwner(out, job.manifest, counter) if ctx.is_main else None
     lock = CacheLock(out) if ctx.is_main else None
     created = ctx.is_main and not out.exists()
     try:
@@ -270,10 +302,7 @@ def write_cache(job: CacheJob, target: HFEagle3TargetModel, *, ctx: DistContext 
                 else:
                     kept.append(entry)
                     seen.add(entry["index"])
-            kept.sort(key=lambda e: e["index"])
-            owner.manifest["shards"] = kept
-            owner.manifest["stats"] = shard_stats(kept)
-            owner.write()  # the journals' entries are now in the manifest
+            owner.start(kept)  # the journals' entries are now in the manifest
             drop_journals(out)
             owner.write_side_files(target, job.spec)
             return [e["index"] for e in kept]
@@ -281,6 +310,9 @@ def write_cache(job: CacheJob, target: HFEagle3TargetModel, *, ctx: DistContext 
         committed = set(gather_step(ctx, "preparing the cache directory", prepare if ctx.is_main else list)[0])
         plans = plan_shards(job.manifest["shard_boundaries"])
         todo = [p for p in plans if p.index not in committed]
+        mine = [p for p in assign_shards(todo, ctx.rank, ctx.world_size) if p is not None]
+        if job.probe is not None and not any(p.first_sample <= job.probe.indices[0] < p.stop for p in mine):
+            job.probe.take()  # no shard of this rank holds the probe's batch: release it now
         meta = Manifest(job.manifest)
         # samples already committed (not necessarily a prefix: a crashed distributed run leaves gaps)
         done = sum(p.num_samples for p in plans if p.index in committed)
@@ -327,12 +359,11 @@ def write_cache(job: CacheJob, target: HFEagle3TargetModel, *, ctx: DistContext 
 
 
 def _write_shard(plan: ShardPlan, job: CacheJob, meta: Manifest, target: HFEagle3TargetModel, progress: Progress,
-                 counter: _ByteCount) -> dict:
+                 counter: ByteCount) -> dict:
     """Forward shard ``plan`` batch by batch, each sample's rows going straight into the pre-sized
     shard file; commit it and return its manifest entry."""
-    shard_samples = job.samples[plan.first_sample : plan.stop]
-    shard = ShardFileWriter(job.output_dir, meta, plan.index, [len(s.input_ids) for s in shard_samples],
-                            [int(s.loss_mask.sum()) for s in shard_samples], on_bytes=counter.count)
+    tokens, supervised = zip(*sample_lengths(job.samples[plan.first_sample : plan.stop]))
+    shard = ShardFileWriter(job.output_dir, meta, plan.index, list(tokens), list(supervised), on_bytes=counter.count)
     try:
         for local, record in shard_records(plan, job.samples, target, job.spec, pad_id=job.pad_id,
                                            batch_size=job.batch_size, progress=progress, probe=job.probe):
@@ -340,6 +371,8 @@ def _write_shard(plan: ShardPlan, job: CacheJob, meta: Manifest, target: HFEagle
             check_record(meta, plan.first_sample + local, record)
             shard.write(local, record)
         progress.refresh()
+        if job.probe is not None and plan.first_sample <= job.probe.indices[0] < plan.stop:
+            job.probe.take()  # its shard is written: release it even if no batch matched exactly
         return shard.commit().to_dict()
     except BaseException:
         shard.abort()
