@@ -37,7 +37,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from draftcache.targets.supervision import compute_target_distribution, shift_left_with_zero
 from draftcache.trainer.eagle3.model import (
@@ -46,6 +45,7 @@ from draftcache.trainer.eagle3.model import (
     build_attention_mask,
     document_layout,
 )
+from draftcache.trainer.vocab_loss import chunked_soft_cross_entropy
 
 __all__ = ["TTTOutput", "ttt_forward", "simulated_acceptance_length"]
 
@@ -194,7 +194,8 @@ def ttt_forward(
             ids = shift_left_with_zero(ids)
             pmask = shift_left_with_zero(pmask)
             lmask = shift_left_with_zero(lmask)
-        out = model.forward_step(ids, hidden, position_ids=position_ids + step, mask=mask, cache=cache)
+        out = model.forward_step(ids, hidden, position_ids=position_ids + step, mask=mask, cache=cache,
+                                 logits=return_logits)
         hidden = out.hidden_states  # slot t keeps its own chain state
 
         valid, supervised = pmask, lmask  # [B, T, 1], [B, T]
@@ -206,16 +207,16 @@ def ttt_forward(
         # the shifted-in zero tail supervises nothing, and no [B, T, Vd] copy is made or kept per step.
         rows = max(seq - step, 0)
         probs = target_probs[:, step:]  # [B, rows, Vd]
-        wide = torch.promote_types(out.logits.dtype, torch.float32)  # loss in at least fp32
-        weight = valid[:, :rows].squeeze(-1).to(wide)  # [B, rows]
-        log_probs = F.log_softmax(out.logits[:, :rows].to(wide), dim=-1)  # [B, rows, Vd]
-        per_slot = -(probs.to(wide) * log_probs).sum(-1) * weight  # [B, rows]
+        # soft CE in at least fp32; the [B, rows, Vd] logits exist one chunk of slots at a time
+        ce, predicted = chunked_soft_cross_entropy(hidden[:, :rows], model.compute_logits, probs, dim=1)
+        weight = valid[:, :rows].squeeze(-1).to(ce.dtype)  # [B, rows]
+        per_slot = ce * weight  # [B, rows]
         loss_sum = per_slot.sum()
         count = weight.sum()
         step_sums.append(loss_sum)
         step_losses.append(loss_sum / count.clamp(min=1))
         with torch.no_grad():
-            hit = (out.logits[:, :rows].argmax(-1) == probs.argmax(-1)) & valid[:, :rows].squeeze(-1)
+            hit = (predicted == probs.argmax(-1)) & valid[:, :rows].squeeze(-1)
             step_correct.append(hit.sum())
             step_valid.append(valid.sum())
             step_supervised.append(supervised.sum())
