@@ -7,7 +7,9 @@ for 7,680 DFlash block slots at a 128,256 vocabulary). Here the rows are split i
 ``dim`` and every chunk runs under activation checkpointing: its logits exist only while that
 chunk's loss is computed in the forward, and again while its gradient is computed in the backward
 (one extra projection per chunk). Peak memory of the loss is then ``O(chunk * V)``, independent
-of ``N``; results are those of the unchunked computation (same ops per row, fp32 loss).
+of ``N``; results are those of the unchunked computation (same ops per row, fp32 loss). When all
+rows fit in one chunk the loss runs plainly: it is within the budget already, and small runs skip
+the recompute (and torch's checkpoint machinery, whose first use imports ``torch._dynamo``).
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ def _chunk_len(hidden: torch.Tensor, dim: int, vocab: int, chunk_elements: int) 
 
 
 def _run_chunks(fn, hidden: torch.Tensor, target: torch.Tensor, dim: int, size: int):
-    keep_graph = torch.is_grad_enabled() and hidden.requires_grad
+    recompute = torch.is_grad_enabled() and hidden.requires_grad and hidden.shape[dim] > size
     losses, argmaxes = [], []
     for h, t in zip(hidden.split(size, dim), target.split(size, dim)):
-        loss, top = checkpoint(fn, h, t, use_reentrant=False) if keep_graph else fn(h, t)
+        loss, top = checkpoint(fn, h, t, use_reentrant=False) if recompute else fn(h, t)
         losses.append(loss)
         argmaxes.append(top)
     return torch.cat(losses, dim), torch.cat(argmaxes, dim)

@@ -174,7 +174,7 @@ class DFlashAttention(nn.Module):
         Anchors are processed in chunks of about ``chunk_elements`` scores, each under activation
         checkpointing: only one chunk's ``[B, h, a, Bk, S]`` scores exist at a time, in the forward
         and again in the backward, so the layer keeps ``O(A*Bk*d + S*d)`` for autograd instead of
-        ``O(A*Bk*S)`` per head."""
+        ``O(A*Bk*S)`` per head. All anchors in one chunk run without checkpointing (within budget)."""
         batch, slots, _ = x.shape
         blocks = slots // block_size
         groups = self.num_heads // self.num_kv_heads
@@ -191,12 +191,12 @@ class DFlashAttention(nn.Module):
         # anchors per chunk: the scores [B, h, a, Bk, S + Bk] of one chunk hold ~chunk_elements
         per_anchor = batch * self.num_heads * block_size * (seq + block_size)
         step = max(1, chunk_elements // max(1, per_anchor))
-        keep_graph = torch.is_grad_enabled() and q.requires_grad
+        recompute = torch.is_grad_enabled() and q.requires_grad and blocks > step  # one chunk: within budget
         outs = []
         for a in range(0, blocks, step):
             args = (qb[:, :, a : a + step], kb[:, :, a : a + step], vb[:, :, a : a + step], context_k, context_v,
                     context_mask[:, a : a + step])
-            outs.append(checkpoint(_block_attention, *args, use_reentrant=False) if keep_graph
+            outs.append(checkpoint(_block_attention, *args, use_reentrant=False) if recompute
                         else _block_attention(*args))
         out = torch.cat(outs, dim=2)  # [B, h, A, Bk, d]
         out = out.reshape(batch, self.num_heads, slots, self.head_dim).transpose(1, 2).reshape(batch, slots, -1)

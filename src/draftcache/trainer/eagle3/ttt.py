@@ -45,7 +45,7 @@ from draftcache.trainer.eagle3.model import (
     build_attention_mask,
     document_layout,
 )
-from draftcache.trainer.vocab_loss import chunked_soft_cross_entropy
+from draftcache.trainer.vocab_loss import LOGITS_CHUNK_ELEMENTS, chunked_soft_cross_entropy
 
 __all__ = ["TTTOutput", "ttt_forward", "simulated_acceptance_length"]
 
@@ -118,6 +118,7 @@ def ttt_forward(
     ttt_steps: int = 7,
     step_weight: float = 0.8,
     return_logits: bool = False,
+    logits_chunk_elements: int = LOGITS_CHUNK_ELEMENTS,
 ) -> TTTOutput:
     """Run ``ttt_steps`` chained draft steps over a batch and score each against the target.
 
@@ -141,6 +142,8 @@ def ttt_forward(
         ttt_steps: number of chained steps ``K`` (EAGLE-3: 7).
         step_weight: per-step loss weight base (``w^k``).
         return_logits: keep every step's logits in the output (memory: ``K*B*T*Vd``).
+        logits_chunk_elements: logits per chunk of the loss (:mod:`draftcache.trainer.vocab_loss`);
+            the ``[B, T, Vd]`` logits are never alive at once unless ``return_logits``.
     """
     if ttt_steps < 1:
         raise ValueError(f"ttt_steps must be >= 1, got {ttt_steps}")
@@ -208,7 +211,8 @@ def ttt_forward(
         rows = max(seq - step, 0)
         probs = target_probs[:, step:]  # [B, rows, Vd]
         # soft CE in at least fp32; the [B, rows, Vd] logits exist one chunk of slots at a time
-        ce, predicted = chunked_soft_cross_entropy(hidden[:, :rows], model.compute_logits, probs, dim=1)
+        ce, predicted = chunked_soft_cross_entropy(hidden[:, :rows], model.compute_logits, probs, dim=1,
+                                                   chunk_elements=logits_chunk_elements)
         weight = valid[:, :rows].squeeze(-1).to(ce.dtype)  # [B, rows]
         per_slot = ce * weight  # [B, rows]
         loss_sum = per_slot.sum()
