@@ -371,10 +371,17 @@ def main(argv: list[str] | None = None) -> int:
         intermediate=args.intermediate, vocab=args.vocab, draft_vocab=args.draft_vocab, seq=args.eagle3_seq,
         ttt_steps=args.ttt_steps)
     print(f"training memory on {args.device} ({_describe(shape)})")
+    printed: list[str] = []
+
+    def log(text: str) -> None:  # each measured row as soon as it is known
+        printed.append(text)
+        print(text, flush=True)
+
     rows = measure_training_memory(dflash=shape, anchors=tuple(int(a) for a in args.anchors.split(",")),
-                                   eagle3=eagle3, device=args.device, paths=tuple(args.paths.split(",")))
+                                   eagle3=eagle3, device=args.device, paths=tuple(args.paths.split(",")), log=log)
     for row in rows:
-        print(row.format())
+        if row.format() not in printed:
+            print(row.format())
     return 0
 
 
