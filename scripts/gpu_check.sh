@@ -82,7 +82,7 @@ if [ "$DRY" -eq 1 ]; then
     --num-samples 4 --shard-size 2 --vocab-size 512 --draft-vocab-size 64 --repeats 1 --seq-length 64 \
     --median-tokens 32
 else
-  step precompute-overhead 200 "$PY" benchmarks/precompute_overhead.py --device cuda --shape llama-3.1-8b \
+  step precompute-overhead 240 "$PY" benchmarks/precompute_overhead.py --device cuda --shape llama-3.1-8b \
     --num-layers 32 --num-samples 32 --batch-size 4 --shard-size 8 --seq-length 2048 --median-tokens 1024 \
     --draft-vocab-size 32000 --repeats 2
 fi
@@ -93,7 +93,7 @@ if [ "$DRY" -eq 1 ]; then
     --head-dim 8 --intermediate 48 --vocab 256 --seq 48 --block 4 --anchors 8 --target-anchors 8 \
     --eagle3-seq 16 --draft-vocab 64 --ttt-steps 2
 else
-  step training-memory 150 "$PY" benchmarks/scale_training.py --device cuda --anchors 512 --target-anchors 512 \
+  step training-memory 240 "$PY" benchmarks/scale_training.py --device cuda --anchors 512 --target-anchors 512 \
     --eagle3-seq 2048
 fi
 
