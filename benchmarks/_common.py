@@ -118,7 +118,8 @@ def build_llama(shape: str, *, num_layers: int, vocab_size: int | None = None, i
         dims["intermediate_size"] = intermediate_size
     config = LlamaConfig(num_hidden_layers=num_layers, bos_token_id=1, eos_token_id=3, pad_token_id=0, **dims)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.device(device):  # initialised where it runs: an 8B model is not built on the host first
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.to(device).eval()
 
 

@@ -121,9 +121,13 @@ def main(argv: list[str] | None = None) -> None:
 
         def pipeline() -> float:
             shutil.rmtree(cfg.output_dir, ignore_errors=True)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             seconds = timed(lambda: holder.update(summary=run_precompute(
                 cfg, target=target, tokenizer=tokenizer, conversations=conversations, samples=samples,
                 model_id="benchmark-target", log=holder.setdefault("log", []).append)), device)
+            if device.type == "cuda":  # the target's weights included
+                holder["peak"] = max(holder.get("peak", 0), torch.cuda.max_memory_allocated(device))
             return seconds
 
         # warm-up (kernels, allocator, lazy imports): one pipeline run over the first samples
@@ -161,6 +165,9 @@ def main(argv: list[str] | None = None) -> None:
                    runs=" ".join(f"{t:.2f}" for t in bare)))
         print(line("run_precompute", seconds=min(pipe), tokens_per_s=tokens / min(pipe),
                    runs=" ".join(f"{t:.2f}" for t in pipe)))
+        if "peak" in holder:
+            print(line("peak device memory of run_precompute", GB=holder["peak"] / 1e9,
+                       weights_GB=sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9))
         ratio = min(pipe) / min(bare)
         print(line("RATIO run_precompute / bare forward", ratio=ratio, goal=f"<={GOAL}", met=ratio <= GOAL,
                    with_tokenisation=(min(pipe) + t_tok) / min(bare),

@@ -1,12 +1,13 @@
-"""The optimizer step and gradient-accumulation grouping shared by every draft family's loop."""
+"""The optimizer step, gradient-accumulation grouping and mixed precision shared by every draft family's loop."""
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 
-__all__ = ["optimizer_step", "accumulation_group"]
+__all__ = ["optimizer_step", "accumulation_group", "training_autocast"]
 
 
 def optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -30,3 +31,9 @@ def accumulation_group(position: int, micro_batches: int, grad_accum: int) -> tu
     start = position - position % grad_accum
     size = min(grad_accum, micro_batches - start)
     return size, position == start + size - 1
+
+
+def training_autocast(device: torch.device) -> AbstractContextManager:
+    """Mixed precision for a draft's forward and loss: bf16 autocast on GPUs (parameters and the
+    optimizer state stay fp32), full fp32 on CPU (bf16 CPU matmuls are slow and hurt loss parity)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()

@@ -21,10 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from draftcache.trainer.dflash.model import DFlashDraftModel, build_dflash_blocks
+from draftcache.trainer.dflash.model import ATTENTION_CHUNK_ELEMENTS, DFlashDraftModel, build_dflash_blocks
 from draftcache.trainer.layers import document_layout
+from draftcache.trainer.vocab_loss import LOGITS_CHUNK_ELEMENTS, chunked_cross_entropy
 
 __all__ = [
     "DFLASH_LOSS_DECAY",
@@ -138,6 +138,8 @@ def dflash_loss(
     seq_lens: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     decay: float = DFLASH_LOSS_DECAY,
+    attention_chunk_elements: int = ATTENTION_CHUNK_ELEMENTS,
+    logits_chunk_elements: int = LOGITS_CHUNK_ELEMENTS,
 ) -> DFlashLossOutput:
     """Forward the draft on the given anchors' blocks and score them against the target's argmax.
 
@@ -146,6 +148,9 @@ def dflash_loss(
         input_ids / target_argmax / loss_mask: ``[B, S]``; ``target_argmax[t]`` predicts ``t + 1``.
         anchor_positions / anchor_valid: ``[B, A]`` from :func:`sample_anchors`.
         seq_lens: ``[B, D]`` document lengths of packed rows, or None (one document per row).
+        attention_chunk_elements / logits_chunk_elements: memory budgets of the attention's
+            anchor chunks and of the vocabulary projection's row chunks (results do not depend
+            on them): the ``[N, V]`` fp32 logits are never alive at once.
     """
     config = model.config
     batch, seq = input_ids.shape
@@ -153,18 +158,19 @@ def dflash_loss(
     blocks = build_dflash_blocks(input_ids, anchor_positions, anchor_valid, block_size=config.block_size,
                                  mask_token_id=config.mask_token_id, seq_lens=seq_lens,
                                  attention_mask=attention_mask)
-    hidden = model(target_hidden, positions, blocks)  # [B, A, Bk, H]
+    hidden = model(target_hidden, positions, blocks, attention_chunk_elements=attention_chunk_elements)  # [B, A, Bk, H]
     labels, label_mask = dflash_block_labels(target_argmax, loss_mask, anchor_positions, anchor_valid,
                                              block_size=config.block_size, seq_lens=seq_lens)
     weights = dflash_position_weights(config.block_size, decay).to(hidden.device)
     slot_weights = weights.expand_as(label_mask)[label_mask]  # [N]
-    logits = model.compute_logits(hidden[label_mask]).float()  # [N, V], only counted slots
-    ce = F.cross_entropy(logits, labels[label_mask], reduction="none")
+    # [N] over counted slots only, the [N, V] logits in row chunks
+    ce, predicted = chunked_cross_entropy(hidden[label_mask], model.compute_logits, labels[label_mask],
+                                          vocab_size=model.config.vocab_size, chunk_elements=logits_chunk_elements)
     total = slot_weights.sum()
     loss = (ce * slot_weights).sum() / total.clamp(min=torch.finfo(total.dtype).tiny)
     with torch.no_grad():
         hit = torch.zeros_like(label_mask)
-        hit[label_mask] = logits.argmax(-1) == labels[label_mask]
+        hit[label_mask] = predicted == labels[label_mask]
         correct = hit[..., 1:].sum((0, 1))
         counted = label_mask[..., 1:].sum((0, 1))
         leading = torch.cumprod(hit[..., 1:].long(), dim=-1).sum(-1)  # [B, A]

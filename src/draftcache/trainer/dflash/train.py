@@ -37,7 +37,7 @@ from draftcache.trainer.dflash.config import DFlashDraftConfig
 from draftcache.trainer.dflash.loss import DFLASH_LOSS_DECAY, dflash_loss, sample_anchors
 from draftcache.trainer.dflash.model import DFlashDraftModel
 from draftcache.trainer.distributed import all_reduce_sum, init_distributed
-from draftcache.trainer.optim import accumulation_group, optimizer_step
+from draftcache.trainer.optim import accumulation_group, optimizer_step, training_autocast
 
 __all__ = ["DFlashTrainConfig", "DFlashTrainResult", "train_dflash", "choose_mask_token_id", "OnlineDFlashBatches",
            "CachedDFlashBatches"]
@@ -389,7 +389,8 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
         for i, indices in enumerate(val_plan):
             # seeded by the micro-batch's global index: the same anchors at every validation, on any world size
             gen = torch.Generator().manual_seed(anchor_seed(cfg.seed + 1, i * world + rank))
-            _add(sums, run(local_loss, supervise(indices), gen), block)
+            with training_autocast(device):
+                _add(sums, run(local_loss, supervise(indices), gen), block)
         draft.train()
         all_reduce_sum(sums, dist_info)
         return _summary(sums, block)
@@ -423,7 +424,8 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
             gen = torch.Generator().manual_seed(
                 anchor_seed(cfg.seed, state.step * cfg.grad_accum * world + in_group * world + rank))
             with loss_module.no_sync() if (world > 1 and not sync) else nullcontext():
-                out = run(loss_module, batch, gen)
+                with training_autocast(device):  # the forward only: backward ops take their forward's dtypes
+                    out = run(loss_module, batch, gen)
                 (out.loss / group).backward()
             _add(window, out, block)
             state.batches_in_epoch += 1

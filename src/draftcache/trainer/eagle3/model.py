@@ -495,9 +495,10 @@ class Eagle3DecoderLayer(nn.Module):
 
 @dataclass
 class Eagle3Output:
-    """``logits [B, T, Vd]`` and the pre-norm ``hidden_states [B, T, H]`` fed to the next step."""
+    """``logits [B, T, Vd]`` (None when not asked for) and the pre-norm ``hidden_states [B, T, H]``
+    fed to the next step."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     hidden_states: torch.Tensor
 
 
@@ -601,13 +602,15 @@ class Eagle3DraftModel(nn.Module):
         position_ids: torch.Tensor,
         mask: torch.Tensor,
         cache: "Eagle3KVCache | Eagle3DecodeCache | None" = None,
+        logits: bool = True,
     ) -> Eagle3Output:
         """One draft step: ``input_ids [B, T]`` (the tokens this step reads), ``hidden_states
         [B, T, H]`` (``fc`` output for the first step, the previous pre-norm output after),
-        ``position_ids [B, T]``, ``mask [B, 1, T, T]`` from :func:`build_attention_mask`."""
+        ``position_ids [B, T]``, ``mask [B, 1, T, T]`` from :func:`build_attention_mask`.
+        ``logits=False`` skips the ``[B, T, Vd]`` projection (the TTT loss projects in chunks)."""
         embeds = self.embed_tokens(input_ids).to(hidden_states.dtype)
         out = self.midlayer(embeds, hidden_states, position_ids, mask, cache)
-        return Eagle3Output(logits=self.compute_logits(out), hidden_states=out)
+        return Eagle3Output(logits=self.compute_logits(out) if logits else None, hidden_states=out)
 
     def decode(
         self, input_ids: torch.Tensor, hidden_states: torch.Tensor, cache: Eagle3DecodeCache

@@ -24,7 +24,7 @@ from draftcache.trainer.checkpoint import (
     save_checkpoint,
 )
 from draftcache.trainer.eagle3.config import TrainConfig
-from draftcache.trainer.optim import accumulation_group, optimizer_step
+from draftcache.trainer.optim import accumulation_group, optimizer_step, training_autocast
 from draftcache.trainer.distributed import DistInfo, all_reduce_sum, init_distributed
 from draftcache.trainer.eagle3.model import Eagle3DraftConfig, Eagle3DraftModel
 from draftcache.trainer.eagle3.ttt import simulated_acceptance_length, ttt_forward
@@ -117,11 +117,6 @@ def _lr_lambda(cfg: TrainConfig, total_steps: int):
     return fn
 
 
-def _autocast(device: torch.device):
-    # bf16 autocast on GPUs; full fp32 on CPU (bf16 CPU matmuls are slow and hurt the loss parity).
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
 def _metric_sums(k: int, device) -> torch.Tensor:
     """Running sums ``[loss sum, micro-batches, correct[k], valid[k], supervised[k]]`` (float64)."""
     return torch.zeros(2 + 3 * k, dtype=torch.float64, device=device)
@@ -157,7 +152,7 @@ def evaluate_loss(model, source, plan, cfg: TrainConfig, device, dist_info: Dist
     sums = _metric_sums(k, device)
     for batch in source.loader(plan, cfg.batch_tokens):
         inputs = source.supervise(batch, device)
-        with _autocast(device):
+        with training_autocast(device):
             out = ttt_forward(model, **inputs, ttt_steps=k, step_weight=cfg.step_weight)
         _accumulate(sums, out, k)
     all_reduce_sum(sums, dist_info)
@@ -285,7 +280,7 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
             inputs = source.supervise(batch, device)
             group, sync = accumulation_group(state.batches_in_epoch, micro_batches, cfg.grad_accum)
             ctx = ddp_model.no_sync() if (dist_info.world_size > 1 and not sync) else nullcontext()
-            with ctx, _autocast(device):
+            with ctx, training_autocast(device):
                 out = ddp_model(inputs, ttt_steps=k, step_weight=cfg.step_weight)
                 (out.loss / group).backward()
             _accumulate(window, out, k)

@@ -37,7 +37,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from draftcache.targets.supervision import compute_target_distribution, shift_left_with_zero
 from draftcache.trainer.eagle3.model import (
@@ -46,6 +45,7 @@ from draftcache.trainer.eagle3.model import (
     build_attention_mask,
     document_layout,
 )
+from draftcache.trainer.vocab_loss import LOGITS_CHUNK_ELEMENTS, chunked_soft_cross_entropy
 
 __all__ = ["TTTOutput", "ttt_forward", "simulated_acceptance_length"]
 
@@ -118,6 +118,7 @@ def ttt_forward(
     ttt_steps: int = 7,
     step_weight: float = 0.8,
     return_logits: bool = False,
+    logits_chunk_elements: int = LOGITS_CHUNK_ELEMENTS,
 ) -> TTTOutput:
     """Run ``ttt_steps`` chained draft steps over a batch and score each against the target.
 
@@ -141,6 +142,8 @@ def ttt_forward(
         ttt_steps: number of chained steps ``K`` (EAGLE-3: 7).
         step_weight: per-step loss weight base (``w^k``).
         return_logits: keep every step's logits in the output (memory: ``K*B*T*Vd``).
+        logits_chunk_elements: logits per chunk of the loss (:mod:`draftcache.trainer.vocab_loss`);
+            the ``[B, T, Vd]`` logits are never alive at once unless ``return_logits``.
     """
     if ttt_steps < 1:
         raise ValueError(f"ttt_steps must be >= 1, got {ttt_steps}")
@@ -194,7 +197,8 @@ def ttt_forward(
             ids = shift_left_with_zero(ids)
             pmask = shift_left_with_zero(pmask)
             lmask = shift_left_with_zero(lmask)
-        out = model.forward_step(ids, hidden, position_ids=position_ids + step, mask=mask, cache=cache)
+        out = model.forward_step(ids, hidden, position_ids=position_ids + step, mask=mask, cache=cache,
+                                 logits=return_logits)
         hidden = out.hidden_states  # slot t keeps its own chain state
 
         valid, supervised = pmask, lmask  # [B, T, 1], [B, T]
@@ -206,16 +210,17 @@ def ttt_forward(
         # the shifted-in zero tail supervises nothing, and no [B, T, Vd] copy is made or kept per step.
         rows = max(seq - step, 0)
         probs = target_probs[:, step:]  # [B, rows, Vd]
-        wide = torch.promote_types(out.logits.dtype, torch.float32)  # loss in at least fp32
-        weight = valid[:, :rows].squeeze(-1).to(wide)  # [B, rows]
-        log_probs = F.log_softmax(out.logits[:, :rows].to(wide), dim=-1)  # [B, rows, Vd]
-        per_slot = -(probs.to(wide) * log_probs).sum(-1) * weight  # [B, rows]
+        # soft CE in at least fp32; the [B, rows, Vd] logits exist one chunk of slots at a time
+        ce, predicted = chunked_soft_cross_entropy(hidden[:, :rows], model.compute_logits, probs, dim=1,
+                                                   chunk_elements=logits_chunk_elements)
+        weight = valid[:, :rows].squeeze(-1).to(ce.dtype)  # [B, rows]
+        per_slot = ce * weight  # [B, rows]
         loss_sum = per_slot.sum()
         count = weight.sum()
         step_sums.append(loss_sum)
         step_losses.append(loss_sum / count.clamp(min=1))
         with torch.no_grad():
-            hit = (out.logits[:, :rows].argmax(-1) == probs.argmax(-1)) & valid[:, :rows].squeeze(-1)
+            hit = (predicted == probs.argmax(-1)) & valid[:, :rows].squeeze(-1)
             step_correct.append(hit.sum())
             step_valid.append(valid.sum())
             step_supervised.append(supervised.sum())
