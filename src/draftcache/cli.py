@@ -125,7 +125,7 @@ def train(
     target_layer_ids: Optional[str] = typer.Option(None, "--target-layer-ids", help="DFlash: decoder-layer ids such as '1,14,27' (default: evenly spaced, one per draft layer)."),
     draft_layers: int = typer.Option(1, "--draft-layers", help="DFlash: draft decoder layers (NeMo's recipe: 5)."),
     block_size: int = typer.Option(16, "--block-size", help="DFlash: anchor + masked slots per block (serve with num_speculative_tokens = block_size - 1)."),
-    num_anchors: int = typer.Option(512, "--num-anchors", help="DFlash: blocks sampled per packed row."),
+    num_anchors: Optional[int] = typer.Option(None, "--num-anchors", help="DFlash: blocks sampled per packed row (default: the DFlash recipe's, see docs/DFLASH.md; NeMo: 512)."),
     mask_token_id: Optional[int] = typer.Option(None, "--mask-token-id", help="DFlash: token fed at masked slots (default: the tokenizer's mask token, else an unused special, else an unused token, never one whose embedding row is zero)."),
     freeze_k_norm: bool = typer.Option(False, "--freeze-k-norm", help="DFlash: keep every layer's k_norm at ones, so vLLM's CPU build (which applies layer 0's k_norm to every layer's context keys) serves a multi-layer draft as trained."),
 ) -> None:
@@ -183,7 +183,7 @@ def train(
 def _train_dflash(*, target_layer_ids, batch_tokens, **options) -> None:
     from draftcache.trainer.dflash.train import DFlashTrainConfig, train_dflash
 
-    options = {k: v for k, v in options.items() if not (k == "epochs" and v is None)}  # None: the DFlash recipe's
+    options = {k: v for k, v in options.items() if not (k in ("epochs", "num_anchors") and v is None)}  # the recipe's
 
     try:
         ids = tuple(int(x) for x in target_layer_ids.split(",")) if target_layer_ids else None

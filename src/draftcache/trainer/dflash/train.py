@@ -60,11 +60,11 @@ class DFlashTrainConfig:
     target_layer_ids: tuple[int, ...] | None = None  # None = default_dflash_layer_ids(L, num_draft_layers)
     num_draft_layers: int = 1              # NeMo's recipe: 5; 1 keeps CPU runs small
     block_size: int = 16                   # anchor + 15 masked slots (NeMo: 16)
-    num_anchors: int = 512                 # blocks sampled per packed row (NeMo: 512 per sequence)
+    num_anchors: int = 128                 # blocks per packed row; NeMo: 512 per sequence (docs/DFLASH.md, "Recipe")
     mask_token_id: int | None = None       # None = chosen by trainer/dflash/mask.py (never a zero embedding row)
     loss_decay: float = DFLASH_LOSS_DECAY  # slot k weighs exp(-(k-1)/decay)
     freeze_k_norm: bool = False            # keep every layer's k_norm at ones: vLLM CPU serves multi-layer drafts as trained
-    epochs: int = 12                       # the measured recipe on the embedded default (docs/DFLASH.md, "Recipe")
+    epochs: int = 18                       # the measured recipe on the embedded default (docs/DFLASH.md, "Recipe")
     max_steps: int | None = None
     batch_tokens: int = 1024               # token budget of a packed micro-batch
     grad_accum: int = 1                    # micro-batches per optimizer step (per rank under torchrun)
