@@ -102,7 +102,7 @@ def train(
     draft_vocab_size: Optional[int] = typer.Option(None, "--draft-vocab-size", help="Draft vocabulary size (hidden caches and online; default: the cache's own)."),
     aux_layer_ids: Optional[str] = typer.Option(None, "--aux-layer-ids", help="Online: three decoder-layer ids such as '1,15,28'."),
     ttt_steps: int = typer.Option(_TRAIN_DEFAULTS.ttt_steps, "--ttt-steps", help="Unrolled training-time-test steps."),
-    epochs: int = typer.Option(_TRAIN_DEFAULTS.epochs, "--epochs"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help=f"Passes over the data (default: {_TRAIN_DEFAULTS.epochs} for eagle3; for dflash the DFlash recipe's, see docs/DFLASH.md)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
     batch_tokens: Optional[int] = typer.Option(_TRAIN_DEFAULTS.batch_tokens, "--batch-tokens", help="Token budget of a packed micro-batch (0 = padded batches of --batch-size)."),
     batch_size: int = typer.Option(_TRAIN_DEFAULTS.batch_size, "--batch-size", help="Samples per padded micro-batch (with --batch-tokens 0)."),
@@ -126,8 +126,9 @@ def train(
     target_layer_ids: Optional[str] = typer.Option(None, "--target-layer-ids", help="DFlash: decoder-layer ids such as '1,14,27' (default: evenly spaced, one per draft layer)."),
     draft_layers: int = typer.Option(1, "--draft-layers", help="DFlash: draft decoder layers (NeMo's recipe: 5)."),
     block_size: int = typer.Option(16, "--block-size", help="DFlash: anchor + masked slots per block (serve with num_speculative_tokens = block_size - 1)."),
-    num_anchors: int = typer.Option(512, "--num-anchors", help="DFlash: blocks sampled per packed row."),
-    mask_token_id: Optional[int] = typer.Option(None, "--mask-token-id", help="DFlash: token fed at masked slots (default: a special token absent from the data)."),
+    num_anchors: Optional[int] = typer.Option(None, "--num-anchors", help="DFlash: blocks sampled per packed row (default: the DFlash recipe's, see docs/DFLASH.md; NeMo: 512)."),
+    mask_token_id: Optional[int] = typer.Option(None, "--mask-token-id", help="DFlash: token fed at masked slots (default: the tokenizer's mask token, else an unused special, else an unused token, never one whose embedding row is zero)."),
+    freeze_k_norm: bool = typer.Option(False, "--freeze-k-norm", help="DFlash: keep every layer's k_norm at ones, so vLLM's CPU build (which applies layer 0's k_norm to every layer's context keys) serves a multi-layer draft as trained."),
 ) -> None:
     """Train an EAGLE-3 or DFlash draft from a cache (or online from a co-located target), and export it.
 
@@ -141,7 +142,8 @@ def train(
                       allow_partial_cache=allow_partial_cache, target_model=target_model,
                       input_data=input_data, seq_length=seq_length, chat_template=chat_template,
                       target_layer_ids=target_layer_ids, num_draft_layers=draft_layers, block_size=block_size,
-                      num_anchors=num_anchors, mask_token_id=mask_token_id, epochs=epochs, max_steps=max_steps,
+                      num_anchors=num_anchors, mask_token_id=mask_token_id, freeze_k_norm=freeze_k_norm,
+                      epochs=epochs, max_steps=max_steps,
                       batch_tokens=batch_tokens, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
                       grad_clip=grad_clip,
                       val_fraction=val_fraction, eval_every=eval_every, save_every=save_every, log_every=log_every,
@@ -159,7 +161,8 @@ def train(
             output_dir=output_dir, cached_target_path=cached_target_path, allow_partial_cache=allow_partial_cache,
             target_model=target_model, input_data=input_data, seq_length=seq_length, chat_template=chat_template,
             draft_vocab_size=draft_vocab_size,
-            aux_layer_ids=tuple(aux) if aux else None, ttt_steps=ttt_steps, epochs=epochs, max_steps=max_steps,
+            aux_layer_ids=tuple(aux) if aux else None, ttt_steps=ttt_steps,
+            epochs=_TRAIN_DEFAULTS.epochs if epochs is None else epochs, max_steps=max_steps,
             batch_tokens=batch_tokens or None, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
             warmup_steps=warmup_steps, grad_clip=grad_clip, val_fraction=val_fraction, eval_every=eval_every,
             save_every=save_every, log_every=log_every, seed=seed, device=device, num_workers=num_workers,
@@ -180,6 +183,8 @@ def train(
 
 def _train_dflash(*, target_layer_ids, batch_tokens, **options) -> None:
     from draftcache.trainer.dflash.train import DFlashTrainConfig, train_dflash
+
+    options = {k: v for k, v in options.items() if not (k in ("epochs", "num_anchors") and v is None)}  # the recipe's
 
     try:
         ids = tuple(int(x) for x in target_layer_ids.split(",")) if target_layer_ids else None
@@ -215,6 +220,13 @@ def export(
         path = export_checkpoint(checkpoint, output, format=format)
     except _USER_ERRORS as e:
         _fail(str(e))
+    from draftcache.trainer.dflash.export import is_dflash_export, vllm_cpu_k_norm_warning
+
+    if is_dflash_export(path):
+        typer.echo(f"exported {checkpoint} -> {path} (dflash)")
+        if (warning := vllm_cpu_k_norm_warning(path)) is not None:
+            typer.echo(warning, err=True)
+        return
     typer.echo(f"exported {checkpoint} -> {path} ({format})")
 
 

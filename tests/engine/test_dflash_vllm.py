@@ -1,9 +1,11 @@
 """A DFlash draft trained here on SmolLM2 and exported by draftcache, served by vLLM's CPU build.
 
-Checks: vLLM loads the export as ``method: "dflash"``; every drafter tensor vLLM loaded equals
+Checks: the mask token is chosen by the trainer's rule (``trainer/dflash/mask.py``) and its
+SmolLM2 embedding row is non-zero; vLLM loads the export as ``method: "dflash"``; every drafter tensor vLLM loaded equals
 the export (snapshot taken right after ``load_weights``: the CPU backend then repacks linear
 weights and empties ``.weight``); the embeddings and lm_head it uses are the target's; vLLM's
-speculative greedy output equals plain greedy fp32; vLLM's acceptance counters equal ours.
+speculative greedy output equals plain greedy fp32; vLLM's acceptance counters equal ours, with
+tokens accepted past the first block position (the draft reads its anchor and context).
 
 vLLM CPU bug worked around (docs/DFLASH.md): the context-K RMSNorm reads only layer 0's
 ``k_norm`` weight, so every layer's ``k_norm`` is frozen at the same value (ones) in training.
@@ -18,30 +20,41 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engin
 import pytest
 import torch
 
+from draftcache.data.vocab import supervised_token_counts
 from draftcache.targets import HFDFlashTargetModel, default_dflash_layer_ids
 from draftcache.trainer.dflash.config import DFlashDraftConfig
 from draftcache.trainer.dflash.export import export_dflash_draft
 from draftcache.trainer.dflash.loss import dflash_loss, sample_anchors
+from draftcache.trainer.dflash.mask import MaskTokenChoice, choose_mask_token, tokenizer_special_ids
 from draftcache.trainer.dflash.model import DFlashDraftModel
 from draftcache.trainer.dflash.speculative import dflash_speculative_generate
 from draftcache.trainer.speculative import SpecDecodeStats, greedy_generate
 
 BLOCK = 4
 DRAFT_LAYERS = 2
-MASK = 16  # SmolLM2's <empty_output>: never in a chat, so its embedding is free to mark masked slots
 MAX_NEW = 32
 QUESTIONS = ["What is the capital of France?", "Write a short poem about the sea.",
              "Give me three tips for learning to cook."]
 
 
-def _train_draft(target: HFDFlashTargetModel, rows: list[torch.Tensor], prompt_lens: list[int]) -> DFlashDraftModel:
+def _mask_token(tokenizer, model, rows: list[torch.Tensor], masks: list[torch.Tensor]) -> MaskTokenChoice:
+    """The trainer's rule on SmolLM2 and the replies trained on."""
+    embed = model.get_input_embeddings().weight
+    return choose_mask_token(embeddings=embed, supervised_counts=supervised_token_counts(rows, masks, embed.shape[0]),
+                             rms_norm_eps=model.config.rms_norm_eps, special_ids=tokenizer_special_ids(tokenizer),
+                             tokenizer_mask_id=tokenizer.mask_token_id, token_name=tokenizer.convert_ids_to_tokens)
+
+
+def _train_draft(target: HFDFlashTargetModel, rows: list[torch.Tensor], prompt_lens: list[int],
+                 mask_token_id: int) -> DFlashDraftModel:
     """A 2-layer draft trained briefly on the target's own greedy replies, packed in one row."""
     layer_ids = default_dflash_layer_ids(target.num_layers, DRAFT_LAYERS)
-    config = DFlashDraftConfig.from_target_config(target.model.config, target_layer_ids=layer_ids, mask_token_id=MASK,
-                                                  num_hidden_layers=DRAFT_LAYERS, block_size=BLOCK)
+    config = DFlashDraftConfig.from_target_config(target.model.config, target_layer_ids=layer_ids,
+                                                  mask_token_id=mask_token_id, num_hidden_layers=DRAFT_LAYERS,
+                                                  block_size=BLOCK)
     torch.manual_seed(0)
     draft = DFlashDraftModel.from_target(config, target.model)
-    for layer in draft.layers:  # the vLLM CPU k_norm bug: keep every layer's k_norm equal (ones)
+    for layer in draft.layers:  # the vLLM CPU k_norm bug: keep every layer's k_norm equal (ones), as --freeze-k-norm
         layer.self_attn.k_norm.weight.requires_grad_(False)
     feats, argmax, masks = [], [], []
     for row, plen in zip(rows, prompt_lens):
@@ -81,7 +94,9 @@ def served(smollm2_dir, tmp_path_factory):
                                              tokenize=True, return_dict=False) for q in QUESTIONS]
     prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
     greedy = [greedy_generate(model, torch.tensor(p), MAX_NEW) for p in prompts]
-    draft = _train_draft(target, [torch.tensor(p + g) for p, g in zip(prompts, greedy)], [len(p) for p in prompts])
+    rows = [torch.tensor(p + g) for p, g in zip(prompts, greedy)]
+    mask = _mask_token(tokenizer, model, rows, [torch.tensor([0] * len(p) + [1] * len(g)) for p, g in zip(prompts, greedy)])
+    draft = _train_draft(target, rows, [len(p) for p in prompts], mask.token_id)
     ours = SpecDecodeStats(draft_tokens=BLOCK - 1)
     our_outputs = [dflash_speculative_generate(target, draft, torch.tensor(p), max_new_tokens=MAX_NEW, stats=ours)
                    for p in prompts]
@@ -107,15 +122,24 @@ def served(smollm2_dir, tmp_path_factory):
                            SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True))
     metrics = {m.name: m for m in llm.get_metrics()}
     runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
-    yield {"draft": draft, "model": model, "greedy": greedy, "ours": ours, "our_outputs": our_outputs,
+    yield {"mask": mask, "draft": draft, "model": model, "greedy": greedy, "ours": ours, "our_outputs": our_outputs,
            "vllm_outputs": [list(r.outputs[0].token_ids) for r in results], "metrics": metrics,
            "loaded": loaded, "drafter": runner.drafter.model, "target_runner_model": runner.model}
     del llm
 
 
-def test_our_block_decoding_is_lossless_and_accepts(served):
+def test_the_chosen_mask_row_is_not_zero(served):
+    mask, model = served["mask"], served["model"]
+    print(f"\nmask token {mask.token_id} ({mask.token!r}, {mask.rule}), row RMS {mask.row_rms:.4f}")
+    row = model.get_input_embeddings().weight[mask.token_id]
+    assert row.pow(2).mean() > model.config.rms_norm_eps
+    assert served["draft"].config.mask_token_id == mask.token_id
+
+
+def test_our_block_decoding_is_lossless_and_accepts_past_the_first_position(served):
     assert served["our_outputs"] == served["greedy"]
-    assert served["ours"].num_accepted_tokens > 0
+    per_pos = served["ours"].num_accepted_tokens_per_pos
+    assert per_pos[0] > 0 and per_pos[1] > 0, per_pos  # a draft ignoring its context accepts only at position 1
 
 
 def test_vllm_loaded_every_drafter_tensor_from_the_export(served):
@@ -167,3 +191,4 @@ def test_vllm_acceptance_counters_equal_ours(served):
     assert metrics["vllm:spec_decode_num_draft_tokens"].value == ours.num_draft_tokens
     assert metrics["vllm:spec_decode_num_accepted_tokens"].value == ours.num_accepted_tokens
     assert list(metrics["vllm:spec_decode_num_accepted_tokens_per_pos"].values) == ours.num_accepted_tokens_per_pos
+    assert ours.num_accepted_tokens_per_pos[1] > 0

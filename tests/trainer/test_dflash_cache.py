@@ -243,3 +243,25 @@ def test_train_names_a_damaged_shard_without_a_traceback(cache, tmp_path):
     r = _run("draftcache.cli", "train", "--method", "dflash", "--cached-target-path", str(copy),
              "--output-dir", str(tmp_path / "run"), *TRAIN)
     assert r.returncode == 1 and "shard-000000.safetensors" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_mask_token_from_the_manifest_equals_online_and_reads_no_shard(cache, online, monkeypatch):
+    """The cache path decides from the manifest's ``token_counts`` and side files (a shard read
+    fails here); the online path from one bincount over the same chats; both choose the same
+    token, never the zero pad row."""
+    from draftcache.cache_format.reader import CacheReader
+    from draftcache.trainer.dflash.train import DFlashTrainConfig, cached_mask_token, online_mask_token
+
+    model, tokenizer, samples = online
+    cfg = DFlashTrainConfig(output_dir="unused")
+    reader = open_cache(cache)
+
+    def no_shard(self, k):
+        raise AssertionError(f"the mask choice read shard {k}")
+
+    monkeypatch.setattr(CacheReader, "_shard", no_shard)
+    cached = cached_mask_token(cfg, reader, embeddings=reader.target_embeddings())
+    direct = online_mask_token(cfg, tokenizer=tokenizer, samples=samples,
+                               embeddings=model.get_input_embeddings().weight, hf_config=model.config)
+    assert cached == direct
+    assert cached.token_id != tokenizer.pad_token_id and cached.row_rms > 0

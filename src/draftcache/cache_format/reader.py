@@ -144,12 +144,6 @@ class CacheReader:
         """``[V, H]`` the target's input embeddings (``target_embeddings.safetensors``)."""
         return self._side_file("target_embeddings").read("weight")
 
-    def all_input_ids(self) -> torch.Tensor:
-        """``[N] int32`` the token ids of every committed sample, concatenated in sample order
-        (only the ``input_ids`` tensor of each shard is read)."""
-        parts = [self._shard(k)[0].read("input_ids") for k in range(len(self._shards))]
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32)
-
     def target_lm_head(self) -> torch.Tensor | None:
         """``[V, H]`` the target's output projection, stored by ``hidden`` and ``dflash`` caches (else None)."""
         if "lm_head" not in self.manifest.get("files", {}):

@@ -50,4 +50,5 @@ def _export_dflash_checkpoint(ckpt: Path, output: str | Path) -> Path:
     extra = read_checkpoint_meta(ckpt)["extra"]
     model = DFlashDraftModel(DFlashDraftConfig.from_dict(extra["draft_config"]))
     model.load_state_dict(load_file(str(ckpt / "draft.safetensors")))  # includes the target's embeddings/lm_head
-    return export_dflash_draft(model, output, target_model_id=extra.get("target_model_id"))
+    return export_dflash_draft(model, output, target_model_id=extra.get("target_model_id"),
+                               mask_token=extra.get("mask_token"))

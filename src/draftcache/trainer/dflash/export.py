@@ -23,7 +23,8 @@ from draftcache.cache_format import atomic_write_bytes
 from draftcache.trainer.dflash.config import DFlashDraftConfig
 from draftcache.trainer.dflash.model import DFlashDraftModel
 
-__all__ = ["DFLASH_EXPORT_FORMAT", "export_dflash_draft", "load_exported_dflash_draft", "is_dflash_export"]
+__all__ = ["DFLASH_EXPORT_FORMAT", "export_dflash_draft", "load_exported_dflash_draft", "is_dflash_export",
+           "vllm_cpu_k_norm_warning"]
 
 DFLASH_EXPORT_FORMAT = "dflash"
 CONFIG_FILE = "config.json"
@@ -37,8 +38,12 @@ def export_dflash_draft(
     *,
     target_model_id: str | None = None,
     dtype: torch.dtype | None = None,
+    mask_token: dict | None = None,
 ) -> Path:
     """Write ``config.json`` and ``model.safetensors`` into ``output_dir`` (each atomically).
+
+    ``mask_token`` (``MaskTokenChoice.as_dict()``: which token marks masked slots and why) is
+    recorded under ``config.json``'s ``draftcache.mask_token``.
 
     Serve with ``speculative_config={"method": "dflash", "model": output_dir,
     "num_speculative_tokens": block_size - 1}``.
@@ -50,6 +55,8 @@ def export_dflash_draft(
     config["torch_dtype"] = _DTYPE_NAMES[dtype]
     config["draftcache"] = {"format": DFLASH_EXPORT_FORMAT, "target_model": target_model_id,
                             "target_layer_convention": "decoder-layer output i = HF hidden_states[i + 1]"}
+    if mask_token is not None:
+        config["draftcache"]["mask_token"] = dict(mask_token)
     tensors = {name: t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous().clone()
                for name, t in model.exported_state_dict().items()}
     out = Path(output_dir)
@@ -85,3 +92,22 @@ def load_exported_dflash_draft(directory: str | os.PathLike[str], target: torch.
                          f"missing {missing}, unexpected {unexpected}")
     model.load_state_dict(tensors, strict=False)
     return model.to(dtype=next(iter(tensors.values())).dtype)
+
+
+def vllm_cpu_k_norm_warning(directory: str | os.PathLike[str]) -> str | None:
+    """A warning when the export in ``directory`` has several layers whose ``k_norm`` weights differ.
+
+    vLLM's CPU build normalises every layer's CONTEXT keys with layer 0's ``k_norm`` (docs/DFLASH.md),
+    so such a draft is served there differently than trained (GPU builds are not affected); a draft
+    trained with ``--freeze-k-norm`` keeps every layer's ``k_norm`` equal and is served as trained.
+    """
+    tensors = load_file(str(Path(directory) / WEIGHTS_FILE))
+    names = sorted((n for n in tensors if n.startswith("layers.") and n.endswith(".self_attn.k_norm.weight")),
+                   key=lambda n: int(n.split(".")[1]))
+    differ = [n for n in names[1:] if not torch.equal(tensors[n], tensors[names[0]])]
+    if not differ:
+        return None
+    return (f"warning: this {len(names)}-layer DFlash draft has per-layer k_norm weights ({', '.join(differ)} differ "
+            f"from {names[0]}); vLLM's CPU build normalises every layer's context keys with layer 0's k_norm, so it "
+            "serves this draft differently than trained (GPU builds are not affected). Train with --freeze-k-norm "
+            "for a draft served the same on vLLM CPU.")

@@ -34,13 +34,16 @@ import torch.distributed as dist
 from draftcache.trainer.batching import plan_epoch, split_train_val
 from draftcache.trainer.checkpoint import TrainState, latest_checkpoint, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from draftcache.trainer.dflash.config import DFlashDraftConfig
+from draftcache.data.vocab import supervised_token_counts
 from draftcache.trainer.dflash.loss import DFLASH_LOSS_DECAY, dflash_loss, sample_anchors
+from draftcache.trainer.dflash.mask import MaskTokenChoice, choose_mask_token, tokenizer_special_ids
 from draftcache.trainer.dflash.model import DFlashDraftModel
 from draftcache.trainer.distributed import all_reduce_sum, init_distributed
+from draftcache.trainer.layers import text_config
 from draftcache.trainer.optim import accumulation_group, optimizer_step, training_autocast
 
-__all__ = ["DFlashTrainConfig", "DFlashTrainResult", "train_dflash", "choose_mask_token_id", "OnlineDFlashBatches",
-           "CachedDFlashBatches"]
+__all__ = ["DFlashTrainConfig", "DFlashTrainResult", "train_dflash", "dflash_mask_token", "online_mask_token",
+           "cached_mask_token", "OnlineDFlashBatches", "CachedDFlashBatches"]
 
 
 @dataclass(frozen=True)
@@ -57,10 +60,11 @@ class DFlashTrainConfig:
     target_layer_ids: tuple[int, ...] | None = None  # None = default_dflash_layer_ids(L, num_draft_layers)
     num_draft_layers: int = 1              # NeMo's recipe: 5; 1 keeps CPU runs small
     block_size: int = 16                   # anchor + 15 masked slots (NeMo: 16)
-    num_anchors: int = 512                 # blocks sampled per packed row (NeMo: 512 per sequence)
-    mask_token_id: int | None = None       # None = a special token absent from the training data
+    num_anchors: int = 128                 # blocks per packed row; NeMo: 512 per sequence (docs/DFLASH.md, "Recipe")
+    mask_token_id: int | None = None       # None = chosen by trainer/dflash/mask.py (never a zero embedding row)
     loss_decay: float = DFLASH_LOSS_DECAY  # slot k weighs exp(-(k-1)/decay)
-    epochs: int = 4
+    freeze_k_norm: bool = False            # keep every layer's k_norm at ones: vLLM CPU serves multi-layer drafts as trained
+    epochs: int = 18                       # the measured recipe on the embedded default (docs/DFLASH.md, "Recipe")
     max_steps: int | None = None
     batch_tokens: int = 1024               # token budget of a packed micro-batch
     grad_accum: int = 1                    # micro-batches per optimizer step (per rank under torchrun)
@@ -139,20 +143,41 @@ class DFlashTrainResult:
         return "\n".join(lines)
 
 
-def choose_mask_token_id(tokenizer, samples) -> int:
-    """The smallest special-token id that never occurs in ``samples`` (its embedding then means only "masked")."""
-    used: set[int] = set()
-    for s in samples:
-        used.update(int(t) for t in s.input_ids)
-    return _unused_special_id(getattr(tokenizer, "all_special_ids", []) or [], used)
+def dflash_mask_token(cfg: "DFlashTrainConfig", *, embeddings: torch.Tensor, supervised_counts: torch.Tensor,
+                      hf_config, tokenizer=None, special_ids=()) -> MaskTokenChoice:
+    """The run's mask token (:func:`choose_mask_token`) from the tokenizer's special tokens (else
+    ``special_ids``), the target's embedding rows ``[V, H]`` and the ``[V]`` supervised-token counts."""
+    eps = float(getattr(text_config(hf_config), "rms_norm_eps", None) or 1e-6)
+    return choose_mask_token(
+        embeddings=embeddings, supervised_counts=supervised_counts, rms_norm_eps=eps,
+        special_ids=tokenizer_special_ids(tokenizer) if tokenizer is not None else special_ids,
+        tokenizer_mask_id=getattr(tokenizer, "mask_token_id", None) if tokenizer is not None else None,
+        given=cfg.mask_token_id, token_name=tokenizer.convert_ids_to_tokens if tokenizer is not None else None)
 
 
-def _unused_special_id(special_ids, used: set[int]) -> int:
-    for token_id in sorted(set(special_ids)):
-        if token_id not in used:
-            return int(token_id)
-    raise ValueError("every special token of the tokenizer occurs in the training data; pass --mask-token-id "
-                     "with a token id the data never contains")
+def online_mask_token(cfg: "DFlashTrainConfig", *, tokenizer, samples, embeddings: torch.Tensor,
+                      hf_config) -> MaskTokenChoice:
+    """Online: the supervised-token counts are one ``bincount`` over the tokenized samples."""
+    counts = supervised_token_counts([s.input_ids for s in samples], [s.loss_mask for s in samples],
+                                     int(embeddings.shape[0]))  # [V]
+    return dflash_mask_token(cfg, embeddings=embeddings, supervised_counts=counts, hf_config=hf_config,
+                             tokenizer=tokenizer)
+
+
+def cached_mask_token(cfg: "DFlashTrainConfig", reader, *, embeddings: torch.Tensor) -> MaskTokenChoice:
+    """From a dflash cache, reading no shard: the manifest's ``token_counts`` (supervised tokens of
+    the whole dataset), ``embeddings`` (its ``target_embeddings`` side file), and the tokenizer it
+    names (or ``--target-model``; when neither loads here, the special ids the manifest records)."""
+    from draftcache.targets.loading import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(cfg.target_model or reader.manifest["tokenizer"]["name_or_path"],
+                                   trust_remote_code=cfg.trust_remote_code)
+    except Exception:
+        tokenizer = None
+    return dflash_mask_token(cfg, embeddings=embeddings, hf_config=reader.manifest["target"]["config"],
+                             supervised_counts=torch.tensor(reader.manifest["token_counts"], dtype=torch.int64),
+                             tokenizer=tokenizer, special_ids=reader.manifest["draft_vocab"]["special_token_ids"])
 
 
 class OnlineDFlashBatches:
@@ -224,19 +249,6 @@ def _open_dflash_cache(cfg: "DFlashTrainConfig"):
     return reader
 
 
-def _cache_mask_token_id(reader, tokenizer_path: str | None, trust_remote_code: bool) -> int:
-    """As ``choose_mask_token_id`` over the cache's tokens: the tokenizer named in the manifest (or
-    ``tokenizer_path``) gives the special ids, the shards' ``input_ids`` what occurs."""
-    from draftcache.targets.loading import load_tokenizer
-
-    name = tokenizer_path or reader.manifest["tokenizer"]["name_or_path"]
-    try:
-        specials = load_tokenizer(name, trust_remote_code=trust_remote_code).all_special_ids
-    except Exception:  # no local tokenizer: the special ids the manifest records
-        specials = reader.manifest["draft_vocab"]["special_token_ids"]
-    return _unused_special_id(specials, set(reader.all_input_ids().unique().tolist()))
-
-
 def _sums(block: int, device) -> torch.Tensor:
     """``[loss sum, micro-batches, accept sum, blocks, correct[B], counted[B]]`` float64."""
     return torch.zeros(4 + 2 * block, dtype=torch.float64, device=device)
@@ -296,11 +308,10 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
         target_path = reader.manifest["target"]["model_id"]
         hf_config = reader.manifest["target"]["config"]
         layer_ids = list(reader.manifest["capture"]["layer_ids"])
-        mask_id = cfg.mask_token_id if cfg.mask_token_id is not None else _cache_mask_token_id(
-            reader, cfg.target_model, cfg.trust_remote_code)
         supervise = CachedDFlashBatches(reader, device)
         lengths = reader.sample_lengths().tolist()
         weights = (reader.target_embeddings(), reader.target_lm_head())
+        mask = cached_mask_token(cfg, reader, embeddings=weights[0])
     else:
         target_path = cfg.target_model or default_target_path()
         conversations = load_conversations(cfg.input_data or default_data_path(),
@@ -315,17 +326,23 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
         layer_ids = list(cfg.target_layer_ids) if cfg.target_layer_ids else default_dflash_layer_ids(
             num_layers, cfg.num_draft_layers)
         target = HFDFlashTargetModel(model, layer_ids)
-        mask_id = cfg.mask_token_id if cfg.mask_token_id is not None else choose_mask_token_id(tokenizer, samples)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         supervise = OnlineDFlashBatches(target, samples, pad_id, device)
         lengths = [len(s.input_ids) for s in samples]
         weights = (model.get_input_embeddings().weight.detach(), model.get_output_embeddings().weight.detach())
+        mask = online_mask_token(cfg, tokenizer=tokenizer, samples=samples, embeddings=weights[0], hf_config=hf_config)
+    if is_main:
+        log(f"mask token {mask.token_id} ({mask.token!r}): {mask.why}")
+    mask_id = mask.token_id
     draft_config = DFlashDraftConfig.from_target_config(hf_config, target_layer_ids=layer_ids, mask_token_id=mask_id,
                                                         num_hidden_layers=cfg.num_draft_layers,
                                                         block_size=cfg.block_size)
     torch.manual_seed(cfg.seed)
     draft = DFlashDraftModel(draft_config)
     draft.load_target_embeddings(*weights)
+    if cfg.freeze_k_norm:  # vLLM's CPU build applies layer 0's k_norm to every layer's context keys
+        for layer in draft.layers:
+            layer.self_attn.k_norm.weight.requires_grad_(False)
     draft = draft.to(device)
     num_samples = len(lengths)
     train_idx, val_idx = split_train_val(num_samples, cfg.val_fraction, cfg.seed)
@@ -344,7 +361,7 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     describe = {"method": "dflash", "draft_config": draft_config.to_dict(), "target_model_id": target_path,
                 "target_config": hf_config if isinstance(hf_config, dict) else hf_config.to_dict(),
-                "num_samples": num_samples, "world_size": world}
+                "num_samples": num_samples, "world_size": world, "mask_token": mask.as_dict()}
     state = TrainState()
     if cfg.resume and (ckpt := latest_checkpoint(run_dir)) is not None:
         meta = read_checkpoint_meta(ckpt)
@@ -458,9 +475,12 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
         val = validate()
     export_dir = None
     if cfg.export and is_main:
-        from draftcache.trainer.dflash.export import export_dflash_draft
+        from draftcache.trainer.dflash.export import export_dflash_draft, vllm_cpu_k_norm_warning
 
-        export_dir = str(export_dflash_draft(draft, run_dir / "export", target_model_id=target_path))
+        export_dir = str(export_dflash_draft(draft, run_dir / "export", target_model_id=target_path,
+                                             mask_token=mask.as_dict()))
+        if (warning := vllm_cpu_k_norm_warning(export_dir)) is not None:
+            log(warning)
     result = DFlashTrainResult(run_dir=str(run_dir), steps=state.step, train_loss=last_loss,
                                val_loss=val["loss"] if val else None, val_acc=val["acc"] if val else [],
                                val_sim_tau=val["sim_tau"] if val else None,
