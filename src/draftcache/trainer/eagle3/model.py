@@ -723,11 +723,15 @@ class Eagle3DraftModel(nn.Module):
         cache: "Eagle3KVCache | Eagle3DecodeCache | None" = None,
     ) -> Eagle3Output:
         """One draft step: ``input_ids [B, T]`` (the tokens this step reads), ``hidden_states
-        [B, T, H]`` (``fc`` output for the first step, the previous pre-norm output after),
-        ``position_ids [B, T]``, ``mask [B, 1, T, T]`` from :func:`build_attention_mask`."""
+        [B, T, H]`` (:meth:`combine_hidden_states` output for the first step, the previous step's
+        ``hidden_states`` after), ``position_ids [B, T]``, ``mask [B, 1, T, T]`` from
+        :func:`build_attention_mask`. ``cache`` is layer 0's; later layers use ``cache.layer(i)``."""
         embeds = self.embed_tokens(input_ids).to(hidden_states.dtype)
         out = self.midlayer(embeds, hidden_states, position_ids, mask, cache)
-        return Eagle3Output(logits=self.compute_logits(out), hidden_states=out)
+        for i, layer in enumerate(self.decoder_layers[1:], start=1):
+            out = layer(out, position_ids, mask, None if cache is None else cache.layer(i))
+        normed = self.norm(out)
+        return Eagle3Output(logits=self.lm_head(normed), hidden_states=normed if self.config.norm_output else out)
 
     def decode(
         self, input_ids: torch.Tensor, hidden_states: torch.Tensor, cache: Eagle3DecodeCache

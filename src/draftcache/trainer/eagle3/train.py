@@ -223,15 +223,15 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
 
         source = build_source(cfg, device)
     source.check_complete(allow_partial=cfg.allow_partial_cache)  # before anything is written
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
     data_source = source.describe()
     if data_source.get("complete") is False:
         log(f"training on an incomplete cache (--allow-partial-cache): {data_source['committed_samples']} of "
             f"{data_source['num_samples']} samples committed")
 
     torch.manual_seed(cfg.seed)
-    model = build_draft(source, cfg, device)
+    model = build_draft(source, cfg, device)  # refuses a bad --mask-token-id before anything is written
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     train_idx, val_idx = split_train_val(len(source), cfg.val_fraction, cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
