@@ -22,7 +22,7 @@ import typer
 from draftcache.regenerate.cli import regenerate_command
 from draftcache.trainer.eagle3.config import TrainConfig
 
-app = typer.Typer(add_completion=False, help="Look inside a draftcache cache, train an EAGLE-3 draft from it, export and evaluate it.", pretty_exceptions_enable=False, no_args_is_help=True)
+app = typer.Typer(add_completion=False, help="Look inside a draftcache cache, train an EAGLE-3 (EAGLE-3.1, P-EAGLE) or DFlash draft from it, export and evaluate it.", pretty_exceptions_enable=False, no_args_is_help=True)
 
 # Errors a user can cause and fix; anything else is a bug and keeps its traceback.
 _USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, OSError)
@@ -243,7 +243,7 @@ def evaluate(
                                "ours, and whether its output equals its plain greedy one (needs vLLM installed)."),
     method: str = typer.Option("auto", "--method", help="eagle3, peagle (parallel drafting: one drafter forward per round), dflash (block drafting, K = block_size - 1) or auto (from the draft's config.json)."),
 ) -> None:
-    """Real greedy speculative decoding (EAGLE-3 chain or DFlash block): tau, per-position acceptance, speed vs greedy."""
+    """Real greedy speculative decoding (EAGLE-3 chain, P-EAGLE parallel or DFlash block): tau, per-position acceptance, speed vs greedy."""
     from draftcache.trainer.evaluate import evaluate_draft
 
     if engine not in ("draftcache", "vllm"):
