@@ -1,8 +1,10 @@
 """EAGLE-3.1, a two-layer EAGLE-3 draft and P-EAGLE, served by a real vLLM (issue 18).
 
 SmolLM2-135M-Instruct and the chats of ``data/chats.json`` plus the target's own greedy replies to
-their prompts (as in ``test_eagle3_chain.py``); one cache written by ``precompute-eagle3``; three
-drafts trained briefly from it through the real CLI:
+their prompts (as in ``test_eagle3_chain.py``); one cache written by ``precompute-eagle3`` (``hidden``
+supervision: SmolLM2's width is below the draft vocabulary); three drafts trained briefly from it
+through the real CLI (6 steps of 512 tokens from the target's ``lm_head`` rows, ``--init-lm-head``,
+so that acceptance is far from zero on a shared CPU box):
 
 * EAGLE-3.1: ``--fc-norm --norm-output`` (exported as ``eagle3``);
 * two decoder layers, with attention biases: ``--draft-layers 2 --attention-bias`` (``speculators``);
@@ -26,8 +28,8 @@ import pytest
 
 DATA = Path(__file__).parent / "data" / "chats.json"
 K = 3
-MAX_NEW_TOKENS = 24
-REPLY_TOKENS = 40
+MAX_NEW_TOKENS = 16
+REPLY_TOKENS = 32
 TRAIN = {  # name -> (train flags, export format)
     "eagle31": (["--fc-norm", "--norm-output"], "eagle3"),
     "two_layer": (["--draft-layers", "2", "--attention-bias"], "speculators"),
@@ -78,13 +80,14 @@ def variants(smollm2_dir, engine_env, tmp_path_factory):
         run = root / ("peagle" if name == "peagle_speculators" else name)
         if flags is not None:
             _run([py, "-m", "draftcache.cli", "train", "--cached-target-path", str(cache), "--output-dir", str(run),
-                  "--epochs", "12", "--ttt-steps", str(K), "--lr", "3e-3", "--warmup-steps", "5", "--val-fraction",
-                  "0", "--batch-tokens", "2048", "--device", "cpu", "--quiet", *flags], engine_env, f"train {name}")
+                  "--max-steps", "6", "--ttt-steps", str(K), "--lr", "3e-3", "--warmup-steps", "2", "--val-fraction",
+                  "0", "--batch-tokens", "512", "--init-lm-head", "--device", "cpu", "--quiet", *flags], engine_env,
+                 f"train {name}")
         exports[name] = root / f"export-{name}"
         _run([py, "-m", "draftcache.cli", "export", str(run), "--output", str(exports[name]), "--format", fmt],
              engine_env, f"export {name}")
-    eval_prompts = EvalPrompts(ids=prompts.ids[::2], tokenizer=prompts.tokenizer, skipped=prompts.skipped)
-    return {"target": target, "eval_prompts": eval_prompts, "reference": reference[::2], "exports": exports,
+    eval_prompts = EvalPrompts(ids=prompts.ids[::4], tokenizer=prompts.tokenizer, skipped=prompts.skipped)
+    return {"target": target, "eval_prompts": eval_prompts, "reference": reference[::4], "exports": exports,
             "max_len": max_len}
 
 

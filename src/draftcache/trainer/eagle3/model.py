@@ -710,7 +710,8 @@ class Eagle3DraftModel(nn.Module):
         return self.combine_hidden_states(self.mask_hidden)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Pre-norm ``[B, T, H]`` -> ``[B, T, Vd]``."""
+        """The last layer's pre-norm output ``[B, T, H]`` -> ``[B, T, Vd]`` (under ``norm_output`` the
+        ``hidden_states`` a step returns are already normed: use its ``logits``)."""
         return self.lm_head(self.norm(hidden_states))
 
     def forward_step(
