@@ -23,7 +23,7 @@ from draftcache.regenerate.cli import regenerate_command
 from draftcache.trainer.eagle3.config import TrainConfig
 from draftcache.targets.vllm_options import GPU_MEMORY_HELP, VLLM_ARG_HELP
 
-app = typer.Typer(add_completion=False, help="Look inside a draftcache cache, train an EAGLE-3 draft from it, export and evaluate it.", pretty_exceptions_enable=False, no_args_is_help=True)
+app = typer.Typer(add_completion=False, help="Look inside a draftcache cache, train an EAGLE-3 (EAGLE-3.1, P-EAGLE) or DFlash draft from it, export and evaluate it.", pretty_exceptions_enable=False, no_args_is_help=True)
 
 # Errors a user can cause and fix; anything else is a bug and keeps its traceback.
 _USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, OSError)
@@ -122,17 +122,24 @@ def train(
     export_format: str = typer.Option(_TRAIN_DEFAULTS.export_format, "--export-format", help="eagle3 (SGLang + vLLM) or speculators."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
-    method: str = typer.Option("eagle3", "--method", help="eagle3, or dflash (online, or from a cache written by precompute-eagle3 --method dflash)."),
+    method: str = typer.Option("eagle3", "--method", help="eagle3 (chain drafting), peagle (P-EAGLE: parallel drafting, --ttt-steps depths, from the same EAGLE-3 cache), or dflash (online, or from a cache written by precompute-eagle3 --method dflash)."),
+    fc_norm: bool = typer.Option(False, "--fc-norm", help="EAGLE-3.1: one RMSNorm per aux hidden state before fc (vLLM's fc_norm)."),
+    norm_output: bool = typer.Option(False, "--norm-output", help="EAGLE-3.1: the next draft step reads the post-norm hidden (vLLM's norm_output)."),
+    norm_before_fc: bool = typer.Option(False, "--norm-before-fc", help="One RMSNorm over the concatenated aux vector before fc (vLLM's norm_before_fc)."),
+    attention_bias: bool = typer.Option(False, "--attention-bias", help="q/k/v/o projections with biases (vLLM's attention_bias)."),
     target_layer_ids: Optional[str] = typer.Option(None, "--target-layer-ids", help="DFlash: decoder-layer ids such as '1,14,27' (default: evenly spaced, one per draft layer)."),
-    draft_layers: int = typer.Option(1, "--draft-layers", help="DFlash: draft decoder layers (NeMo's recipe: 5)."),
+    draft_layers: int = typer.Option(1, "--draft-layers", help="Draft decoder layers (EAGLE-3: layer 0 reads 2H, later ones H; DFlash, NeMo's recipe: 5)."),
     block_size: int = typer.Option(16, "--block-size", help="DFlash: anchor + masked slots per block (serve with num_speculative_tokens = block_size - 1)."),
     num_anchors: Optional[int] = typer.Option(None, "--num-anchors", help="DFlash: blocks sampled per packed row (default: the DFlash recipe's, see docs/DFLASH.md; NeMo: 512)."),
-    mask_token_id: Optional[int] = typer.Option(None, "--mask-token-id", help="DFlash: token fed at masked slots (default: the tokenizer's mask token, else an unused special, else an unused token, never one whose embedding row is zero)."),
+    mask_token_id: Optional[int] = typer.Option(None, "--mask-token-id", help="DFlash / P-EAGLE: token fed at masked slots (default: the tokenizer's mask token, else an unused special, else an unused token, never one whose embedding row is zero)."),
     freeze_k_norm: bool = typer.Option(False, "--freeze-k-norm", help="DFlash: keep every layer's k_norm at ones, so vLLM's CPU build (which applies layer 0's k_norm to every layer's context keys) serves a multi-layer draft as trained."),
 ) -> None:
-    """Train an EAGLE-3 or DFlash draft from a cache (or online from a co-located target), and export it.
+    """Train an EAGLE-3 (also EAGLE-3.1, P-EAGLE) or DFlash draft from a cache (or online from a
+    co-located target), and export it.
 
     Example: draftcache train --cached-target-path runs/cache --output-dir runs/draft
+             draftcache train --cached-target-path runs/cache --output-dir runs/eagle31 --fc-norm --norm-output
+             draftcache train --method peagle --cached-target-path runs/cache --output-dir runs/peagle --ttt-steps 4
              draftcache train --method dflash --output-dir runs/dflash --block-size 8 --max-steps 200
     """
     from draftcache.trainer.eagle3.train import train as run_train
@@ -149,8 +156,8 @@ def train(
                       val_fraction=val_fraction, eval_every=eval_every, save_every=save_every, log_every=log_every,
                       seed=seed, device=device, resume=resume, trust_remote_code=trust_remote_code, progress=not quiet)
         return
-    if method != "eagle3":
-        _fail(f"--method must be eagle3 or dflash, got {method!r}", 2)
+    if method not in ("eagle3", "peagle"):
+        _fail(f"--method must be eagle3, peagle or dflash, got {method!r}", 2)
 
     try:
         aux = [int(x) for x in aux_layer_ids.split(",")] if aux_layer_ids else None
@@ -161,7 +168,9 @@ def train(
             output_dir=output_dir, cached_target_path=cached_target_path, allow_partial_cache=allow_partial_cache,
             target_model=target_model, input_data=input_data, seq_length=seq_length, chat_template=chat_template,
             draft_vocab_size=draft_vocab_size,
-            aux_layer_ids=tuple(aux) if aux else None, ttt_steps=ttt_steps,
+            aux_layer_ids=tuple(aux) if aux else None, method=method, ttt_steps=ttt_steps, fc_norm=fc_norm,
+            norm_output=norm_output, norm_before_fc=norm_before_fc, attention_bias=attention_bias,
+            num_hidden_layers=draft_layers, mask_token_id=mask_token_id,
             epochs=_TRAIN_DEFAULTS.epochs if epochs is None else epochs, max_steps=max_steps,
             batch_tokens=batch_tokens or None, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
             warmup_steps=warmup_steps, grad_clip=grad_clip, val_fraction=val_fraction, eval_every=eval_every,
@@ -245,11 +254,11 @@ def evaluate(
                                "that, plus the draft served by vLLM (fp32, in-process) on the same prompts: the check "
                                "that vLLM loaded every drafter weight as exported, vLLM's own acceptance counters next to "
                                "ours, and whether its output equals its plain greedy one (needs vLLM installed)."),
-    method: str = typer.Option("auto", "--method", help="eagle3, dflash (block drafting, K = block_size - 1) or auto (from the draft's config.json)."),
+    method: str = typer.Option("auto", "--method", help="eagle3, peagle (parallel drafting: one drafter forward per round), dflash (block drafting, K = block_size - 1) or auto (from the draft's config.json)."),
     gpu_memory_utilization: Optional[float] = typer.Option(None, "--gpu-memory-utilization", help=GPU_MEMORY_HELP + " (--engine vllm only)"),
     vllm_arg: Optional[list[str]] = typer.Option(None, "--vllm-arg", help=VLLM_ARG_HELP + " (--engine vllm only)"),
 ) -> None:
-    """Real greedy speculative decoding (EAGLE-3 chain or DFlash block): tau, per-position acceptance, speed vs greedy."""
+    """Real greedy speculative decoding (EAGLE-3 chain, P-EAGLE parallel or DFlash block): tau, per-position acceptance, speed vs greedy."""
     from draftcache.trainer.evaluate import evaluate_draft
 
     if engine not in ("draftcache", "vllm"):

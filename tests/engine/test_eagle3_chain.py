@@ -148,7 +148,8 @@ def test_load_check_passes(served):
         "model.layers.0.self_attn.o_proj.weight", "model.layers.0.mlp.gate_up_proj.weight",
         "model.layers.0.mlp.down_proj.weight"])
     assert check.flags == {"norm_before_fc": False, "fc_norm": False, "norm_output": False,
-                           "norm_before_residual": False, "use_aux_hidden_state": True}
+                           "norm_before_residual": False, "use_aux_hidden_state": True, "attention_bias": False,
+                           "num_hidden_layers": 1, "parallel_drafting": False}
     assert check.aux_layers == (2, 15, 27)  # the cache's decoder-layer outputs [1, 14, 26], as vLLM ids
 
 
@@ -214,7 +215,7 @@ def test_unused_weight_warning_fails_the_check(chain, tmp_path):
     finally:
         release_vllm(engine)
     assert not check.ok
-    assert check.problems == ["export tensor mask_hidden maps to model.mask_hidden, which vLLM's drafter does not have"]
+    assert check.problems == ["export tensor mask_hidden maps to mask_hidden, which vLLM's drafter does not have"]
     assert any("mask_hidden found in weights" in w for w in check.warnings), check.warnings
 
 

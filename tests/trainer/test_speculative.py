@@ -3,6 +3,8 @@ whatever the draft proposes; acceptance bookkeeping is exact for drafts of known
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -33,8 +35,12 @@ class OracleDraft(nn.Module):
         self.sequence, self.wrong_at = sequence, wrong_at
         self.fc = nn.Linear(3 * hidden, hidden, bias=False)
         self.selected_token_ids = torch.arange(V)
+        self.config = SimpleNamespace(parallel_drafting=False)  # the only config field decoding reads
         self._round_pos = 0
         self._length_after_last_call = -1
+
+    def combine_hidden_states(self, aux):
+        return self.fc(aux)
 
     def decode(self, input_ids, hidden_states, cache: Eagle3DecodeCache) -> Eagle3Output:
         n = input_ids.shape[1]

@@ -22,7 +22,7 @@ from draftcache.data import ChatTokenizer, SkipCounts
 from draftcache.targets import HFDFlashTargetModel, HFEagle3TargetModel
 from draftcache.trainer.dflash.export import is_dflash_export, load_exported_dflash_draft
 from draftcache.trainer.dflash.speculative import dflash_speculative_generate
-from draftcache.trainer.eagle3.export import load_exported_draft
+from draftcache.trainer.eagle3.export import is_peagle_export, load_exported_draft
 from draftcache.trainer.eagle3.speculative import speculative_generate
 from draftcache.trainer.speculative import SpecDecodeStats, greedy_generate, timed
 
@@ -56,7 +56,9 @@ class EvalReport:
         st = self.stats
         return [f"engine counters    drafts {st.num_drafts}, draft tokens {st.num_draft_tokens}, accepted "
                 f"{st.num_accepted_tokens}, accepted per position {st.num_accepted_tokens_per_pos}",
-                f"engine mean length {st.mean_acceptance_length:.3f} (vLLM's 1 + accepted / drafts, before truncation)"]
+                f"engine mean length {st.mean_acceptance_length:.3f} (vLLM's 1 + accepted / drafts, before truncation)"] + (
+                [f"drafter forwards   {st.draft_forwards_per_round:.2f} per verify round ({st.draft_forwards} in all)"]
+                if st.draft_forwards else [])
 
     def format(self) -> str:
         rates = " ".join(f"{r:.2f}" for r in self.acceptance_rates)
@@ -145,17 +147,18 @@ def evaluate_draft(
     """Measure the draft in ``draft_dir`` against its target on ``num_prompts`` prompts from
     ``input_data`` (see :func:`load_eval_prompts`; ``prompts`` gives them ready-made).
 
-    ``method``: ``eagle3`` (chain drafting, ``draft_tokens`` per round), ``dflash`` (block
-    drafting; ``K = block_size - 1`` from the draft's config, ``draft_tokens`` is not used) or
-    ``auto`` (from the export's ``config.json``)."""
+    ``method``: ``eagle3`` (chain drafting, ``draft_tokens`` per round), ``peagle`` (parallel
+    drafting: ``draft_tokens`` from one drafter forward per round), ``dflash`` (block drafting;
+    ``K = block_size - 1`` from the draft's config, ``draft_tokens`` is not used) or ``auto`` (from
+    the export's ``config.json``)."""
     from draftcache.defaults import default_target_path
     from draftcache.targets.loading import load_target_model, resolve_device
 
     if num_prompts < 1 or draft_tokens < 1 or max_new_tokens < 1:
         raise ValueError("--num-prompts, --draft-tokens and --max-new-tokens must all be >= 1")
-    found = "dflash" if is_dflash_export(draft_dir) else "eagle3"
-    if method not in ("auto", "eagle3", "dflash"):
-        raise ValueError(f"--method must be auto, eagle3 or dflash, got {method!r}")
+    found = "dflash" if is_dflash_export(draft_dir) else "peagle" if is_peagle_export(draft_dir) else "eagle3"
+    if method not in ("auto", "eagle3", "peagle", "dflash"):
+        raise ValueError(f"--method must be auto, eagle3, peagle or dflash, got {method!r}")
     if method != "auto" and method != found:
         raise ValueError(f"--method {method} but {draft_dir} holds a {found} draft; pass --method {found} or auto")
     dev = resolve_device(device)

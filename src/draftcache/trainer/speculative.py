@@ -37,6 +37,7 @@ class SpecDecodeStats:
     num_accepted_tokens: int = 0           # of those, accepted (bonus tokens not included)
     num_accepted_tokens_per_pos: list[int] = field(default_factory=list)  # [K]
     emitted_tokens: int = 0                # tokens the rounds added to the outputs, after truncation
+    draft_forwards: int = 0                # drafter forward calls (chain: K per round; P-EAGLE: 1)
 
     def __post_init__(self) -> None:
         if not self.num_accepted_tokens_per_pos:
@@ -54,6 +55,11 @@ class SpecDecodeStats:
     def tau(self) -> float:
         """Emitted tokens per verify round (accepted + bonus, as far as the output kept them)."""
         return self.emitted_tokens / max(1, self.num_drafts)
+
+    @property
+    def draft_forwards_per_round(self) -> float:
+        """Drafter forwards per verify round (0 where a decoding loop does not count them)."""
+        return self.draft_forwards / max(1, self.num_drafts)
 
     @property
     def mean_acceptance_length(self) -> float:

@@ -6,7 +6,8 @@ vLLM is imported lazily, here only: nothing else in draftcache needs it. On the 
 1. our eval (:func:`~draftcache.trainer.evaluate.evaluate_draft`: HF target, chain speculative
    decoding, counters kept as vLLM keeps them);
 2. vLLM plain greedy (``temperature=0``) with the target alone;
-3. vLLM with ``speculative_config={"method": "eagle3", "model": draft_dir, "num_speculative_tokens": K}``,
+3. vLLM with ``speculative_config={"method": "eagle3", "model": draft_dir, "num_speculative_tokens": K}``
+   (plus ``"parallel_drafting": True`` for a P-EAGLE export),
    after checking what vLLM loaded (:func:`check_vllm_draft`), and reads vLLM's own counters from
    ``llm.get_metrics()`` (drafts, draft tokens, accepted tokens, accepted per position).
 
@@ -18,9 +19,12 @@ holds is compared with the export file itself, after vLLM's own renaming (``d2t`
 q/k/v stacked into ``qkv_proj`` and gate/up into ``gate_up_proj``, ``t2d`` skipped by design), and
 the check fails on any difference, any export tensor that lands nowhere, any parameter nothing
 filled (``embed_tokens`` may come from the target: vLLM shares the target's table when the export
-has none), any weight-related warning vLLM logs while loading, and any EAGLE-3 variant flag
-(``norm_before_fc``, ``fc_norm``, ``norm_output``, ``norm_before_residual``) read otherwise than
-our draft computes, and any difference between the target layers vLLM feeds the drafter (the
+has none; ``layers.{i >= 1}.hidden_norm``, which vLLM builds in every layer but only layer 0 reads,
+is left out), any weight-related warning vLLM logs while loading, any variant setting
+(``norm_before_fc``, ``fc_norm``, ``norm_output``, ``norm_before_residual``, ``attention_bias``,
+``num_hidden_layers``, ``parallel_drafting`` and its ``mask_token_id``) read otherwise than our draft
+computes (P-EAGLE's ``mask_hidden`` is a buffer in vLLM; it is snapshotted and compared too), and
+any difference between the target layers vLLM feeds the drafter (the
 ``eagle_aux_hidden_state_layer_ids`` it resolved, read from the target model in the worker) and the
 layers the draft was trained on (the cache's aux ids the export records, plus one: vLLM's id ``i``
 is the input of decoder layer ``i``, ours the output of layer ``i``). A wrong mapping stays lossless
@@ -38,9 +42,9 @@ then equal plain greedy token for token).
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -51,13 +55,15 @@ import torch
 from safetensors.torch import load_file
 
 from draftcache.trainer.evaluate import EvalPrompts, EvalReport, evaluate_draft, load_eval_prompts
-from draftcache.trainer.eagle3.export import CONFIG_FILE, WEIGHTS_FILE
+from draftcache.trainer.eagle3.export import CONFIG_FILE, WEIGHTS_FILE, is_peagle_export, read_export_config
 from draftcache.trainer.speculative import SpecDecodeStats
 
 __all__ = ["VLLMEngine", "VLLMLoadCheck", "VLLMEvalReport", "check_vllm_draft", "compare_with_export",
            "counters_since", "drafter_state", "evaluate_with_vllm", "make_vllm", "release_vllm", "served_aux_layers", "VLLM_RESERVED_ARGS",
            "trained_aux_layer_ids", "vllm_generate", "vllm_spec_counters"]
 
+# vLLM builds hidden_norm in every decoder layer, but only layer 0 reads it (later layers take H)
+_UNUSED_BY_VLLM = re.compile(r"model\.layers\.[1-9][0-9]*\.hidden_norm\.weight")
 # vLLM's Eagle3 q/k/v and gate/up stacking (LlamaModel.hf_to_vllm_mapper), in row order
 _STACKED = {".q_proj.": (".qkv_proj.", 0), ".k_proj.": (".qkv_proj.", 1), ".v_proj.": (".qkv_proj.", 2),
             ".gate_proj.": (".gate_up_proj.", 0), ".up_proj.": (".gate_up_proj.", 1)}
@@ -97,6 +103,8 @@ def _vllm_name(name: str) -> tuple[str, int | None] | None:
     ``(parameter, row block of a stacked parameter or None)``, or None when it skips it (``t2d``)."""
     if "t2d" in name:
         return None
+    if "mask_hidden" in name:
+        return "mask_hidden", None  # copied into the buffer of that name, no prefix
     if "d2t" in name:
         name = name.replace("d2t", "draft_id_to_target_id")
     elif "lm_head" not in name:
@@ -142,6 +150,8 @@ def compare_with_export(params: dict[str, torch.Tensor], embed_shared: bool, fla
     for pname in sorted(set(params) - filled):
         if pname == "model.embed_tokens.weight" and embed_shared:
             check.shared.append(pname)
+        elif _UNUSED_BY_VLLM.fullmatch(pname):
+            continue
         else:
             check.problems.append(f"{pname}: vLLM holds it but the export does not fill it (left at its initial value)")
     for flag, want in _expected_flags(export_dir).items():
@@ -182,11 +192,17 @@ def _same(check: VLLMLoadCheck, pname: str, param: torch.Tensor, tensor: torch.T
         check.compared.append(pname)
 
 
-def _expected_flags(export_dir: Path) -> dict[str, bool]:
-    """The variant flags our draft computes with (EAGLE-3.1 norms off; norm_before_residual as written)."""
-    data = json.loads((export_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-    return {"norm_before_fc": False, "fc_norm": False, "norm_output": False, "use_aux_hidden_state": True,
-            "norm_before_residual": bool(data.get("norm_before_residual", "speculators_model_type" in data))}
+def _expected_flags(export_dir: Path) -> dict[str, Any]:
+    """The variant settings our draft computes with, as our loader reads the export's config.json."""
+    config = read_export_config(export_dir)
+    flags: dict[str, Any] = {
+        "norm_before_fc": config.norm_before_fc, "fc_norm": config.fc_norm, "norm_output": config.norm_output,
+        "use_aux_hidden_state": True, "norm_before_residual": config.norm_before_residual,
+        "attention_bias": config.attention_bias, "num_hidden_layers": config.num_hidden_layers,
+        "parallel_drafting": config.parallel_drafting}
+    if config.parallel_drafting:
+        flags["mask_token_id"] = config.mask_token_id
+    return flags
 
 
 def drafter_state(worker) -> tuple[bool, dict[str, bool]]:
@@ -197,13 +213,19 @@ def drafter_state(worker) -> tuple[bool, dict[str, bool]]:
     target = runner.get_model() if hasattr(runner, "get_model") else runner.model
     shared = drafter.model.embed_tokens is getattr(getattr(target, "model", None), "embed_tokens", None)
     model = drafter.model
-    return shared, {
+    flags = {
         "norm_before_fc": bool(model.norm_before_fc),
         "fc_norm": model.fc_norm is not None,
         "norm_output": bool(model.norm_output),
         "norm_before_residual": model.layers[0]._residual_norm.__name__ == "_norm_before_residual",
         "use_aux_hidden_state": bool(model.use_aux_hidden_state),
+        "attention_bias": model.layers[0].self_attn.qkv_proj.bias is not None,
+        "num_hidden_layers": len(model.layers),
+        "parallel_drafting": bool(runner.drafter.parallel_drafting),
     }
+    if flags["parallel_drafting"]:
+        flags["mask_token_id"] = int(runner.drafter.parallel_drafting_token_id)
+    return shared, flags
 
 
 def served_aux_layers(worker) -> tuple[int, ...]:
@@ -229,7 +251,10 @@ def _drafter_load_snapshots():
 
     def load_weights(self, weights):
         result = original(self, weights)
-        snapshots.append({n: p.detach().cpu().clone() for n, p in self.named_parameters(remove_duplicate=False)})
+        held = {n: p.detach().cpu().clone() for n, p in self.named_parameters(remove_duplicate=False)}
+        if getattr(self, "use_parallel_drafting", False):  # P-EAGLE: a buffer, not a parameter
+            held["mask_hidden"] = self.mask_hidden.detach().cpu().clone()
+        snapshots.append(held)
         return result
 
     Eagle3LlamaForCausalLM.load_weights = load_weights
@@ -321,6 +346,8 @@ def make_vllm(target_model: str, *, draft_dir: str | None = None, draft_tokens: 
     if draft_dir is not None:
         kwargs["speculative_config"] = {"method": "eagle3", "model": str(draft_dir),
                                         "num_speculative_tokens": draft_tokens}
+        if is_peagle_export(draft_dir):
+            kwargs["speculative_config"]["parallel_drafting"] = True
     with _capture_weight_warnings() as warnings, _drafter_load_snapshots() as snapshots:
         llm = LLM(**kwargs)
     return VLLMEngine(llm=llm, warnings=warnings, drafter_params=snapshots)

@@ -30,7 +30,14 @@ class TrainConfig:
     chat_template: str | None = None       # online: Jinja file or text replacing the tokenizer's template
     draft_vocab_size: int | None = None    # hidden caches / online: pick N most frequent; None = cache's own
     aux_layer_ids: tuple[int, ...] | None = None  # online only; a cache fixes its own
-    ttt_steps: int = 7                     # unrolled training-time-test steps (EAGLE-3: 7)
+    method: str = "eagle3"                 # eagle3 (chain drafting) | peagle (parallel drafting, P-EAGLE)
+    ttt_steps: int = 7                     # unrolled training-time-test steps (EAGLE-3: 7); peagle: depths K
+    fc_norm: bool = False                  # EAGLE-3.1: one RMSNorm per aux chunk before fc
+    norm_output: bool = False              # EAGLE-3.1: the next draft step reads norm(out)
+    norm_before_fc: bool = False           # one RMSNorm over the concatenated aux vector before fc
+    attention_bias: bool = False           # q/k/v/o biases
+    num_hidden_layers: int = 1             # draft decoder layers (layer 0 reads 2H, later ones H)
+    mask_token_id: int | None = None       # peagle: token at mask slots; None = an unused non-special token
     step_weight: float = 0.8               # loss weight decay per TTT step
     epochs: int = 4                       # sized for the embedded default (a few CPU minutes)
     max_steps: int | None = None           # stop after this many optimizer steps (None = all epochs)
@@ -60,6 +67,14 @@ class TrainConfig:
 
     def problems(self) -> list[str]:
         p: list[str] = []
+        if self.method not in ("eagle3", "peagle"):
+            p.append(f"method must be eagle3 or peagle, got {self.method!r}")
+        if self.num_hidden_layers < 1:
+            p.append(f"--draft-layers must be >= 1, got {self.num_hidden_layers}")
+        if self.mask_token_id is not None and self.method != "peagle":
+            p.append("--mask-token-id applies to --method peagle (or dflash) only")
+        if self.mask_token_id is not None and self.mask_token_id < 0:
+            p.append(f"--mask-token-id must be a token id >= 0, got {self.mask_token_id}")
         if self.ttt_steps < 1:
             p.append(f"--ttt-steps must be >= 1, got {self.ttt_steps}")
         if not 0 < self.step_weight <= 1:

@@ -38,11 +38,20 @@ cache holds is the cache's (rounded to its storage dtype), so it is left out: vL
 embedding weights with the draft model" and serves the target's exact table (SGLang likewise sets
 the target's embedding into the draft), as :func:`load_exported_draft` does here.
 
-EAGLE-3.1 variant flags: ``norm_before_fc`` (one RMSNorm over the concatenated aux states before
-``fc``), ``fc_norm`` (one RMSNorm per aux state) and ``norm_output`` (the next step reads the
-post-norm hidden) are written at the top level, False, so that no engine guesses: our draft has
-none of them (vLLM's ``llama_eagle3.py`` reads all three there; ``norm_before_fc`` also inside
-``eagle_config``, which takes precedence, so it is not written there).
+Variants (vLLM's names, as ``llama_eagle3.py`` reads them): ``norm_before_fc`` (``input_norm.weight``
+over the concatenated aux vector), ``fc_norm`` (``fc_norm.{i}.weight``, one per aux chunk) and
+``norm_output`` (the next step reads the post-norm hidden) are written at the top level with the
+draft's values (never inside ``eagle_config``, whose ``norm_before_fc`` would take precedence);
+``attention_bias`` (q/k/v/o ``.bias`` tensors) and ``num_hidden_layers`` sit in the layer fields;
+decoder layers after the first are saved as ``layers.{i}.*`` in both formats (vLLM's own names;
+``midlayer.`` would map onto ``layers.0.``). The speculators format also writes the three flags into
+``transformer_layer_config``, which vLLM's ``peagle`` conversion reads them from.
+
+P-EAGLE (parallel drafting): ``mask_hidden [1, num_aux * H_t]`` (vLLM copies it into its buffer and
+passes it through the aux norms and ``fc``), ``mask_token_id`` at the top level (vLLM's proposer reads
+it there; the speculators ``peagle`` type maps it to ``pard_token``) and ``parallel_drafting: true``
+(recorded for our loader; vLLM is told by ``speculative_config={"method": "eagle3",
+"parallel_drafting": true}``, or by ``speculators_model_type: "peagle"`` in the speculators format).
 """
 
 from __future__ import annotations
@@ -66,7 +75,9 @@ __all__ = [
     "CONFIG_FILE",
     "WEIGHTS_FILE",
     "export_draft",
+    "is_peagle_export",
     "load_exported_draft",
+    "read_export_config",
 ]
 
 EXPORT_FORMATS = ("eagle3", "speculators")
@@ -76,8 +87,8 @@ WEIGHTS_FILE = "model.safetensors"
 AUX_LAYER_CONVENTION = "decoder-layer output (HF hidden_states[i + 1]); engines' capture id = i + 1"
 
 _LAYER_PREFIX = {"eagle3": "midlayer.", "speculators": "layers.0."}
-#: EAGLE-3.1 variants (vLLM's names); our draft uses none of them
-EAGLE31_FLAGS = {"norm_before_fc": False, "fc_norm": False, "norm_output": False}
+#: EAGLE-3.1 flags vLLM reads at the top level of config.json
+EAGLE31_FLAGS = ("norm_before_fc", "fc_norm", "norm_output")
 EMBEDDED_TARGET_ID = "draftcache/embedded-default-target"  # what manifests name the embedded default target
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -98,6 +109,7 @@ def _resolve_target(config: Eagle3DraftConfig, target_config: Any | None) -> tup
             draft_vocab_size=config.draft_vocab_size,
             aux_layer_ids=config.aux_layer_ids,
             norm_before_residual=config.norm_before_residual,
+            **config.variant_fields,
         )
     except ValueError as err:
         raise ValueError(f"draft does not match target_config: {err}") from None
@@ -124,7 +136,7 @@ def _layer_config(config: Eagle3DraftConfig, max_pos: int, theta: float, scaling
         "model_type": "llama",
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": 1,
+        "num_hidden_layers": config.num_hidden_layers,
         "num_attention_heads": config.num_attention_heads,
         "num_key_value_heads": config.num_key_value_heads,
         "head_dim": config.head_dim,
@@ -134,7 +146,7 @@ def _layer_config(config: Eagle3DraftConfig, max_pos: int, theta: float, scaling
         "max_position_embeddings": max_pos,
         "rope_theta": theta,
         "rope_scaling": scaling,
-        "attention_bias": False,
+        "attention_bias": config.attention_bias,
         "mlp_bias": False,
         "tie_word_embeddings": False,
     }
@@ -159,6 +171,8 @@ def _export_config(
         "target_model": target_model_id,
     }
     layer = _layer_config(config, max_pos, theta, scaling)
+    flags = {name: bool(getattr(config, name)) for name in EAGLE31_FLAGS}
+    parallel = {"parallel_drafting": True, "mask_token_id": config.mask_token_id} if config.parallel_drafting else {}
     if format == "eagle3":
         return {
             "architectures": ["LlamaForCausalLMEagle3"],
@@ -166,7 +180,8 @@ def _export_config(
             "draft_vocab_size": config.draft_vocab_size,
             "target_hidden_size": config.target_hidden_size,
             "norm_before_residual": config.norm_before_residual,
-            **EAGLE31_FLAGS,
+            **flags,
+            **parallel,
             "torch_dtype": _DTYPE_NAMES[dtype],
             "eagle_config": {
                 # SGLang adds 1 to these before capturing: decoder-layer output ids (ours)
@@ -178,18 +193,20 @@ def _export_config(
             "eagle_aux_hidden_state_layer_ids": engine_ids,
             "draftcache": meta,
         }
+    algorithm = "peagle" if config.parallel_drafting else "eagle3"
     return {
-        "architectures": ["Eagle3Speculator"],
-        "speculators_model_type": "eagle3",
-        "transformer_layer_config": layer,
+        "architectures": ["PeagleLlamaForCausalLM" if config.parallel_drafting else "Eagle3Speculator"],
+        "speculators_model_type": algorithm,
+        "transformer_layer_config": {**layer, **flags},
         "draft_vocab_size": config.draft_vocab_size,
         "target_hidden_size": config.target_hidden_size,
         "norm_before_residual": config.norm_before_residual,
-        **EAGLE31_FLAGS,
+        **flags,
+        **parallel,
         "eagle_aux_hidden_state_layer_ids": engine_ids,
         "torch_dtype": _DTYPE_NAMES[dtype],
         "speculators_config": {
-            "algorithm": "eagle3",
+            "algorithm": algorithm,
             "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": num_speculative_tokens}],
             "default_proposal_method": "greedy",
             "verifier": {"name_or_path": target_model_id, "architectures": verifier_archs},
@@ -292,8 +309,9 @@ def _rope_from_fields(fields_: Mapping[str, Any]) -> tuple[float, dict | None]:
 def _draft_config_from_export(data: Mapping[str, Any]) -> Eagle3DraftConfig:
     """Rebuild the draft config from the engine-facing fields of an exported config.json."""
     is_speculators = "speculators_model_type" in data
-    if is_speculators and data["speculators_model_type"] != "eagle3":
-        raise ValueError(f"speculators_model_type is {data['speculators_model_type']!r}; only 'eagle3' is supported")
+    if is_speculators and data["speculators_model_type"] not in ("eagle3", "peagle"):
+        raise ValueError(f"speculators_model_type is {data['speculators_model_type']!r}; "
+                         "only 'eagle3' and 'peagle' are supported")
     layer = data["transformer_layer_config"] if is_speculators else data
     if is_speculators or "eagle_config" not in data:
         engine_ids = data.get("eagle_aux_hidden_state_layer_ids")
@@ -315,6 +333,14 @@ def _draft_config_from_export(data: Mapping[str, Any]) -> Eagle3DraftConfig:
         raise ValueError(f"exported config.json lacks {missing}")
     theta, scaling = _rope_from_fields(layer)
     heads = int(layer["num_attention_heads"])
+    # as vLLM reads them: eagle_config's norm_before_fc first, the top level (then the layer fields) after
+    flags = {name: bool(data.get(name, layer.get(name, False))) for name in EAGLE31_FLAGS}
+    if "norm_before_fc" in (data.get("eagle_config") or {}):
+        flags["norm_before_fc"] = bool(data["eagle_config"]["norm_before_fc"])
+    parallel = bool(data.get("parallel_drafting", False)) or data.get("speculators_model_type") == "peagle"
+    mask_token_id = data.get("mask_token_id")
+    if parallel and mask_token_id is None:
+        raise ValueError("exported config.json is a parallel-drafting (P-EAGLE) draft without mask_token_id")
     return Eagle3DraftConfig(
         hidden_size=int(layer["hidden_size"]),
         intermediate_size=int(layer["intermediate_size"]),
@@ -333,6 +359,11 @@ def _draft_config_from_export(data: Mapping[str, Any]) -> Eagle3DraftConfig:
         hidden_act=str(layer.get("hidden_act", "silu")),
         # vLLM's default for a speculators config without the key is True
         norm_before_residual=bool(data.get("norm_before_residual", is_speculators)),
+        **flags,
+        attention_bias=bool(layer.get("attention_bias", False)),
+        num_hidden_layers=int(layer.get("num_hidden_layers") or 1),
+        parallel_drafting=parallel,
+        mask_token_id=None if mask_token_id is None else int(mask_token_id),
     )
 
 
@@ -349,6 +380,23 @@ def _named_target_embeddings(model_id: str | None) -> torch.Tensor | None:
 
     model = load_target_model(model_id, device=torch.device("cpu"))
     return model.get_input_embeddings().weight.detach().float()
+
+
+def read_export_config(path: str | os.PathLike[str]) -> Eagle3DraftConfig:
+    """The draft config ``path/config.json`` describes, read as the engines read its fields."""
+    config_path = Path(path) / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found; expected a directory written by export_draft")
+    return _draft_config_from_export(json.loads(config_path.read_text(encoding="utf-8")))
+
+
+def is_peagle_export(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path/config.json`` is a P-EAGLE (parallel drafting) export of either format."""
+    config_path = Path(path) / CONFIG_FILE
+    if not config_path.is_file():
+        return False
+    data = json.loads(config_path.read_text(encoding="utf-8"))
+    return bool(data.get("parallel_drafting", False)) or data.get("speculators_model_type") == "peagle"
 
 
 def load_exported_draft(
@@ -389,7 +437,8 @@ def load_exported_draft(
     if unknown or missing:
         raise ValueError(
             f"{weights_path} does not hold an EAGLE-3 draft in the exported layout: unknown names {unknown}, "
-            f"missing names {missing} (expected midlayer.*/layers.0.*, fc, norm, lm_head, d2t, t2d without a "
+            f"missing names {missing} (expected midlayer.*/layers.0.*, layers.{{i}}.* for later layers, fc, "
+            "input_norm/fc_norm.{i} and mask_hidden as config.json asks, norm, lm_head, d2t, t2d without a "
             "'model.' prefix; pass target_embeddings if embed_tokens.weight was not exported and the target "
             "config.json names is not a local directory)"
         )

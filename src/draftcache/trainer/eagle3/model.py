@@ -1,17 +1,24 @@
-"""The EAGLE-3 draft model: one Llama-style decoder layer fed by fused target features.
+"""The EAGLE-3 draft model: Llama-style decoder layers fed by fused target features.
 
 Layout (parameter names are the exported checkpoint names, no ``model.`` prefix)::
 
     embed_tokens  Embedding(V, H)              copy of the target's, frozen by default
+    input_norm    RMSNorm(num_aux * H_t)       only with norm_before_fc: over the concatenated aux vector
+    fc_norm.{i}   RMSNorm(H_t) per aux chunk   only with fc_norm (EAGLE-3.1)
     fc            Linear(num_aux * H_t -> H)   fuses the target's aux hidden states
     midlayer      cat(input_layernorm(embed), hidden_norm(h)) [2H] -> q/k/v -> o_proj [H]
                   + residual h; post_attention_layernorm; SwiGLU MLP; + residual
+    layers.{i}    i = 1 .. num_hidden_layers - 1: standard pre-norm Llama layers reading H
     norm          final RMSNorm
     lm_head       Linear(H -> Vd)
     d2t [Vd] int64, t2d [V] bool                draft id -> target id offsets, target membership
+    mask_hidden   [1, num_aux * H_t]            only with parallel_drafting (P-EAGLE): the learnt
+                                               pre-``fc`` feature of every mask slot
 
-``logits = lm_head(norm(h_out))``; the pre-norm ``h_out`` is the hidden state fed to the next
-draft step (training-time test, see :mod:`draftcache.trainer.eagle3.ttt`).
+``logits = lm_head(norm(h_out))``; the hidden state fed to the next draft step (training-time
+test, see :mod:`draftcache.trainer.eagle3.ttt`) is the pre-norm ``h_out``, or ``norm(h_out)``
+under ``norm_output`` (EAGLE-3.1), exactly as vLLM's ``llama_eagle3.py`` returns it.
+``attention_bias`` gives q/k/v/o biases (vLLM: ``qkv_proj`` and ``o_proj`` bias).
 
 Attention supports the EAGLE-3 draft-step cache (:class:`Eagle3KVCache`): the first step
 attends causally over the sequence and caches its keys/values; every later step at slot ``t``
@@ -50,6 +57,7 @@ from draftcache.trainer.layers import (
 )
 
 __all__ = [
+    "VARIANT_FIELDS",
     "Eagle3DraftConfig",
     "Eagle3DraftModel",
     "Eagle3KVCache",
@@ -89,6 +97,15 @@ class Eagle3DraftConfig:
         hidden_act: MLP activation (only ``silu``, SwiGLU).
         norm_before_residual: residual taken from ``hidden_norm(h)`` instead of ``h``
             (original EAGLE-3: False).
+        norm_before_fc: one RMSNorm (``input_norm``) over the concatenated aux vector before ``fc``.
+        fc_norm: one RMSNorm per aux chunk before ``fc`` (``fc_norm.{i}``; EAGLE-3.1).
+        norm_output: the next draft step reads ``norm(h_out)`` instead of ``h_out`` (EAGLE-3.1).
+        attention_bias: q/k/v/o projections carry biases.
+        num_hidden_layers: decoder layers; layer 0 reads ``[embed | hidden]`` (2H), later ones
+            the previous layer's output (H) with a standard pre-norm residual.
+        parallel_drafting: P-EAGLE: one forward drafts K tokens; slots after the bonus token read
+            ``(mask_token_id, mask_hidden)``.
+        mask_token_id: the token fed at P-EAGLE mask slots (required with ``parallel_drafting``).
     """
 
     hidden_size: int
@@ -107,6 +124,13 @@ class Eagle3DraftConfig:
     num_aux_layers: int = 3
     hidden_act: str = "silu"
     norm_before_residual: bool = False
+    norm_before_fc: bool = False
+    fc_norm: bool = False
+    norm_output: bool = False
+    attention_bias: bool = False
+    num_hidden_layers: int = 1
+    parallel_drafting: bool = False
+    mask_token_id: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "aux_layer_ids", [int(i) for i in self.aux_layer_ids])
@@ -114,7 +138,7 @@ class Eagle3DraftConfig:
         problems: list[str] = []
         for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
                      "head_dim", "max_position_embeddings", "target_hidden_size", "target_vocab_size",
-                     "draft_vocab_size", "num_aux_layers"):
+                     "draft_vocab_size", "num_aux_layers", "num_hidden_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 problems.append(f"{name} must be a positive int, got {value!r}")
@@ -136,6 +160,11 @@ class Eagle3DraftConfig:
                     f"aux_layer_ids {self.aux_layer_ids} has {len(self.aux_layer_ids)} ids but "
                     f"num_aux_layers is {self.num_aux_layers}"
                 )
+        if self.parallel_drafting and self.mask_token_id is None:
+            problems.append("parallel_drafting needs mask_token_id (the token fed at mask slots)")
+        if self.mask_token_id is not None and not (
+                isinstance(self.mask_token_id, int) and 0 <= self.mask_token_id < self.target_vocab_size):
+            problems.append(f"mask_token_id must be a token id in [0, {self.target_vocab_size}), got {self.mask_token_id!r}")
         if any(i < 0 for i in self.aux_layer_ids):
             problems.append(f"aux_layer_ids must be >= 0 (decoder-layer output ids), got {self.aux_layer_ids}")
         if self.rms_norm_eps <= 0:
@@ -160,6 +189,7 @@ class Eagle3DraftConfig:
         draft_vocab_size: int,
         aux_layer_ids: Sequence[int],
         norm_before_residual: bool = False,
+        **variant: Any,
     ) -> "Eagle3DraftConfig":
         """Draft config matching a HF target config (its ``text_config`` when it has one);
         ``hf_config`` may be a ``PretrainedConfig`` or its ``to_dict()`` form.
@@ -167,7 +197,9 @@ class Eagle3DraftConfig:
         Copies hidden/intermediate sizes, head counts, head_dim, eps, activation, RoPE
         (``rope_theta``/``rope_scaling`` or transformers 5.x ``rope_parameters``) and
         ``max_position_embeddings`` from the target, so the draft serves at the target's
-        context length with the target's position encoding.
+        context length with the target's position encoding. ``variant`` sets the variant fields
+        (``fc_norm``, ``norm_output``, ``norm_before_fc``, ``attention_bias``, ``num_hidden_layers``,
+        ``parallel_drafting``, ``mask_token_id``).
         """
         text = text_config(hf_config)
         missing = [name for name in ("hidden_size", "intermediate_size", "num_attention_heads",
@@ -202,7 +234,13 @@ class Eagle3DraftConfig:
             num_aux_layers=len(aux_layer_ids),
             hidden_act=str(getattr(text, "hidden_act", "silu")),
             norm_before_residual=norm_before_residual,
+            **variant,
         )
+
+    @property
+    def variant_fields(self) -> dict[str, Any]:
+        """The fields that make EAGLE-3.1 / multi-layer / P-EAGLE drafts (defaults: the original EAGLE-3)."""
+        return {name: getattr(self, name) for name in VARIANT_FIELDS}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -215,6 +253,11 @@ class Eagle3DraftConfig:
         if unknown:
             raise ValueError(f"unknown Eagle3DraftConfig keys {unknown}; known keys: {sorted(known)}")
         return cls(**dict(data))
+
+
+#: Eagle3DraftConfig fields beyond the original EAGLE-3 draft, named as vLLM's config.json keys
+VARIANT_FIELDS = ("norm_before_fc", "fc_norm", "norm_output", "attention_bias", "num_hidden_layers",
+                  "parallel_drafting", "mask_token_id")
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,10 +309,17 @@ class Eagle3KVCache:
     block_v: torch.Tensor | None = None
     diag_k: list[torch.Tensor] = field(default_factory=list)
     diag_v: list[torch.Tensor] = field(default_factory=list)
+    later: list["Eagle3KVCache"] = field(default_factory=list)  # layers 1.. of a multi-layer draft
 
     @property
     def steps(self) -> int:
         return 0 if self.block_k is None else 1 + len(self.diag_k)
+
+    def layer(self, index: int) -> "Eagle3KVCache":
+        """This cache for layer 0, its own per-layer cache for layer ``index >= 1``."""
+        while len(self.later) < index:
+            self.later.append(Eagle3KVCache())
+        return self if index == 0 else self.later[index - 1]
 
 
 @dataclass
@@ -282,6 +332,13 @@ class Eagle3DecodeCache:
 
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
+    later: list["Eagle3DecodeCache"] = field(default_factory=list)  # layers 1.. of a multi-layer draft
+
+    def layer(self, index: int) -> "Eagle3DecodeCache":
+        """This cache for layer 0, its own per-layer cache for layer ``index >= 1``."""
+        while len(self.later) < index:
+            self.later.append(Eagle3DecodeCache())
+        return self if index == 0 else self.later[index - 1]
 
     @property
     def length(self) -> int:
@@ -293,9 +350,11 @@ class Eagle3DecodeCache:
         return self.k, self.v
 
     def crop(self, length: int) -> None:
-        """Forget every entry from ``length`` on (rejected draft tokens)."""
+        """Forget every entry from ``length`` on (rejected draft tokens), in every layer."""
         if self.k is not None:
             self.k, self.v = self.k[:, :, :length], self.v[:, :, :length]
+        for cache in self.later:
+            cache.crop(length)
 
 
 def attend_eager(
@@ -406,18 +465,19 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 class Eagle3Attention(nn.Module):
-    """GQA self-attention whose q/k/v read the ``2H``-wide ``[embed | hidden]`` input."""
+    """GQA self-attention whose q/k/v read ``width`` features: the ``2H``-wide ``[embed | hidden]``
+    input in layer 0, ``H`` in later layers; q/k/v/o biases under ``attention_bias``."""
 
-    def __init__(self, config: Eagle3DraftConfig) -> None:
+    def __init__(self, config: Eagle3DraftConfig, width: int) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        width = 2 * config.hidden_size
-        self.q_proj = nn.Linear(width, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(width, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling)
         self.attn_implementation = "sdpa"  # or "eager" (the reference); set via Eagle3DraftModel
         self.query_chunk: int | None = SDPA_QUERY_CHUNK
@@ -429,7 +489,7 @@ class Eagle3Attention(nn.Module):
         mask: torch.Tensor,
         cache: "Eagle3KVCache | Eagle3DecodeCache | None" = None,
     ) -> torch.Tensor:
-        """``x [B, T, 2H]`` at ``position_ids [B, T]`` -> ``[B, T, H]``.
+        """``x [B, T, width]`` at ``position_ids [B, T]`` -> ``[B, T, H]``.
 
         Without a cache, or with an empty one, this is causal attention under ``mask`` (the
         cache then keeps these keys as the block). With a filled cache, the new keys are
@@ -461,14 +521,14 @@ class Eagle3Attention(nn.Module):
 
 
 class Eagle3DecoderLayer(nn.Module):
-    """The draft's single decoder layer (``midlayer``)."""
+    """The draft's first decoder layer (``midlayer``), reading ``[embed | hidden]``."""
 
     def __init__(self, config: Eagle3DraftConfig) -> None:
         super().__init__()
         self.norm_before_residual = config.norm_before_residual
         self.hidden_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Eagle3Attention(config)
+        self.self_attn = Eagle3Attention(config, 2 * config.hidden_size)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
 
@@ -488,6 +548,30 @@ class Eagle3DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+class Eagle3LaterLayer(nn.Module):
+    """Decoder layer ``i >= 1`` (``layers.{i}``): standard pre-norm Llama over the previous layer's
+    output, ``h + attn(input_layernorm(h))`` then ``+ mlp(post_attention_layernorm(.))`` (what vLLM's
+    fused ``input_layernorm(hidden, residual)`` computes for ``layer_idx > 0``)."""
+
+    def __init__(self, config: Eagle3DraftConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Eagle3Attention(config, config.hidden_size)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor,
+        cache: "Eagle3KVCache | Eagle3DecodeCache | None" = None,
+    ) -> torch.Tensor:
+        """``hidden [B, T, H]`` -> ``[B, T, H]``."""
+        h = hidden + self.self_attn(self.input_layernorm(hidden), position_ids, mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
 # --------------------------------------------------------------------------------------------
 # The draft
 # --------------------------------------------------------------------------------------------
@@ -495,11 +579,13 @@ class Eagle3DecoderLayer(nn.Module):
 
 @dataclass
 class Eagle3Output:
-    """``logits [B, T, Vd]`` (None when not asked for) and the pre-norm ``hidden_states [B, T, H]``
-    fed to the next step."""
+    """``logits [B, T, Vd]`` (None when not asked for); ``hidden_states [B, T, H]``, what the next
+    step reads: the pre-norm output, or the post-norm one under ``norm_output``; and
+    ``normed_hidden_states [B, T, H]``, the final norm's output the logits project."""
 
     logits: torch.Tensor | None
     hidden_states: torch.Tensor
+    normed_hidden_states: torch.Tensor | None = None
 
 
 class Eagle3DraftModel(nn.Module):
@@ -510,8 +596,16 @@ class Eagle3DraftModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.target_vocab_size, config.hidden_size)
-        self.fc = nn.Linear(config.num_aux_layers * config.target_hidden_size, config.hidden_size, bias=False)
+        fc_in = config.num_aux_layers * config.target_hidden_size
+        if config.norm_before_fc:
+            self.input_norm = RMSNorm(fc_in, config.rms_norm_eps)
+        if config.fc_norm:
+            self.fc_norm = nn.ModuleList(RMSNorm(config.target_hidden_size, config.rms_norm_eps)
+                                         for _ in range(config.num_aux_layers))
+        self.fc = nn.Linear(fc_in, config.hidden_size, bias=False)
         self.midlayer = Eagle3DecoderLayer(config)
+        if config.num_hidden_layers > 1:  # keys "1".. so that state_dict names are the export's layers.{i}
+            self.layers = nn.ModuleDict({str(i): Eagle3LaterLayer(config) for i in range(1, config.num_hidden_layers)})
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.draft_vocab_size, bias=False)
         # default maps: draft id i = target id i (the first Vd target ids)
@@ -519,6 +613,8 @@ class Eagle3DraftModel(nn.Module):
         t2d = torch.zeros(config.target_vocab_size, dtype=torch.bool)
         t2d[: config.draft_vocab_size] = True
         self.register_buffer("t2d", t2d)
+        if config.parallel_drafting:
+            self.mask_hidden = nn.Parameter(torch.empty(1, fc_in).normal_(0.0, 0.02))
         if freeze_embeddings:
             self.embed_tokens.weight.requires_grad_(False)
         self.attn_implementation = attn_implementation
@@ -532,7 +628,14 @@ class Eagle3DraftModel(nn.Module):
     def attn_implementation(self, value: str) -> None:
         if value not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"attn_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {value!r}")
-        self.midlayer.self_attn.attn_implementation = value
+        for layer in self.decoder_layers:
+            layer.self_attn.attn_implementation = value
+
+    @property
+    def decoder_layers(self) -> list[nn.Module]:
+        """``[midlayer, layers.1, ...]`` in order."""
+        later = list(self.layers.values()) if self.config.num_hidden_layers > 1 else []
+        return [self.midlayer, *later]
 
     # ---- vocabulary and warm starts -----------------------------------------------------
 
@@ -590,8 +693,27 @@ class Eagle3DraftModel(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------
 
+    def combine_hidden_states(self, aux_hidden_states: torch.Tensor) -> torch.Tensor:
+        """``[..., num_aux * H_t]`` target features -> ``[..., H]``: ``input_norm`` (norm_before_fc),
+        then one ``fc_norm`` per aux chunk (fc_norm), then ``fc`` (vLLM's ``combine_hidden_states``)."""
+        x = aux_hidden_states.to(self.fc.weight.dtype)
+        if self.config.norm_before_fc:
+            x = self.input_norm(x)
+        if self.config.fc_norm:
+            chunks = x.chunk(self.config.num_aux_layers, dim=-1)
+            x = torch.cat([norm(chunk) for norm, chunk in zip(self.fc_norm, chunks)], dim=-1)
+        return self.fc(x)
+
+    def mask_hidden_state(self) -> torch.Tensor:
+        """``[1, H]``: the hidden input of every P-EAGLE mask slot, ``combine_hidden_states(mask_hidden)``
+        (vLLM projects its ``mask_hidden`` buffer the same way at load)."""
+        if not self.config.parallel_drafting:
+            raise ValueError("this draft has no mask_hidden: it was not built with parallel_drafting")
+        return self.combine_hidden_states(self.mask_hidden)
+
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Pre-norm ``[B, T, H]`` -> ``[B, T, Vd]``."""
+        """The last layer's pre-norm output ``[B, T, H]`` -> ``[B, T, Vd]`` (under ``norm_output`` the
+        ``hidden_states`` a step returns are already normed: use its ``logits``)."""
         return self.lm_head(self.norm(hidden_states))
 
     def forward_step(
@@ -605,21 +727,29 @@ class Eagle3DraftModel(nn.Module):
         logits: bool = True,
     ) -> Eagle3Output:
         """One draft step: ``input_ids [B, T]`` (the tokens this step reads), ``hidden_states
-        [B, T, H]`` (``fc`` output for the first step, the previous pre-norm output after),
-        ``position_ids [B, T]``, ``mask [B, 1, T, T]`` from :func:`build_attention_mask`.
-        ``logits=False`` skips the ``[B, T, Vd]`` projection (the TTT loss projects in chunks)."""
+        [B, T, H]`` (:meth:`combine_hidden_states` output for the first step, the previous step's
+        ``hidden_states`` after), ``position_ids [B, T]``, ``mask [B, 1, T, T]`` from
+        :func:`build_attention_mask`. ``cache`` is layer 0's; later layers use ``cache.layer(i)``.
+        ``logits=False`` skips the ``[B, T, Vd]`` projection (the TTT loss projects
+        ``normed_hidden_states`` in chunks)."""
         embeds = self.embed_tokens(input_ids).to(hidden_states.dtype)
         out = self.midlayer(embeds, hidden_states, position_ids, mask, cache)
-        return Eagle3Output(logits=self.compute_logits(out) if logits else None, hidden_states=out)
+        for i, layer in enumerate(self.decoder_layers[1:], start=1):
+            out = layer(out, position_ids, mask, None if cache is None else cache.layer(i))
+        normed = self.norm(out)
+        return Eagle3Output(logits=self.lm_head(normed) if logits else None,
+                            hidden_states=normed if self.config.norm_output else out, normed_hidden_states=normed)
 
     def decode(
         self, input_ids: torch.Tensor, hidden_states: torch.Tensor, cache: Eagle3DecodeCache
     ) -> Eagle3Output:
         """Append ``n`` entries to an inference cache and return their outputs.
 
-        ``input_ids [B, n]`` (the token each entry reads), ``hidden_states [B, n, H]`` (``fc(aux)``
-        for context entries, the previous pre-norm output for drafted ones). Entries take the next
-        ``n`` positions after the cache and attend causally to everything before them.
+        ``input_ids [B, n]`` (the token each entry reads), ``hidden_states [B, n, H]``
+        (``combine_hidden_states(aux)`` for context entries, the previous step's ``hidden_states`` for
+        chain-drafted ones, :meth:`mask_hidden_state` for P-EAGLE mask slots). Entries take the next
+        ``n`` positions after the cache and attend causally to everything before them (and to each
+        other, causally: a P-EAGLE round appends its context entries and mask slots in one call).
         """
         batch, n = input_ids.shape
         past = cache.length
@@ -652,7 +782,7 @@ class Eagle3DraftModel(nn.Module):
             position_ids = _default_positions(batch, seq, seq_lens, input_ids.device)
         mask = build_attention_mask(attention_mask, seq_len=seq, batch_size=batch, seq_lens=seq_lens,
                                     device=input_ids.device)
-        hidden = self.fc(aux_hidden_states.to(self.fc.weight.dtype))
+        hidden = self.combine_hidden_states(aux_hidden_states)
         return self.forward_step(input_ids, hidden, position_ids=position_ids, mask=mask)
 
 

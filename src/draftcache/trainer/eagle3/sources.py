@@ -109,6 +109,14 @@ class CachedSource:
     def target_embeddings(self) -> torch.Tensor:
         return self.reader.target_embeddings()
 
+    def token_ids(self) -> torch.Tensor:
+        """``[N]`` every committed sample's token ids (to pick a token the data never holds)."""
+        return self.reader.all_input_ids()
+
+    def special_ids(self) -> list[int]:
+        """The tokenizer's bos / eos / pad / unk ids the manifest records."""
+        return list(self.reader.manifest.get("draft_vocab", {}).get("special_token_ids") or [])
+
     def target_lm_head(self) -> torch.Tensor | None:
         return self.reader.target_lm_head()
 
@@ -185,6 +193,14 @@ class OnlineSource:
 
     def target_embeddings(self) -> torch.Tensor:
         return self.target.get_input_embeddings().weight.detach()
+
+    def token_ids(self) -> torch.Tensor:
+        """``[N]`` every sample's token ids (to pick a token the data never holds)."""
+        return torch.cat([torch.as_tensor(s.input_ids, dtype=torch.long) for s in self.samples])
+
+    def special_ids(self) -> list[int]:
+        """The tokenizer's bos / eos / pad / unk ids."""
+        return special_token_ids(self.tokenizer)
 
     def target_lm_head(self) -> torch.Tensor | None:
         return self.target.output_projection()[0].detach()

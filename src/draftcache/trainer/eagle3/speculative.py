@@ -10,6 +10,14 @@ One round, with ``x_0..x_m`` committed and the target's KV cache covering ``x_0.
    caches are cropped to what was accepted, and the verify forward's aux states become the
    draft's new context entries.
 
+P-EAGLE drafts (``draft.config.parallel_drafting``) replace step 1's chain by one forward, as
+vLLM's parallel drafting does: the new context entries (the last one holds the bonus token with
+the target's feature) are followed by ``K - 1`` mask slots (``mask_token_id``,
+``mask_hidden_state()``) at the next positions, attending causally; the ``K`` draft tokens are the
+argmaxes of the last context entry and the mask slots. The mask slots are then dropped from the
+draft cache (vLLM overwrites their KV slots with the next round's context entries).
+``stats.draft_forwards`` counts drafter forwards: ``K`` per round for chains, 1 for P-EAGLE.
+
 Every committed token is the target's own greedy choice, so the output equals plain greedy
 decoding. ``tau`` = tokens emitted per verify forward (accepted + bonus, cut at EOS and at
 ``max_new_tokens``); the raw engine-style counters are kept beside it (:class:`SpecDecodeStats`).
@@ -51,15 +59,33 @@ def speculative_generate(
     # draft context: slot t reads aux_t and token x_{t+1}
     ctx_tokens = torch.cat([prompt[0, 1:], torch.tensor([last], device=device)]).view(1, -1)
     d_cache = Eagle3DecodeCache()
-    step = draft.decode(ctx_tokens, draft.fc(fwd.aux_hidden_states.to(draft.fc.weight.dtype)), d_cache)
+    parallel = draft.config.parallel_drafting
+    if parallel:
+        mask_ids = torch.full((1, K - 1), draft.config.mask_token_id, device=device)
+        mask_hidden = draft.mask_hidden_state().view(1, 1, -1).expand(1, K - 1, -1)
+
+    def extend(tokens: torch.Tensor, aux: torch.Tensor):
+        """Append context entries (and, for P-EAGLE, the round's mask slots) in one forward."""
+        hidden = draft.combine_hidden_states(aux)
+        if parallel and K > 1:
+            tokens, hidden = torch.cat([tokens, mask_ids], dim=1), torch.cat([hidden, mask_hidden.to(hidden.dtype)], dim=1)
+        stats.draft_forwards += 1
+        return draft.decode(tokens, hidden, d_cache)
+
+    step = extend(ctx_tokens, fwd.aux_hidden_states)
     while len(out) < max_new_tokens and last != eos_token_id:
-        context_len = d_cache.length
-        proposal: list[int] = []
-        for k in range(K):
-            token = int(selected[step.logits[0, -1].argmax()])
-            proposal.append(token)
-            if k + 1 < K:
-                step = draft.decode(torch.tensor([[token]], device=device), step.hidden_states[:, -1:], d_cache)
+        if parallel:
+            context_len = d_cache.length - (K - 1)
+            proposal = selected[step.logits[0, -K:].argmax(-1)].tolist()
+        else:
+            context_len = d_cache.length
+            proposal = []
+            for k in range(K):
+                token = int(selected[step.logits[0, -1].argmax()])
+                proposal.append(token)
+                if k + 1 < K:
+                    step = draft.decode(torch.tensor([[token]], device=device), step.hidden_states[:, -1:], d_cache)
+                    stats.draft_forwards += 1
         verify_ids = torch.tensor([[last] + proposal], device=device)
         fwd = target.forward_capture(verify_ids, None, past_key_values=t_cache)
         t_cache = fwd.past_key_values
@@ -74,7 +100,8 @@ def speculative_generate(
             t_cache.crop(-(K - accepted))  # negative = drop that many from the end (transformers 4.x and 5.x)
         d_cache.crop(context_len)
         aux = fwd.aux_hidden_states[:, : accepted + 1]  # features of x_m, d_1..d_a
-        step = draft.decode(torch.tensor([new], device=device), draft.fc(aux.to(draft.fc.weight.dtype)), d_cache)
+        if len(out) + len(new) < max_new_tokens and eos_token_id not in new:  # another round follows
+            step = extend(torch.tensor([new], device=device), aux)
         out.extend(emit_round(new, eos_token_id))
         last = out[-1]
     out = out[:max_new_tokens]

@@ -1,4 +1,4 @@
-"""The EAGLE-3 draft training loop: AdamW + warmup/cosine, gradient accumulation and clipping,
+"""The EAGLE-3 draft training loop (every variant: EAGLE-3.1 flags, several layers, P-EAGLE): AdamW + warmup/cosine, gradient accumulation and clipping,
 per-TTT-step metrics, validation, atomic resumable checkpoints, DDP under torchrun, export at the end."""
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from draftcache.trainer.eagle3.config import TrainConfig
 from draftcache.trainer.optim import accumulation_group, optimizer_step, training_autocast
 from draftcache.trainer.distributed import DistInfo, all_reduce_sum, init_distributed
 from draftcache.trainer.eagle3.model import Eagle3DraftConfig, Eagle3DraftModel
+from draftcache.trainer.eagle3.parallel import choose_mask_token_id
 from draftcache.trainer.eagle3.ttt import simulated_acceptance_length, ttt_forward
 
 __all__ = ["train", "TrainResult", "build_draft", "evaluate_loss", "accumulation_group", "optimizer_step"]
@@ -79,11 +80,22 @@ def _hf_config_object(d: dict):
 def build_draft(source, cfg: TrainConfig, device: torch.device) -> Eagle3DraftModel:
     """A fresh draft shaped after ``source``'s target, with frozen target embeddings and its vocab maps."""
     info = source.info
+    embeddings = source.target_embeddings().float()
+    parallel = cfg.method == "peagle"
+    mask_token_id = cfg.mask_token_id
+    if parallel and mask_token_id is None:
+        mask_token_id = choose_mask_token_id(embeddings, source.token_ids().tolist(), source.special_ids())
+    if parallel and not (0 <= mask_token_id < embeddings.shape[0] and bool(embeddings[mask_token_id].abs().sum() > 0)):
+        raise ValueError(f"--mask-token-id {mask_token_id}: the target's embedding row for it is zero or out of range "
+                         "(a pad row?); every mask slot would read a zero token input. Choose another id")
     dcfg = Eagle3DraftConfig.from_target_config(
-        _hf_config_object(info.hf_config), draft_vocab_size=source.vocab.size, aux_layer_ids=info.aux_layer_ids
+        _hf_config_object(info.hf_config), draft_vocab_size=source.vocab.size, aux_layer_ids=info.aux_layer_ids,
+        fc_norm=cfg.fc_norm, norm_output=cfg.norm_output, norm_before_fc=cfg.norm_before_fc,
+        attention_bias=cfg.attention_bias, num_hidden_layers=cfg.num_hidden_layers,
+        parallel_drafting=parallel, mask_token_id=mask_token_id,
     )
     model = Eagle3DraftModel(dcfg, freeze_embeddings=cfg.freeze_embeddings)
-    model.load_target_embeddings(source.target_embeddings().float())
+    model.load_target_embeddings(embeddings)
     model.set_draft_vocab(source.vocab)
     if cfg.init_lm_head:
         weight = source.target_lm_head()
@@ -206,15 +218,15 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
 
         source = build_source(cfg, device)
     source.check_complete(allow_partial=cfg.allow_partial_cache)  # before anything is written
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
     data_source = source.describe()
     if data_source.get("complete") is False:
         log(f"training on an incomplete cache (--allow-partial-cache): {data_source['committed_samples']} of "
             f"{data_source['num_samples']} samples committed")
 
     torch.manual_seed(cfg.seed)
-    model = build_draft(source, cfg, device)
+    model = build_draft(source, cfg, device)  # refuses a bad --mask-token-id before anything is written
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     train_idx, val_idx = split_train_val(len(source), cfg.val_fraction, cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)

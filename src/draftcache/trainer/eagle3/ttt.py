@@ -10,13 +10,21 @@ Step ``k`` (0-based) simulates the draft's ``k``-th chained prediction from slot
   total (zero-filled), so step ``k`` at slot ``t`` reads ``x_{t+1+k}`` and is scored against
   the target's distribution at position ``t + 1 + k`` (``target_probs`` is read as the view
   ``target_probs[:, k:]`` over slots ``[0, T - k)``: its zero-filled tail would supervise nothing);
-* the hidden input is the previous step's pre-norm output at the *same* slot ``t`` (not
-  shifted): slot ``t``'s chain keeps its own state, exactly as SpecForge / NeMo / the EAGLE-3
-  reference feed ``hidden_states`` from one step to the next without moving it;
+* the hidden input is the previous step's output at the *same* slot ``t`` (not shifted): slot
+  ``t``'s chain keeps its own state, exactly as SpecForge / NeMo / the EAGLE-3 reference feed
+  ``hidden_states`` from one step to the next without moving it. It is what vLLM feeds back: the
+  pre-norm output, or ``norm(out)`` under ``norm_output`` (EAGLE-3.1), see
+  :attr:`~draftcache.trainer.eagle3.model.Eagle3Output.hidden_states`;
 * RoPE positions are ``position_ids + k`` (the k-th drafted token sits k places further on);
 * the query at slot ``t`` attends to the step-0 keys of slots ``<= t`` (causal, inside its
   document when packed, never a padding key) plus the keys that steps ``1..k`` produced at
   slot ``t`` itself: one "diagonal" key per step. See :class:`~draftcache.trainer.eagle3.model.Eagle3KVCache`.
+
+P-EAGLE (``config.parallel_drafting``): every slot ``t`` is an anchor and step ``k >= 1`` is its
+mask slot at depth ``k``, as vLLM serves it: the token is ``mask_token_id`` and the hidden input is
+``combine_hidden_states(mask_hidden)`` (no output of an earlier step is fed back), at position
+``t + k``, attending the anchor's context (slots ``<= t``) and the anchor's mask slots of depth
+``<= k`` (the same diagonal keys), scored against ``target_probs`` at ``t + k`` (anchor + depth).
 
 Per-step loss is the soft cross-entropy ``-(position_mask * target_probs * log_softmax(logits)).sum(-1)``
 averaged over the step's valid positions (``position_mask.sum()``, at least 1), NeMo's choice.
@@ -189,17 +197,22 @@ def ttt_forward(
     mask = build_attention_mask(attention_mask, seq_len=seq, batch_size=batch, seq_lens=seq_lens, device=device)
 
     cache = Eagle3KVCache()
-    hidden = model.fc(aux_hidden_states.to(model.fc.weight.dtype))  # [B, T, H]
+    hidden = model.combine_hidden_states(aux_hidden_states)  # [B, T, H]
+    parallel = cfg.parallel_drafting
     ids, pmask, lmask = input_ids, position_mask.bool(), loss_mask.bool()
     step_losses, step_sums, step_correct, step_valid, step_supervised, kept = [], [], [], [], [], []
     for step in range(ttt_steps):
         if step > 0:
-            ids = shift_left_with_zero(ids)
             pmask = shift_left_with_zero(pmask)
             lmask = shift_left_with_zero(lmask)
+            if parallel:  # mask slot of depth ``step`` after every anchor
+                ids = torch.full_like(input_ids, cfg.mask_token_id)
+                hidden = model.mask_hidden_state().expand(batch, seq, -1)
+            else:
+                ids = shift_left_with_zero(ids)
         out = model.forward_step(ids, hidden, position_ids=position_ids + step, mask=mask, cache=cache,
                                  logits=return_logits)
-        hidden = out.hidden_states  # slot t keeps its own chain state
+        hidden = out.hidden_states  # chain: slot t keeps its own state
 
         valid, supervised = pmask, lmask  # [B, T, 1], [B, T]
         if doc_remaining is not None:
@@ -211,7 +224,7 @@ def ttt_forward(
         rows = max(seq - step, 0)
         probs = target_probs[:, step:]  # [B, rows, Vd]
         # soft CE in at least fp32; the [B, rows, Vd] logits exist one chunk of slots at a time
-        ce, predicted = chunked_soft_cross_entropy(hidden[:, :rows], model.compute_logits, probs, dim=1,
+        ce, predicted = chunked_soft_cross_entropy(out.normed_hidden_states[:, :rows], model.lm_head, probs, dim=1,
                                                    chunk_elements=logits_chunk_elements)
         weight = valid[:, :rows].squeeze(-1).to(ce.dtype)  # [B, rows]
         per_slot = ce * weight  # [B, rows]
