@@ -1,6 +1,6 @@
 """A DFlash draft trained here on SmolLM2 and exported by draftcache, served by vLLM's CPU build.
 
-Checks: the mask token is chosen by the trainer's rule (``trainer/dflash/mask.py``) and its
+Checks: the mask token is chosen by the trainer's rule (``trainer/mask_token.py``) and its
 SmolLM2 embedding row is non-zero; vLLM loads the export as ``method: "dflash"``; every drafter tensor vLLM loaded equals
 the export (snapshot taken right after ``load_weights``: the CPU backend then repacks linear
 weights and empties ``.weight``); the embeddings and lm_head it uses are the target's; vLLM's
@@ -25,7 +25,7 @@ from draftcache.targets import HFDFlashTargetModel, default_dflash_layer_ids
 from draftcache.trainer.dflash.config import DFlashDraftConfig
 from draftcache.trainer.dflash.export import export_dflash_draft
 from draftcache.trainer.dflash.loss import dflash_loss, sample_anchors
-from draftcache.trainer.dflash.mask import MaskTokenChoice, choose_mask_token, tokenizer_special_ids
+from draftcache.trainer.mask_token import MaskTokenChoice, choose_mask_token, tokenizer_special_ids
 from draftcache.trainer.dflash.model import DFlashDraftModel
 from draftcache.trainer.dflash.speculative import dflash_speculative_generate
 from draftcache.trainer.speculative import SpecDecodeStats, greedy_generate

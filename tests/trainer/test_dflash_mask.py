@@ -18,7 +18,7 @@ import torch
 
 from draftcache.trainer.dflash.config import DFlashDraftConfig
 from draftcache.trainer.dflash.loss import dflash_loss, sample_anchors
-from draftcache.trainer.dflash.mask import choose_mask_token, tokenizer_special_ids
+from draftcache.trainer.mask_token import choose_mask_token, tokenizer_special_ids
 from draftcache.trainer.dflash.model import DFlashDraftModel
 
 V, H, TARGET_H, SEQ, CLASSES = 32, 32, 24, 64, 16

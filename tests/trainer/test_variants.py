@@ -24,7 +24,7 @@ from transformers import AutoConfig
 
 from draftcache.trainer.eagle3.export import export_draft, load_exported_draft, read_export_config
 from draftcache.trainer.eagle3.model import Eagle3DecodeCache, Eagle3DraftConfig, Eagle3DraftModel
-from draftcache.trainer.eagle3.parallel import choose_mask_token_id
+from draftcache.trainer.mask_token import choose_mask_token
 from draftcache.trainer.eagle3.ttt import ttt_forward
 
 from .helpers import random_draft, tiny_target_config
@@ -282,13 +282,18 @@ def test_export_writes_the_real_flags_and_tensors_and_loads_back(tmp_path, name,
         assert torch.equal(_model_round(loaded, tokens, aux), _model_round(model, tokens, aux))
 
 
-def test_mask_token_is_never_a_zero_row_nor_special_and_prefers_unused_ids():
+def test_peagle_mask_token_follows_the_shared_rule_never_a_zero_row():
+    """P-EAGLE takes its mask token by DFlash's rule (trainer/mask_token.py, tested there in full):
+    an unused special with a non-zero row first, never the zero pad row, a zero --mask-token-id refused."""
     emb = torch.randn(10, 4)
     emb[9] = 0.0  # a padding_idx row
-    assert choose_mask_token_id(emb, used_ids=[0, 1, 8], special_ids=[7]) == 6
-    assert choose_mask_token_id(emb, used_ids=range(10), special_ids=[7, 8]) == 6  # all used: still non-zero
+    counts = torch.zeros(10, dtype=torch.int64)
+    counts[[0, 1, 8]] = 5  # supervised tokens of the data
+    assert choose_mask_token(embeddings=emb, supervised_counts=counts, rms_norm_eps=1e-6,
+                             special_ids=[9, 7]).token_id == 7
+    assert choose_mask_token(embeddings=emb, supervised_counts=counts, rms_norm_eps=1e-6).token_id == 2
     with pytest.raises(ValueError, match="--mask-token-id"):
-        choose_mask_token_id(torch.zeros(4, 2), used_ids=[])
+        choose_mask_token(embeddings=emb, supervised_counts=counts, rms_norm_eps=1e-6, given=9)
     with pytest.raises(ValueError, match="parallel_drafting needs mask_token_id"):
         _config(parallel_drafting=True)
 

@@ -42,6 +42,7 @@ then equal plain greedy token for token).
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import re

@@ -36,7 +36,7 @@ from draftcache.trainer.checkpoint import TrainState, latest_checkpoint, load_ch
 from draftcache.trainer.dflash.config import DFlashDraftConfig
 from draftcache.data.vocab import supervised_token_counts
 from draftcache.trainer.dflash.loss import DFLASH_LOSS_DECAY, dflash_loss, sample_anchors
-from draftcache.trainer.dflash.mask import MaskTokenChoice, choose_mask_token, tokenizer_special_ids
+from draftcache.trainer.mask_token import MaskTokenChoice, choose_mask_token, tokenizer_special_ids
 from draftcache.trainer.dflash.model import DFlashDraftModel
 from draftcache.trainer.distributed import all_reduce_sum, init_distributed
 from draftcache.trainer.layers import text_config
@@ -61,7 +61,7 @@ class DFlashTrainConfig:
     num_draft_layers: int = 1              # NeMo's recipe: 5; 1 keeps CPU runs small
     block_size: int = 16                   # anchor + 15 masked slots (NeMo: 16)
     num_anchors: int = 128                 # blocks per packed row; NeMo: 512 per sequence (docs/DFLASH.md, "Recipe")
-    mask_token_id: int | None = None       # None = chosen by trainer/dflash/mask.py (never a zero embedding row)
+    mask_token_id: int | None = None       # None = chosen by trainer/mask_token.py (never a zero embedding row)
     loss_decay: float = DFLASH_LOSS_DECAY  # slot k weighs exp(-(k-1)/decay)
     freeze_k_norm: bool = False            # keep every layer's k_norm at ones: vLLM CPU serves multi-layer drafts as trained
     epochs: int = 18                       # the measured recipe on the embedded default (docs/DFLASH.md, "Recipe")

@@ -109,9 +109,10 @@ class CachedSource:
     def target_embeddings(self) -> torch.Tensor:
         return self.reader.target_embeddings()
 
-    def token_ids(self) -> torch.Tensor:
-        """``[N]`` every committed sample's token ids (to pick a token the data never holds)."""
-        return self.reader.all_input_ids()
+    def supervised_token_counts(self) -> torch.Tensor:
+        """``[V]`` how often each id is a supervised token of the dataset (the manifest's
+        ``token_counts``: no shard is read)."""
+        return torch.tensor(self.reader.manifest["token_counts"], dtype=torch.int64)
 
     def special_ids(self) -> list[int]:
         """The tokenizer's bos / eos / pad / unk ids the manifest records."""
@@ -194,9 +195,10 @@ class OnlineSource:
     def target_embeddings(self) -> torch.Tensor:
         return self.target.get_input_embeddings().weight.detach()
 
-    def token_ids(self) -> torch.Tensor:
-        """``[N]`` every sample's token ids (to pick a token the data never holds)."""
-        return torch.cat([torch.as_tensor(s.input_ids, dtype=torch.long) for s in self.samples])
+    def supervised_token_counts(self) -> torch.Tensor:
+        """``[V]`` how often each id is a supervised token of the samples (one ``bincount``)."""
+        return supervised_token_counts([s.input_ids for s in self.samples], [s.loss_mask for s in self.samples],
+                                       int(self.target_embeddings().shape[0]))
 
     def special_ids(self) -> list[int]:
         """The tokenizer's bos / eos / pad / unk ids."""

@@ -9,7 +9,6 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,7 +26,8 @@ from draftcache.trainer.eagle3.config import TrainConfig
 from draftcache.trainer.optim import accumulation_group, optimizer_step, training_autocast
 from draftcache.trainer.distributed import DistInfo, all_reduce_sum, init_distributed
 from draftcache.trainer.eagle3.model import Eagle3DraftConfig, Eagle3DraftModel
-from draftcache.trainer.eagle3.parallel import choose_mask_token_id
+from draftcache.trainer.mask_token import choose_mask_token
+from draftcache.trainer.layers import text_config
 from draftcache.trainer.eagle3.ttt import simulated_acceptance_length, ttt_forward
 
 __all__ = ["train", "TrainResult", "build_draft", "evaluate_loss", "accumulation_group", "optimizer_step"]
@@ -77,17 +77,18 @@ def _hf_config_object(d: dict):
     return AutoConfig.for_model(model_type, **d)
 
 
-def build_draft(source, cfg: TrainConfig, device: torch.device) -> Eagle3DraftModel:
+def build_draft(source, cfg: TrainConfig, device: torch.device, *, log=print) -> Eagle3DraftModel:
     """A fresh draft shaped after ``source``'s target, with frozen target embeddings and its vocab maps."""
     info = source.info
     embeddings = source.target_embeddings().float()
     parallel = cfg.method == "peagle"
-    mask_token_id = cfg.mask_token_id
-    if parallel and mask_token_id is None:
-        mask_token_id = choose_mask_token_id(embeddings, source.token_ids().tolist(), source.special_ids())
-    if parallel and not (0 <= mask_token_id < embeddings.shape[0] and bool(embeddings[mask_token_id].abs().sum() > 0)):
-        raise ValueError(f"--mask-token-id {mask_token_id}: the target's embedding row for it is zero or out of range "
-                         "(a pad row?); every mask slot would read a zero token input. Choose another id")
+    mask_token_id = None
+    if parallel:  # the rule DFlash uses (trainer/mask_token.py): never a zero row, a token the data never supervises
+        eps = float(getattr(text_config(_hf_config_object(info.hf_config)), "rms_norm_eps", None) or 1e-6)
+        choice = choose_mask_token(embeddings=embeddings, supervised_counts=source.supervised_token_counts(),
+                                   rms_norm_eps=eps, special_ids=source.special_ids(), given=cfg.mask_token_id)
+        mask_token_id = choice.token_id
+        log(f"mask token            {choice.token_id} ({choice.rule}: {choice.why})")
     dcfg = Eagle3DraftConfig.from_target_config(
         _hf_config_object(info.hf_config), draft_vocab_size=source.vocab.size, aux_layer_ids=info.aux_layer_ids,
         fc_norm=cfg.fc_norm, norm_output=cfg.norm_output, norm_before_fc=cfg.norm_before_fc,
@@ -224,7 +225,7 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
             f"{data_source['num_samples']} samples committed")
 
     torch.manual_seed(cfg.seed)
-    model = build_draft(source, cfg, device)  # refuses a bad --mask-token-id before anything is written
+    model = build_draft(source, cfg, device, log=log if is_main else (lambda *_: None))  # refuses a bad --mask-token-id before anything is written
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     train_idx, val_idx = split_train_val(len(source), cfg.val_fraction, cfg.seed)

@@ -1,4 +1,5 @@
-"""Which token id a DFlash draft feeds at its masked block slots (``dflash_config.mask_token_id``).
+"""Which token id a draft feeds at its masked slots (``mask_token_id``): DFlash's block slots after
+the anchor, P-EAGLE's parallel slots after the bonus token.
 
 Every masked slot's input is the target's (frozen) embedding row of that id, in training and in
 vLLM. The row must therefore carry a signal: HF builds the embedding with
