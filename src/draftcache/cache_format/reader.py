@@ -263,7 +263,33 @@ class CacheReader:
             row_at += count
         self._check_raw_batch(raw, layout, places)
         raw.update(layout)
+        raw["sample_ids"] = torch.tensor([self._first[k] + j for k, j in places], dtype=torch.int64)  # [n]
         return raw
+
+    def check_finite(self, raw: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
+        """Raise ``CacheCorruptError`` naming the shard and sample when ``batch`` (``expand_batch`` /
+        ``expand_dflash_raw`` of ``raw``, on any device) holds NaN or Inf in its float tensors: a
+        draft must never train on them. One fused check on the device (one host sync per batch);
+        only a failing batch is searched sample by sample, on the host, in ``raw``."""
+        floats = [t for t in batch.values() if t.is_floating_point()]
+        if not floats or bool(torch.stack([torch.isfinite(t).all() for t in floats]).all()):
+            return
+        offsets, rows = raw["sample_offsets"].tolist(), raw["supervised_offsets"].tolist()
+        ids = raw.get("sample_ids")
+        for j in range(len(offsets) - 1):
+            parts = {name: raw[name][offsets[j]:offsets[j + 1]] for name in ("aux_hidden_states",
+                                                                              "aux_hidden_states_scale") if name in raw}
+            parts.update({name: raw[name][rows[j]:rows[j + 1]] for name in ("target_probs", "topk_probs",
+                                                                            "final_hidden", "final_hidden_scale")
+                          if name in raw})
+            bad = [name for name, t in parts.items() if not bool(torch.isfinite(t.float()).all())]
+            if bad:
+                where = f"{self.shard_of(int(ids[j]))}: sample {int(ids[j])}" if ids is not None else f"batch sample {j}"
+                raise CacheCorruptError(f"{where} holds NaN or Inf in {', '.join(bad)}; refusing to train on it. "
+                                        f"Run `draftcache verify {self.path}`; precompute the cache again (the "
+                                        "precompute leaves such samples out).")
+        raise CacheCorruptError(f"a batch read from {self.path} holds NaN or Inf after expansion (the stored rows are "
+                                "finite: the lm_head side file or the expansion overflowed); run `draftcache verify`")
 
     def expand_batch(self, raw: dict[str, torch.Tensor], device: torch.device | str | None = None
                      ) -> dict[str, torch.Tensor]:
