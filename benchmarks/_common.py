@@ -23,8 +23,8 @@ import torch
 
 __all__ = [
     "MODEL_SHAPES", "build_llama", "build_word_tokenizer", "write_chats", "ChatLengths", "load_embedded",
-    "synchronize", "timed", "drop_page_cache", "median", "line", "gb", "resolve_device", "sharegpt_file",
-    "smollm2_target",
+    "synchronize", "timed", "drop_page_cache", "evict_files", "median", "line", "gb", "resolve_device",
+    "sharegpt_file", "smollm2_target",
 ]
 
 # Dimensions of real configs (Meta's Llama 3.2 1B / 3.1 8B and a 1024-wide model with a 32k
@@ -87,6 +87,50 @@ def drop_page_cache() -> bool:
         return True
     except OSError:
         return False
+
+
+def evict_files(paths) -> None:
+    """Drop ``paths`` from the page cache without root: fsync (dirty pages cannot be dropped), then
+    ``posix_fadvise(POSIX_FADV_DONTNEED)`` over each whole file."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def resident_fraction(paths) -> float:
+    """Share of ``paths``' pages in the page cache (``mincore`` over a read-only mapping)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    page = os.sysconf("SC_PAGE_SIZE")
+    resident = total = 0
+    for path in paths:
+        size = os.path.getsize(path)
+        if size == 0:
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            address = libc.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
+            pages = -(-size // page)
+            vec = (ctypes.c_ubyte * pages)()
+            try:
+                if libc.mincore(address, size, vec) != 0:
+                    raise OSError(ctypes.get_errno(), f"mincore failed on {path}")
+            finally:
+                libc.munmap(address, size)
+            resident += sum(v & 1 for v in vec)
+            total += pages
+        finally:
+            os.close(fd)
+    return resident / max(total, 1)
 
 
 def median(values: list[float]) -> float:

@@ -43,7 +43,8 @@ def test_precompute_memory_prints_the_curve_for_each_shard_size(tmp_path):
 def test_disk_usage_compares_encodings():
     out = _run("disk_usage.py", "--shape", "1024-32k", "--vocab-size", "512", "--intermediate-size", "64",
                "--draft-vocab-sizes", "64", "--topk", "4", "--num-samples", "2", "--no-embedded", *TINY)
-    assert re.search(r"ours hidden, Vd=64 +bytes_per_token=[0-9.]+", out), out
+    assert re.search(r"ours hidden bf16, Vd=64 +bytes_per_token=[0-9.]+", out), out
+    assert re.search(r"ours hidden fp8, Vd=64 +bytes_per_token=[0-9.]+ .*fp8_over_bf16=0\.[0-9]+", out), out
 
 
 def test_reader_throughput_runs_every_path():

@@ -16,7 +16,7 @@ LAYER_IDS = [1, 3, 5]
 AUX = len(LAYER_IDS) * HIDDEN  # F
 SEQ_LENGTH = 24
 SELECTED = list(range(0, VOCAB, 2))[:20] + [3, 7, 61]  # Vd = 23, unsorted on purpose
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
 
 
 @dataclass
@@ -80,15 +80,18 @@ def make_record(sample: Sample, encoding: str, vocab: DraftVocab, dtype: torch.d
     rows = sample.loss_mask.bool()
     logits = sample.logits[rows]  # [M, V]
     fields: dict = {}
+    hidden_dtype = dtype
+    if dtype == torch.float8_e4m3fn:  # float hidden rows (the writer quantizes them), bf16 probabilities
+        dtype, hidden_dtype = torch.bfloat16, torch.float32
     if encoding == "probs":
         fields["target_probs"] = draft_distribution(logits, vocab).to(dtype)
     elif encoding == "topk":
         vals, ids = topk_rows(draft_distribution(logits, vocab), topk)
         fields["topk_probs"], fields["topk_ids"] = vals.to(dtype), ids.to(torch.int32)
     else:
-        fields["final_hidden"] = sample.final_hidden[rows].to(dtype)
+        fields["final_hidden"] = sample.final_hidden[rows].to(hidden_dtype)
     return SampleRecord(input_ids=sample.input_ids.to(torch.int32), loss_mask=sample.loss_mask.to(torch.uint8),
-                        aux_hidden_states=sample.aux.to(dtype), target_argmax=logits.argmax(-1), **fields)
+                        aux_hidden_states=sample.aux.to(hidden_dtype), target_argmax=logits.argmax(-1), **fields)
 
 
 def manifest_for(samples: list[Sample], *, encoding: str = "probs", dtype: str = "fp32", shard_size: int = 4,

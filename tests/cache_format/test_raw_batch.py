@@ -51,6 +51,7 @@ def test_expand_batch_equals_the_dense_path(tmp_path, encoding, dtype, topk):
     for indices, max_tokens, pad in LAYOUTS:
         raw = reader.get_raw_batch(indices, max_tokens=max_tokens, pad_to_multiple_of=pad)
         reference = collate_raw([reader.get_raw(i) for i in indices], max_tokens=max_tokens, pad_to_multiple_of=pad)
+        assert raw.pop("sample_ids").tolist() == list(indices)  # which samples, for messages naming their shard
         assert list(raw) == list(reference)
         for name in reference:
             assert torch.equal(raw[name], reference[name]), name

@@ -35,8 +35,9 @@ __all__ = ["RAW_LAYOUT_FIELDS", "collate_padded", "collate_raw", "pack_samples",
            "raw_batch_layout"]
 
 _FIELDS = ("input_ids", "attention_mask", "loss_mask", "aux_hidden_states", "target_probs", "position_mask")
-_TOKEN_FIELDS = ("input_ids", "loss_mask", "aux_hidden_states")  # [S, ...] per sample
-_ROW_FIELDS = ("target_argmax", "target_probs", "topk_probs", "topk_ids", "final_hidden")  # [M, ...] per sample
+_TOKEN_FIELDS = ("input_ids", "loss_mask", "aux_hidden_states", "aux_hidden_states_scale")  # [S, ...] per sample
+_ROW_FIELDS = ("target_argmax", "target_probs", "topk_probs", "topk_ids", "final_hidden",
+               "final_hidden_scale")  # [M, ...] per sample
 RAW_LAYOUT_FIELDS = ("sample_offsets", "supervised_offsets", "sample_rows", "sample_starts", "batch_shape", "packed")
 
 

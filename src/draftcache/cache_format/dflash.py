@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from draftcache.cache_format.fp8 import stored_rows_on
+
 __all__ = ["expand_dflash_raw"]
 
 
@@ -24,7 +26,8 @@ def expand_dflash_raw(raw: dict[str, torch.Tensor], device: torch.device | str |
 
         input_ids          [1, N]     int64          the samples' tokens, concatenated
         loss_mask          [1, N]     int64          stored loss_mask (unshifted)
-        aux_hidden_states  [1, N, F]  storage dtype  target layer outputs (unshifted)
+        aux_hidden_states  [1, N, F]  storage dtype  target layer outputs (unshifted); an fp8 cache's are
+                                                     dequantized to bf16 on ``device``, after the copy
         target_argmax      [1, N]     int64          slot t = the target's greedy token for t + 1 where
                                                      t + 1 is supervised and in the same sample, else 0
         seq_lens           [1, n]     int64          sample lengths (document boundaries)
@@ -49,7 +52,7 @@ def expand_dflash_raw(raw: dict[str, torch.Tensor], device: torch.device | str |
     return {
         "input_ids": ids[None],
         "loss_mask": mask[None],
-        "aux_hidden_states": raw["aux_hidden_states"].to(device)[None],
+        "aux_hidden_states": stored_rows_on(raw, "aux_hidden_states", device)[None],
         "target_argmax": argmax[None],
         "seq_lens": lengths.to(device)[None],
     }

@@ -23,8 +23,10 @@ from draftcache.cache_format.shard_file import ShardFile
 __all__ = ["VerifyReport", "inspect_cache", "verify_cache", "cache_stats", "show_sample"]
 
 _CHUNK_BYTES = 64 << 20  # verify reads float tensors in chunks of about this size
-_FLOAT_TENSORS = ("aux_hidden_states", "target_probs", "topk_probs", "final_hidden")
-_PROB_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 3e-2}  # |row sum - 1| allowed per storage dtype
+_FLOAT_TENSORS = ("aux_hidden_states", "target_probs", "topk_probs", "final_hidden", "aux_hidden_states_scale",
+                  "final_hidden_scale")
+# |row sum - 1| allowed per storage dtype (fp8 caches keep probabilities in bf16)
+_PROB_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 3e-2, "fp8": 3e-2}
 
 
 def inspect_cache(path: str | os.PathLike) -> str:
@@ -34,6 +36,8 @@ def inspect_cache(path: str | os.PathLike) -> str:
     shards = d["shards"]
     disk = sum(s["bytes"] for s in shards) + sum(f["bytes"] for f in d["files"].values())
     tokens = d["stats"]["num_tokens"]
+    storage = m.dtype if m.dtype != "fp8" else (f"fp8 ({d['quantization']['values']}, one {d['quantization']['scale_dtype']}"
+                                                f" scale per row; probabilities {d['quantization']['probs_dtype']})")
     lines = [
         f"cache        {Path(path)}",
         f"format       v{d['format_version']} {d['kind']}, {'complete' if d['complete'] else 'INCOMPLETE'}",
@@ -41,12 +45,13 @@ def inspect_cache(path: str | os.PathLike) -> str:
         f"vocab {m.vocab_size}, {d['target']['num_layers']} layers)",
         f"tokenizer    {d['tokenizer']['name_or_path']}",
         f"capture      layer_ids {d['capture']['layer_ids']} (HF hidden_states {d['capture']['hf_hidden_states_index']})",
-        (f"supervision  {m.encoding}{f' (k={m.topk})' if m.topk else ''}, dtype {m.dtype}, draft vocab "
+        (f"supervision  {m.encoding}{f' (k={m.topk})' if m.topk else ''}, dtype {storage}, draft vocab "
          f"{d['draft_vocab']['size']}" if m.kind == "eagle3" else
-         f"supervision  {m.encoding}: the target's greedy token per supervised position (unshifted), dtype {m.dtype}"),
+         f"supervision  {m.encoding}: the target's greedy token per supervised position (unshifted), dtype {storage}"),
         f"samples      {committed_prefix(d)} committed of {m.num_samples} planned, seq_length {m.seq_length}",
         f"shards       {len(shards)} of {m.num_shards} (shard_size {m.shard_size})",
         f"tokens       {tokens} ({d['stats']['num_supervised']} supervised)",
+        f"non-finite   {d['stats'].get('non_finite', 0)} sample(s) dropped (the target produced NaN/Inf for them)",
         f"disk         {_size(disk)}" + (f", {disk / tokens:.0f} bytes/token" if tokens else ""),
         f"dataset      {d['dataset']['input_data']}" + (f", skipped {d['dataset']['skipped']}"
                                                          if d['dataset']['skipped'] else ""),
@@ -155,8 +160,12 @@ def _check_shard_contents(root: Path, manifest: dict, entry: dict) -> list[str]:
             if tensor not in shard.tensors:
                 continue
             for rows in _chunks(shard, tensor):
+                rows = rows.float() if rows.dtype == torch.float8_e4m3fn else rows  # no isfinite on fp8 itself
                 if not bool(torch.isfinite(rows).all()):
                     problems.append(f"{name}: {tensor} contains NaN or Inf")
+                    break
+                if tensor.endswith("_scale") and rows.numel() and not bool((rows > 0).all()):
+                    problems.append(f"{name}: {tensor} holds scales <= 0 (every fp8 row scale is positive)")
                     break
                 if tensor in ("target_probs", "topk_probs") and rows.numel():
                     error = float((rows.float().sum(-1) - 1).abs().max())
@@ -215,7 +224,10 @@ def cache_stats(path: str | os.PathLike) -> str:
     edges = [seq_length * i // 8 for i in range(9)]
     counts = torch.histc(lengths.float(), bins=8, min=0, max=seq_length).long().tolist()
     lines = [
-        f"samples            {len(reader)}",
+        f"samples            {len(reader)}" + (f" ({reader.manifest['stats']['non_finite']} non-finite dropped)"
+                                               if reader.manifest["stats"].get("non_finite") else ""),
+        f"storage            {reader.manifest['dtype']}" + (" (float8_e4m3fn hidden states, float32 scale per row)"
+                                                          if reader.manifest["dtype"] == "fp8" else ""),
         f"tokens             {tokens} (mean {tokens / len(reader):.1f}, min {int(lengths.min())}, "
         f"max {int(lengths.max())} of seq_length {seq_length})",
         f"supervised         {supervised} ({supervised / tokens:.1%} of tokens)",

@@ -32,7 +32,18 @@ from draftcache.cache_format.schema import (
     side_filename,
 )
 
-__all__ = ["ShardEntry", "Manifest", "new_manifest", "validate_manifest", "read_manifest", "shard_stats"]
+# The one fp8 layout this format version knows (see fp8.py), recorded in fp8 manifests so a reader
+# can see the scale layout without reading code.
+FP8_QUANTIZATION = {
+    "values": "float8_e4m3fn",
+    "scale_dtype": "float32",
+    "scales": {"aux_hidden_states": "aux_hidden_states_scale [N, len(layer_ids)]: one per token and captured layer",
+               "final_hidden": "final_hidden_scale [M, 1]: one per supervised position"},
+    "dequantize": "x = values.float() * scale, per row of hidden_size values",
+    "probs_dtype": "bf16",
+}
+
+__all__ = ["FP8_QUANTIZATION", "ShardEntry", "Manifest", "new_manifest", "validate_manifest", "read_manifest", "shard_stats"]
 
 
 @dataclass(frozen=True)
@@ -47,13 +58,22 @@ class ShardEntry:
     num_supervised: int
     bytes: int
     sha256: str
+    # planned global ids [first_sample, first_sample + num_samples + len(non_finite)) of the samples
+    # the precompute dropped because the target produced NaN/Inf for them (absent when none)
+    non_finite: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.non_finite:
+            data["non_finite"] = list(self.non_finite)
+        else:
+            del data["non_finite"]
+        return data
 
     @classmethod
     def from_dict(cls, entry: Mapping[str, Any]) -> "ShardEntry":
-        return cls(**{k: entry[k] for k in cls.__dataclass_fields__})
+        fields = {k: entry[k] for k in cls.__dataclass_fields__ if k != "non_finite"}
+        return cls(**fields, non_finite=tuple(entry.get("non_finite", ())))
 
 
 def new_manifest(
@@ -114,8 +134,10 @@ def new_manifest(
         "num_shards": len(boundaries) - 1,
         "files": {},
         "shards": [],
-        "stats": {"num_tokens": 0, "num_supervised": 0},
+        "stats": {"num_tokens": 0, "num_supervised": 0, "non_finite": 0},
     }
+    if dtype == "fp8":
+        manifest["quantization"] = dict(FP8_QUANTIZATION)
     validate_manifest(manifest)
     return manifest
 
@@ -127,9 +149,12 @@ def _even_boundaries(num_samples: Any, shard_size: Any) -> list[int]:
 
 
 def shard_stats(shards: Iterable[Mapping[str, Any]]) -> dict[str, int]:
-    """The manifest's ``stats``: ``num_tokens`` and ``num_supervised`` summed over ``shards``."""
+    """The manifest's ``stats``: ``num_tokens`` and ``num_supervised`` summed over ``shards``, and
+    ``non_finite``: the samples dropped because the target produced NaN/Inf for them."""
     shards = list(shards)
-    return {key: sum(s[key] for s in shards) for key in ("num_tokens", "num_supervised")}
+    stats = {key: sum(s[key] for s in shards) for key in ("num_tokens", "num_supervised")}
+    stats["non_finite"] = sum(len(s.get("non_finite", ())) for s in shards)
+    return stats
 
 
 def validate_manifest(manifest: Mapping[str, Any]) -> None:
@@ -420,15 +445,23 @@ def _rule_problems(m: Mapping[str, Any]) -> list[str]:
             out.append(f"{where}.first_sample is {shard['first_sample']}; expected shard_boundaries[{index}] = "
                        f"{bounds[index]}")
         expected = bounds[index + 1] - bounds[index]
-        if shard["num_samples"] != expected:
-            out.append(f"{where}.num_samples is {shard['num_samples']}; shard {index} must hold {expected} samples")
+        dropped = shard.get("non_finite", [])
+        if shard["num_samples"] + len(dropped) != expected:
+            out.append(f"{where}.num_samples is {shard['num_samples']} (+ {len(dropped)} non_finite); shard {index} "
+                       f"must hold {expected} samples")
+        if any(not bounds[index] <= i < bounds[index + 1] for i in dropped) or sorted(set(dropped)) != dropped:
+            out.append(f"{where}.non_finite must list distinct ascending sample ids in [{bounds[index]}, "
+                       f"{bounds[index + 1]})")
         if shard["num_supervised"] > shard["num_tokens"]:
             out.append(f"{where}.num_supervised {shard['num_supervised']} exceeds num_tokens {shard['num_tokens']}")
         if shard["num_tokens"] > shard["num_samples"] * m["seq_length"]:
             out.append(f"{where}.num_tokens {shard['num_tokens']} exceeds num_samples * seq_length")
     for key, total in shard_stats(m["shards"]).items():
-        if m["stats"][key] != total:
+        if m["stats"].get(key, 0) != total:  # non_finite: absent in caches written before it existed
             out.append(f"stats.{key} is {m['stats'][key]} but the shards sum to {total}")
+    if (m["dtype"] == "fp8") != ("quantization" in m) or m.get("quantization", FP8_QUANTIZATION) != FP8_QUANTIZATION:
+        out.append(f"quantization must be {json.dumps(FP8_QUANTIZATION)} exactly when dtype is 'fp8' (absent "
+                   f"otherwise); got dtype {m['dtype']!r} and quantization {json.dumps(m.get('quantization'))}")
     if m["complete"]:
         indices = [s["index"] for s in m["shards"]]
         if indices != list(range(num_shards)):

@@ -48,7 +48,9 @@ from draftcache.cache_format.dflash import expand_dflash_raw
 from draftcache.cache_format.errors import CacheCorruptError
 from draftcache.cache_format.manifest import Manifest, read_manifest
 from draftcache.cache_format.resume import committed_shards
-from draftcache.cache_format.schema import encoding_tensors, expected_shard_tensors, shard_metadata, storage_dtype
+from draftcache.cache_format.fp8 import scale_name, stored_rows_on
+from draftcache.cache_format.schema import (encoding_tensors, expected_shard_tensors, is_quantized, read_dtype,
+                                            shard_metadata)
 from draftcache.cache_format.shard_file import ShardFile
 from draftcache.data.vocab import DraftVocab, select_draft_vocab
 from draftcache.targets.supervision import compute_target_distribution
@@ -57,7 +59,7 @@ __all__ = ["MAX_OPEN_SHARDS", "CacheReader", "open_cache"]
 
 MAX_OPEN_SHARDS = 8  # open file handles per reader (each DataLoader worker has its own reader)
 _ALIGN = 64  # byte alignment of each field inside a raw batch buffer
-_TOKEN_FIELDS = ("input_ids", "loss_mask", "aux_hidden_states")
+_TOKEN_FIELDS = ("input_ids", "loss_mask", "aux_hidden_states", "aux_hidden_states_scale")
 _SAMPLE_FIELDS = ("input_ids", "attention_mask", "loss_mask", "aux_hidden_states", "target_probs", "position_mask")
 
 
@@ -85,9 +87,11 @@ class CacheReader:
         self.verify = verify
         self.encoding = self._meta.encoding
         self.kind = self._meta.kind
-        self.dtype = storage_dtype(self._meta.dtype)
+        self.dtype = read_dtype(self._meta.dtype)  # of the aux_hidden_states a batch hands out
+        self._quantized = is_quantized(self._meta.dtype)
         self._shards = [dict(e) for e in committed_shards(self._meta.data)]
-        self._first = [e["first_sample"] for e in self._shards]
+        # reader index of each shard's first sample: planned ids minus the non-finite samples dropped before it
+        self._first = [sum(e["num_samples"] for e in self._shards[:k]) for k in range(len(self._shards))]
         self._len = sum(e["num_samples"] for e in self._shards)
         self.draft_vocab = self._select_vocab(draft_vocab)
         self._open: OrderedDict[int, tuple[ShardFile, list[int], list[int]]] = OrderedDict()
@@ -137,8 +141,9 @@ class CacheReader:
         return self._lengths
 
     def shard_ranges(self) -> list[tuple[int, int]]:
-        """``[(first_sample, end)]`` of every committed shard, in order."""
-        return [(e["first_sample"], e["first_sample"] + e["num_samples"]) for e in self._shards]
+        """``[(first, end)]`` reader indices of every committed shard's samples, in order (equal to
+        the planned ``first_sample`` ranges unless the precompute dropped non-finite samples)."""
+        return [(first, first + e["num_samples"]) for first, e in zip(self._first, self._shards)]
 
     def target_embeddings(self) -> torch.Tensor:
         """``[V, H]`` the target's input embeddings (``target_embeddings.safetensors``)."""
@@ -174,6 +179,10 @@ class CacheReader:
         }
         for name in encoding_tensors(self.encoding):
             raw[name] = shard.read(name, r0, r1)  # [M, Vd | k | H]
+        if self._quantized:  # fp8: the per-row scales, dequantized where the rows are used
+            raw[scale_name("aux_hidden_states")] = shard.read(scale_name("aux_hidden_states"), t0, t1)  # [S, L]
+            if "final_hidden" in raw:
+                raw[scale_name("final_hidden")] = shard.read(scale_name("final_hidden"), r0, r1)  # [M, 1]
         if int(raw["loss_mask"].sum()) != r1 - r0:
             raise CacheCorruptError(f"{shard.name}: sample {index} has {int(raw['loss_mask'].sum())} supervised "
                                     f"positions but {r1 - r0} stored target rows; the shard is damaged")
@@ -221,7 +230,7 @@ class CacheReader:
                 raise ValueError(f"sample {index} has {lengths[-1]} tokens, more than max_tokens {max_tokens}; raise "
                                  "the token budget to at least the cache's seq_length")
         layout = raw_batch_layout(lengths, counts, max_tokens=max_tokens, pad_to_multiple_of=pad_to_multiple_of)
-        names = (*_TOKEN_FIELDS, "target_argmax", *encoding_tensors(self.encoding))
+        names = self._stored_names()
         specs, total = [], 0  # (name, dtype, shape, byte offset in the buffer)
         header = self._shard(places[0][0])[0].tensors
         for name in names:
@@ -248,7 +257,33 @@ class CacheReader:
             row_at += count
         self._check_raw_batch(raw, layout, places)
         raw.update(layout)
+        raw["sample_ids"] = torch.tensor([self._first[k] + j for k, j in places], dtype=torch.int64)  # [n]
         return raw
+
+    def check_finite(self, raw: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
+        """Raise ``CacheCorruptError`` naming the shard and sample when ``batch`` (``expand_batch`` /
+        ``expand_dflash_raw`` of ``raw``, on any device) holds NaN or Inf in its float tensors: a
+        draft must never train on them. One fused check on the device (one host sync per batch);
+        only a failing batch is searched sample by sample, on the host, in ``raw``."""
+        floats = [t for t in batch.values() if t.is_floating_point()]
+        if not floats or bool(torch.stack([torch.isfinite(t).all() for t in floats]).all()):
+            return
+        offsets, rows = raw["sample_offsets"].tolist(), raw["supervised_offsets"].tolist()
+        ids = raw.get("sample_ids")
+        for j in range(len(offsets) - 1):
+            parts = {name: raw[name][offsets[j]:offsets[j + 1]] for name in ("aux_hidden_states",
+                                                                              "aux_hidden_states_scale") if name in raw}
+            parts.update({name: raw[name][rows[j]:rows[j + 1]] for name in ("target_probs", "topk_probs",
+                                                                            "final_hidden", "final_hidden_scale")
+                          if name in raw})
+            bad = [name for name, t in parts.items() if not bool(torch.isfinite(t.float()).all())]
+            if bad:
+                where = f"{self.shard_of(int(ids[j]))}: sample {int(ids[j])}" if ids is not None else f"batch sample {j}"
+                raise CacheCorruptError(f"{where} holds NaN or Inf in {', '.join(bad)}; refusing to train on it. "
+                                        f"Run `draftcache verify {self.path}`; precompute the cache again (the "
+                                        "precompute leaves such samples out).")
+        raise CacheCorruptError(f"a batch read from {self.path} holds NaN or Inf after expansion (the stored rows are "
+                                "finite: the lm_head side file or the expansion overflowed); run `draftcache verify`")
 
     def expand_batch(self, raw: dict[str, torch.Tensor], device: torch.device | str | None = None
                      ) -> dict[str, torch.Tensor]:
@@ -293,7 +328,7 @@ class CacheReader:
             .view(num_rows, width),
             "loss_mask": shifted(mask).view(num_rows, width),
         }
-        aux = to(raw["aux_hidden_states"])  # [N, F]
+        aux = stored_rows_on(raw, "aux_hidden_states", device)  # [N, F]; fp8 dequantized here, after the copy
         out["aux_hidden_states"] = torch.zeros(slots, aux.shape[1], dtype=aux.dtype, device=device).index_copy_(
             0, dest, aux).view(num_rows, width, aux.shape[1])
 
@@ -308,7 +343,7 @@ class CacheReader:
         position_mask = torch.zeros(slots + num_samples, dtype=torch.bool, device=device)  # [B*T+n]
         if self.encoding == "hidden":
             weight, bias = self._selected_lm_head(device)  # [Vd, H] fp32, [Vd] | None
-            hidden = to(raw["final_hidden"]).float()  # [M, H]
+            hidden = stored_rows_on(raw, "final_hidden", device, torch.float32).float()  # [M, H]
             logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)  # [M, Vd]
             probs, row_mask = compute_target_distribution(
                 logits, torch.ones_like(argmax), self.selected_token_ids, t2d, target_argmax=argmax)
@@ -333,6 +368,17 @@ class CacheReader:
         return out
 
     # ------------------------------------------------------------------ internals
+    def _stored_names(self) -> tuple[str, ...]:
+        """The tensors a raw batch reads, in buffer order (token rows, then supervised rows)."""
+        names = ("input_ids", "loss_mask", "aux_hidden_states", "target_argmax", *encoding_tensors(self.encoding))
+        if self._quantized:
+            names = (*names, *(scale_name(n) for n in ("aux_hidden_states", "final_hidden") if n in names))
+        return names
+
+    def shard_of(self, index: int) -> str:
+        """The file holding reader sample ``index`` (for messages)."""
+        return self._shards[bisect.bisect_right(self._first, self._check_index(index)) - 1]["file"]
+
     def _check_index(self, index: int) -> int:
         if index < 0:
             index += self._len

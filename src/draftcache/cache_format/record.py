@@ -25,6 +25,9 @@ class SampleRecord:
         topk_probs, topk_ids: ``[M, k]`` renormalised top-k probabilities and their int
             draft-vocab ids (encoding ``topk``).
         final_hidden: ``[M, H]`` the target's final hidden state, lm_head input (encoding ``hidden``).
+        aux_hidden_states_scale, final_hidden_scale: ``[S, L]`` / ``[M, 1]`` float32 per-row scales
+            when ``aux_hidden_states`` / ``final_hidden`` are already fp8 (``fp8.quantize_rows``); None
+            otherwise (a writer of an fp8 cache quantizes float rows itself).
 
     Row r of every ``[M, ...]`` tensor belongs to the r-th position with ``loss_mask == 1``.
     At most one encoding's tensors may be set; none is the ``argmax`` encoding of DFlash caches,
@@ -40,6 +43,8 @@ class SampleRecord:
     topk_probs: torch.Tensor | None = None
     topk_ids: torch.Tensor | None = None
     final_hidden: torch.Tensor | None = None
+    aux_hidden_states_scale: torch.Tensor | None = None
+    final_hidden_scale: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         ids, mask, aux, argmax = self.input_ids, self.loss_mask, self.aux_hidden_states, self.target_argmax
@@ -67,6 +72,13 @@ class SampleRecord:
             if rows.dim() != 2 or rows.shape[0] != num_supervised:
                 raise ValueError(f"{name} must have shape [M, ...] with M = loss_mask.sum() = {num_supervised} "
                                  f"(one row per supervised position); got {tuple(rows.shape)}")
+        for name in ("aux_hidden_states", "final_hidden"):
+            values, scale = getattr(self, name), getattr(self, f"{name}_scale")
+            if values is not None and (values.dtype == torch.float8_e4m3fn) != (scale is not None):
+                raise ValueError(f"{name} is {values.dtype}: fp8 rows need {name}_scale, other dtypes must not have it")
+            if scale is not None and (scale.dim() != 2 or scale.shape[0] != values.shape[0]):
+                raise ValueError(f"{name}_scale must have shape [rows, groups] with rows = {values.shape[0]}; got "
+                                 f"{tuple(scale.shape)}")
         if self.topk_ids is not None:
             if self.topk_ids.shape != self.topk_probs.shape or self.topk_ids.dtype not in _INT_DTYPES:
                 raise ValueError(f"topk_ids must be an integer tensor shaped like topk_probs {tuple(self.topk_probs.shape)}; "

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from draftcache.cache_format.fp8 import FP8_DTYPE, QUANTIZED_TENSORS, SCALE_DTYPE, scale_name
+
 __all__ = [
     "FORMAT_VERSION",
     "KIND",
@@ -28,6 +30,10 @@ __all__ = [
     "shard_metadata",
     "side_filename",
     "storage_dtype",
+    "supervision_dtype",
+    "read_dtype",
+    "is_quantized",
+    "shard_tensor_specs",
     "encoding_tensors",
     "expected_shard_tensors",
     "load_manifest_schema",
@@ -56,7 +62,10 @@ ENCODINGS: dict[str, tuple[str, ...]] = {
 # from it; argmax (dflash) needs it because the draft computes its logits with the target's lm_head.
 LM_HEAD_ENCODINGS = ("hidden", "argmax")
 
-STORAGE_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# fp8: aux_hidden_states / final_hidden as float8_e4m3fn with a float32 scale per row (fp8.py);
+# probability rows (probs / topk) stay bf16, a probability of 1e-3 has no fp8 headroom to spare
+STORAGE_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+                                          "fp8": FP8_DTYPE}
 
 # Side files written once per cache: name -> tensors they hold.
 SIDE_FILES: dict[str, tuple[str, ...]] = {
@@ -88,6 +97,23 @@ def storage_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unknown storage dtype {name!r}; expected one of {sorted(STORAGE_DTYPES)}") from None
 
 
+def is_quantized(name: str) -> bool:
+    """Whether manifest ``dtype`` ``name`` stores hidden states as fp8 values + per-row scales."""
+    return storage_dtype(name) == FP8_DTYPE
+
+
+def supervision_dtype(name: str) -> torch.dtype:
+    """The dtype of ``target_probs`` / ``topk_probs`` rows (and eagle3 ``target_embeddings``) of a
+    cache whose manifest ``dtype`` is ``name``: the storage dtype, bf16 for ``fp8``."""
+    return torch.bfloat16 if is_quantized(name) else storage_dtype(name)
+
+
+def read_dtype(name: str) -> torch.dtype:
+    """The dtype a reader hands ``aux_hidden_states`` out in: the storage dtype, bf16 (dequantized
+    on the training device) for ``fp8``."""
+    return torch.bfloat16 if is_quantized(name) else storage_dtype(name)
+
+
 def encoding_tensors(encoding: str) -> tuple[str, ...]:
     """The names of the target-side tensors of ``encoding``."""
     try:
@@ -96,26 +122,42 @@ def encoding_tensors(encoding: str) -> tuple[str, ...]:
         raise ValueError(f"unknown supervision encoding {encoding!r}; expected one of {sorted(ENCODINGS)}") from None
 
 
-def expected_shard_tensors(manifest: Mapping[str, Any], entry: Mapping[str, Any]
-                           ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """``{tensor name: (dtype, shape)}`` that the shard of manifest ``entry`` must hold."""
-    n, tokens, rows = entry["num_samples"], entry["num_tokens"], entry["num_supervised"]
+def shard_tensor_specs(manifest: Mapping[str, Any], num_samples: int, num_tokens: int, num_supervised: int
+                       ) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """``[(name, dtype, shape)]`` of every tensor of a shard of ``manifest``'s cache with these
+    counts: the shard tensors, the encoding's, then (``fp8``) the scales of the quantized ones."""
+    n, tokens, rows = num_samples, num_tokens, num_supervised
     dtype = storage_dtype(manifest["dtype"])
     encoding = manifest["supervision"]["encoding"]
     hidden = manifest["target"]["hidden_size"]
+    layers = len(manifest["capture"]["layer_ids"])
     width = {"probs": manifest["draft_vocab"]["size"], "topk": manifest["supervision"]["topk"], "hidden": hidden,
              "argmax": 0}
-    expected = {
-        "input_ids": (torch.int32, (tokens,)),
-        "loss_mask": (torch.uint8, (tokens,)),
-        "sample_offsets": (torch.int64, (n + 1,)),
-        "aux_hidden_states": (dtype, (tokens, len(manifest["capture"]["layer_ids"]) * hidden)),
-        "supervised_offsets": (torch.int64, (n + 1,)),
-        "target_argmax": (torch.int32, (rows,)),
-    }
+    specs = [
+        ("input_ids", torch.int32, (tokens,)),
+        ("loss_mask", torch.uint8, (tokens,)),
+        ("sample_offsets", torch.int64, (n + 1,)),
+        ("aux_hidden_states", dtype, (tokens, layers * hidden)),
+        ("supervised_offsets", torch.int64, (n + 1,)),
+        ("target_argmax", torch.int32, (rows,)),
+    ]
     for name in encoding_tensors(encoding):
-        expected[name] = (torch.int32 if name == "topk_ids" else dtype, (rows, width[encoding]))
-    return expected
+        row_dtype = torch.int32 if name == "topk_ids" else dtype if name == "final_hidden" else \
+            supervision_dtype(manifest["dtype"])
+        specs.append((name, row_dtype, (rows, width[encoding])))
+    if is_quantized(manifest["dtype"]):
+        shapes = {name: shape for name, _, shape in specs}
+        groups = {"aux_hidden_states": layers, "final_hidden": 1}
+        specs += [(scale_name(name), SCALE_DTYPE, (shapes[name][0], groups[name]))
+                  for name in QUANTIZED_TENSORS if name in shapes]
+    return specs
+
+
+def expected_shard_tensors(manifest: Mapping[str, Any], entry: Mapping[str, Any]
+                           ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """``{tensor name: (dtype, shape)}`` that the shard of manifest ``entry`` must hold."""
+    specs = shard_tensor_specs(manifest, entry["num_samples"], entry["num_tokens"], entry["num_supervised"])
+    return {name: (dtype, shape) for name, dtype, shape in specs}
 
 
 def shard_metadata(first_sample: int, num_samples: int) -> dict[str, str]:

@@ -27,12 +27,13 @@ from draftcache.cache_format.checksum import commit_file, temporary_path
 from draftcache.cache_format.container import safetensors_layout
 from draftcache.cache_format.manifest import Manifest, ShardEntry
 from draftcache.cache_format.record import SampleRecord
-from draftcache.cache_format.schema import encoding_tensors, shard_filename, shard_metadata, storage_dtype
+from draftcache.cache_format.fp8 import QUANTIZED_TENSORS, quantize_rows, scale_name
+from draftcache.cache_format.schema import is_quantized, shard_filename, shard_metadata, shard_tensor_specs
 
 __all__ = ["ShardFileWriter"]
 
 _READ_CHUNK = 8 << 20
-_TOKEN_FIELDS = ("input_ids", "loss_mask", "aux_hidden_states")  # [S, ...] rows per sample
+_TOKEN_FIELDS = ("input_ids", "loss_mask", "aux_hidden_states", "aux_hidden_states_scale")  # [S, ...] rows per sample
 
 
 class ShardFileWriter:
@@ -61,21 +62,12 @@ class ShardFileWriter:
         self._token_at = self._tokens.tolist()
         self._row_at = self._rows.tolist()
         self._written = [False] * n
+        self._skipped: list[int] = []  # local ids left out (non-finite), dropped by commit()
         self._left = n
-        dtype = storage_dtype(meta.dtype)
-        width = {"probs": len(meta.selected_token_ids), "topk": meta.topk, "hidden": meta.hidden_size,
-                 "argmax": 0}[meta.encoding]
         total_tokens, total_rows = self._token_at[-1], self._row_at[-1]
-        specs = [
-            ("input_ids", torch.int32, (total_tokens,)),
-            ("loss_mask", torch.uint8, (total_tokens,)),
-            ("sample_offsets", torch.int64, (n + 1,)),
-            ("aux_hidden_states", dtype, (total_tokens, meta.aux_dim)),
-            ("supervised_offsets", torch.int64, (n + 1,)),
-            ("target_argmax", torch.int32, (total_rows,)),
-        ]
-        specs += [(name, torch.int32 if name == "topk_ids" else dtype, (total_rows, width))
-                  for name in encoding_tensors(meta.encoding)]
+        specs = shard_tensor_specs(meta.data, n, total_tokens, total_rows)
+        self._quantized = is_quantized(meta.dtype)
+        self._groups = {name: shape[1] for name, _, shape in specs if name.endswith("_scale")}
         self._dtypes = {name: dt for name, dt, _ in specs}
         self._row_bytes = {name: dt.itemsize * (shape[1] if len(shape) > 1 else 1) for name, dt, shape in specs}
         prefix, self._offsets, self.nbytes = safetensors_layout(specs, shard_metadata(self.first_sample, n))
@@ -106,12 +98,27 @@ class ShardFileWriter:
         if (record.num_tokens, record.num_supervised) != want:
             raise ValueError(f"shard {self.index}: sample {self.first_sample + local} has (tokens, supervised) = "
                              f"{(record.num_tokens, record.num_supervised)}, but the shard was sized for {want}")
+        values = {name: getattr(record, name) for name in self._dtypes if hasattr(record, name)}
+        if self._quantized:
+            for name in QUANTIZED_TENSORS:
+                if name in self._dtypes and values[name].dtype != self._dtypes[name]:  # float rows: quantize here
+                    values[name], values[scale_name(name)] = quantize_rows(values[name], self._groups[scale_name(name)])
         for name, dtype in self._dtypes.items():
             if name.endswith("_offsets"):
                 continue
             start = self._token_at[local] if name in _TOKEN_FIELDS else self._row_at[local]
-            self._pwrite(getattr(record, name).to(dtype), self._offsets[name] + start * self._row_bytes[name])
+            self._pwrite(values[name].to(dtype), self._offsets[name] + start * self._row_bytes[name])
         self._written[local] = True
+        self._left -= 1
+
+    def skip(self, local: int) -> None:
+        """Leave sample ``first_sample + local`` out of the shard (the target produced NaN/Inf for it):
+        ``commit`` then writes the shard without it and lists it in the entry's ``non_finite``."""
+        if not 0 <= local < len(self._written) or self._written[local]:
+            raise ValueError(f"shard {self.index}: sample {self.first_sample + local} is outside the shard or was "
+                             "already written")
+        self._written[local] = True
+        self._skipped.append(local)
         self._left -= 1
 
     def commit(self) -> ShardEntry:
@@ -120,6 +127,8 @@ class ShardFileWriter:
             missing = [self.first_sample + j for j, done in enumerate(self._written) if not done]
             raise ValueError(f"shard {self.index}: {len(missing)} sample(s) were never written (first: {missing[0]})")
         try:
+            if self._skipped:
+                self._compact()
             os.fsync(self._fd)
             digest = hashlib.sha256()
             position = 0
@@ -136,8 +145,49 @@ class ShardFileWriter:
             self.abort()
             raise
         return ShardEntry(file=self.path.name, index=self.index, first_sample=self.first_sample,
-                          num_samples=self.num_samples, num_tokens=self._token_at[-1],
-                          num_supervised=self._row_at[-1], bytes=self.nbytes, sha256=digest.hexdigest())
+                          num_samples=self.num_samples - len(self._skipped), num_tokens=self._token_at[-1],
+                          num_supervised=self._row_at[-1], bytes=self.nbytes, sha256=digest.hexdigest(),
+                          non_finite=tuple(sorted(self.first_sample + j for j in self._skipped)))
+
+    def _compact(self) -> None:
+        """Rewrite the temporary without the skipped samples: a new file sized for the kept ones,
+        their rows copied from the first (rare: only a shard with non-finite samples pays it)."""
+        skipped = set(self._skipped)
+        keep = [j for j in range(len(self._written)) if j not in skipped]
+        tokens = [self._token_at[j + 1] - self._token_at[j] for j in keep]
+        rows = [self._row_at[j + 1] - self._row_at[j] for j in keep]
+        new_tokens = torch.tensor([0, *tokens], dtype=torch.int64).cumsum(0)  # [n'+1]
+        new_rows = torch.tensor([0, *rows], dtype=torch.int64).cumsum(0)      # [n'+1]
+        specs = shard_tensor_specs(self._meta.data, len(keep), int(new_tokens[-1]), int(new_rows[-1]))
+        prefix, offsets, nbytes = safetensors_layout(specs, shard_metadata(self.first_sample, len(keep)))
+        tmp = temporary_path(self.path.with_name(self.path.name + ".compact"))
+        old_fd, old_tmp, old_offsets = self._fd, self._tmp, self._offsets
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            os.ftruncate(fd, nbytes)
+            self._fd = fd
+            self._pwrite(prefix, 0)
+            self._pwrite(new_tokens, offsets["sample_offsets"])
+            self._pwrite(new_rows, offsets["supervised_offsets"])
+            for name in self._dtypes:
+                if name.endswith("_offsets"):
+                    continue
+                at = self._token_at if name in _TOKEN_FIELDS else self._row_at
+                size, dst = self._row_bytes[name], offsets[name]
+                for j in keep:
+                    nbytes_j = (at[j + 1] - at[j]) * size
+                    if nbytes_j:
+                        self._pwrite(os.pread(old_fd, nbytes_j, old_offsets[name] + at[j] * size), dst)
+                    dst += nbytes_j
+        except BaseException:
+            os.close(fd)
+            self._fd = old_fd
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        os.close(old_fd)
+        Path(old_tmp).unlink(missing_ok=True)
+        self._tmp, self._offsets, self.nbytes = tmp, offsets, nbytes
+        self._token_at, self._row_at = new_tokens.tolist(), new_rows.tolist()
 
     def abort(self) -> None:
         """Close and remove the temporary file (a no-op after ``commit``)."""

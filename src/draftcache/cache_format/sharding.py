@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from draftcache.cache_format.schema import storage_dtype
+from draftcache.cache_format.schema import is_quantized, storage_dtype, supervision_dtype
 
 __all__ = ["SampleBytes", "plan_shard_boundaries"]
 
@@ -28,18 +28,21 @@ class SampleBytes:
 
     def __init__(self, manifest: Mapping[str, Any]):
         item = storage_dtype(manifest["dtype"]).itemsize
+        prob_item = supervision_dtype(manifest["dtype"]).itemsize
+        scale = 4 if is_quantized(manifest["dtype"]) else 0            # fp8: a float32 scale per row
         hidden = int(manifest["target"]["hidden_size"])
-        aux = len(manifest["capture"]["layer_ids"]) * hidden
+        layers = len(manifest["capture"]["layer_ids"])
+        aux = layers * hidden
         encoding = manifest["supervision"]["encoding"]
         if encoding == "probs":
-            row = int(manifest["draft_vocab"]["size"]) * item          # target_probs [Vd]
+            row = int(manifest["draft_vocab"]["size"]) * prob_item     # target_probs [Vd]
         elif encoding == "topk":
-            row = int(manifest["supervision"]["topk"]) * (item + 4)    # topk_probs [k] + topk_ids [k] int32
+            row = int(manifest["supervision"]["topk"]) * (prob_item + 4)  # topk_probs [k] + topk_ids [k] int32
         elif encoding == "hidden":
-            row = hidden * item                                         # final_hidden [H]
+            row = hidden * item + scale                                 # final_hidden [H] (+ its scale)
         else:
             row = 0                                                     # argmax: target_argmax only
-        self.per_token = 4 + 1 + aux * item
+        self.per_token = 4 + 1 + aux * item + layers * scale
         self.per_supervised = 4 + row
         self.per_sample = 16
 

@@ -37,7 +37,6 @@ from draftcache.cache_format.schema import (
     MANIFEST_FILE,
     SIDE_FILES,
     side_filename,
-    storage_dtype,
 )
 
 __all__ = ["CacheWriter", "write_shard_file", "write_side_file", "append_commit", "check_record"]
@@ -74,7 +73,6 @@ class CacheWriter:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._meta = Manifest(data)
         self._manifest = self._meta.data  # guarded by self._lock once the thread runs
-        self._dtype = storage_dtype(self._meta.dtype)
         self._next_index = sum(e["num_samples"] for e in data["shards"])
         self._shard_index = len(data["shards"])
         self._pending: list[SampleRecord] = []
@@ -310,6 +308,10 @@ def check_record(meta: Manifest, index: int, record: SampleRecord) -> None:
         raise ValueError(f"sample {index} has tensors on {sorted(devices - {'cpu'})}; copy them to the CPU first")
     if record.encoding != meta.encoding:
         problems.append(f"it carries the {record.encoding!r} encoding but the cache stores {meta.encoding!r}")
+    fp8 = [name for name in ("aux_hidden_states", "final_hidden")
+           if getattr(record, name) is not None and getattr(record, name).dtype == torch.float8_e4m3fn]
+    if fp8 and meta.dtype != "fp8":
+        problems.append(f"{', '.join(fp8)} are fp8 but the cache stores {meta.dtype}")
     if record.num_tokens > meta.seq_length:
         problems.append(f"it has {record.num_tokens} tokens, more than seq_length {meta.seq_length}")
     if record.aux_hidden_states.shape[1] != meta.aux_dim:

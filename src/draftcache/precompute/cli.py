@@ -41,7 +41,8 @@ def precompute(
     batch_size: int = typer.Option(4, "--batch-size", help="Samples per target forward."),
     shard_size: int = typer.Option(256, "--shard-size", help="Most samples per shard."),
     max_shard_mb: float = typer.Option(1000.0, "--max-shard-mb", help="Most MB (1e6 bytes) of data per shard, so a crash loses at most about this much per rank; boundaries depend only on the sample order and lengths, so any number of ranks writes the same cache. 0 = no byte cap (only --shard-size)."),
-    dtype: str = typer.Option("bf16", "--dtype", help="Storage dtype of float fields: bf16, fp16 or fp32."),
+    dtype: str = typer.Option("bf16", "--dtype", help="Storage dtype of float fields: bf16, fp16, fp32 or fp8 (hidden states as "
+                               "float8_e4m3fn with a float32 scale per row, ~half of bf16; probabilities stay bf16)."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:N or cpu (default: cuda when available)."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="'auto': split a target too large for one GPU over every visible GPU (one process, not under torchrun; needs the 'devices' extra: accelerate). The captured layers may then live on different GPUs; their outputs are gathered on the logits' device."),
     split: Optional[str] = typer.Option(None, "--split", help="Split of a HF dataset (default: train)."),
@@ -49,7 +50,11 @@ def precompute(
     num_samples: Optional[int] = typer.Option(None, "--num-samples", help="Cache N usable samples: records are read in order until N of them survive loading and tokenization (bad records, template errors and records with nothing to supervise within --seq-length are skipped, counted and not part of N; later records are never read). Default: all."),
     aux_layer_ids: Optional[str] = typer.Option(None, "--aux-layer-ids", help="Three decoder-layer ids, e.g. '1,15,28' (default: 1, L/2-1, L-4)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow custom model code from the hub (off by default)."),
-    strict: bool = typer.Option(False, "--strict", help="Fail on the first bad record instead of skipping and counting it."),
+    strict: bool = typer.Option(False, "--strict", help="Fail on the first bad record (or sample whose target output is NaN/Inf) "
+                                "instead of skipping and counting it."),
+    max_non_finite: float = typer.Option(0.01, "--max-non-finite",
+                                         help="Abort when more than this share of samples has NaN/Inf target output "
+                                              "(a broken target, not a bad record)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --output-dir (same settings required)."),
     supervision: str = typer.Option("auto", "--supervision", help="auto, probs, topk or hidden."),
     target_probs_topk: int = typer.Option(0, "--target-probs-topk", help="Keep the top-k draft-vocab probabilities (topk encoding)."),
@@ -75,6 +80,7 @@ def precompute(
             max_shard_mb=max_shard_mb if max_shard_mb != 0 else None, dtype=dtype,
             device=device, device_map=device_map, split=split, shuffle_seed=shuffle_seed, num_samples=num_samples,
             aux_layer_ids=_layer_ids(aux_layer_ids), trust_remote_code=trust_remote_code, strict=strict,
+            max_non_finite=max_non_finite,
             resume=resume, supervision=supervision, target_probs_topk=target_probs_topk, num_workers=num_workers,
             chat_template=chat_template, method=method, draft_layers=draft_layers,
             target_layer_ids=_layer_ids(target_layer_ids, "--target-layer-ids"), progress=not quiet,

@@ -13,7 +13,7 @@ __all__ = ["PrecomputeConfig", "ConfigError", "SUPERVISION_CHOICES", "DTYPE_CHOI
 
 SUPERVISION_CHOICES = ("auto", "probs", "topk", "hidden")
 METHOD_CHOICES = ("eagle3", "dflash")  # the manifest's ``kind``
-DTYPE_CHOICES = ("bf16", "fp16", "fp32")
+DTYPE_CHOICES = ("bf16", "fp16", "fp32", "fp8")
 ENGINE_CHOICES = ("hf", "vllm")  # what runs the target: transformers in-process, or vLLM
 
 
@@ -48,7 +48,7 @@ class PrecomputeConfig:
     batch_size: int = 4                  # samples per target forward (length-bucketed within a shard)
     shard_size: int = 256                # most samples per shard: smaller = finer resume, more files
     max_shard_mb: float | None = 1000.0  # most MB (1e6 bytes) per shard: bounds what a crash loses; None = no cap
-    dtype: str = "bf16"                  # storage dtype of float fields
+    dtype: str = "bf16"                  # storage dtype of float fields; fp8 = hidden states as e4m3 + a scale per row (half of bf16), probs bf16
     device: str | None = None            # None = cuda when available, else cpu
     device_map: str | None = None        # "auto": split a target too large for one GPU over all visible GPUs (one process)
     split: str | None = None             # HF dataset split (default "train")
@@ -56,7 +56,8 @@ class PrecomputeConfig:
     num_samples: int | None = None       # read records until N usable samples (after every skip); None = all
     aux_layer_ids: tuple[int, ...] | None = None  # decoder-layer outputs; None = [1, L//2-1, L-4]
     trust_remote_code: bool = False
-    strict: bool = False                 # first bad record is an error naming file and line
+    strict: bool = False                 # first bad record (or non-finite sample) is an error naming it
+    max_non_finite: float = 0.01         # abort when more than this share of samples is non-finite (a broken target)
     resume: bool = False
     supervision: str = "auto"            # auto | probs | topk | hidden
     target_probs_topk: int = 0           # k for the topk encoding (NeMo: >0 switches topk on)
@@ -89,6 +90,8 @@ class PrecomputeConfig:
             p.append(f"--max-shard-mb must be > 0 (MB of tensor data per shard), got {self.max_shard_mb}")
         if self.dtype not in DTYPE_CHOICES:
             p.append(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
+        if not 0 <= self.max_non_finite < 1:
+            p.append(f"--max-non-finite must be a share in [0, 1), got {self.max_non_finite}")
         if self.device is not None and not (self.device == "cpu" or self.device.startswith("cuda")):
             p.append(f"--device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.device_map not in (None, "auto"):

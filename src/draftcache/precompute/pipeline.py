@@ -21,7 +21,9 @@ import torch
 
 import draftcache
 from draftcache.cache_format import FORMAT_VERSION, MANIFEST_FILE, SampleBytes, plan_shard_boundaries, read_manifest
-from draftcache.cache_format.schema import KIND_SHIFT, storage_dtype
+from draftcache.cache_format.fp8 import dequantize_rows, quantize_rows
+from draftcache.cache_format.manifest import FP8_QUANTIZATION
+from draftcache.cache_format.schema import KIND_SHIFT, is_quantized, storage_dtype, supervision_dtype
 from draftcache.data import (
     ChatTokenizer,
     ConversationSet,
@@ -185,14 +187,16 @@ def run_precompute(
         sizes = (sample_bytes(*n) for n in sample_lengths(samples))
         manifest["shard_boundaries"] = plan_shard_boundaries(sizes, cfg.shard_size, cfg.max_shard_bytes)
         manifest["num_shards"] = len(manifest["shard_boundaries"]) - 1
-        spec = SupervisionSpec(encoding=encoding, vocab=vocab, dtype=dtype,
-                               topk=cfg.target_probs_topk if encoding == "topk" else None)
+        spec = SupervisionSpec(encoding=encoding, vocab=vocab, dtype=supervision_dtype(cfg.dtype),
+                               topk=cfg.target_probs_topk if encoding == "topk" else None,
+                               quantize=is_quantized(cfg.dtype), num_layers=len(target.aux_layer_ids))
         return manifest, spec
 
     manifest, spec = run_step(ctx, "planning the shards", plan)
     job = CacheJob(output_dir=out, manifest=manifest, spec=spec, samples=samples, pad_id=pad_id_of(tokenizer),
                    batch_size=cfg.batch_size, resume=cfg.resume, progress=cfg.progress,
-                   skipped=conversations.skipped.as_dict(), probe=probe.pop() if probe else None)
+                   skipped=conversations.skipped.as_dict(), probe=probe.pop() if probe else None, strict=cfg.strict,
+                   max_non_finite=cfg.max_non_finite)
     summary = write_cache(job, target, ctx=ctx, log=log)
     summary.wall_seconds = time.perf_counter() - t0
     return summary
@@ -253,7 +257,11 @@ def _rebuild_closeness(target: HFEagle3TargetModel, samples: Sequence[TokenizedS
     sup = lm.bool()                                                               # [B, T]
     real = out.logits[sup][:_REBUILD_CHECK_ROWS].float()                          # [m, V]
     weight, bias = target.output_projection()                                     # [V, H], [V] | None
-    stored = out.final_hidden[sup][:_REBUILD_CHECK_ROWS].to(dtype)                # [m, H] as written to disk
+    stored = out.final_hidden[sup][:_REBUILD_CHECK_ROWS]                          # [m, H]
+    if dtype == torch.float8_e4m3fn:  # what a reader dequantizes from the stored fp8 rows and scales
+        stored = dequantize_rows(*quantize_rows(stored, 1), torch.float32)
+    else:
+        stored = stored.to(dtype)                                                 # as written to disk
     stored = stored.to(weight.device).float()
     rebuilt = stored @ weight.float().T                                           # [m, V]
     if bias is not None:
@@ -303,7 +311,7 @@ def _build_manifest(cfg: PrecomputeConfig, *, target: HFEagle3TargetModel, token
                     special_ids: list[int], closeness: float | None) -> dict:
     """The manifest of this run, before its shard boundaries are planned (they need its sizes)."""
     model = target.model
-    return {
+    manifest = {
         "format_version": FORMAT_VERSION,
         "tool": {"name": "draftcache", "version": draftcache.__version__},
         "kind": cfg.method,
@@ -346,7 +354,10 @@ def _build_manifest(cfg: PrecomputeConfig, *, target: HFEagle3TargetModel, token
         "num_shards": 1,
         "files": {},
         "shards": [],
-        "stats": {"num_tokens": 0, "num_supervised": 0},
+        "stats": {"num_tokens": 0, "num_supervised": 0, "non_finite": 0},
     }
+    if cfg.dtype == "fp8":
+        manifest["quantization"] = dict(FP8_QUANTIZATION)
+    return manifest
 
 

@@ -26,6 +26,7 @@ class PrecomputeSummary:
     wall_seconds: float
     padding_fraction: float          # share of this run's forward token slots spent on padding
     skipped: dict[str, int] = field(default_factory=dict)
+    non_finite: int = 0              # samples left out: the target produced NaN/Inf for them
     dropped_turns: int = 0           # turns before the first user turn removed from the records read
     dropped_turn_records: int = 0    # records that lost such turns
 
@@ -39,12 +40,12 @@ class PrecomputeSummary:
         dropped = manifest["dataset"].get("dropped_leading_turns") or {}
         return cls(
             output_dir=str(output_dir), encoding=encoding, dtype=dtype, draft_vocab_size=draft_vocab_size,
-            num_samples=manifest["num_samples"], num_tokens=manifest["stats"]["num_tokens"],
+            num_samples=sum(e["num_samples"] for e in manifest["shards"]), num_tokens=manifest["stats"]["num_tokens"],
             num_supervised=manifest["stats"]["num_supervised"], cache_bytes=sum(e["bytes"] for e in files),
             computed_samples=computed_samples, computed_tokens=computed_tokens,
             resumed_from_sample=resumed_from_sample, bytes_written=bytes_written, wall_seconds=wall_seconds,
             padding_fraction=0.0 if slots == 0 else 1.0 - computed_tokens / slots, skipped=skipped,
-            dropped_turns=int(dropped.get("turns", 0)), dropped_turn_records=int(dropped.get("records", 0)),
+            non_finite=int(manifest["stats"].get("non_finite", 0)), dropped_turns=int(dropped.get("turns", 0)), dropped_turn_records=int(dropped.get("records", 0)),
         )
 
     @property
@@ -70,6 +71,7 @@ class PrecomputeSummary:
             f"samples     {self.num_samples} ({this_run})",
             f"tokens      {self.num_tokens} ({self.num_supervised} supervised)",
             f"skipped     {skipped_text}",
+            f"non-finite  {self.non_finite} sample(s) left out (NaN/Inf in the target's output)",
             f"dropped     {dropped_text}",
             f"disk        {self.cache_bytes / 1e6:.2f} MB, {self.bytes_per_token:.1f} bytes/token "
             f"({self.bytes_written / 1e6:.2f} MB written now)",

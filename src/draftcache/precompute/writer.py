@@ -33,6 +33,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from draftcache.cache_format import (
     MANIFEST_FILE,
     RESUME_KEY_FIELDS,
@@ -55,7 +57,7 @@ from draftcache.precompute.distributed import DistContext, gather_step
 from draftcache.precompute.forward import Probe, Progress, shard_records
 from draftcache.precompute.output_dir import PrecomputeError, check_cache_contents
 from draftcache.precompute.planning import ShardPlan, plan_shards
-from draftcache.precompute.records import SupervisionSpec
+from draftcache.precompute.records import NON_FINITE_PARTS, SupervisionSpec
 from draftcache.precompute.summary import PrecomputeSummary
 from draftcache.targets import HFEagle3TargetModel
 
@@ -102,6 +104,8 @@ class CacheJob:
     progress: bool = True
     skipped: dict | None = None        # the data's skip counts, echoed in the summary
     probe: Probe | None = None         # a forward already run, reused by the shard that holds it, then released
+    strict: bool = False               # a non-finite sample is an error naming it, not skipped
+    max_non_finite: float = 0.01       # abort once more than this share of all samples is non-finite
 
 
 def assign_shards(plans: Sequence[ShardPlan], rank: int, world_size: int) -> list[ShardPlan | None]:
@@ -317,6 +321,7 @@ def write_cache(job: CacheJob, target: HFEagle3TargetModel, *, ctx: DistContext 
         # samples already committed (not necessarily a prefix: a crashed distributed run leaves gaps)
         done = sum(p.num_samples for p in plans if p.index in committed)
         progress = Progress(len(job.samples), done, job.progress and ctx.is_main, lambda: counter.bytes_written)
+        computed: list[dict] = []
         try:
             for round_plan in assign_shards(todo, ctx.rank, ctx.world_size):
                 def work(plan: ShardPlan | None = round_plan) -> dict | None:
@@ -328,6 +333,8 @@ def write_cache(job: CacheJob, target: HFEagle3TargetModel, *, ctx: DistContext 
 
                 what = f"computing shard {round_plan.index}" if round_plan is not None else "waiting for the others"
                 entries = [e for e in gather_step(ctx, what, work) if e is not None]
+                computed += entries  # the same list on every rank, so every rank decides alike
+                _check_non_finite_share(job, computed)
                 if owner is not None:
                     owner.commit(entries)
                     mine = round_plan.index if round_plan is not None else None
@@ -367,6 +374,16 @@ def _write_shard(plan: ShardPlan, job: CacheJob, meta: Manifest, target: HFEagle
     try:
         for local, record in shard_records(plan, job.samples, target, job.spec, pad_id=job.pad_id,
                                            batch_size=job.batch_size, progress=progress, probe=job.probe):
+            non_finite = [part for part, bad in zip(NON_FINITE_PARTS, record.pop("non_finite").tolist()) if bad]
+            if non_finite:
+                problem = (f"sample {plan.first_sample + local} (shard {plan.index}): the target produced NaN/Inf "
+                           f"in its {' and '.join(non_finite)}")
+                if job.strict:
+                    raise PrecomputeError(f"{problem} (--strict). Without --strict such samples are left out of "
+                                          "the cache and counted as non_finite.")
+                tqdm.write(f"{problem}; left out of the cache (counted in stats.non_finite)")
+                shard.skip(local)
+                continue
             record = SampleRecord(**record)
             check_record(meta, plan.first_sample + local, record)
             shard.write(local, record)
@@ -377,3 +394,18 @@ def _write_shard(plan: ShardPlan, job: CacheJob, meta: Manifest, target: HFEagle
     except BaseException:
         shard.abort()
         raise
+
+
+def _check_non_finite_share(job: CacheJob, entries: Sequence[dict]) -> None:
+    """Abort once the samples dropped as non-finite exceed ``job.max_non_finite`` of ALL planned
+    samples: the run can no longer end below it, and that many means a broken target (an fp16
+    overflow, a bad kernel), not a few bad records. Every rank sees the same entries and raises alike."""
+    dropped = sum(len(e.get("non_finite", ())) for e in entries)
+    total = len(job.samples)
+    if dropped > job.max_non_finite * total:
+        first = sorted(i for e in entries for i in e.get("non_finite", ()))[:5]
+        raise PrecomputeError(
+            f"{dropped} of {total} samples ({dropped / total:.1%}) so far made the target produce NaN/Inf (first: "
+            f"samples {first}), more than --max-non-finite {job.max_non_finite:g} of them: the target itself is "
+            "broken (e.g. fp16 overflow: load it in bf16 or fp32). The committed shards are kept; fix the target "
+            "and precompute again into a new --output-dir.")

@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from draftcache.trainer.batching import plan_epoch, split_train_val
 from draftcache.trainer.checkpoint import TrainState, latest_checkpoint, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from draftcache.trainer.data_wait import DataWait
 from draftcache.trainer.dflash.config import DFlashDraftConfig
 from draftcache.data.vocab import supervised_token_counts
 from draftcache.trainer.dflash.loss import DFLASH_LOSS_DECAY, dflash_loss, sample_anchors
@@ -209,6 +210,10 @@ class OnlineDFlashBatches:
             "seq_lens": torch.tensor([lens], device=self.device),
         }
 
+    def batches(self, plan: list[list[int]]):
+        """``self(indices)`` for each micro-batch of ``plan``, in order."""
+        return (self(indices) for indices in plan)
+
 
 class CachedDFlashBatches:
     """Reads a micro-batch's samples from a dflash cache (only their rows, ``preadv``) as the packed
@@ -219,9 +224,22 @@ class CachedDFlashBatches:
         self.reader, self.device = reader, device
 
     def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return self._expand(self.reader.get_raw_batch(indices))
+
+    def batches(self, plan: list[list[int]]):
+        """The micro-batches of ``plan``, read ahead by ``CacheBatchLoader`` threads (as the EAGLE-3
+        trainer reads its cache) and expanded on the device in order."""
+        from draftcache.cache_format import CacheBatchLoader
+
+        if not plan:
+            return iter(())
+        return (self._expand(raw) for raw in CacheBatchLoader(self.reader.path, plan))
+
+    def _expand(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from draftcache.cache_format import expand_dflash_raw
 
-        row = expand_dflash_raw(self.reader.get_raw_batch(indices), self.device)
+        row = expand_dflash_raw(raw, self.device)
+        self.reader.check_finite(raw, row)  # a NaN/Inf row never reaches the draft
         return {"input_ids": row["input_ids"], "target_hidden": row["aux_hidden_states"].float(),
                 "target_argmax": row["target_argmax"], "loss_mask": row["loss_mask"], "seq_lens": row["seq_lens"]}
 
@@ -403,11 +421,11 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
             return None
         draft.eval()
         sums = _sums(block, device)
-        for i, indices in enumerate(val_plan):
+        for i, batch in enumerate(supervise.batches(val_plan)):
             # seeded by the micro-batch's global index: the same anchors at every validation, on any world size
             gen = torch.Generator().manual_seed(anchor_seed(cfg.seed + 1, i * world + rank))
             with training_autocast(device):
-                _add(sums, run(local_loss, supervise(indices), gen), block)
+                _add(sums, run(local_loss, batch, gen), block)
         draft.train()
         all_reduce_sum(sums, dist_info)
         return _summary(sums, block)
@@ -426,14 +444,14 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
             dist.barrier()
 
     window, last_loss, val = _sums(block, device), float("nan"), None
+    waiting = DataWait()
     draft.train()
     while state.step < total:
         plan = plan_epoch(train_idx, lengths, seed=cfg.seed, epoch=state.epoch, batch_tokens=cfg.batch_tokens,
                           batch_size=1, rank=rank, world_size=world)
         micro_batches = len(plan)  # equal on every rank, so all ranks sync on the same micro-batch
         # checkpoints follow optimizer steps, so a resumed epoch restarts at a group boundary
-        for indices in plan[state.batches_in_epoch :]:
-            batch = supervise(indices)
+        for batch in waiting.wrap(supervise.batches(plan[state.batches_in_epoch :])):
             group, sync = accumulation_group(state.batches_in_epoch, micro_batches, cfg.grad_accum)
             in_group = state.batches_in_epoch % cfg.grad_accum
             # anchors seeded by the micro-batch's global index (step, slot in its group, rank): a resumed
@@ -456,21 +474,25 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
                 summary = _summary(window, block)
                 last_loss = summary["loss"]
                 record({"step": state.step, "epoch": state.epoch, "split": "train", **summary,
-                        "lr": scheduler.get_last_lr()[0], "tokens_seen": state.tokens_seen})
+                        "lr": scheduler.get_last_lr()[0], "tokens_seen": state.tokens_seen,
+                        "data_wait_share": waiting.window()})
                 if cfg.progress and is_main:
                     log(f"step {state.step}/{total} loss {last_loss:.4f} sim tau {summary['sim_tau']:.3f}")
                 window.zero_()
-            if state.step % cfg.eval_every == 0 or state.step == total:
-                val = validate()
-                if val is not None:
-                    record({"step": state.step, "split": "val", **val})
-            if state.step % cfg.save_every == 0 or state.step == total:
-                checkpoint()
+            with waiting.excluded():
+                if state.step % cfg.eval_every == 0 or state.step == total:
+                    val = validate()
+                    if val is not None:
+                        record({"step": state.step, "split": "val", **val})
+                if state.step % cfg.save_every == 0 or state.step == total:
+                    checkpoint()
             if state.step >= total:
                 break
         else:
             state.epoch += 1
             state.batches_in_epoch = 0
+    if is_main:
+        log(f"data wait: {waiting.total():.1%} of training step time spent waiting for batches")
     if val is None:
         val = validate()
     export_dir = None

@@ -128,7 +128,9 @@ class CachedSource:
         return CacheBatchLoader(self.path, plan, max_tokens=max_tokens, num_threads=max(2, self.num_workers))
 
     def supervise(self, raw: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-        return self.reader.expand_batch(raw, device)
+        batch = self.reader.expand_batch(raw, device)
+        self.reader.check_finite(raw, batch)  # a NaN/Inf row never reaches the draft
+        return batch
 
 
 class _TokenPlanDataset(Dataset):

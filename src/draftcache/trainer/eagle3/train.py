@@ -22,6 +22,7 @@ from draftcache.trainer.checkpoint import (
     read_checkpoint_meta,
     save_checkpoint,
 )
+from draftcache.trainer.data_wait import DataWait
 from draftcache.trainer.eagle3.config import TrainConfig
 from draftcache.trainer.optim import accumulation_group, optimizer_step, training_autocast
 from draftcache.trainer.distributed import DistInfo, all_reduce_sum, init_distributed
@@ -284,12 +285,13 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
             dist.barrier()
 
     done = state.step >= total_steps
+    waiting = DataWait()
     while not done and state.epoch < 10**9:
         plan = plan_epoch(train_idx, source.lengths, seed=cfg.seed, epoch=state.epoch, batch_tokens=cfg.batch_tokens,
                           batch_size=cfg.batch_size, rank=dist_info.rank, world_size=dist_info.world_size)
         micro_batches = len(plan)  # equal on every rank, so all ranks sync on the same micro-batch
         # checkpoints follow optimizer steps, so a resumed epoch restarts at a group boundary
-        for batch in source.loader(plan[state.batches_in_epoch :], cfg.batch_tokens):
+        for batch in waiting.wrap(source.loader(plan[state.batches_in_epoch :], cfg.batch_tokens)):
             inputs = source.supervise(batch, device)
             group, sync = accumulation_group(state.batches_in_epoch, micro_batches, cfg.grad_accum)
             ctx = ddp_model.no_sync() if (dist_info.world_size > 1 and not sync) else nullcontext()
@@ -309,14 +311,15 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
                 summary = _summarize(window, k)
                 last_loss = summary["loss"]
                 log_metrics({"step": state.step, "epoch": state.epoch, **summary, "lr": scheduler.get_last_lr()[0],
-                             "tokens_seen": state.tokens_seen, "split": "train"})
+                             "tokens_seen": state.tokens_seen, "split": "train", "data_wait_share": waiting.window()})
                 bar.set_postfix(loss=f"{last_loss:.3f}", tau=f"{summary['sim_acceptance_length']:.2f}")
                 window.zero_()
-            if val_plan and (state.step % cfg.eval_every == 0 or state.step == total_steps):
-                val = evaluate_loss(model, source, val_plan, cfg, device, dist_info)
-                log_metrics({"step": state.step, "split": "val", **val})
-            if state.step % cfg.save_every == 0 or state.step == total_steps:
-                checkpoint()
+            with waiting.excluded():
+                if val_plan and (state.step % cfg.eval_every == 0 or state.step == total_steps):
+                    val = evaluate_loss(model, source, val_plan, cfg, device, dist_info)
+                    log_metrics({"step": state.step, "split": "val", **val})
+                if state.step % cfg.save_every == 0 or state.step == total_steps:
+                    checkpoint()
             if state.step >= total_steps:
                 done = True
                 break
@@ -324,6 +327,8 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
             state.epoch += 1
             state.batches_in_epoch = 0
     bar.close()
+    if is_main:
+        log(f"data wait: {waiting.total():.1%} of training step time spent waiting for batches")
     if val_plan and val is None:
         val = evaluate_loss(model, source, val_plan, cfg, device, dist_info)
     export_dir = None
