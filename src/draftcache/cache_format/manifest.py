@@ -43,7 +43,7 @@ FP8_QUANTIZATION = {
     "probs_dtype": "bf16",
 }
 
-__all__ = ["FP8_QUANTIZATION", "ShardEntry", "Manifest", "new_manifest", "validate_manifest", "read_manifest", "shard_stats"]
+__all__ = ["FP8_QUANTIZATION", "ShardEntry", "Manifest", "new_manifest", "validate_manifest", "read_manifest", "shard_entry_stats", "shard_stats"]
 
 
 @dataclass(frozen=True)
@@ -148,12 +148,19 @@ def _even_boundaries(num_samples: Any, shard_size: Any) -> list[int]:
     return [0, 0]  # invalid inputs: validate_manifest reports num_samples / shard_size themselves
 
 
+def shard_entry_stats(shard: Mapping[str, Any]) -> dict[str, int]:
+    """One shard entry's share of the manifest's ``stats`` (see :func:`shard_stats`)."""
+    return {"num_tokens": int(shard["num_tokens"]), "num_supervised": int(shard["num_supervised"]),
+            "non_finite": len(shard.get("non_finite", ()))}
+
+
 def shard_stats(shards: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     """The manifest's ``stats``: ``num_tokens`` and ``num_supervised`` summed over ``shards``, and
     ``non_finite``: the samples dropped because the target produced NaN/Inf for them."""
-    shards = list(shards)
-    stats = {key: sum(s[key] for s in shards) for key in ("num_tokens", "num_supervised")}
-    stats["non_finite"] = sum(len(s.get("non_finite", ())) for s in shards)
+    stats = {"num_tokens": 0, "num_supervised": 0, "non_finite": 0}
+    for shard in shards:
+        for key, value in shard_entry_stats(shard).items():
+            stats[key] += value
     return stats
 
 

@@ -48,7 +48,7 @@ from draftcache.cache_format import (
     verify_shard,
 )
 from draftcache.cache_format.checksum import atomic_write_json, fsync_dir
-from draftcache.cache_format.manifest import Manifest, shard_stats
+from draftcache.cache_format.manifest import Manifest, shard_entry_stats, shard_stats
 from draftcache.cache_format.schema import LM_HEAD_ENCODINGS
 from draftcache.cache_format.resume import journal_files, read_journals
 from draftcache.cache_format.writer import append_commit, check_record, write_side_file
@@ -193,11 +193,11 @@ class ManifestOwner:
         for entry in entries:
             old = self._shards.get(entry["index"])
             if old is not None:
-                for key in stats:
-                    stats[key] -= old[key]
+                for key, value in shard_entry_stats(old).items():
+                    stats[key] = stats.get(key, 0) - value
             self._shards[entry["index"]] = entry
-            for key in stats:
-                stats[key] += entry[key]
+            for key, value in shard_entry_stats(entry).items():
+                stats[key] = stats.get(key, 0) + value
 
     @property
     def num_committed(self) -> int:
