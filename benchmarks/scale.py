@@ -21,7 +21,7 @@ Four measurements, each part in a fresh subprocess (``--parts`` picks them):
 
 Timings on a shared machine are noisy: compare the ratios, measured in the same run.
 
-    python benchmarks/scale.py                                     # ~5-10 minutes on 2 busy cores
+    python benchmarks/scale.py         # ~30 min on a busy 2-core box (precompute ~8, tokenize 5k/25k x 2 ~20)
     python benchmarks/scale.py --tokenize-sizes 100000,1000000     # per 10^5 at real sizes
     python benchmarks/scale.py --parts manifest,tokenize --commit-points 10,100 --commit-repeats 5 \\
         --tokenize-sizes 200,800 --no-training                     # smallest (the test's)

@@ -235,6 +235,7 @@ def _logit_transform_in_config(target: HFEagle3TargetModel) -> str | None:
     return None
 
 
+_REBUILD_HEAD_ROWS = 8192  # lm_head rows converted to fp32 at once by the rebuild check (128 MB at H = 4096)
 _REBUILD_CHECK_ROWS = 256  # supervised rows compared; a transform the rebuild misses shows on any of them
 # Largest |rebuilt - target| draft-vocab probability the hidden encoding may differ by. bf16 storage of
 # final_hidden moves probabilities by ~1e-3 (embedded target) to 1.4e-2 (SmolLM2-135M, ShareGPT); a
@@ -263,7 +264,8 @@ def _rebuild_closeness(target: HFEagle3TargetModel, samples: Sequence[TokenizedS
     else:
         stored = stored.to(dtype)                                                 # as written to disk
     stored = stored.to(weight.device).float()
-    rebuilt = stored @ weight.float().T                                           # [m, V]
+    # the head in fp32 a block of rows at a time: a whole fp32 copy is 2.1 GB at 128k x 4096
+    rebuilt = torch.cat([stored @ rows.float().T for rows in weight.split(_REBUILD_HEAD_ROWS)], dim=1)  # [m, V]
     if bias is not None:
         rebuilt = rebuilt + bias.float()
     ones = torch.ones(real.shape[0], dtype=torch.bool, device=real.device)
