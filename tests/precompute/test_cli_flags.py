@@ -28,7 +28,7 @@ def chat_file(tmp_path):
 
 FLAG_CASES = [
     (["--seq-length", "1"], "--seq-length must be >= 2"),
-    (["--dtype", "fp8"], "--dtype must be one of bf16, fp16, fp32, got 'fp8'"),
+    (["--dtype", "fp4"], "--dtype must be one of bf16, fp16, fp32, fp8, got 'fp4'"),
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--shard-size", "0"], "--shard-size must be >= 1, got 0"),
     (["--supervision", "logits"], "--supervision must be one of auto, probs, topk, hidden, got 'logits'"),
@@ -128,9 +128,9 @@ def test_non_empty_output_dir_is_refused_and_left_alone(tmp_path, chat_file, con
 
 def test_bad_flag_exit_code_from_a_real_process(tmp_path):
     """The console entry point itself: usage errors exit 2 and print to stderr, nothing created."""
-    result = run_cli("--output-dir", str(tmp_path / "cache"), "--dtype", "fp8", "--shard-size", "0", timeout=60)
+    result = run_cli("--output-dir", str(tmp_path / "cache"), "--dtype", "fp4", "--shard-size", "0", timeout=60)
     assert result.returncode == 2
-    assert "--dtype must be one of bf16, fp16, fp32, got 'fp8'" in result.stderr
+    assert "--dtype must be one of bf16, fp16, fp32, fp8, got 'fp4'" in result.stderr
     assert "--shard-size must be >= 1, got 0" in result.stderr
     assert result.stdout == ""
     assert not (tmp_path / "cache").exists()

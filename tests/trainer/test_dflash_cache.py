@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -199,6 +200,7 @@ def test_train_from_cache_matches_online_training(cache, tmp_path):
     r = _run("draftcache.cli", "train", "--method", "dflash", "--cached-target-path", str(cache),
              "--output-dir", str(tmp_path / "cached"), *common)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(r"data wait: \d+\.\d% of training step time spent waiting for batches", r.stdout + r.stderr)
     r = _run("draftcache.cli", "train", "--method", "dflash", "--input-data", str(data),
              "--output-dir", str(tmp_path / "online"), *common)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -210,6 +212,8 @@ def test_train_from_cache_matches_online_training(cache, tmp_path):
     assert [(m["step"], m["split"]) for m in cached] == [(m["step"], m["split"]) for m in online_]
     for a, b in zip(cached, online_):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+    # the prefetching cache reader is timed: the share of step time spent waiting for a batch
+    assert all(0 <= m["data_wait_share"] < 1 for m in cached if m["split"] == "train")
     config = json.loads((tmp_path / "cached" / "export" / "config.json").read_text())
     assert config["dflash_config"]["target_layer_ids"] == LAYERS
     from safetensors.torch import load_file
