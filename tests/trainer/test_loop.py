@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -332,7 +333,10 @@ def test_partial_cache_training_is_recorded_and_a_grown_cache_refuses_resume(tin
     logged = []
     train(_cfg(tmp_path / "run", cached_target_path=str(cache), max_steps=2, save_every=1, allow_partial_cache=True),
           log=logged.append)
-    assert logged == ["training on an incomplete cache (--allow-partial-cache): 16 of 24 samples committed"]
+    assert logged[0] == "training on an incomplete cache (--allow-partial-cache): 16 of 24 samples committed"
+    # the share of step time spent waiting for cached batches, logged at the end
+    assert len(logged) == 2 and re.fullmatch(r"data wait: \d+\.\d% of training step time spent waiting for batches",
+                                             logged[1]), logged
     meta = json.loads((tmp_path / "run" / "step-0000002" / "state.json").read_text())
     recorded = meta["extra"]["data_source"]
     manifest = json.loads((tiny["cache"] / "manifest.json").read_text())
