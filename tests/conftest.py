@@ -4,6 +4,14 @@ Every skip is reported (``-rs`` in pyproject's addopts), and the run fails on a 
 node id is not in ``tests/skip_allowlist.txt`` (the tests that need hardware this machine may lack,
 each with its reason). Under ``DRAFTCACHE_ENGINE_TIER=1`` (``scripts/engine_env.sh``) nothing may
 skip: a skipped engine test there is a failure.
+
+Skips are collected from the reports the session logs (``pytest_runtest_logreport``,
+``pytest_collectreport``), which pytest-xdist replays on the controller, so the rule holds for
+``pytest -n 2`` (README's test command) as for a single process.
+
+One torch thread per process unless the caller says otherwise: the suite runs two workers on two
+cores, and OpenMP threads that spin-wait beside another busy process made small forwards up to 10x
+slower. Set here, before any test module imports torch; subprocesses inherit it.
 """
 
 from __future__ import annotations
@@ -12,6 +20,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ALLOWLIST = Path(__file__).with_name("skip_allowlist.txt")
 
@@ -33,38 +43,35 @@ def _engine_tier() -> bool:
     return os.environ.get("DRAFTCACHE_ENGINE_TIER") == "1"
 
 
+_SKIPPED: list[str] = []  # node ids skipped in this session
+
+
 def pytest_configure(config):
-    config._draftcache_skipped = []  # node ids skipped in this session
+    _SKIPPED.clear()
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
+def pytest_runtest_logreport(report):
     if report.skipped and not hasattr(report, "wasxfail"):
-        item.config._draftcache_skipped.append(item.nodeid)
+        _SKIPPED.append(report.nodeid)
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_make_collect_report(collector):
-    outcome = yield
-    report = outcome.get_result()
+def pytest_collectreport(report):
     if report.skipped:  # a whole module skipped at import (pytest.skip(allow_module_level=True))
-        collector.config._draftcache_skipped.append(report.nodeid)
+        _SKIPPED.append(report.nodeid)
 
 
-def _unexpected_skips(config) -> list[str]:
+def _unexpected_skips() -> list[str]:
     allowed = {} if _engine_tier() else read_allowlist()
-    return sorted({node for node in config._draftcache_skipped if node not in allowed})
+    return sorted({node for node in _SKIPPED if node not in allowed})
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if _unexpected_skips(session.config) and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+    if _unexpected_skips() and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    unexpected = _unexpected_skips(config)
+    unexpected = _unexpected_skips()
     if unexpected:
         where = ("DRAFTCACHE_ENGINE_TIER=1: no test may skip" if _engine_tier()
                  else f"not in {ALLOWLIST.relative_to(ALLOWLIST.parents[1])}")

@@ -32,11 +32,11 @@ def test_skipped():
 '''
 
 
-def _pytest(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+def _pytest(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     (tmp_path / "test_scratch.py").write_text(SCRATCH, encoding="utf-8")
     path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "conftest", "-p", "no:cacheprovider",
-                           "-c", os.devnull, "--rootdir", str(tmp_path), str(tmp_path / "test_scratch.py")],
+                           "-c", os.devnull, "--rootdir", str(tmp_path), *args, str(tmp_path / "test_scratch.py")],
                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": path, **env},
                           capture_output=True, text=True, timeout=120)
 
@@ -46,6 +46,14 @@ def test_unlisted_skip_fails_the_run(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "1 passed, 1 skipped" in proc.stdout
     assert "1 skipped test(s) fail the run (not in tests/skip_allowlist.txt)" in proc.stdout
+    assert "SKIPPED test_scratch.py::test_skipped" in proc.stdout
+
+
+def test_unlisted_skip_fails_the_run_with_xdist_workers(tmp_path):
+    """README's test command runs two pytest-xdist workers: the workers' skips must still count."""
+    proc = _pytest(tmp_path, "-n", "2", DRAFTCACHE_ENGINE_TIER="0")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "1 passed, 1 skipped" in proc.stdout
     assert "SKIPPED test_scratch.py::test_skipped" in proc.stdout
 
 
