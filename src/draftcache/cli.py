@@ -136,6 +136,7 @@ def train(
     freeze_k_norm: bool = typer.Option(False, "--freeze-k-norm", help="DFlash: keep every layer's k_norm at ones, so vLLM's CPU build (which applies layer 0's k_norm to every layer's context keys) serves a multi-layer draft as trained."),
     markov_rank: int = typer.Option(DSPARK_MARKOV_RANK, "--markov-rank", help="DSpark: rank r of the Markov head (markov_w1 [V, r], markov_w2 [V, r])."),
     confidence_head: bool = typer.Option(False, "--confidence-head", help="DSpark: also train vLLM's confidence_head (per-slot acceptance estimate)."),
+    distribution_weight: float = typer.Option(0.0, "--distribution-weight", help="DFlash / DSpark, online only: weight w of a soft cross-entropy to the target's distribution (the loss is (1 - w) CE + w soft-CE)."),
 ) -> None:
     """Train an EAGLE-3 (also EAGLE-3.1, P-EAGLE) or DFlash draft from a cache (or online from a
     co-located target), and export it.
@@ -151,7 +152,8 @@ def train(
     if method in ("dflash", "dspark"):
         if method == "dflash" and confidence_head:
             _fail("--confidence-head is a DSpark option: use --method dspark", 2)
-        _train_dflash(markov_rank=markov_rank if method == "dspark" else 0, confidence_head=confidence_head,output_dir=output_dir, cached_target_path=cached_target_path,
+        _train_dflash(markov_rank=markov_rank if method == "dspark" else 0, confidence_head=confidence_head,
+                      distribution_weight=distribution_weight,output_dir=output_dir, cached_target_path=cached_target_path,
                       allow_partial_cache=allow_partial_cache, target_model=target_model,
                       input_data=input_data, seq_length=seq_length, chat_template=chat_template,
                       target_layer_ids=target_layer_ids, num_draft_layers=draft_layers, block_size=block_size,

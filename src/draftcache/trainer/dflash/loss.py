@@ -17,7 +17,11 @@ DSpark (``markov_rank > 0``, vLLM's ``sample_from_anchor`` layout) shifts this b
 the anchor for slot 0, the previous slot's label after (the data token where that label is not
 counted). With ``confidence_weight > 0`` and a confidence head, a binary cross-entropy trains the
 head towards whether the slot's argmax equals its label (greedy acceptance given an accepted
-prefix). In general: slot ``k`` predicts offset ``j = k + 1 - first_draft_slot`` from the anchor.
+prefix). With ``target_logits`` (online: the co-located target's logits) and ``distribution_weight = w > 0``
+the per-slot loss is ``(1 - w) * CE(label) + w * soft-CE(softmax(target_logits[q - 1]))`` for the
+slot predicting position ``q`` (the distribution term; DeepSpec and NeMo weigh an L1 distance to the
+target distribution 0.9 against 0.1 CE). In general: slot ``k`` predicts offset
+``j = k + 1 - first_draft_slot`` from the anchor.
 
 Anchors are drawn uniformly without replacement among supervised slots (``loss_mask[p]``,
 in-document position ``>= 1`` so the context is never empty, and at least one slot left in
@@ -33,7 +37,7 @@ import torch.nn.functional as F
 
 from draftcache.trainer.dflash.model import ATTENTION_CHUNK_ELEMENTS, DFlashDraftModel, build_dflash_blocks
 from draftcache.trainer.layers import document_layout
-from draftcache.trainer.vocab_loss import LOGITS_CHUNK_ELEMENTS, chunked_cross_entropy
+from draftcache.trainer.vocab_loss import LOGITS_CHUNK_ELEMENTS, chunked_cross_entropy, chunked_soft_cross_entropy
 
 __all__ = [
     "DFLASH_LOSS_DECAY",
@@ -150,6 +154,8 @@ def dflash_loss(
     attention_mask: torch.Tensor | None = None,
     decay: float = DFLASH_LOSS_DECAY,
     confidence_weight: float = 0.0,
+    target_logits: torch.Tensor | None = None,
+    distribution_weight: float = 0.0,
     attention_chunk_elements: int = ATTENTION_CHUNK_ELEMENTS,
     logits_chunk_elements: int = LOGITS_CHUNK_ELEMENTS,
 ) -> DFlashLossOutput:
@@ -161,6 +167,8 @@ def dflash_loss(
         anchor_positions / anchor_valid: ``[B, A]`` from :func:`sample_anchors`.
         seq_lens: ``[B, D]`` document lengths of packed rows, or None (one document per row).
         confidence_weight: DSpark with a confidence head: weight of its binary cross-entropy.
+        target_logits / distribution_weight: ``[B, S, V]`` the target's logits (``[t]`` predicts
+            ``t + 1``, unshifted as ``target_argmax``) and the weight ``w`` of the distribution term.
         attention_chunk_elements / logits_chunk_elements: memory budgets of the attention's
             anchor chunks and of the vocabulary projection's row chunks (results do not depend
             on them): the ``[N, V]`` fp32 logits are never alive at once.
@@ -184,6 +192,15 @@ def dflash_loss(
     # [N] over counted slots only, the [N, V] logits in row chunks
     ce, predicted = chunked_cross_entropy(rows, project, labels[label_mask],
                                           vocab_size=model.config.vocab_size, chunk_elements=logits_chunk_elements)
+    if distribution_weight > 0:
+        if target_logits is None:
+            raise ValueError("distribution_weight > 0 needs the target's logits (online training)")
+        batch_idx = torch.arange(batch, device=hidden.device)[:, None, None].expand_as(labels)
+        label_slots = (anchor_positions[:, :, None] + torch.arange(config.block_size, device=hidden.device)
+                       - first).clamp(min=0, max=seq - 1)  # t = q - 1 for the slot predicting q
+        probs = torch.softmax(target_logits[batch_idx[label_mask], label_slots[label_mask]].float(), dim=-1)  # [N, V]
+        soft, _ = chunked_soft_cross_entropy(rows[None], project, probs[None], chunk_elements=logits_chunk_elements)
+        ce = (1 - distribution_weight) * ce + distribution_weight * soft[0]
     total = slot_weights.sum()
     loss = (ce * slot_weights).sum() / total.clamp(min=torch.finfo(total.dtype).tiny)
     hit = torch.zeros_like(label_mask)

@@ -68,6 +68,7 @@ class DFlashTrainConfig:
     markov_rank: int = 0                   # > 0: a DSpark draft (draftcache train --method dspark), 0: DFlash
     confidence_head: bool = False          # DSpark: also train vLLM's confidence_head (acceptance estimate)
     confidence_weight: float = 0.1         # DSpark: weight of the confidence head's binary cross-entropy
+    distribution_weight: float = 0.0       # online only: weight w of the soft-CE to the target's distribution
     epochs: int = 18                       # the measured recipe on the embedded default (docs/DFLASH.md, "Recipe")
     max_steps: int | None = None
     batch_tokens: int = 1024               # token budget of a packed micro-batch
@@ -103,6 +104,11 @@ class DFlashTrainConfig:
             p.append(f"--markov-rank must be >= 0, got {self.markov_rank}")
         if self.confidence_head and self.markov_rank == 0:
             p.append("--confidence-head is a DSpark option: use --method dspark (--markov-rank > 0)")
+        if not 0 <= self.distribution_weight <= 1:
+            p.append(f"--distribution-weight must be in [0, 1], got {self.distribution_weight}")
+        if self.distribution_weight > 0 and self.cached_target_path is not None:
+            p.append("--distribution-weight needs the target's distribution, which a dflash cache does not store "
+                     "(only its argmax): train online (drop --cached-target-path) or drop --distribution-weight")
         if self.confidence_weight < 0:
             p.append(f"--confidence-weight must be >= 0, got {self.confidence_weight}")
         if self.loss_decay <= 0:
@@ -201,8 +207,9 @@ class OnlineDFlashBatches:
     (``target_argmax[t]`` = the target's greedy token for ``t + 1``, unshifted convention),
     ``target_hidden [1, T, n*H]`` float32 and ``seq_lens [1, docs]``."""
 
-    def __init__(self, target, samples, pad_id: int, device: torch.device):
+    def __init__(self, target, samples, pad_id: int, device: torch.device, keep_logits: bool = False):
         self.target, self.samples, self.pad_id, self.device = target, samples, pad_id, device
+        self.keep_logits = keep_logits  # also hand out target_logits [1, T, V] (the distribution term)
 
     @torch.no_grad()
     def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
@@ -216,7 +223,8 @@ class OnlineDFlashBatches:
             attn[r, : lens[r]] = 1
         fwd = self.target.forward_capture(ids.to(self.device), attn.to(self.device))
         keep = attn.bool().to(self.device)
-        return {
+        logits = {"target_logits": fwd.logits[keep][None]} if self.keep_logits else {}
+        return {**logits,
             "input_ids": ids.to(self.device)[keep][None],                      # [1, T]
             "target_hidden": fwd.aux_hidden_states[keep][None].float(),        # [1, T, n*H_t]
             "target_argmax": fwd.logits.argmax(-1)[keep][None],                # [1, T]
@@ -303,11 +311,12 @@ class _DFlashLossModule(torch.nn.Module):
         self.draft = draft
 
     def forward(self, batch: dict, anchors: torch.Tensor, valid: torch.Tensor, *, decay: float,
-                confidence_weight: float = 0.0):
+                confidence_weight: float = 0.0, distribution_weight: float = 0.0):
         return dflash_loss(self.draft, target_hidden=batch["target_hidden"], input_ids=batch["input_ids"],
                            target_argmax=batch["target_argmax"], loss_mask=batch["loss_mask"],
                            anchor_positions=anchors, anchor_valid=valid, seq_lens=batch["seq_lens"], decay=decay,
-                           confidence_weight=confidence_weight)
+                           confidence_weight=confidence_weight, target_logits=batch.get("target_logits"),
+                           distribution_weight=distribution_weight)
 
 
 def _summary(sums: torch.Tensor, block: int, first_slot: int = 1) -> dict:
@@ -362,7 +371,7 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
             num_layers, cfg.num_draft_layers)
         target = HFDFlashTargetModel(model, layer_ids)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        supervise = OnlineDFlashBatches(target, samples, pad_id, device)
+        supervise = OnlineDFlashBatches(target, samples, pad_id, device, keep_logits=cfg.distribution_weight > 0)
         lengths = [len(s.input_ids) for s in samples]
         weights = (model.get_input_embeddings().weight.detach(), model.get_output_embeddings().weight.detach())
         mask = online_mask_token(cfg, tokenizer=tokenizer, samples=samples, embeddings=weights[0], hf_config=hf_config)
@@ -427,7 +436,8 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
     def run(module, batch: dict, generator: torch.Generator):
         anchors, valid = sample_anchors(batch["loss_mask"], num_anchors=cfg.num_anchors, seq_lens=batch["seq_lens"],
                                         generator=generator)
-        return module(batch, anchors, valid, decay=cfg.loss_decay, confidence_weight=cfg.confidence_weight)
+        return module(batch, anchors, valid, decay=cfg.loss_decay, confidence_weight=cfg.confidence_weight,
+                      distribution_weight=cfg.distribution_weight)
 
     def anchor_seed(base: int, global_index: int) -> int:
         return base * 1_000_003 + global_index
