@@ -253,9 +253,3 @@ def test_distribution_term_against_the_targets_logits():
     unsure.loss.backward()
     assert draft.markov_head.markov_w2.weight.grad.abs().sum() > 0
 
-
-def test_distribution_weight_is_refused_with_a_cache():
-    from draftcache.trainer.dflash.train import DFlashTrainConfig
-
-    with pytest.raises(ValueError, match="--distribution-weight needs the target's distribution"):
-        DFlashTrainConfig(output_dir="x", cached_target_path="cache", markov_rank=8, distribution_weight=0.9).validate()

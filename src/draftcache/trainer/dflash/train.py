@@ -68,7 +68,8 @@ class DFlashTrainConfig:
     markov_rank: int = 0                   # > 0: a DSpark draft (draftcache train --method dspark), 0: DFlash
     confidence_head: bool = False          # DSpark: also train vLLM's confidence_head (acceptance estimate)
     confidence_weight: float = 0.1         # DSpark: weight of the confidence head's binary cross-entropy
-    distribution_weight: float = 0.0       # online only: weight w of the soft-CE to the target's distribution
+    distribution_weight: float = 0.0       # weight w of the soft-CE to the target's distribution (online, or a
+                                           # dflash cache precomputed with --supervision hidden)
     epochs: int = 18                       # the measured recipe on the embedded default (docs/DFLASH.md, "Recipe")
     max_steps: int | None = None
     batch_tokens: int = 1024               # token budget of a packed micro-batch
@@ -106,9 +107,6 @@ class DFlashTrainConfig:
             p.append("--confidence-head is a DSpark option: use --method dspark (--markov-rank > 0)")
         if not 0 <= self.distribution_weight <= 1:
             p.append(f"--distribution-weight must be in [0, 1], got {self.distribution_weight}")
-        if self.distribution_weight > 0 and self.cached_target_path is not None:
-            p.append("--distribution-weight needs the target's distribution, which a dflash cache does not store "
-                     "(only its argmax): train online (drop --cached-target-path) or drop --distribution-weight")
         if self.confidence_weight < 0:
             p.append(f"--confidence-weight must be >= 0, got {self.confidence_weight}")
         if self.loss_decay <= 0:
@@ -242,8 +240,9 @@ class CachedDFlashBatches:
     row ``OnlineDFlashBatches`` builds online: ``expand_dflash_raw`` with the features in float32
     (``target_argmax`` is 0 where the next position is not supervised; the loss never reads it there)."""
 
-    def __init__(self, reader, device: torch.device):
+    def __init__(self, reader, device: torch.device, keep_logits: bool = False):
         self.reader, self.device = reader, device
+        self.keep_logits = keep_logits  # ``hidden`` caches: target_logits [1, T, V] from final_hidden (lm_head side file)
 
     def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         return self._expand(self.reader.get_raw_batch(indices))
@@ -262,7 +261,8 @@ class CachedDFlashBatches:
 
         row = expand_dflash_raw(raw, self.device)
         self.reader.check_finite(raw, row)  # a NaN/Inf row never reaches the draft
-        return {"input_ids": row["input_ids"], "target_hidden": row["aux_hidden_states"].float(),
+        logits = {"target_logits": self.reader.logits_from_final_hidden(row["final_hidden"])} if self.keep_logits else {}
+        return {**logits, "input_ids": row["input_ids"], "target_hidden": row["aux_hidden_states"].float(),
                 "target_argmax": row["target_argmax"], "loss_mask": row["loss_mask"], "seq_lens": row["seq_lens"]}
 
 
@@ -275,6 +275,10 @@ def _open_dflash_cache(cfg: "DFlashTrainConfig"):
     if reader.kind != "dflash":
         raise ValueError(f"--cached-target-path {cfg.cached_target_path} is a {reader.kind!r} cache; --method dflash "
                          "trains from a dflash cache (precompute-eagle3 --method dflash)")
+    if cfg.distribution_weight > 0 and reader.encoding != "hidden":
+        raise ValueError(f"--distribution-weight needs the target's distribution, which cache {cfg.cached_target_path} "
+                         "does not store (only its argmax): precompute it with --supervision hidden, train online, or "
+                         "drop --distribution-weight")
     if not reader.complete and not cfg.allow_partial_cache:
         raise ValueError(f"cache {cfg.cached_target_path} is incomplete ({len(reader)} of "
                          f"{reader.manifest['num_samples']} samples committed): finish it with precompute --resume, "
@@ -352,7 +356,7 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
         target_path = reader.manifest["target"]["model_id"]
         hf_config = reader.manifest["target"]["config"]
         layer_ids = list(reader.manifest["capture"]["layer_ids"])
-        supervise = CachedDFlashBatches(reader, device)
+        supervise = CachedDFlashBatches(reader, device, keep_logits=cfg.distribution_weight > 0)
         lengths = reader.sample_lengths().tolist()
         weights = (reader.target_embeddings(), reader.target_lm_head())
         mask = cached_mask_token(cfg, reader, embeddings=weights[0])
