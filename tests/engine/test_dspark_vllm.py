@@ -116,8 +116,8 @@ def smollm2_dspark(smollm2_dir, engine_env, tmp_path_factory):
           target, "--input-data", str(data), "--seq-length", "256", "--device", "cpu", "--quiet"], engine_env,
          "precompute-eagle3 --method dflash")
     log = _run([py, "-m", "draftcache.cli", "train", "--method", "dspark", "--cached-target-path", str(cache),
-                "--output-dir", str(run), "--block-size", str(BLOCK), "--markov-rank", "16", "--max-steps", "30",
-                "--lr", "2e-3", "--warmup-steps", "3", "--val-fraction", "0", "--device", "cpu", "--quiet"],
+                "--output-dir", str(run), "--block-size", str(BLOCK), "--markov-rank", "16", "--max-steps", "60",
+                "--lr", "3e-3", "--warmup-steps", "5", "--val-fraction", "0", "--device", "cpu", "--quiet"],
                engine_env, "train --method dspark")
     return {"target": target, "export": run / "export", "log": log}
 
