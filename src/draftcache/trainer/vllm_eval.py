@@ -34,6 +34,10 @@ The verdict (``VLLMEvalReport.ok``) needs every check: the load check, vLLM spec
 to vLLM plain greedy and to our eval's output, our eval lossless, and vLLM's acceptance counters
 equal to ours.
 
+A DSpark export cannot be served by the CPU build (it refuses ``method: "dspark"``);
+:func:`check_vllm_dspark_draft` runs the same load check on vLLM's own ``Qwen3DSparkForCausalLM``
+built on CPU without an engine (the comparison core, :func:`compare_params_with_tensors`, is shared).
+
 The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that the check reads the
 drafter's parameters directly; fp32 and ``enforce_eager`` (the CPU build's settings; outputs must
 then equal plain greedy token for token).
