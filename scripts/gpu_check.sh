@@ -8,7 +8,10 @@
 #   3. peak device memory of one DFlash loss + backward at 512 anchors, block 16, S 4096, unchunked
 #      against the trainer's path, and of one EAGLE-3 TTT step (T 2048, 7 steps), both at 8B widths
 #      and a 128k vocabulary under bf16 autocast (benchmarks/scale_training.py);
-#   4. the vLLM runner's engine tests where a GPU build of vLLM is importable (else: skipped, and why).
+#   4. the vLLM runner's engine tests where a GPU build of vLLM is importable (else: skipped, and why);
+#   5. a DSpark draft of the embedded default served by that vLLM (method "dspark", which the CPU
+#      build refuses): load check, output equal to plain greedy and to ours, acceptance counters
+#      (scripts/dspark_vllm_gpu.py; the dry run trains, exports and evaluates it on CPU without vLLM).
 #
 #   scripts/gpu_check.sh              on the GPU machine; prints every figure and a summary
 #   scripts/gpu_check.sh --dry-run    everything but the GPU steps, on CPU at the smallest sizes (CI)
@@ -120,9 +123,19 @@ else
     tests/engine/test_vllm_runner.py
 fi
 
+# 5. DSpark served by a CUDA vLLM (the dry run: train, export, our eval, no vLLM)
+if [ "$DRY" -eq 1 ]; then
+  step dspark-vllm 120 "$PY" scripts/dspark_vllm_gpu.py --dry-run --num-prompts 2 --max-new-tokens 16
+elif [ -n "$why" ]; then
+  echo "=== dspark-vllm: skipped ($why)"
+  SUMMARY+=("skipped dspark-vllm ($why)")
+else
+  step dspark-vllm 300 "$PY" scripts/dspark_vllm_gpu.py
+fi
+
 echo "=== summary ($([ "$DRY" -eq 1 ] && echo "dry run, CPU" || echo "GPU"); logs in $LOG)"
 printf '%s\n' "${SUMMARY[@]}"
-for name in precompute-overhead training-memory; do
-  [ -f "$LOG/$name.log" ] && grep -E "^(RATIO|peak device memory|bare HF forward|run_precompute|dflash|eagle3)" "$LOG/$name.log"
+for name in precompute-overhead training-memory dspark-vllm; do
+  [ -f "$LOG/$name.log" ] && grep -E "^(RATIO|peak device memory|bare HF forward|run_precompute|dflash|eagle3|dspark)" "$LOG/$name.log"
 done
 exit "$FAILED"

@@ -21,12 +21,13 @@ def test_dry_run_runs_every_step_on_cpu():
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
     summary = out[out.index("=== summary (dry run, CPU"):]
-    for name in ("cuda-tests", "precompute-overhead", "training-memory"):
+    for name in ("cuda-tests", "precompute-overhead", "training-memory", "dspark-vllm"):
         assert re.search(rf"^ok +{name} \(\d+s\)$", summary, re.M), summary
     assert re.search(r"^skipped vllm-runner \(.+\)$", summary, re.M), summary
     assert re.search(r"^RATIO run_precompute / bare forward ratio=[0-9.]+", summary, re.M), summary
     assert re.search(r"^dflash old/new peak ratio, A=8 +[0-9.]+ x", summary, re.M), summary
     assert re.search(r"^eagle3 TTT step peak, T=16 +[0-9.]+ GB", summary, re.M), summary
+    assert re.search(r"^dspark ours: K 8, tau [0-9.]+, .* lossless yes$", summary, re.M), summary
     # the CUDA-only tests were found and collected (their files skip without a GPU)
     assert re.search(r"^([1-9]\d*) tests? collected", out, re.M), out
 

@@ -20,6 +20,7 @@ from typing import Optional
 import typer
 
 from draftcache.regenerate.cli import regenerate_command
+from draftcache.trainer.dflash.config import DSPARK_MARKOV_RANK
 from draftcache.trainer.eagle3.config import TrainConfig
 from draftcache.targets.vllm_options import GPU_MEMORY_HELP, VLLM_ARG_HELP
 
@@ -122,7 +123,7 @@ def train(
     export_format: str = typer.Option(_TRAIN_DEFAULTS.export_format, "--export-format", help="eagle3 (SGLang + vLLM) or speculators."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
-    method: str = typer.Option("eagle3", "--method", help="eagle3 (chain drafting), peagle (P-EAGLE: parallel drafting, --ttt-steps depths, from the same EAGLE-3 cache), or dflash (online, or from a cache written by precompute-eagle3 --method dflash)."),
+    method: str = typer.Option("eagle3", "--method", help="eagle3 (chain drafting), peagle (P-EAGLE: parallel drafting, --ttt-steps depths, from the same EAGLE-3 cache), dflash (online, or from a cache written by precompute-eagle3 --method dflash), or dspark (DFlash + a Markov head, same data)."),
     fc_norm: bool = typer.Option(False, "--fc-norm", help="EAGLE-3.1: one RMSNorm per aux hidden state before fc (vLLM's fc_norm)."),
     norm_output: bool = typer.Option(False, "--norm-output", help="EAGLE-3.1: the next draft step reads the post-norm hidden (vLLM's norm_output)."),
     norm_before_fc: bool = typer.Option(False, "--norm-before-fc", help="One RMSNorm over the concatenated aux vector before fc (vLLM's norm_before_fc)."),
@@ -133,6 +134,9 @@ def train(
     num_anchors: Optional[int] = typer.Option(None, "--num-anchors", help="DFlash: blocks sampled per packed row (default: the DFlash recipe's, see docs/DFLASH.md; NeMo: 512)."),
     mask_token_id: Optional[int] = typer.Option(None, "--mask-token-id", help="DFlash / P-EAGLE: token fed at masked slots (default: the tokenizer's mask token, else an unused special, else an unused token, never one whose embedding row is zero)."),
     freeze_k_norm: bool = typer.Option(False, "--freeze-k-norm", help="DFlash: keep every layer's k_norm at ones, so vLLM's CPU build (which applies layer 0's k_norm to every layer's context keys) serves a multi-layer draft as trained."),
+    markov_rank: int = typer.Option(DSPARK_MARKOV_RANK, "--markov-rank", help="DSpark: rank r of the Markov head (markov_w1 [V, r], markov_w2 [V, r])."),
+    confidence_head: bool = typer.Option(False, "--confidence-head", help="DSpark: also train vLLM's confidence_head (per-slot acceptance estimate)."),
+    distribution_weight: float = typer.Option(0.0, "--distribution-weight", help="DFlash / DSpark, online only: weight w of a soft cross-entropy to the target's distribution (the loss is (1 - w) CE + w soft-CE)."),
 ) -> None:
     """Train an EAGLE-3 (also EAGLE-3.1, P-EAGLE) or DFlash draft from a cache (or online from a
     co-located target), and export it.
@@ -141,11 +145,15 @@ def train(
              draftcache train --cached-target-path runs/cache --output-dir runs/eagle31 --fc-norm --norm-output
              draftcache train --method peagle --cached-target-path runs/cache --output-dir runs/peagle --ttt-steps 4
              draftcache train --method dflash --output-dir runs/dflash --block-size 8 --max-steps 200
+             draftcache train --method dspark --cached-target-path runs/dflash-cache --output-dir runs/dspark
     """
     from draftcache.trainer.eagle3.train import train as run_train
 
-    if method == "dflash":
-        _train_dflash(output_dir=output_dir, cached_target_path=cached_target_path,
+    if method in ("dflash", "dspark"):
+        if method == "dflash" and confidence_head:
+            _fail("--confidence-head is a DSpark option: use --method dspark", 2)
+        _train_dflash(markov_rank=markov_rank if method == "dspark" else 0, confidence_head=confidence_head,
+                      distribution_weight=distribution_weight,output_dir=output_dir, cached_target_path=cached_target_path,
                       allow_partial_cache=allow_partial_cache, target_model=target_model,
                       input_data=input_data, seq_length=seq_length, chat_template=chat_template,
                       target_layer_ids=target_layer_ids, num_draft_layers=draft_layers, block_size=block_size,
@@ -157,7 +165,7 @@ def train(
                       seed=seed, device=device, resume=resume, trust_remote_code=trust_remote_code, progress=not quiet)
         return
     if method not in ("eagle3", "peagle"):
-        _fail(f"--method must be eagle3, peagle or dflash, got {method!r}", 2)
+        _fail(f"--method must be eagle3, peagle, dflash or dspark, got {method!r}", 2)
 
     try:
         aux = [int(x) for x in aux_layer_ids.split(",")] if aux_layer_ids else None
@@ -229,10 +237,10 @@ def export(
         path = export_checkpoint(checkpoint, output, format=format)
     except _USER_ERRORS as e:
         _fail(str(e))
-    from draftcache.trainer.dflash.export import is_dflash_export, vllm_cpu_k_norm_warning
+    from draftcache.trainer.dflash.export import block_draft_method, is_dflash_export, vllm_cpu_k_norm_warning
 
     if is_dflash_export(path):
-        typer.echo(f"exported {checkpoint} -> {path} (dflash)")
+        typer.echo(f"exported {checkpoint} -> {path} ({block_draft_method(path)})")
         if (warning := vllm_cpu_k_norm_warning(path)) is not None:
             typer.echo(warning, err=True)
         return
@@ -254,7 +262,7 @@ def evaluate(
                                "that, plus the draft served by vLLM (fp32, in-process) on the same prompts: the check "
                                "that vLLM loaded every drafter weight as exported, vLLM's own acceptance counters next to "
                                "ours, and whether its output equals its plain greedy one (needs vLLM installed)."),
-    method: str = typer.Option("auto", "--method", help="eagle3, peagle (parallel drafting: one drafter forward per round), dflash (block drafting, K = block_size - 1) or auto (from the draft's config.json)."),
+    method: str = typer.Option("auto", "--method", help="eagle3, peagle (parallel drafting: one drafter forward per round), dflash (block drafting, K = block_size - 1), dspark (block drafting with the Markov step, K = block_size) or auto (from the draft's config.json)."),
     gpu_memory_utilization: Optional[float] = typer.Option(None, "--gpu-memory-utilization", help=GPU_MEMORY_HELP + " (--engine vllm only)"),
     vllm_arg: Optional[list[str]] = typer.Option(None, "--vllm-arg", help=VLLM_ARG_HELP + " (--engine vllm only)"),
 ) -> None:
@@ -266,10 +274,10 @@ def evaluate(
     if engine == "vllm":
         from draftcache.trainer.dflash.export import is_dflash_export
 
-        if method == "dflash" or (method == "auto" and is_dflash_export(draft)):
+        if method in ("dflash", "dspark") or (method == "auto" and is_dflash_export(draft)):
             _fail("--engine vllm evaluates EAGLE-3 drafts; a DFlash draft is served by vLLM in "
-                  "tests/engine/test_dflash_vllm.py and benchmarks/vllm_dflash_vs_eagle3.py (drop --engine "
-                  "for our own DFlash eval)", 2)
+                  "tests/engine/test_dflash_vllm.py and benchmarks/vllm_dflash_vs_eagle3.py, a DSpark draft only by "
+                  "vLLM's GPU runner (drop --engine for our own block eval)", 2)
         _evaluate_with_vllm(draft_dir=draft, target_model=target_model, input_data=input_data, chat_template=chat_template,
                             num_prompts=num_prompts, draft_tokens=draft_tokens, max_new_tokens=max_new_tokens,
                             trust_remote_code=trust_remote_code, gpu_memory_utilization=gpu_memory_utilization,

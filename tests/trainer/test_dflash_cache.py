@@ -269,3 +269,53 @@ def test_mask_token_from_the_manifest_equals_online_and_reads_no_shard(cache, on
                                embeddings=model.get_input_embeddings().weight, hf_config=model.config)
     assert cached == direct
     assert cached.token_id != tokenizer.pad_token_id and cached.row_rms > 0
+
+
+@pytest.fixture(scope="module")
+def hidden_cache(tmp_path_factory):
+    """An fp32 dflash cache with ``--supervision hidden``: the argmax plus the target's final hidden state."""
+    out = tmp_path_factory.mktemp("dflash_hidden_cache") / "cache"
+    r = _run("draftcache.precompute", "--method", "dflash", "--supervision", "hidden", "--output-dir", str(out),
+             "--dtype", "fp32", "--num-samples", "12", "--target-layer-ids", ",".join(map(str, LAYERS)),
+             "--shard-size", "5", "--batch-size", "3", "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_hidden_dflash_cache_gives_the_targets_distribution(hidden_cache, cache, online, tmp_path):
+    """``--supervision hidden`` on a dflash cache: recorded in the manifest, and the distribution rebuilt
+    from its final hidden states with the lm_head side file equals the online target's logits wherever
+    the loss reads them; so the DSpark loss with the distribution term is the same from the cache as
+    online. The argmax-only cache refuses --distribution-weight, naming --supervision hidden."""
+    from draftcache.trainer.dflash.train import DFlashTrainConfig, train_dflash
+
+    assert read_manifest(hidden_cache)["supervision"]["encoding"] == "hidden"
+    model, tokenizer, samples = online
+    reader = open_cache(hidden_cache)
+    make_online = OnlineDFlashBatches(HFDFlashTargetModel(model, LAYERS), samples, tokenizer.pad_token_id or 0,
+                                      torch.device("cpu"), keep_logits=True)
+    make_cached = CachedDFlashBatches(reader, torch.device("cpu"), keep_logits=True)
+    indices = [3, 4, 5, 6]  # across a shard boundary
+    a, b = make_online(indices), make_cached(indices)
+    starts = torch.repeat_interleave(torch.cumsum(a["seq_lens"][0], 0) - a["seq_lens"][0], a["seq_lens"][0])
+    local = torch.arange(a["input_ids"].shape[1]) - starts
+    read = torch.zeros_like(a["loss_mask"][0], dtype=torch.bool)
+    read[:-1] = a["loss_mask"][0, 1:].bool() & (local[1:] >= 1)
+    assert read.any()
+    torch.testing.assert_close(b["target_logits"][0][read], a["target_logits"][0][read], rtol=1e-4, atol=1e-4)
+
+    config = DFlashDraftConfig.from_target_config(model.config, target_layer_ids=LAYERS, mask_token_id=1,
+                                                  block_size=4, markov_rank=8)
+    torch.manual_seed(0)
+    draft = DFlashDraftModel.from_target(config, model)
+    anchors, valid = sample_anchors(a["loss_mask"], num_anchors=16, seq_lens=a["seq_lens"],
+                                    generator=torch.Generator().manual_seed(0))
+    losses = [dflash_loss(draft, target_hidden=x["target_hidden"], input_ids=x["input_ids"],
+                          target_argmax=x["target_argmax"], loss_mask=x["loss_mask"], anchor_positions=anchors,
+                          anchor_valid=valid, seq_lens=x["seq_lens"], target_logits=x["target_logits"],
+                          distribution_weight=0.9).loss for x in (a, b)]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
+
+    with pytest.raises(ValueError, match="--supervision hidden"):
+        train_dflash(DFlashTrainConfig(output_dir=str(tmp_path / "run"), cached_target_path=str(cache),
+                                       markov_rank=8, distribution_weight=0.9, progress=False))

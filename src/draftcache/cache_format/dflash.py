@@ -6,8 +6,11 @@ every position (``aux_hidden_states [S, F]``, UNSHIFTED: the block mask aligns),
 target's greedy token FOR ``q``, i.e. the argmax of its logits at ``q - 1`` (the data token at
 ``q = 0``, which no block ever predicts). That is exactly what the DFlash loss labels slot
 ``k`` of a block anchored at ``p`` with (position ``p + k``, counted only if supervised), and
-what greedy verification accepts. Only the argmax is stored, not the distribution: the loss
-trains on the argmax, and the distribution would be ``V`` floats per supervised token.
+what greedy verification accepts. With ``supervision.encoding == "hidden"`` (``precompute-eagle3
+--method dflash --supervision hidden``) each supervised row also holds ``final_hidden [M, H]``, the
+target's lm_head input at ``q - 1``, aligned as ``target_argmax``: the target's distribution for
+``q`` is ``softmax(lm_head(final_hidden))``, rebuilt at read time with the cache's ``lm_head`` side
+file (``CacheReader.logits_from_final_hidden``), ``H`` values per row instead of ``V``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ def expand_dflash_raw(raw: dict[str, torch.Tensor], device: torch.device | str |
         target_argmax      [1, N]     int64          slot t = the target's greedy token for t + 1 where
                                                      t + 1 is supervised and in the same sample, else 0
         seq_lens           [1, n]     int64          sample lengths (document boundaries)
+        final_hidden       [1, N, H]  float32        ``hidden`` caches only: slot t = the target's lm_head input
+                                                     at t, where t + 1 is supervised and in the same sample, else 0
 
     This is the batch ``draftcache train --method dflash`` builds online from a co-located target
     (where slot t holds the argmax at every t; the loss reads only the supervised ones).
@@ -49,7 +54,14 @@ def expand_dflash_raw(raw: dict[str, torch.Tensor], device: torch.device | str |
     keep = local[supervised] >= 1                                          # q = 0 predicts nothing
     argmax = torch.zeros(total, dtype=torch.int64, device=device)
     argmax[slot[keep]] = rows[keep]
+    extra = {}
+    if "final_hidden" in raw:
+        hidden = stored_rows_on(raw, "final_hidden", device, torch.float32).float()   # [M, H]
+        rows_h = torch.zeros(total, hidden.shape[1], dtype=torch.float32, device=device)
+        rows_h[slot[keep]] = hidden[keep]
+        extra["final_hidden"] = rows_h[None]
     return {
+        **extra,
         "input_ids": ids[None],
         "loss_mask": mask[None],
         "aux_hidden_states": stored_rows_on(raw, "aux_hidden_states", device)[None],

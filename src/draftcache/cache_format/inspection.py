@@ -47,7 +47,9 @@ def inspect_cache(path: str | os.PathLike) -> str:
         f"capture      layer_ids {d['capture']['layer_ids']} (HF hidden_states {d['capture']['hf_hidden_states_index']})",
         (f"supervision  {m.encoding}{f' (k={m.topk})' if m.topk else ''}, dtype {storage}, draft vocab "
          f"{d['draft_vocab']['size']}" if m.kind == "eagle3" else
-         f"supervision  {m.encoding}: the target's greedy token per supervised position (unshifted), dtype {storage}"),
+         f"supervision  {m.encoding}: the target's greedy token per supervised position (unshifted)"
+         f"{' and its final hidden state (the distribution, via the lm_head side file)' if m.encoding == 'hidden' else ''}"
+         f", dtype {storage}"),
         f"samples      {committed_prefix(d)} committed of {m.num_samples} planned, seq_length {m.seq_length}",
         f"shards       {len(shards)} of {m.num_shards} (shard_size {m.shard_size})",
         f"tokens       {tokens} ({d['stats']['num_supervised']} supervised)",

@@ -24,6 +24,7 @@ from draftcache.cache_format.errors import FormatVersionError, ManifestError
 from draftcache.cache_format.schema import (
     FORMAT_VERSION,
     KIND,
+    KIND_ENCODINGS,
     KIND_SHIFT,
     LM_HEAD_ENCODINGS,
     MANIFEST_FILE,
@@ -422,9 +423,9 @@ def _rule_problems(m: Mapping[str, Any]) -> list[str]:
     kind = m["kind"]
     if m["capture"]["shift"] != KIND_SHIFT[kind]:
         out.append(f"capture.shift must be {KIND_SHIFT[kind]!r} for a {kind!r} cache; got {m['capture']['shift']!r}")
-    if (kind == "dflash") != (encoding == "argmax"):
-        out.append(f"a {kind!r} cache cannot use supervision.encoding {encoding!r}: dflash caches store 'argmax', "
-                   "eagle3 caches 'probs', 'topk' or 'hidden'")
+    if encoding not in KIND_ENCODINGS[kind]:
+        out.append(f"a {kind!r} cache cannot use supervision.encoding {encoding!r}: dflash caches store 'argmax' "
+                   "or 'hidden' (argmax + the target's final hidden state), eagle3 caches 'probs', 'topk' or 'hidden'")
     layer_ids = m["capture"]["layer_ids"]
     if m["capture"]["hf_hidden_states_index"] != [i + 1 for i in layer_ids]:
         out.append(f"capture.hf_hidden_states_index {m['capture']['hf_hidden_states_index']} must be layer_ids + 1 "

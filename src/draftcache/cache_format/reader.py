@@ -342,9 +342,7 @@ class CacheReader:
         target_probs = torch.zeros(slots + num_samples, vd, dtype=torch.float32, device=device)  # [B*T+n, Vd]
         position_mask = torch.zeros(slots + num_samples, dtype=torch.bool, device=device)  # [B*T+n]
         if self.encoding == "hidden":
-            weight, bias = self._selected_lm_head(device)  # [Vd, H] fp32, [Vd] | None
-            hidden = stored_rows_on(raw, "final_hidden", device, torch.float32).float()  # [M, H]
-            logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)  # [M, Vd]
+            logits = self.logits_from_final_hidden(stored_rows_on(raw, "final_hidden", device, torch.float32))
             probs, row_mask = compute_target_distribution(
                 logits, torch.ones_like(argmax), self.selected_token_ids, t2d, target_argmax=argmax)
             target_probs.index_copy_(0, row_slot, probs)
@@ -472,6 +470,14 @@ class CacheReader:
             raise CacheCorruptError(f"{self.path} has no committed {name}.safetensors (the manifest's files.{name} "
                                     "is missing); the precompute did not finish, resume it")
         return ShardFile(self.path / entry["file"], entry["bytes"], entry["sha256"] if self.verify else None)
+
+    def logits_from_final_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[..., H]`` stored final hidden states -> ``[..., Vd]`` fp32 target logits over the draft
+        vocabulary, with the cache's ``lm_head`` side file (``hidden`` caches; a dflash cache's draft
+        vocabulary is the full one), on ``hidden``'s device."""
+        weight, bias = self._selected_lm_head(hidden.device)  # [Vd, H] fp32, [Vd] | None
+        hidden = hidden.float()
+        return hidden @ weight.T if bias is None else hidden @ weight.T + bias
 
     def _selected_lm_head(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         key = str(device)

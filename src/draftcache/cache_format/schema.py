@@ -20,6 +20,7 @@ __all__ = [
     "KIND",
     "KINDS",
     "KIND_SHIFT",
+    "KIND_ENCODINGS",
     "LM_HEAD_ENCODINGS",
     "MANIFEST_FILE",
     "LOCK_FILE",
@@ -57,6 +58,10 @@ ENCODINGS: dict[str, tuple[str, ...]] = {
     # (argmax of the logits one position earlier), which is what greedy verification accepts
     "argmax": (),
 }
+
+# Encodings each kind may use: a dflash cache stores the argmax, and with ``hidden`` also the final
+# hidden state of the position before each supervised one (its distribution, via the lm_head side file)
+KIND_ENCODINGS: dict[str, tuple[str, ...]] = {"eagle3": ("probs", "topk", "hidden"), "dflash": ("argmax", "hidden")}
 
 # Encodings whose caches store the target's lm_head (side file ``lm_head``): hidden rebuilds logits
 # from it; argmax (dflash) needs it because the draft computes its logits with the target's lm_head.

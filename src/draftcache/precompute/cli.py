@@ -56,7 +56,7 @@ def precompute(
                                          help="Abort when more than this share of samples has NaN/Inf target output "
                                               "(a broken target, not a bad record)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --output-dir (same settings required)."),
-    supervision: str = typer.Option("auto", "--supervision", help="auto, probs, topk or hidden."),
+    supervision: str = typer.Option("auto", "--supervision", help="auto, probs, topk or hidden (EAGLE-3); with --method dflash: auto (the argmax alone) or hidden (also the final hidden state, for the distribution term of train --distribution-weight)."),
     target_probs_topk: int = typer.Option(0, "--target-probs-topk", help="Keep the top-k draft-vocab probabilities (topk encoding)."),
     num_workers: int = typer.Option(0, "--num-workers", help="Tokenize in N worker processes (spawned, one tokenizer each; the result is identical to 0 = in this process). Worth it for large corpora: each worker takes a few seconds to start."),
     chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Chat template replacing the tokenizer's own: the path of a Jinja file, or the template text itself (a value that is not an existing file must contain '{{' or '{%'). The manifest fingerprints the template used, so --resume needs the same one."),

@@ -164,11 +164,12 @@ class PrecomputeConfig:
             return p
         for flag, given in (("--aux-layer-ids", self.aux_layer_ids is not None),
                             ("--draft-vocab-size", self.draft_vocab_size is not None),
-                            ("--supervision", self.supervision != "auto"),
+                            ("--supervision", self.supervision not in ("auto", "hidden")),
                             ("--target-probs-topk", self.target_probs_topk > 0)):
             if given:
                 p.append(f"{flag} is for EAGLE-3 caches; --method dflash stores the target's argmax over the full "
-                         "vocabulary (drop it, or use --target-layer-ids / --draft-layers)")
+                         "vocabulary, and with --supervision hidden its final hidden state too (drop it, or use "
+                         "--target-layer-ids / --draft-layers)")
         if self.draft_layers < 1:
             p.append(f"--draft-layers must be >= 1, got {self.draft_layers}")
         if self.target_layer_ids is not None:

@@ -154,7 +154,10 @@ def run_precompute(
     def choose() -> tuple[str, str | None, float | None]:
         """Rank 0 alone decides the encoding; every rank then uses its decision (a per-rank
         measurement near the tolerance, or on mixed GPUs, could disagree)."""
-        if cfg.method == "dflash":  # the target's argmax over its full vocabulary: no choice, no probe
+        if cfg.method == "dflash":  # the target's argmax over its full vocabulary (+ its final hidden): no probe
+            if cfg.supervision == "hidden":
+                return "hidden", ("--supervision hidden: the target's argmax and final hidden state per supervised "
+                                  "position (its distribution, rebuilt with the lm_head side file at read time)"), None
             return "argmax", None, None
         recorded = _recorded_encoding(cfg, out)
         if recorded is not None:  # --resume: the choice the cache was made with, not measured again
@@ -189,7 +192,8 @@ def run_precompute(
         manifest["num_shards"] = len(manifest["shard_boundaries"]) - 1
         spec = SupervisionSpec(encoding=encoding, vocab=vocab, dtype=supervision_dtype(cfg.dtype),
                                topk=cfg.target_probs_topk if encoding == "topk" else None,
-                               quantize=is_quantized(cfg.dtype), num_layers=len(target.aux_layer_ids))
+                               quantize=is_quantized(cfg.dtype), num_layers=len(target.aux_layer_ids),
+                               label_aligned=cfg.method == "dflash")
         return manifest, spec
 
     manifest, spec = run_step(ctx, "planning the shards", plan)

@@ -25,13 +25,15 @@ NON_FINITE_PARTS = ("aux_hidden_states", "supervision (logits / final hidden sta
 class SupervisionSpec:
     """How target-side rows are encoded: ``probs`` (draft-vocab softmax), ``topk`` (renormalised
     top-k of it), ``hidden`` (the lm_head input, rebuilt to logits at read time) or ``argmax``
-    (DFlash caches: ``target_argmax`` alone, label-aligned, see ``batch_to_records``)."""
+    (DFlash caches: ``target_argmax`` alone, label-aligned, see ``batch_to_records``; a DFlash
+    cache with ``hidden`` stores both, label-aligned: ``label_aligned``)."""
 
     encoding: str
     vocab: DraftVocab
     dtype: torch.dtype          # of probability rows; also of hidden states unless ``quantize``
     topk: int | None = None
     quantize: bool = False      # fp8 cache: hidden states as float8_e4m3fn + float32 scale per row
+    label_aligned: bool = False  # dflash caches: rows of supervised q hold the target's output FOR q (at q - 1)
     num_layers: int = 1         # captured layers: aux rows split into this many scaled (and checked) rows
 
 
@@ -73,10 +75,12 @@ def batch_to_records(
     aux_hidden_states = aux_hidden_states.to(logits.device)
     sup = loss_mask.bool()                                   # [B, T]
     greedy = logits.argmax(dim=-1)                           # [B, T]; no [M, V] copy for it
-    if spec.encoding == "argmax":
+    if spec.label_aligned:
         # DFlash: row of supervised position q = the target's greedy token FOR q (argmax at q - 1),
         # what a block slot predicting q is labelled with; q = 0 has no prediction (the data token)
         greedy = torch.cat([input_ids[:, :1].to(greedy.dtype), greedy[:, :-1]], dim=1)
+        if final_hidden is not None:  # likewise the lm_head input at q - 1 (zeros for q = 0, never read)
+            final_hidden = torch.cat([torch.zeros_like(final_hidden[:, :1]), final_hidden[:, :-1]], dim=1)
     target_argmax = greedy[sup].to(torch.int32)              # [M_total]
     batch, width, features = aux_hidden_states.shape
     layers = spec.num_layers

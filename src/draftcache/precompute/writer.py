@@ -173,7 +173,7 @@ class ManifestOwner:
         if "target_embeddings" not in self.manifest["files"]:
             weight = target.get_input_embeddings().weight.detach()  # [V, H]
             # a DFlash draft embeds its blocks with exactly the target's table (vLLM shares it): keep its dtype
-            dtype = weight.dtype if spec.encoding == "argmax" else spec.dtype
+            dtype = weight.dtype if spec.label_aligned else spec.dtype
             self._side_file("target_embeddings", {"weight": weight.to("cpu", dtype).contiguous()})
         if spec.encoding in LM_HEAD_ENCODINGS and "lm_head" not in self.manifest["files"]:
             weight, bias = target.output_projection()  # [V, H], [V] | None

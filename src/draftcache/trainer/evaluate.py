@@ -20,7 +20,7 @@ import torch
 
 from draftcache.data import ChatTokenizer, SkipCounts
 from draftcache.targets import HFDFlashTargetModel, HFEagle3TargetModel
-from draftcache.trainer.dflash.export import is_dflash_export, load_exported_dflash_draft
+from draftcache.trainer.dflash.export import block_draft_method, load_exported_dflash_draft
 from draftcache.trainer.dflash.speculative import dflash_speculative_generate
 from draftcache.trainer.eagle3.export import is_peagle_export, load_exported_draft
 from draftcache.trainer.eagle3.speculative import speculative_generate
@@ -149,16 +149,16 @@ def evaluate_draft(
 
     ``method``: ``eagle3`` (chain drafting, ``draft_tokens`` per round), ``peagle`` (parallel
     drafting: ``draft_tokens`` from one drafter forward per round), ``dflash`` (block drafting;
-    ``K = block_size - 1`` from the draft's config, ``draft_tokens`` is not used) or ``auto`` (from
-    the export's ``config.json``)."""
+    ``K = block_size - 1`` from the draft's config, ``draft_tokens`` is not used), ``dspark`` (block
+    drafting with the Markov step, ``K = block_size``) or ``auto`` (from the export's ``config.json``)."""
     from draftcache.defaults import default_target_path
     from draftcache.targets.loading import load_target_model, resolve_device
 
     if num_prompts < 1 or draft_tokens < 1 or max_new_tokens < 1:
         raise ValueError("--num-prompts, --draft-tokens and --max-new-tokens must all be >= 1")
-    found = "dflash" if is_dflash_export(draft_dir) else "peagle" if is_peagle_export(draft_dir) else "eagle3"
-    if method not in ("auto", "eagle3", "peagle", "dflash"):
-        raise ValueError(f"--method must be auto, eagle3, peagle or dflash, got {method!r}")
+    found = block_draft_method(draft_dir) or ("peagle" if is_peagle_export(draft_dir) else "eagle3")
+    if method not in ("auto", "eagle3", "peagle", "dflash", "dspark"):
+        raise ValueError(f"--method must be auto, eagle3, peagle, dflash or dspark, got {method!r}")
     if method != "auto" and method != found:
         raise ValueError(f"--method {method} but {draft_dir} holds a {found} draft; pass --method {found} or auto")
     dev = resolve_device(device)
@@ -168,10 +168,10 @@ def evaluate_draft(
                                     chat_template=chat_template, trust_remote_code=trust_remote_code)
     model = load_target_model(target_path, device=dev, trust_remote_code=trust_remote_code)
     eos = prompts.tokenizer.eos_token_id
-    if found == "dflash":
+    if found in ("dflash", "dspark"):
         draft = load_exported_dflash_draft(draft_dir, model).to(dev).eval()
         target = HFDFlashTargetModel(model, draft.config.target_layer_ids)
-        draft_tokens = draft.config.block_size - 1
+        draft_tokens = draft.config.draft_tokens
 
         def speculate(ids, max_new, stats=None):
             return dflash_speculative_generate(target, draft, ids, max_new_tokens=max_new, stats=stats,

@@ -33,9 +33,9 @@ def load_checkpoint_draft(checkpoint: str | Path) -> tuple[Eagle3DraftModel, dic
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, *, format: str = "eagle3") -> Path:
-    """Export a checkpoint; a DFlash run (``extra.method == "dflash"``) always exports vLLM's DFlash layout."""
+    """Export a checkpoint; a DFlash or DSpark run (``extra.method``) always exports vLLM's layout of that method."""
     ckpt = latest_checkpoint(checkpoint)
-    if ckpt is not None and read_checkpoint_meta(ckpt).get("extra", {}).get("method") == "dflash":
+    if ckpt is not None and read_checkpoint_meta(ckpt).get("extra", {}).get("method") in ("dflash", "dspark"):
         return _export_dflash_checkpoint(ckpt, output)
     model, extra = load_checkpoint_draft(checkpoint)
     return export_draft(model, output, target_config=extra.get("target_config") or None,

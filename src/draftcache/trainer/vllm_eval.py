@@ -34,6 +34,10 @@ The verdict (``VLLMEvalReport.ok``) needs every check: the load check, vLLM spec
 to vLLM plain greedy and to our eval's output, our eval lossless, and vLLM's acceptance counters
 equal to ours.
 
+A DSpark export cannot be served by the CPU build (it refuses ``method: "dspark"``);
+:func:`check_vllm_dspark_draft` runs the same load check on vLLM's own ``Qwen3DSparkForCausalLM``
+built on CPU without an engine (the comparison core, :func:`compare_params_with_tensors`, is shared).
+
 The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that the check reads the
 drafter's parameters directly; fp32 and ``enforce_eager`` (the CPU build's settings; outputs must
 then equal plain greedy token for token).
@@ -46,6 +50,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -59,7 +64,8 @@ from draftcache.trainer.evaluate import EvalPrompts, EvalReport, evaluate_draft,
 from draftcache.trainer.eagle3.export import CONFIG_FILE, WEIGHTS_FILE, is_peagle_export, read_export_config
 from draftcache.trainer.speculative import SpecDecodeStats
 
-__all__ = ["VLLMEngine", "VLLMLoadCheck", "VLLMEvalReport", "check_vllm_draft", "compare_with_export",
+__all__ = ["VLLMEngine", "VLLMLoadCheck", "VLLMEvalReport", "check_vllm_draft", "check_vllm_dspark_draft",
+           "compare_params_with_tensors", "compare_with_export",
            "counters_since", "drafter_state", "evaluate_with_vllm", "make_vllm", "release_vllm", "served_aux_layers", "VLLM_RESERVED_ARGS",
            "trained_aux_layer_ids", "vllm_generate", "vllm_spec_counters"]
 
@@ -117,14 +123,14 @@ def _vllm_name(name: str) -> tuple[str, int | None] | None:
     return name, None
 
 
-def compare_with_export(params: dict[str, torch.Tensor], embed_shared: bool, flags: dict[str, bool],
-                        export_dir: Path, aux_layers: tuple[int, ...] | None = None) -> VLLMLoadCheck:
-    """``params``: the drafter's parameters as its ``load_weights`` left them; ``embed_shared``:
-    whether vLLM then replaced its ``embed_tokens`` by the target's; ``flags``: as vLLM read them;
-    ``aux_layers``: the target layers vLLM feeds the drafter (:func:`served_aux_layers`), checked
-    against the export's trained ids when given."""
-    check = VLLMLoadCheck(flags=dict(flags), aux_layers=None if aux_layers is None else tuple(aux_layers))
-    tensors = load_file(str(export_dir / WEIGHTS_FILE))
+def compare_params_with_tensors(check: VLLMLoadCheck, params: dict[str, torch.Tensor],
+                                tensors: dict[str, torch.Tensor], *, shared: set[str] = frozenset(),
+                                unused: re.Pattern = _UNUSED_BY_VLLM) -> VLLMLoadCheck:
+    """The load check every family shares: each export tensor (``tensors``) where vLLM's drafter
+    ``load_weights`` puts it (``model.`` prefix except ``lm_head``, ``d2t`` renamed, ``t2d`` skipped,
+    q/k/v and gate/up stacked) must equal that parameter of ``params``, and every parameter must be
+    filled, except ``shared`` ones (taken from the target) and those matching ``unused``.
+    Differences go to ``check.problems``, equal parameters to ``check.compared``."""
     # stacked parameters are filled block by block: collect the blocks, then compare once
     blocks: dict[str, dict[int, torch.Tensor]] = {}
     filled: set[str] = set()
@@ -149,12 +155,24 @@ def compare_with_export(params: dict[str, torch.Tensor], embed_shared: bool, fla
         filled.add(pname)
         _same(check, pname, params[pname], torch.cat([parts[i] for i in range(n)]), f"{pname} (stacked)")
     for pname in sorted(set(params) - filled):
-        if pname == "model.embed_tokens.weight" and embed_shared:
+        if pname in shared:
             check.shared.append(pname)
-        elif _UNUSED_BY_VLLM.fullmatch(pname):
+        elif unused.fullmatch(pname):
             continue
         else:
             check.problems.append(f"{pname}: vLLM holds it but the export does not fill it (left at its initial value)")
+    return check
+
+
+def compare_with_export(params: dict[str, torch.Tensor], embed_shared: bool, flags: dict[str, bool],
+                        export_dir: Path, aux_layers: tuple[int, ...] | None = None) -> VLLMLoadCheck:
+    """``params``: the drafter's parameters as its ``load_weights`` left them; ``embed_shared``:
+    whether vLLM then replaced its ``embed_tokens`` by the target's; ``flags``: as vLLM read them;
+    ``aux_layers``: the target layers vLLM feeds the drafter (:func:`served_aux_layers`), checked
+    against the export's trained ids when given."""
+    check = VLLMLoadCheck(flags=dict(flags), aux_layers=None if aux_layers is None else tuple(aux_layers))
+    shared = {"model.embed_tokens.weight"} if embed_shared else set()
+    compare_params_with_tensors(check, params, load_file(str(export_dir / WEIGHTS_FILE)), shared=shared)
     for flag, want in _expected_flags(export_dir).items():
         if flags.get(flag) != want:
             check.problems.append(f"vLLM reads {flag}={flags.get(flag)}, our draft computes {flag}={want}")
@@ -299,6 +317,73 @@ def check_vllm_draft(engine: "VLLMEngine", draft_dir: str | os.PathLike[str]) ->
     aux_layers = engine.llm.collective_rpc(served_aux_layers)[0]
     check = compare_with_export(engine.drafter_params[0], shared, flags, Path(draft_dir), aux_layers=aux_layers)
     check.warnings = list(engine.warnings)
+    return check
+
+
+# vLLM's DSpark drafter: mask_embedding is an unused placeholder (DSpark masks via the vocab row)
+_UNUSED_BY_VLLM_DSPARK = re.compile(r"model\.mask_embedding")
+
+
+def check_vllm_dspark_draft(target_model: str, draft_dir: str | os.PathLike[str]) -> VLLMLoadCheck:
+    """The load check of a DSpark export without serving it (vLLM's CPU build refuses ``method:
+    "dspark"``: its V1 runner does not support it and V2 needs Triton): vLLM's own
+    ``Qwen3DSparkForCausalLM`` is built on CPU from the ``SpeculativeConfig`` vLLM derives for
+    ``{"method": "dspark", "model": draft_dir, "num_speculative_tokens": block_size}``, its own
+    ``load_weights`` is called on the export, and every parameter is compared with the file
+    (:func:`compare_params_with_tensors`; ``embed_tokens`` and ``lm_head`` are the target's, which
+    vLLM's ``load_dspark_model`` shares when the export has none). Also failed: DSpark settings vLLM
+    reads otherwise than our draft computes with (``markov_rank``, ``sample_from_anchor``,
+    ``mask_token_id``, the confidence head) and target layers other than the trained ones
+    (vLLM's ids are ours plus one)."""
+    from vllm.config import SpeculativeConfig, set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm.distributed.parallel_state import model_parallel_is_initialized
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.models.qwen3_dspark import Qwen3DSparkForCausalLM
+    from vllm.v1.worker.gpu.spec_decode.eagle.eagle3_utils import get_eagle3_aux_layers_from_config
+
+    from draftcache.trainer.dflash.config import DFlashDraftConfig
+
+    draft_dir = Path(draft_dir)
+    ours = DFlashDraftConfig.from_hf_config(json.loads((draft_dir / CONFIG_FILE).read_text(encoding="utf-8")))
+    if not ours.is_dspark:
+        raise ValueError(f"{draft_dir} is not a DSpark export (no markov_rank in its config.json)")
+    vllm_config = EngineArgs(model=str(target_model), dtype="float32", enforce_eager=True,
+                             max_model_len=512).create_engine_config()
+    # attached after VllmConfig's validation, which refuses dspark on the CPU build's V1 runner
+    vllm_config.speculative_config = SpeculativeConfig(
+        method="dspark", model=str(draft_dir), num_speculative_tokens=ours.block_size,
+        target_model_config=vllm_config.model_config, target_parallel_config=vllm_config.parallel_config)
+    check = VLLMLoadCheck()
+    with set_current_vllm_config(vllm_config), _capture_weight_warnings() as warnings, \
+            tempfile.TemporaryDirectory() as rendezvous:
+        if not model_parallel_is_initialized():  # one CPU process: vLLM's layers ask for their TP rank
+            init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                         distributed_init_method=f"file://{rendezvous}/init")
+            initialize_model_parallel(1, 1)
+        drafter = Qwen3DSparkForCausalLM(vllm_config=vllm_config)
+        try:
+            drafter.load_weights(load_file(str(draft_dir / WEIGHTS_FILE)).items())
+        except Exception as error:  # vLLM refuses the file (a name it does not know, a shape): that is the finding
+            check.problems.append(f"vLLM's load_weights refused the export: {type(error).__name__}: {error}")
+    params = {n: p.detach().cpu().clone() for n, p in drafter.named_parameters()}
+    compare_params_with_tensors(check, params, load_file(str(draft_dir / WEIGHTS_FILE)),
+                                shared={"model.embed_tokens.weight", "lm_head.weight"}, unused=_UNUSED_BY_VLLM_DSPARK)
+    check.warnings = list(warnings)
+    hf = vllm_config.speculative_config.draft_model_config.hf_config
+    check.flags = {"markov_rank": getattr(hf, "markov_rank", None),
+                   "sample_from_anchor": getattr(hf, "sample_from_anchor", True),
+                   "mask_token_id": drafter.model.mask_token_id,
+                   "confidence_head": drafter.model.confidence_head is not None}
+    want = {"markov_rank": ours.markov_rank, "sample_from_anchor": True, "mask_token_id": ours.mask_token_id,
+            "confidence_head": ours.enable_confidence_head}
+    for flag, value in want.items():
+        if check.flags[flag] != value:
+            check.problems.append(f"vLLM reads {flag}={check.flags[flag]}, our draft computes {flag}={value}")
+    check.aux_layers = tuple(get_eagle3_aux_layers_from_config(vllm_config.speculative_config) or ())
+    if check.aux_layers != tuple(i + 1 for i in ours.target_layer_ids):
+        check.problems.append(f"vLLM feeds the drafter target layers {list(check.aux_layers)} (its ids), the draft was "
+                              f"trained on decoder-layer outputs {ours.target_layer_ids} (vLLM ids plus one)")
     return check
 
 

@@ -22,9 +22,11 @@ from typing import Any
 
 from draftcache.trainer.layers import SUPPORTED_ROPE_TYPES, rope_type, target_rope, text_config
 
-__all__ = ["DFlashDraftConfig", "DFLASH_ARCHITECTURE"]
+__all__ = ["DFlashDraftConfig", "DFLASH_ARCHITECTURE", "DSPARK_ARCHITECTURE", "DSPARK_MARKOV_RANK"]
 
 DFLASH_ARCHITECTURE = "DFlashDraftModel"
+DSPARK_MARKOV_RANK = 64  # draftcache train --method dspark's default Markov rank
+DSPARK_ARCHITECTURE = "Qwen3DSparkModel"  # vLLM's registry: qwen3_dspark.Qwen3DSparkForCausalLM, method "dspark"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +49,12 @@ class DFlashDraftConfig:
             ``num_speculative_tokens = B - 1``).
         mask_token_id: a token id in ``[0, V)`` whose (frozen target) embedding marks masked slots.
         hidden_act: MLP activation (only ``silu``).
+        markov_rank: ``r > 0`` makes this a DSpark draft (vLLM's ``Qwen3DSparkModel``): the same
+            backbone plus a low-rank Markov head ``markov_w2(markov_w1[previous token])`` added to
+            each slot's logits, and vLLM's ``sample_from_anchor`` layout: ALL ``B`` slots predict,
+            slot ``k`` the token at ``p + k + 1`` (``num_speculative_tokens = B``). ``0``: DFlash.
+        enable_confidence_head: DSpark only: a ``Linear(H + r -> 1)`` head estimating each slot's
+            acceptance (vLLM's ``confidence_head``, ``confidence_head_with_markov``).
     """
 
     hidden_size: int
@@ -66,6 +74,8 @@ class DFlashDraftConfig:
     block_size: int = 16
     mask_token_id: int
     hidden_act: str = "silu"
+    markov_rank: int = 0
+    enable_confidence_head: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_layer_ids", [int(i) for i in self.target_layer_ids])
@@ -100,10 +110,31 @@ class DFlashDraftConfig:
         if rope_type(self.rope_scaling) not in SUPPORTED_ROPE_TYPES:
             problems.append(f"rope_scaling type {rope_type(self.rope_scaling)!r} is not supported; "
                             f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        if self.markov_rank < 0:
+            problems.append(f"markov_rank must be >= 0 (0 = DFlash, > 0 = DSpark), got {self.markov_rank}")
+        if self.enable_confidence_head and self.markov_rank == 0:
+            problems.append("enable_confidence_head needs a DSpark draft (markov_rank > 0)")
         if self.hidden_act != "silu":
             problems.append(f"hidden_act {self.hidden_act!r} is not supported; the draft MLP is SwiGLU ('silu')")
         if problems:
             raise ValueError("invalid DFlashDraftConfig: " + "; ".join(problems))
+
+    @property
+    def is_dspark(self) -> bool:
+        """A DSpark draft (Markov head, ``sample_from_anchor`` layout) rather than DFlash."""
+        return self.markov_rank > 0
+
+    @property
+    def first_draft_slot(self) -> int:
+        """Block slot of the first draft token: 1 for DFlash (the anchor slot predicts nothing), 0
+        for DSpark (``sample_from_anchor``: the anchor slot predicts ``p + 1``). Slot ``k`` predicts
+        position ``p + k + 1 - first_draft_slot``."""
+        return 0 if self.is_dspark else 1
+
+    @property
+    def draft_tokens(self) -> int:
+        """``K`` tokens proposed per block: ``B - 1`` (DFlash), ``B`` (DSpark)."""
+        return self.block_size - self.first_draft_slot
 
     @property
     def fc_input_size(self) -> int:
@@ -119,6 +150,8 @@ class DFlashDraftConfig:
         mask_token_id: int,
         num_hidden_layers: int = 1,
         block_size: int = 16,
+        markov_rank: int = 0,
+        enable_confidence_head: bool = False,
     ) -> "DFlashDraftConfig":
         """Draft config matching a HF target config (object or ``to_dict()`` form): sizes,
         heads, eps, RoPE and context length are the target's."""
@@ -148,6 +181,8 @@ class DFlashDraftConfig:
             block_size=int(block_size),
             mask_token_id=int(mask_token_id),
             hidden_act=str(getattr(text, "hidden_act", "silu")),
+            markov_rank=int(markov_rank),
+            enable_confidence_head=bool(enable_confidence_head),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -163,10 +198,11 @@ class DFlashDraftConfig:
         return cls(**dict(data))
 
     def to_hf_config(self) -> dict[str, Any]:
-        """The ``config.json`` of an exported draft, in the keys vLLM's DFlash loader reads."""
+        """The ``config.json`` of an exported draft, in the keys vLLM's DFlash (or, with
+        ``markov_rank > 0``, DSpark: ``qwen3_dspark.py``, ``dspark/speculator.py``) loader reads."""
         rope_parameters = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
-        return {
-            "architectures": [DFLASH_ARCHITECTURE],
+        data = {
+            "architectures": [DSPARK_ARCHITECTURE if self.is_dspark else DFLASH_ARCHITECTURE],
             "model_type": "qwen3",
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -190,6 +226,12 @@ class DFlashDraftConfig:
                 "target_layer_ids": list(self.target_layer_ids),
             },
         }
+        if self.is_dspark:
+            # the Qwen3DSparkModel backbone reads dflash_config as DFlash does; these are DSpark's own
+            data.update({"markov_rank": self.markov_rank, "markov_head_type": "vanilla", "sample_from_anchor": True,
+                         "dspark_bonus_anchor": False, "enable_confidence_head": self.enable_confidence_head,
+                         "confidence_head_with_markov": self.enable_confidence_head})
+        return data
 
     @classmethod
     def from_hf_config(cls, data: Mapping[str, Any]) -> "DFlashDraftConfig":
@@ -199,6 +241,9 @@ class DFlashDraftConfig:
         if missing:
             raise ValueError(f"config.json has no dflash_config.{', dflash_config.'.join(missing)}; "
                              "is this a DFlash draft export?")
+        if data.get("markov_rank") and data.get("sample_from_anchor", True) is not True:
+            raise ValueError("config.json is a DSpark draft with sample_from_anchor=false (the fill-in layout); "
+                             "draftcache trains and decodes only vLLM's default sample_from_anchor=true layout")
         theta, scaling = target_rope(text_config(data))
         return cls(
             hidden_size=int(data["hidden_size"]),
@@ -218,4 +263,6 @@ class DFlashDraftConfig:
             block_size=int(data["block_size"]),
             mask_token_id=int(dflash["mask_token_id"]),
             hidden_act=str(data.get("hidden_act", "silu")),
+            markov_rank=int(data.get("markov_rank") or 0),
+            enable_confidence_head=bool(data.get("enable_confidence_head", False)),
         )

@@ -23,10 +23,12 @@ from draftcache.cache_format import atomic_write_bytes
 from draftcache.trainer.dflash.config import DFlashDraftConfig
 from draftcache.trainer.dflash.model import DFlashDraftModel
 
-__all__ = ["DFLASH_EXPORT_FORMAT", "export_dflash_draft", "load_exported_dflash_draft", "is_dflash_export",
+__all__ = ["DFLASH_EXPORT_FORMAT", "DSPARK_EXPORT_FORMAT", "export_dflash_draft", "load_exported_dflash_draft", "is_dflash_export",
+           "block_draft_method",
            "vllm_cpu_k_norm_warning"]
 
 DFLASH_EXPORT_FORMAT = "dflash"
+DSPARK_EXPORT_FORMAT = "dspark"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -46,14 +48,17 @@ def export_dflash_draft(
     recorded under ``config.json``'s ``draftcache.mask_token``.
 
     Serve with ``speculative_config={"method": "dflash", "model": output_dir,
-    "num_speculative_tokens": block_size - 1}``.
+    "num_speculative_tokens": block_size - 1}``; a DSpark draft (``markov_rank > 0``, architecture
+    ``Qwen3DSparkModel``, its ``markov_head.*`` / ``confidence_head.*`` tensors named as
+    ``Qwen3DSparkForCausalLM.load_weights`` reads them) with ``{"method": "dspark", ...,
+    "num_speculative_tokens": block_size}`` (vLLM's GPU runner only).
     """
     dtype = dtype or model.fc.weight.dtype
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"export dtype must be one of {list(_DTYPE_NAMES.values())}, got {dtype}")
     config: dict[str, Any] = model.config.to_hf_config()
     config["torch_dtype"] = _DTYPE_NAMES[dtype]
-    config["draftcache"] = {"format": DFLASH_EXPORT_FORMAT, "target_model": target_model_id,
+    config["draftcache"] = {"format": DSPARK_EXPORT_FORMAT if model.config.is_dspark else DFLASH_EXPORT_FORMAT, "target_model": target_model_id,
                             "target_layer_convention": "decoder-layer output i = HF hidden_states[i + 1]"}
     if mask_token is not None:
         config["draftcache"]["mask_token"] = dict(mask_token)
@@ -67,13 +72,21 @@ def export_dflash_draft(
 
 
 def is_dflash_export(directory: str | os.PathLike[str]) -> bool:
-    """Whether ``directory/config.json`` describes a DFlash draft."""
+    """Whether ``directory/config.json`` describes a block draft (DFlash or DSpark: both carry ``dflash_config``)."""
     path = Path(directory) / CONFIG_FILE
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return "dflash_config" in data
+
+
+def block_draft_method(directory: str | os.PathLike[str]) -> str | None:
+    """``"dspark"`` or ``"dflash"`` for a block-draft export in ``directory``, else None."""
+    if not is_dflash_export(directory):
+        return None
+    data = json.loads((Path(directory) / CONFIG_FILE).read_text(encoding="utf-8"))
+    return "dspark" if data.get("markov_rank") else "dflash"
 
 
 def load_exported_dflash_draft(directory: str | os.PathLike[str], target: torch.nn.Module) -> DFlashDraftModel:
@@ -88,7 +101,7 @@ def load_exported_dflash_draft(directory: str | os.PathLike[str], target: torch.
     expected = set(model.exported_state_dict())
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
-        raise ValueError(f"{directory / WEIGHTS_FILE} does not match the DFlash draft of its config.json: "
+        raise ValueError(f"{directory / WEIGHTS_FILE} does not match the block draft of its config.json: "
                          f"missing {missing}, unexpected {unexpected}")
     model.load_state_dict(tensors, strict=False)
     return model.to(dtype=next(iter(tensors.values())).dtype)

@@ -11,6 +11,18 @@ document and ``loss_mask[p + k]`` is set. Slot ``k`` weighs ``exp(-(k - 1) / dec
 (NeMo's recipe: ``decay = 7``): a later slot only matters if every earlier one was accepted.
 The loss is the weighted mean over counted slots.
 
+DSpark (``markov_rank > 0``, vLLM's ``sample_from_anchor`` layout) shifts this by one: slot
+``k >= 0`` predicts position ``p + k + 1`` (label ``target_argmax[p + k]``), weighs
+``exp(-k / decay)``, and its logits get the Markov bias of the token at ``p + k``, teacher-forced:
+the anchor for slot 0, the previous slot's label after (the data token where that label is not
+counted). With ``confidence_weight > 0`` and a confidence head, a binary cross-entropy trains the
+head towards whether the slot's argmax equals its label (greedy acceptance given an accepted
+prefix). With ``target_logits`` (online: the co-located target's logits) and ``distribution_weight = w > 0``
+the per-slot loss is ``(1 - w) * CE(label) + w * soft-CE(softmax(target_logits[q - 1]))`` for the
+slot predicting position ``q`` (the distribution term; DeepSpec and NeMo weigh an L1 distance to the
+target distribution 0.9 against 0.1 CE). In general: slot ``k`` predicts offset
+``j = k + 1 - first_draft_slot`` from the anchor.
+
 Anchors are drawn uniformly without replacement among supervised slots (``loss_mask[p]``,
 in-document position ``>= 1`` so the context is never empty, and at least one slot left in
 the document), up to ``num_anchors`` per row (NeMo: 512).
@@ -21,10 +33,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from draftcache.trainer.dflash.model import ATTENTION_CHUNK_ELEMENTS, DFlashDraftModel, build_dflash_blocks
 from draftcache.trainer.layers import document_layout
-from draftcache.trainer.vocab_loss import LOGITS_CHUNK_ELEMENTS, chunked_cross_entropy
+from draftcache.trainer.vocab_loss import LOGITS_CHUNK_ELEMENTS, chunked_cross_entropy, chunked_soft_cross_entropy
 
 __all__ = [
     "DFLASH_LOSS_DECAY",
@@ -32,6 +45,7 @@ __all__ = [
     "dflash_block_labels",
     "dflash_loss",
     "dflash_position_weights",
+    "markov_prev_tokens",
     "sample_anchors",
 ]
 
@@ -44,12 +58,11 @@ def _layout(batch: int, seq: int, seq_lens: torch.Tensor | None, device: torch.d
     return document_layout(seq_lens.to(device), seq)
 
 
-def dflash_position_weights(block_size: int, decay: float = DFLASH_LOSS_DECAY) -> torch.Tensor:
-    """``[Bk]`` float32: ``0`` for the anchor slot, ``exp(-(k - 1) / decay)`` for slot ``k >= 1``."""
-    k = torch.arange(block_size, dtype=torch.float32)
-    weights = torch.exp(-(k - 1) / decay)
-    weights[0] = 0.0
-    return weights
+def dflash_position_weights(block_size: int, decay: float = DFLASH_LOSS_DECAY, first_slot: int = 1) -> torch.Tensor:
+    """``[Bk]`` float32: ``exp(-(j - 1) / decay)`` for the slot predicting offset ``j = k + 1 - first_slot``
+    (DFlash, ``first_slot = 1``: ``0`` for the anchor slot)."""
+    j = torch.arange(block_size, dtype=torch.float32) + 1 - first_slot
+    return torch.where(j >= 1, torch.exp(-(j - 1) / decay), torch.zeros_like(j))
 
 
 def sample_anchors(
@@ -91,14 +104,16 @@ def dflash_block_labels(
     *,
     block_size: int,
     seq_lens: torch.Tensor | None = None,
+    first_slot: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``labels [B, A, Bk]`` int64 and ``label_mask [B, A, Bk]`` bool (slot 0 never counts)."""
+    """``labels [B, A, Bk]`` int64 and ``label_mask [B, A, Bk]`` bool; slot ``k`` predicts position
+    ``p + k + 1 - first_slot`` (DFlash, ``first_slot = 1``: slot 0 never counts; DSpark: 0)."""
     batch, seq = target_argmax.shape
     device = target_argmax.device
     _, _, remaining = _layout(batch, seq, seq_lens, device)
-    k = torch.arange(block_size, device=device)
-    predicted = anchor_positions[:, :, None] + k  # [B, A, Bk] slot each block position predicts
-    in_doc = (k >= 1) & (k <= remaining.gather(1, anchor_positions)[:, :, None])
+    j = torch.arange(block_size, device=device) + 1 - first_slot  # offset each slot predicts
+    predicted = anchor_positions[:, :, None] + j  # [B, A, Bk] slot each block position predicts
+    in_doc = (j >= 1) & (j <= remaining.gather(1, anchor_positions)[:, :, None])
     clamped = predicted.clamp(max=seq - 1)
     label_slots = (predicted - 1).clamp(min=0, max=seq - 1)
     labels = target_argmax.gather(1, label_slots.flatten(1)).view_as(predicted)
@@ -113,7 +128,7 @@ class DFlashLossOutput:
     Attributes:
         loss: scalar, weighted mean cross-entropy over counted slots.
         correct: ``[Bk]`` counted slots whose draft argmax equals the label, per block position.
-        counted: ``[Bk]`` counted slots per block position.
+        counted: ``[Bk]`` counted slots per block position (DFlash: slot 0 is always 0).
         accept_length_sum: sum over valid anchors of ``1 + leading correct slots`` (greedy
             acceptance simulated on the training blocks; stops at the first wrong or uncounted slot).
         num_blocks: valid anchors.
@@ -138,6 +153,9 @@ def dflash_loss(
     seq_lens: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     decay: float = DFLASH_LOSS_DECAY,
+    confidence_weight: float = 0.0,
+    target_logits: torch.Tensor | None = None,
+    distribution_weight: float = 0.0,
     attention_chunk_elements: int = ATTENTION_CHUNK_ELEMENTS,
     logits_chunk_elements: int = LOGITS_CHUNK_ELEMENTS,
 ) -> DFlashLossOutput:
@@ -148,6 +166,9 @@ def dflash_loss(
         input_ids / target_argmax / loss_mask: ``[B, S]``; ``target_argmax[t]`` predicts ``t + 1``.
         anchor_positions / anchor_valid: ``[B, A]`` from :func:`sample_anchors`.
         seq_lens: ``[B, D]`` document lengths of packed rows, or None (one document per row).
+        confidence_weight: DSpark with a confidence head: weight of its binary cross-entropy.
+        target_logits / distribution_weight: ``[B, S, V]`` the target's logits (``[t]`` predicts
+            ``t + 1``, unshifted as ``target_argmax``) and the weight ``w`` of the distribution term.
         attention_chunk_elements / logits_chunk_elements: memory budgets of the attention's
             anchor chunks and of the vocabulary projection's row chunks (results do not depend
             on them): the ``[N, V]`` fp32 logits are never alive at once.
@@ -159,28 +180,59 @@ def dflash_loss(
                                  mask_token_id=config.mask_token_id, seq_lens=seq_lens,
                                  attention_mask=attention_mask)
     hidden = model(target_hidden, positions, blocks, attention_chunk_elements=attention_chunk_elements)  # [B, A, Bk, H]
+    first = config.first_draft_slot
     labels, label_mask = dflash_block_labels(target_argmax, loss_mask, anchor_positions, anchor_valid,
-                                             block_size=config.block_size, seq_lens=seq_lens)
-    weights = dflash_position_weights(config.block_size, decay).to(hidden.device)
+                                             block_size=config.block_size, seq_lens=seq_lens, first_slot=first)
+    weights = dflash_position_weights(config.block_size, decay, first).to(hidden.device)
     slot_weights = weights.expand_as(label_mask)[label_mask]  # [N]
+    rows, project = hidden[label_mask], model.compute_logits
+    if config.is_dspark:
+        prev = markov_prev_tokens(input_ids, labels, label_mask, anchor_positions)  # [B, A, Bk]
+        rows, project = model.markov_rows(hidden, prev)[label_mask], model.compute_markov_logits
     # [N] over counted slots only, the [N, V] logits in row chunks
-    ce, predicted = chunked_cross_entropy(hidden[label_mask], model.compute_logits, labels[label_mask],
+    ce, predicted = chunked_cross_entropy(rows, project, labels[label_mask],
                                           vocab_size=model.config.vocab_size, chunk_elements=logits_chunk_elements)
+    if distribution_weight > 0:
+        if target_logits is None:
+            raise ValueError("distribution_weight > 0 needs the target's logits (online training)")
+        batch_idx = torch.arange(batch, device=hidden.device)[:, None, None].expand_as(labels)
+        label_slots = (anchor_positions[:, :, None] + torch.arange(config.block_size, device=hidden.device)
+                       - first).clamp(min=0, max=seq - 1)  # t = q - 1 for the slot predicting q
+        probs = torch.softmax(target_logits[batch_idx[label_mask], label_slots[label_mask]].float(), dim=-1)  # [N, V]
+        soft, _ = chunked_soft_cross_entropy(rows[None], project, probs[None], chunk_elements=logits_chunk_elements)
+        ce = (1 - distribution_weight) * ce + distribution_weight * soft[0]
     total = slot_weights.sum()
     loss = (ce * slot_weights).sum() / total.clamp(min=torch.finfo(total.dtype).tiny)
+    hit = torch.zeros_like(label_mask)
+    hit[label_mask] = predicted == labels[label_mask]
+    if model.confidence_head is not None and confidence_weight > 0 and rows.shape[0]:
+        h = config.hidden_size
+        logit = model.confidence_head(rows[:, :h], rows[:, h:])  # [N]
+        bce = F.binary_cross_entropy_with_logits(logit, hit[label_mask].float())
+        loss = loss + confidence_weight * bce
     with torch.no_grad():
-        hit = torch.zeros_like(label_mask)
-        hit[label_mask] = predicted == labels[label_mask]
-        correct = hit[..., 1:].sum((0, 1))
-        counted = label_mask[..., 1:].sum((0, 1))
-        leading = torch.cumprod(hit[..., 1:].long(), dim=-1).sum(-1)  # [B, A]
+        correct = hit.sum((0, 1))
+        counted = label_mask.sum((0, 1))
+        leading = torch.cumprod(hit[..., first:].long(), dim=-1).sum(-1)  # [B, A]
         accept = float((1 + leading)[anchor_valid].sum().item())
-    zero = torch.zeros(1, dtype=correct.dtype, device=correct.device)
     return DFlashLossOutput(
         loss=loss,
-        correct=torch.cat([zero, correct]),
-        counted=torch.cat([zero, counted.to(correct.dtype)]),
+        correct=correct,
+        counted=counted.to(correct.dtype),
         accept_length_sum=accept,
         num_blocks=int(anchor_valid.sum().item()),
     )
 
+
+def markov_prev_tokens(input_ids: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor,
+                       anchor_positions: torch.Tensor) -> torch.Tensor:
+    """DSpark's teacher-forced Markov input ``[B, A, Bk]`` (``sample_from_anchor`` layout): the token
+    at ``p + k`` for slot ``k`` -- the anchor ``input_ids[p]`` for slot 0, else the previous slot's
+    label (the target's greedy token, what an accepted prefix holds), or the data token at ``p + k``
+    where that label is not counted (the slot is then usually not counted either)."""
+    batch, seq = input_ids.shape
+    k = torch.arange(labels.shape[-1], device=labels.device)
+    data = input_ids.gather(1, (anchor_positions[:, :, None] + k).clamp(max=seq - 1).flatten(1)).view_as(labels)
+    prev_label = torch.cat([data[..., :1], labels[..., :-1]], dim=-1)
+    prev_counted = torch.cat([torch.zeros_like(label_mask[..., :1]), label_mask[..., :-1]], dim=-1)
+    return torch.where(prev_counted, prev_label, data)

@@ -22,6 +22,10 @@ where ``p`` is the anchor's position. In every layer the block's queries attend 
 
 Block slot ``k >= 1`` predicts the token at position ``p + k`` (vLLM samples exactly these
 ``B - 1`` slots). Many blocks (anchors) are trained at once; blocks never see each other.
+
+With ``markov_rank > 0`` the same backbone is a DSpark draft (``markov.py``): every slot ``k``,
+the anchor's included, predicts position ``p + k + 1`` (vLLM's ``sample_from_anchor``) and its
+logits get the Markov bias of the token at ``p + k`` (see :meth:`DFlashDraftModel.slot_logits`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from draftcache.trainer.dflash.config import DFlashDraftConfig
+from draftcache.trainer.dflash.markov import DSparkConfidenceHead, MarkovHead
 from draftcache.trainer.layers import RMSNorm, Rotary, SwiGLUMLP, apply_rotary
 from draftcache.trainer.layers import document_layout
 
@@ -247,6 +252,10 @@ class DFlashDraftModel(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=0.02)
+        # DSpark (markov_rank > 0): created after the loop above, they keep their own init
+        self.markov_head = MarkovHead(config.vocab_size, config.markov_rank) if config.is_dspark else None
+        self.confidence_head = (DSparkConfidenceHead(config.hidden_size + config.markov_rank)
+                                if config.enable_confidence_head else None)
         self.embed_tokens.weight.requires_grad_(False)
         self.lm_head.weight.requires_grad_(False)
 
@@ -308,3 +317,22 @@ class DFlashDraftModel(nn.Module):
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``[..., H] -> [..., V]`` with the target's lm_head."""
         return self.lm_head(hidden_states)
+
+    def markov_rows(self, hidden_states: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor:
+        """DSpark: ``[..., H]`` slot hidden states and ``[...]`` previous tokens -> ``[..., H + r]``
+        rows ``[h ; markov_w1[prev]]`` that :meth:`compute_markov_logits` scores (so the vocabulary
+        projection of both parts runs in the loss's row chunks)."""
+        embed = self.markov_head.embed(prev_tokens).to(hidden_states.dtype)
+        return torch.cat([hidden_states, embed], dim=-1)
+
+    def compute_markov_logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[..., H + r] -> [..., V]``: ``lm_head(h) + markov_w2(e)`` (vLLM's base logits + Markov bias)."""
+        hidden = self.config.hidden_size
+        return self.lm_head(rows[..., :hidden]) + self.markov_head.bias(rows[..., hidden:])
+
+    def slot_logits(self, hidden_states: torch.Tensor, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of block slots ``[..., H]``: the lm_head's, plus (DSpark) the Markov bias of
+        ``prev_tokens [...]``, the token at the position before each slot's predicted one."""
+        if self.markov_head is None:
+            return self.compute_logits(hidden_states)
+        return self.compute_markov_logits(self.markov_rows(hidden_states, prev_tokens))

@@ -9,6 +9,11 @@ target features of ``x_0..x_{m-1}`` kept as the draft's context:
 3. the longest prefix with ``d_i == p_{i-1}`` is accepted plus the bonus token ``p_a``; the
    target cache is cropped to ``x_m, d_1..d_a`` and their features join the context.
 
+A DSpark draft (``markov_rank > 0``) differs in step 1 only, as vLLM's ``DSparkSpeculator`` does
+it: ALL ``K = block_size`` slots propose (slot ``k`` the token for ``m + k + 1``), left to right,
+each slot's logits plus the Markov bias of the token chosen at the slot before (the anchor ``x_m``
+for slot 0).
+
 Every committed token is the target's own greedy choice, so the output equals plain greedy
 decoding. Counters are :class:`SpecDecodeStats` (vLLM's names), so τ and per-position
 acceptance compare directly with EAGLE-3's and with vLLM's.
@@ -27,7 +32,8 @@ __all__ = ["dflash_propose", "dflash_speculative_generate"]
 
 @torch.no_grad()
 def dflash_propose(draft: DFlashDraftModel, context: torch.Tensor, anchor_token: int) -> list[int]:
-    """``K`` greedy draft tokens for the block anchored right after ``context [1, m, n*H_t]``."""
+    """``K`` greedy draft tokens for the block anchored right after ``context [1, m, n*H_t]``
+    (DSpark: sampled slot by slot with the Markov step)."""
     config = draft.config
     m = context.shape[1]
     device = context.device
@@ -39,8 +45,17 @@ def dflash_propose(draft: DFlashDraftModel, context: torch.Tensor, anchor_token:
         context_mask=torch.ones(1, 1, m, dtype=torch.bool, device=device),
         anchor_valid=torch.ones(1, 1, dtype=torch.bool, device=device),
     )
-    hidden = draft(context, torch.arange(m, device=device).view(1, -1), blocks)  # [1, 1, Bk, H]
-    return draft.compute_logits(hidden[0, 0, 1:]).argmax(-1).tolist()
+    hidden = draft(context, torch.arange(m, device=device).view(1, -1), blocks)[0, 0]  # [Bk, H]
+    if not config.is_dspark:
+        return draft.compute_logits(hidden[1:]).argmax(-1).tolist()
+    base = draft.compute_logits(hidden)  # [Bk, V], one projection; the Markov bias is added slot by slot
+    prev = torch.tensor([anchor_token], device=device)
+    proposal = []
+    for k in range(config.block_size):
+        token = (base[k] + draft.markov_head.bias(draft.markov_head.embed(prev))[0]).argmax(-1)
+        proposal.append(int(token))
+        prev = token.view(1)
+    return proposal
 
 
 @torch.no_grad()
@@ -54,7 +69,7 @@ def dflash_speculative_generate(
     eos_token_id: int | None = None,
 ) -> list[int]:
     """Greedy block speculative decoding of ``prompt_ids [n]``; returns the new tokens (<= max_new_tokens)."""
-    K = draft.config.block_size - 1
+    K = draft.config.draft_tokens
     stats = stats if stats is not None else SpecDecodeStats(draft_tokens=K)
     if stats.draft_tokens != K:
         raise ValueError(f"stats count {stats.draft_tokens} draft tokens per round, the draft proposes {K}")

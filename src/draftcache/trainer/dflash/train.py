@@ -25,7 +25,7 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -65,6 +65,11 @@ class DFlashTrainConfig:
     mask_token_id: int | None = None       # None = chosen by trainer/mask_token.py (never a zero embedding row)
     loss_decay: float = DFLASH_LOSS_DECAY  # slot k weighs exp(-(k-1)/decay)
     freeze_k_norm: bool = False            # keep every layer's k_norm at ones: vLLM CPU serves multi-layer drafts as trained
+    markov_rank: int = 0                   # > 0: a DSpark draft (draftcache train --method dspark), 0: DFlash
+    confidence_head: bool = False          # DSpark: also train vLLM's confidence_head (acceptance estimate)
+    confidence_weight: float = 0.1         # DSpark: weight of the confidence head's binary cross-entropy
+    distribution_weight: float = 0.0       # weight w of the soft-CE to the target's distribution (online, or a
+                                           # dflash cache precomputed with --supervision hidden)
     epochs: int = 18                       # the measured recipe on the embedded default (docs/DFLASH.md, "Recipe")
     max_steps: int | None = None
     batch_tokens: int = 1024               # token budget of a packed micro-batch
@@ -96,6 +101,14 @@ class DFlashTrainConfig:
             p.append(f"--max-steps must be >= 1, got {self.max_steps}")
         if self.lr <= 0:
             p.append(f"--lr must be > 0, got {self.lr}")
+        if self.markov_rank < 0:
+            p.append(f"--markov-rank must be >= 0, got {self.markov_rank}")
+        if self.confidence_head and self.markov_rank == 0:
+            p.append("--confidence-head is a DSpark option: use --method dspark (--markov-rank > 0)")
+        if not 0 <= self.distribution_weight <= 1:
+            p.append(f"--distribution-weight must be in [0, 1], got {self.distribution_weight}")
+        if self.confidence_weight < 0:
+            p.append(f"--confidence-weight must be >= 0, got {self.confidence_weight}")
         if self.loss_decay <= 0:
             p.append(f"--loss-decay must be > 0, got {self.loss_decay}")
         if not 0 <= self.val_fraction < 1:
@@ -114,6 +127,11 @@ class DFlashTrainConfig:
             raise ValueError("invalid DFlash training settings:\n  - " + "\n  - ".join(problems))
         return self
 
+    @property
+    def method(self) -> str:
+        """``dspark`` with a Markov head, else ``dflash`` (checkpoints and exports say which)."""
+        return "dspark" if self.markov_rank > 0 else "dflash"
+
     def as_dict(self) -> dict:
         d = asdict(self)
         d["target_layer_ids"] = list(self.target_layer_ids) if self.target_layer_ids is not None else None
@@ -126,7 +144,7 @@ class DFlashTrainResult:
     steps: int
     train_loss: float
     val_loss: float | None = None
-    val_acc: list[float] = field(default_factory=list)  # per block slot 1..B-1
+    val_acc: list[float] = field(default_factory=list)  # per draft token (DFlash: block slots 1..B-1; DSpark: 0..B-1)
     val_sim_tau: float | None = None
     wall_seconds: float = 0.0
     export_dir: str | None = None
@@ -187,8 +205,9 @@ class OnlineDFlashBatches:
     (``target_argmax[t]`` = the target's greedy token for ``t + 1``, unshifted convention),
     ``target_hidden [1, T, n*H]`` float32 and ``seq_lens [1, docs]``."""
 
-    def __init__(self, target, samples, pad_id: int, device: torch.device):
+    def __init__(self, target, samples, pad_id: int, device: torch.device, keep_logits: bool = False):
         self.target, self.samples, self.pad_id, self.device = target, samples, pad_id, device
+        self.keep_logits = keep_logits  # also hand out target_logits [1, T, V] (the distribution term)
 
     @torch.no_grad()
     def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
@@ -202,7 +221,8 @@ class OnlineDFlashBatches:
             attn[r, : lens[r]] = 1
         fwd = self.target.forward_capture(ids.to(self.device), attn.to(self.device))
         keep = attn.bool().to(self.device)
-        return {
+        logits = {"target_logits": fwd.logits[keep][None]} if self.keep_logits else {}
+        return {**logits,
             "input_ids": ids.to(self.device)[keep][None],                      # [1, T]
             "target_hidden": fwd.aux_hidden_states[keep][None].float(),        # [1, T, n*H_t]
             "target_argmax": fwd.logits.argmax(-1)[keep][None],                # [1, T]
@@ -220,8 +240,9 @@ class CachedDFlashBatches:
     row ``OnlineDFlashBatches`` builds online: ``expand_dflash_raw`` with the features in float32
     (``target_argmax`` is 0 where the next position is not supervised; the loss never reads it there)."""
 
-    def __init__(self, reader, device: torch.device):
+    def __init__(self, reader, device: torch.device, keep_logits: bool = False):
         self.reader, self.device = reader, device
+        self.keep_logits = keep_logits  # ``hidden`` caches: target_logits [1, T, V] from final_hidden (lm_head side file)
 
     def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         return self._expand(self.reader.get_raw_batch(indices))
@@ -240,7 +261,8 @@ class CachedDFlashBatches:
 
         row = expand_dflash_raw(raw, self.device)
         self.reader.check_finite(raw, row)  # a NaN/Inf row never reaches the draft
-        return {"input_ids": row["input_ids"], "target_hidden": row["aux_hidden_states"].float(),
+        logits = {"target_logits": self.reader.logits_from_final_hidden(row["final_hidden"])} if self.keep_logits else {}
+        return {**logits, "input_ids": row["input_ids"], "target_hidden": row["aux_hidden_states"].float(),
                 "target_argmax": row["target_argmax"], "loss_mask": row["loss_mask"], "seq_lens": row["seq_lens"]}
 
 
@@ -253,6 +275,10 @@ def _open_dflash_cache(cfg: "DFlashTrainConfig"):
     if reader.kind != "dflash":
         raise ValueError(f"--cached-target-path {cfg.cached_target_path} is a {reader.kind!r} cache; --method dflash "
                          "trains from a dflash cache (precompute-eagle3 --method dflash)")
+    if cfg.distribution_weight > 0 and reader.encoding != "hidden":
+        raise ValueError(f"--distribution-weight needs the target's distribution, which cache {cfg.cached_target_path} "
+                         "does not store (only its argmax): precompute it with --supervision hidden, train online, or "
+                         "drop --distribution-weight")
     if not reader.complete and not cfg.allow_partial_cache:
         raise ValueError(f"cache {cfg.cached_target_path} is incomplete ({len(reader)} of "
                          f"{reader.manifest['num_samples']} samples committed): finish it with precompute --resume, "
@@ -288,14 +314,18 @@ class _DFlashLossModule(torch.nn.Module):
         super().__init__()
         self.draft = draft
 
-    def forward(self, batch: dict, anchors: torch.Tensor, valid: torch.Tensor, *, decay: float):
+    def forward(self, batch: dict, anchors: torch.Tensor, valid: torch.Tensor, *, decay: float,
+                confidence_weight: float = 0.0, distribution_weight: float = 0.0):
         return dflash_loss(self.draft, target_hidden=batch["target_hidden"], input_ids=batch["input_ids"],
                            target_argmax=batch["target_argmax"], loss_mask=batch["loss_mask"],
-                           anchor_positions=anchors, anchor_valid=valid, seq_lens=batch["seq_lens"], decay=decay)
+                           anchor_positions=anchors, anchor_valid=valid, seq_lens=batch["seq_lens"], decay=decay,
+                           confidence_weight=confidence_weight, target_logits=batch.get("target_logits"),
+                           distribution_weight=distribution_weight)
 
 
-def _summary(sums: torch.Tensor, block: int) -> dict:
-    acc = (sums[4 : 4 + block] / sums[4 + block :].clamp_min(1)).tolist()[1:]
+def _summary(sums: torch.Tensor, block: int, first_slot: int = 1) -> dict:
+    """Per-draft-token accuracy (block slots ``first_slot..B-1``), loss and simulated tau."""
+    acc = (sums[4 : 4 + block] / sums[4 + block :].clamp_min(1)).tolist()[first_slot:]
     return {"loss": float(sums[0] / sums[1].clamp_min(1)), "acc": acc,
             "sim_tau": float(sums[2] / sums[3].clamp_min(1))}
 
@@ -326,7 +356,7 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
         target_path = reader.manifest["target"]["model_id"]
         hf_config = reader.manifest["target"]["config"]
         layer_ids = list(reader.manifest["capture"]["layer_ids"])
-        supervise = CachedDFlashBatches(reader, device)
+        supervise = CachedDFlashBatches(reader, device, keep_logits=cfg.distribution_weight > 0)
         lengths = reader.sample_lengths().tolist()
         weights = (reader.target_embeddings(), reader.target_lm_head())
         mask = cached_mask_token(cfg, reader, embeddings=weights[0])
@@ -345,7 +375,7 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
             num_layers, cfg.num_draft_layers)
         target = HFDFlashTargetModel(model, layer_ids)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        supervise = OnlineDFlashBatches(target, samples, pad_id, device)
+        supervise = OnlineDFlashBatches(target, samples, pad_id, device, keep_logits=cfg.distribution_weight > 0)
         lengths = [len(s.input_ids) for s in samples]
         weights = (model.get_input_embeddings().weight.detach(), model.get_output_embeddings().weight.detach())
         mask = online_mask_token(cfg, tokenizer=tokenizer, samples=samples, embeddings=weights[0], hf_config=hf_config)
@@ -354,7 +384,8 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
     mask_id = mask.token_id
     draft_config = DFlashDraftConfig.from_target_config(hf_config, target_layer_ids=layer_ids, mask_token_id=mask_id,
                                                         num_hidden_layers=cfg.num_draft_layers,
-                                                        block_size=cfg.block_size)
+                                                        block_size=cfg.block_size, markov_rank=cfg.markov_rank,
+                                                        enable_confidence_head=cfg.confidence_head)
     torch.manual_seed(cfg.seed)
     draft = DFlashDraftModel(draft_config)
     draft.load_target_embeddings(*weights)
@@ -377,14 +408,16 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    describe = {"method": "dflash", "draft_config": draft_config.to_dict(), "target_model_id": target_path,
+    describe = {"method": cfg.method, "draft_config": draft_config.to_dict(), "target_model_id": target_path,
                 "target_config": hf_config if isinstance(hf_config, dict) else hf_config.to_dict(),
                 "num_samples": num_samples, "world_size": world, "mask_token": mask.as_dict()}
     state = TrainState()
     if cfg.resume and (ckpt := latest_checkpoint(run_dir)) is not None:
         meta = read_checkpoint_meta(ckpt)
-        diffs = [f"{k}: {meta['config'].get(k)!r} != {v!r}" for k, v in sorted(cfg.as_dict().items())
-                 if k not in _RESUME_FREE and meta.get("config", {}).get(k) != v]
+        saved_cfg = meta.get("config", {})
+        defaults = {f.name: f.default for f in fields(DFlashTrainConfig)}  # keys older runs did not record
+        diffs = [f"{k}: {saved_cfg.get(k, defaults.get(k))!r} != {v!r}" for k, v in sorted(cfg.as_dict().items())
+                 if k not in _RESUME_FREE and saved_cfg.get(k, defaults.get(k)) != v]
         for key, value in (("num_samples", num_samples), ("world_size", world)):
             saved = meta.get("extra", {}).get(key, 1 if key == "world_size" else None)  # older runs: one process
             if saved != value:
@@ -398,7 +431,7 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
             log(f"resumed from {ckpt} at step {state.step}")
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    block = cfg.block_size
+    block, first = cfg.block_size, draft_config.first_draft_slot
     loss_module = local_loss = _DFlashLossModule(draft)  # validation runs outside DDP (no gradients)
     if world > 1:
         loss_module = torch.nn.parallel.DistributedDataParallel(
@@ -407,7 +440,8 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
     def run(module, batch: dict, generator: torch.Generator):
         anchors, valid = sample_anchors(batch["loss_mask"], num_anchors=cfg.num_anchors, seq_lens=batch["seq_lens"],
                                         generator=generator)
-        return module(batch, anchors, valid, decay=cfg.loss_decay)
+        return module(batch, anchors, valid, decay=cfg.loss_decay, confidence_weight=cfg.confidence_weight,
+                      distribution_weight=cfg.distribution_weight)
 
     def anchor_seed(base: int, global_index: int) -> int:
         return base * 1_000_003 + global_index
@@ -428,7 +462,7 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
                 _add(sums, run(local_loss, batch, gen), block)
         draft.train()
         all_reduce_sum(sums, dist_info)
-        return _summary(sums, block)
+        return _summary(sums, block, first)
 
     def record(entry: dict) -> None:
         if not is_main:
@@ -471,7 +505,7 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
             state.step += 1
             if state.step % cfg.log_every == 0 or state.step == total:
                 all_reduce_sum(window, dist_info)
-                summary = _summary(window, block)
+                summary = _summary(window, block, first)
                 last_loss = summary["loss"]
                 record({"step": state.step, "epoch": state.epoch, "split": "train", **summary,
                         "lr": scheduler.get_last_lr()[0], "tokens_seen": state.tokens_seen,

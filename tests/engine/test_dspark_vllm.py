@@ -1,0 +1,142 @@
+"""DSpark exports checked against vLLM's own ``Qwen3DSparkModel`` (the engine tier).
+
+vLLM's CPU build refuses ``method: "dspark"`` before loading anything (its V1 runner does not
+support it; V2 needs Triton), so a DSpark draft cannot be served here. What can be checked is what
+vLLM would load: ``check_vllm_dspark_draft`` builds vLLM's ``Qwen3DSparkForCausalLM`` on CPU from the
+``SpeculativeConfig`` vLLM derives for the export, calls its own ``load_weights`` on the file and
+compares every parameter with it (the Markov head and the confidence head included), plus the
+DSpark settings vLLM reads. Served on a GPU by ``scripts/gpu_check.sh``.
+
+- the embedded default target: a DSpark draft trained a few steps, with a confidence head; the check
+  passes, and fails on a tampered export (a changed ``markov_w2`` entry, a missing ``markov_w1``);
+- SmolLM2-135M-Instruct through the CLI: ``precompute-eagle3 --method dflash`` on ``data/chats.json``,
+  ``draftcache train --method dspark`` from that cache (a short run), the load check on its export,
+  and our block speculative decoding with the Markov step lossless against plain greedy.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+DATA = Path(__file__).parent / "data" / "chats.json"
+BLOCK = 4
+
+
+def _run(cmd: list[str], env: dict[str, str], what: str) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, f"{what} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def embedded_export(tmp_path_factory) -> Path:
+    """A DSpark draft of the embedded default target (online, 3 steps, confidence head), exported."""
+    from draftcache.trainer.dflash.train import DFlashTrainConfig, train_dflash
+
+    run = tmp_path_factory.mktemp("dspark-embedded") / "run"
+    result = train_dflash(DFlashTrainConfig(output_dir=str(run), markov_rank=8, confidence_head=True, block_size=BLOCK,
+                                            num_anchors=16, max_steps=3, warmup_steps=1, device="cpu",
+                                            progress=False), log=lambda *_: None)
+    return Path(result.export_dir)
+
+
+def _check(target: str, export: Path):
+    from draftcache.trainer.vllm_eval import check_vllm_dspark_draft
+
+    return check_vllm_dspark_draft(target, export)
+
+
+def test_vllm_loads_every_dspark_tensor_of_the_embedded_default(embedded_export):
+    from draftcache.defaults import default_target_path
+
+    check = _check(default_target_path(), embedded_export)
+    print("\n" + check.format(), check.flags, check.aux_layers)
+    assert check.ok, check.format()
+    exported = load_file(str(embedded_export / "model.safetensors"))
+    assert len(check.compared) == len(exported) - 3  # one layer: q/k/v -> qkv_proj, gate/up -> gate_up_proj
+    for name in ("model.markov_head.markov_w1.weight", "model.markov_head.markov_w2.weight",
+                 "model.confidence_head.proj.weight", "model.confidence_head.proj.bias"):
+        assert name in check.compared, name
+    assert sorted(check.shared) == ["lm_head.weight", "model.embed_tokens.weight"]
+    assert check.flags["markov_rank"] == 8 and check.flags["sample_from_anchor"] is True
+    assert check.flags["confidence_head"] is True
+
+
+def _tampered(export: Path, root: Path, name: str, tensors: dict[str, torch.Tensor], config: dict | None = None) -> Path:
+    out = root / name
+    shutil.copytree(export, out)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if config is not None:
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def test_a_tampered_dspark_export_fails_the_check(embedded_export, tmp_path):
+    from draftcache.defaults import default_target_path
+
+    target = default_target_path()
+    tensors = load_file(str(embedded_export / "model.safetensors"))
+    config = json.loads((embedded_export / "config.json").read_text())
+    # a Markov tensor missing: vLLM keeps its initial value
+    missing = _tampered(embedded_export, tmp_path, "missing",
+                        {k: v for k, v in tensors.items() if k != "markov_head.markov_w1.weight"})
+    check = _check(target, missing)
+    assert not check.ok
+    assert any("model.markov_head.markov_w1.weight: vLLM holds it but the export does not fill it" in p
+               for p in check.problems), check.problems
+    # a Markov tensor under a name vLLM does not read
+    renamed = {("markov_head.w2.weight" if k == "markov_head.markov_w2.weight" else k): v for k, v in tensors.items()}
+    check = _check(target, _tampered(embedded_export, tmp_path, "renamed", renamed))
+    assert not check.ok
+    assert any("markov_w2" in p or "w2" in p for p in check.problems), check.problems
+    # the config drops the confidence head the file carries: vLLM builds none and the tensors land nowhere
+    check = _check(target, _tampered(embedded_export, tmp_path, "no-confidence", tensors,
+                                     {**config, "enable_confidence_head": False}))
+    assert not check.ok, check.format()
+
+
+@pytest.fixture(scope="module")
+def smollm2_dspark(smollm2_dir, engine_env, tmp_path_factory):
+    """SmolLM2: a DFlash cache of the written chats, then a short DSpark run from it (CLI)."""
+    root = tmp_path_factory.mktemp("dspark-smollm2")
+    data = root / "data"
+    data.mkdir()
+    shutil.copy(DATA, data / "chats.json")
+    py, target = sys.executable, str(smollm2_dir)
+    cache, run = root / "cache", root / "run"
+    _run([py, "-m", "draftcache.precompute", "--method", "dflash", "--output-dir", str(cache), "--target-model",
+          target, "--input-data", str(data), "--seq-length", "256", "--device", "cpu", "--quiet"], engine_env,
+         "precompute-eagle3 --method dflash")
+    log = _run([py, "-m", "draftcache.cli", "train", "--method", "dspark", "--cached-target-path", str(cache),
+                "--output-dir", str(run), "--block-size", str(BLOCK), "--markov-rank", "16", "--max-steps", "60",
+                "--lr", "3e-3", "--warmup-steps", "5", "--val-fraction", "0", "--device", "cpu", "--quiet"],
+               engine_env, "train --method dspark")
+    return {"target": target, "export": run / "export", "log": log}
+
+
+def test_smollm2_dspark_from_its_dflash_cache_passes_the_load_check(smollm2_dspark):
+    check = _check(smollm2_dspark["target"], smollm2_dspark["export"])
+    print("\n" + check.format(), check.flags, check.aux_layers)
+    assert check.ok, check.format()
+    assert "model.markov_head.markov_w2.weight" in check.compared
+
+
+def test_smollm2_dspark_block_decoding_with_the_markov_step_is_lossless(smollm2_dspark):
+    from draftcache.trainer.evaluate import evaluate_draft
+
+    torch.set_num_threads(1)
+    report = evaluate_draft(draft_dir=str(smollm2_dspark["export"]), target_model=smollm2_dspark["target"],
+                            input_data=str(DATA), num_prompts=4, max_new_tokens=24, device="cpu")
+    print(f"\nSmolLM2 DSpark: tau {report.tau:.3f}, K {report.draft_tokens}, accepted per position "
+          f"{report.stats.num_accepted_tokens_per_pos}")
+    assert report.draft_tokens == BLOCK  # sample_from_anchor: every slot proposes
+    assert report.mismatches == 0
+    assert report.stats.num_accepted_tokens_per_pos[0] > 0
