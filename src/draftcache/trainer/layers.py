@@ -9,7 +9,7 @@ tables computed in fp32 from positions).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -72,6 +72,36 @@ def text_config(hf_config: Any) -> Any:
     if callable(getter):
         return getter()
     return getattr(hf_config, "text_config", None) or hf_config
+
+
+def target_decoder_shape(hf_config: Any, *, draft: str, required: Sequence[str] = ()) -> tuple[Any, dict[str, Any]]:
+    """``(text_config, fields)``: the decoder fields a draft copies from its target's HF config
+    (object or ``to_dict()`` form): sizes, head counts and ``head_dim``, eps, activation, RoPE
+    (``rope_theta``/``rope_scaling`` or transformers 5.x ``rope_parameters``) and context length,
+    so the draft serves at the target's width and positions. ``fields`` use the names both draft
+    configs share; ``required`` names further fields the caller needs present. ``draft`` names the
+    draft in the error."""
+    text = text_config(hf_config)
+    needed = ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size", "max_position_embeddings",
+              *required)
+    missing = [name for name in needed if getattr(text, name, None) is None]
+    if missing:
+        raise ValueError(f"target config lacks {', '.join(missing)}; cannot derive a {draft} draft config from it")
+    heads = int(text.num_attention_heads)
+    theta, scaling = target_rope(text)
+    return text, {
+        "hidden_size": int(text.hidden_size),
+        "intermediate_size": int(text.intermediate_size),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(getattr(text, "num_key_value_heads", None) or heads),
+        "head_dim": int(getattr(text, "head_dim", None) or int(text.hidden_size) // heads),
+        "rms_norm_eps": float(getattr(text, "rms_norm_eps", 1e-6)),
+        "rope_theta": theta,
+        "rope_scaling": scaling,
+        "max_position_embeddings": int(text.max_position_embeddings),
+        "target_hidden_size": int(text.hidden_size),
+        "hidden_act": str(getattr(text, "hidden_act", "silu")),
+    }
 
 
 def rope_inverse_frequencies(head_dim: int, rope_theta: float, rope_scaling: Mapping[str, Any] | None) -> torch.Tensor:

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from draftcache.trainer.layers import SUPPORTED_ROPE_TYPES, rope_type, target_rope, text_config
+from draftcache.trainer.layers import SUPPORTED_ROPE_TYPES, rope_type, target_decoder_shape, target_rope, text_config
 
 __all__ = ["DFlashDraftConfig", "DFLASH_ARCHITECTURE", "DSPARK_ARCHITECTURE", "DSPARK_MARKOV_RANK"]
 
@@ -155,32 +155,15 @@ class DFlashDraftConfig:
     ) -> "DFlashDraftConfig":
         """Draft config matching a HF target config (object or ``to_dict()`` form): sizes,
         heads, eps, RoPE and context length are the target's."""
-        text = text_config(hf_config)
-        missing = [name for name in ("hidden_size", "intermediate_size", "num_attention_heads",
-                                     "vocab_size", "max_position_embeddings", "num_hidden_layers")
-                   if getattr(text, name, None) is None]
-        if missing:
-            raise ValueError(f"target config lacks {', '.join(missing)}; cannot derive a DFlash draft config from it")
-        heads = int(text.num_attention_heads)
-        theta, scaling = target_rope(text)
+        text, shape = target_decoder_shape(hf_config, draft="DFlash", required=("num_hidden_layers",))
         return cls(
-            hidden_size=int(text.hidden_size),
-            intermediate_size=int(text.intermediate_size),
+            **shape,
             num_hidden_layers=int(num_hidden_layers),
-            num_attention_heads=heads,
-            num_key_value_heads=int(getattr(text, "num_key_value_heads", None) or heads),
-            head_dim=int(getattr(text, "head_dim", None) or int(text.hidden_size) // heads),
-            rms_norm_eps=float(getattr(text, "rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            max_position_embeddings=int(text.max_position_embeddings),
             vocab_size=int(text.vocab_size),
-            target_hidden_size=int(text.hidden_size),
             num_target_layers=int(text.num_hidden_layers),
             target_layer_ids=list(target_layer_ids),
             block_size=int(block_size),
             mask_token_id=int(mask_token_id),
-            hidden_act=str(getattr(text, "hidden_act", "silu")),
             markov_rank=int(markov_rank),
             enable_confidence_head=bool(enable_confidence_head),
         )

@@ -52,8 +52,7 @@ from draftcache.trainer.layers import (
     SwiGLUMLP,
     rope_type,
     rotate_half,
-    target_rope,
-    text_config,
+    target_decoder_shape,
 )
 
 __all__ = [
@@ -201,16 +200,7 @@ class Eagle3DraftConfig:
         (``fc_norm``, ``norm_output``, ``norm_before_fc``, ``attention_bias``, ``num_hidden_layers``,
         ``parallel_drafting``, ``mask_token_id``).
         """
-        text = text_config(hf_config)
-        missing = [name for name in ("hidden_size", "intermediate_size", "num_attention_heads",
-                                     "vocab_size", "max_position_embeddings")
-                   if getattr(text, name, None) is None]
-        if missing:
-            raise ValueError(f"target config lacks {', '.join(missing)}; cannot derive a draft config from it")
-        heads = int(text.num_attention_heads)
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        head_dim = getattr(text, "head_dim", None) or int(text.hidden_size) // heads
-        theta, scaling = target_rope(text)
+        text, shape = target_decoder_shape(hf_config, draft="EAGLE-3")
         num_layers = getattr(text, "num_hidden_layers", None)
         if num_layers is not None and any(int(i) >= int(num_layers) for i in aux_layer_ids):
             raise ValueError(
@@ -218,21 +208,11 @@ class Eagle3DraftConfig:
                 "(ids name decoder-layer outputs, 0-based)"
             )
         return cls(
-            hidden_size=int(text.hidden_size),
-            intermediate_size=int(text.intermediate_size),
-            num_attention_heads=heads,
-            num_key_value_heads=int(kv_heads),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(getattr(text, "rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            max_position_embeddings=int(text.max_position_embeddings),
-            target_hidden_size=int(text.hidden_size),
+            **shape,
             target_vocab_size=int(text.vocab_size),
             draft_vocab_size=int(draft_vocab_size),
             aux_layer_ids=list(aux_layer_ids),
             num_aux_layers=len(aux_layer_ids),
-            hidden_act=str(getattr(text, "hidden_act", "silu")),
             norm_before_residual=norm_before_residual,
             **variant,
         )
