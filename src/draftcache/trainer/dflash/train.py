@@ -37,9 +37,10 @@ from draftcache.trainer.data_wait import DataWait
 from draftcache.trainer.dflash.config import DFlashDraftConfig
 from draftcache.data.vocab import supervised_token_counts
 from draftcache.trainer.dflash.loss import DFLASH_LOSS_DECAY, dflash_loss, sample_anchors
+from draftcache.trainer.metrics import MetricSums
 from draftcache.trainer.mask_token import MaskTokenChoice, choose_mask_token, tokenizer_special_ids
 from draftcache.trainer.dflash.model import DFlashDraftModel
-from draftcache.trainer.distributed import all_reduce_sum, init_distributed
+from draftcache.trainer.distributed import init_distributed
 from draftcache.trainer.layers import text_config
 from draftcache.trainer.optim import accumulation_group, optimizer_step, training_autocast
 
@@ -293,18 +294,14 @@ def _open_dflash_cache(cfg: "DFlashTrainConfig"):
     return reader
 
 
-def _sums(block: int, device) -> torch.Tensor:
-    """``[loss sum, micro-batches, accept sum, blocks, correct[B], counted[B]]`` float64."""
-    return torch.zeros(4 + 2 * block, dtype=torch.float64, device=device)
+def _sums(block: int, device) -> MetricSums:
+    return MetricSums({"loss": 1, "batches": 1, "accept": 1, "blocks": 1, "correct": block, "counted": block},
+                      device)
 
 
-def _add(sums: torch.Tensor, out, block: int) -> None:
-    sums[0] += out.loss.detach().double()
-    sums[1] += 1
-    sums[2] += out.accept_length_sum
-    sums[3] += out.num_blocks
-    sums[4 : 4 + block] += out.correct.double()
-    sums[4 + block :] += out.counted.double()
+def _add(sums: MetricSums, out) -> None:
+    sums.add(loss=out.loss, batches=1, accept=out.accept_length_sum, blocks=out.num_blocks, correct=out.correct,
+             counted=out.counted)
 
 
 class _DFlashLossModule(torch.nn.Module):
@@ -323,11 +320,10 @@ class _DFlashLossModule(torch.nn.Module):
                            distribution_weight=distribution_weight)
 
 
-def _summary(sums: torch.Tensor, block: int, first_slot: int = 1) -> dict:
+def _summary(sums: MetricSums, first_slot: int = 1) -> dict:
     """Per-draft-token accuracy (block slots ``first_slot..B-1``), loss and simulated tau."""
-    acc = (sums[4 : 4 + block] / sums[4 + block :].clamp_min(1)).tolist()[first_slot:]
-    return {"loss": float(sums[0] / sums[1].clamp_min(1)), "acc": acc,
-            "sim_tau": float(sums[2] / sums[3].clamp_min(1))}
+    return {"loss": float(sums.ratio("loss", "batches")), "acc": sums.ratio("correct", "counted").tolist()[first_slot:],
+            "sim_tau": float(sums.ratio("accept", "blocks"))}
 
 
 _RESUME_FREE = frozenset({"output_dir", "resume", "progress", "device", "eval_every", "save_every", "log_every",
@@ -459,10 +455,10 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
             # seeded by the micro-batch's global index: the same anchors at every validation, on any world size
             gen = torch.Generator().manual_seed(anchor_seed(cfg.seed + 1, i * world + rank))
             with training_autocast(device):
-                _add(sums, run(local_loss, batch, gen), block)
+                _add(sums, run(local_loss, batch, gen))
         draft.train()
-        all_reduce_sum(sums, dist_info)
-        return _summary(sums, block, first)
+        sums.all_reduce(dist_info)
+        return _summary(sums, first)
 
     def record(entry: dict) -> None:
         if not is_main:
@@ -496,7 +492,7 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
                 with training_autocast(device):  # the forward only: backward ops take their forward's dtypes
                     out = run(loss_module, batch, gen)
                 (out.loss / group).backward()
-            _add(window, out, block)
+            _add(window, out)
             state.batches_in_epoch += 1
             state.tokens_seen += int(batch["input_ids"].numel())
             if not sync:
@@ -504,8 +500,8 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
             optimizer_step(params, optimizer, scheduler, cfg.grad_clip)
             state.step += 1
             if state.step % cfg.log_every == 0 or state.step == total:
-                all_reduce_sum(window, dist_info)
-                summary = _summary(window, block, first)
+                window.all_reduce(dist_info)
+                summary = _summary(window, first)
                 last_loss = summary["loss"]
                 record({"step": state.step, "epoch": state.epoch, "split": "train", **summary,
                         "lr": scheduler.get_last_lr()[0], "tokens_seen": state.tokens_seen,

@@ -25,9 +25,10 @@ from draftcache.trainer.checkpoint import (
 from draftcache.trainer.data_wait import DataWait
 from draftcache.trainer.eagle3.config import TrainConfig
 from draftcache.trainer.optim import accumulation_group, optimizer_step, training_autocast
-from draftcache.trainer.distributed import DistInfo, all_reduce_sum, init_distributed
+from draftcache.trainer.distributed import DistInfo, init_distributed
 from draftcache.trainer.eagle3.model import Eagle3DraftConfig, Eagle3DraftModel
 from draftcache.trainer.mask_token import choose_mask_token
+from draftcache.trainer.metrics import MetricSums
 from draftcache.trainer.layers import text_config
 from draftcache.trainer.eagle3.ttt import simulated_acceptance_length, ttt_forward
 
@@ -131,28 +132,22 @@ def _lr_lambda(cfg: TrainConfig, total_steps: int):
     return fn
 
 
-def _metric_sums(k: int, device) -> torch.Tensor:
-    """Running sums ``[loss sum, micro-batches, correct[k], valid[k], supervised[k]]`` (float64)."""
-    return torch.zeros(2 + 3 * k, dtype=torch.float64, device=device)
+def _metric_sums(k: int, device) -> MetricSums:
+    return MetricSums({"loss": 1, "batches": 1, "correct": k, "valid": k, "supervised": k}, device)
 
 
-def _accumulate(sums: torch.Tensor, out, k: int) -> None:
+def _accumulate(sums: MetricSums, out) -> None:
     """Add one micro-batch to ``sums`` on device (no host sync per micro-batch)."""
-    sums[0] += out.loss.detach().double()
-    sums[1] += 1
-    sums[2 : 2 + k] += out.correct.double()
-    sums[2 + k : 2 + 2 * k] += out.valid.double()
-    sums[2 + 2 * k :] += out.supervised.double()
+    sums.add(loss=out.loss, batches=1, correct=out.correct, valid=out.valid, supervised=out.supervised)
 
 
-def _summarize(sums: torch.Tensor, k: int) -> dict:
+def _summarize(sums: MetricSums) -> dict:
     """Mean micro-batch loss, per-TTT-step accuracies and simulated acceptance lengths from
     (all-reduced) ``sums``: ``acc`` over supervised positions, ``acc_in_draft_vocab`` over those
     whose target is in the draft vocabulary (the same hits, a smaller denominator)."""
-    correct, valid, supervised = sums[2 : 2 + k], sums[2 + k : 2 + 2 * k], sums[2 + 2 * k :]
-    acc = (correct / supervised.clamp_min(1)).tolist()
-    in_vocab = (correct / valid.clamp_min(1)).tolist()
-    return {"loss": float(sums[0] / sums[1].clamp_min(1)), "acc": acc, "acc_in_draft_vocab": in_vocab,
+    acc = sums.ratio("correct", "supervised").tolist()
+    in_vocab = sums.ratio("correct", "valid").tolist()
+    return {"loss": float(sums.ratio("loss", "batches")), "acc": acc, "acc_in_draft_vocab": in_vocab,
             "sim_acceptance_length": simulated_acceptance_length(acc),
             "sim_acceptance_length_in_draft_vocab": simulated_acceptance_length(in_vocab)}
 
@@ -168,10 +163,10 @@ def evaluate_loss(model, source, plan, cfg: TrainConfig, device, dist_info: Dist
         inputs = source.supervise(batch, device)
         with training_autocast(device):
             out = ttt_forward(model, **inputs, ttt_steps=k, step_weight=cfg.step_weight)
-        _accumulate(sums, out, k)
-    all_reduce_sum(sums, dist_info)
+        _accumulate(sums, out)
+    sums.all_reduce(dist_info)
     model.train()
-    return _summarize(sums, k)
+    return _summarize(sums)
 
 
 # Settings that do not change which micro-batches a step sees or how they are optimised.
@@ -298,7 +293,7 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
             with ctx, training_autocast(device):
                 out = ddp_model(inputs, ttt_steps=k, step_weight=cfg.step_weight)
                 (out.loss / group).backward()
-            _accumulate(window, out, k)
+            _accumulate(window, out)
             state.batches_in_epoch += 1
             state.tokens_seen += int(inputs["attention_mask"].sum())
             if not sync:
@@ -307,8 +302,8 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
             state.step += 1
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == total_steps:
-                all_reduce_sum(window, dist_info)
-                summary = _summarize(window, k)
+                window.all_reduce(dist_info)
+                summary = _summarize(window)
                 last_loss = summary["loss"]
                 log_metrics({"step": state.step, "epoch": state.epoch, **summary, "lr": scheduler.get_last_lr()[0],
                              "tokens_seen": state.tokens_seen, "split": "train", "data_wait_share": waiting.window()})
