@@ -44,10 +44,12 @@ def _engine_tier() -> bool:
 
 
 _SKIPPED: list[str] = []  # node ids skipped in this session
+_ENGINE_DESELECTED: list[int] = [0]  # engine tests deselected by a pytest-xdist worker (each collects all)
 
 
 def pytest_configure(config):
     _SKIPPED.clear()
+    _ENGINE_DESELECTED[0] = 0
 
 
 def pytest_runtest_logreport(report):
@@ -66,11 +68,24 @@ def _unexpected_skips() -> list[str]:
 
 
 def pytest_sessionfinish(session, exitstatus):
+    workeroutput = getattr(session.config, "workeroutput", None)  # set on a pytest-xdist worker
+    if workeroutput is not None:
+        workeroutput["engine_deselected"] = getattr(session.config, "_draftcache_engine_deselected", 0)
     if _unexpected_skips() and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """pytest-xdist, on the controller: a worker's count of deselected engine tests."""
+    _ENGINE_DESELECTED[0] = max(_ENGINE_DESELECTED[0], getattr(node, "workeroutput", {}).get("engine_deselected", 0))
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    count = getattr(config, "_draftcache_engine_deselected", 0) or _ENGINE_DESELECTED[0]
+    if count:  # tests/engine/conftest.py deselects them where vLLM is not importable
+        terminalreporter.write_line(f"engine tier: {count} tests deselected (vLLM is not importable here); "
+                                    "scripts/engine_env.sh runs them in their own venv")
     unexpected = _unexpected_skips()
     if unexpected:
         where = ("DRAFTCACHE_ENGINE_TIER=1: no test may skip" if _engine_tier()
