@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,14 +25,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-DATA = Path(__file__).parent / "data" / "chats.json"
+from .helpers import DATA, run_cli
+
 BLOCK = 4
-
-
-def _run(cmd: list[str], env: dict[str, str], what: str) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, f"{what} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +106,10 @@ def smollm2_dspark(smollm2_dir, engine_env, tmp_path_factory):
     shutil.copy(DATA, data / "chats.json")
     py, target = sys.executable, str(smollm2_dir)
     cache, run = root / "cache", root / "run"
-    _run([py, "-m", "draftcache.precompute", "--method", "dflash", "--output-dir", str(cache), "--target-model",
+    run_cli([py, "-m", "draftcache.precompute", "--method", "dflash", "--output-dir", str(cache), "--target-model",
           target, "--input-data", str(data), "--seq-length", "256", "--device", "cpu", "--quiet"], engine_env,
          "precompute-eagle3 --method dflash")
-    log = _run([py, "-m", "draftcache.cli", "train", "--method", "dspark", "--cached-target-path", str(cache),
+    log = run_cli([py, "-m", "draftcache.cli", "train", "--method", "dspark", "--cached-target-path", str(cache),
                 "--output-dir", str(run), "--block-size", str(BLOCK), "--markov-rank", "16", "--max-steps", "60",
                 "--lr", "3e-3", "--warmup-steps", "5", "--val-fraction", "0", "--device", "cpu", "--quiet"],
                engine_env, "train --method dspark")

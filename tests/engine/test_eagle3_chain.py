@@ -21,67 +21,43 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-DATA = Path(__file__).parent / "data" / "chats.json"
+from .helpers import DATA, run_cli, serve_beside_ours, smollm2_reply_data
+
 K = 3                 # num_speculative_tokens
 MAX_NEW_TOKENS = 24   # eval generations
 REPLY_TOKENS = 40     # the target's replies written into the training data (longer than the evals)
 FORMATS = ["eagle3", "speculators"]
 
 
-def _run(cmd: list[str], env: dict[str, str], what: str) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, f"{what} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
-
-
 @pytest.fixture(scope="module")
 def chain(smollm2_dir, engine_env, tmp_path_factory):
     """Plain vLLM outputs, then precompute -> train -> export (both formats) through the CLI."""
-    from draftcache.data import load_conversations
-    from draftcache.trainer.evaluate import EvalPrompts, load_eval_prompts
-    from draftcache.trainer.vllm_eval import make_vllm, release_vllm, vllm_generate
+    from draftcache.trainer.evaluate import EvalPrompts
 
     root = tmp_path_factory.mktemp("chain")
     target = str(smollm2_dir)
-    prompts = load_eval_prompts(target_path=target, input_data=str(DATA), num_prompts=1000)
-    eos = prompts.tokenizer.eos_token_id
-    max_len = max(len(p) for p in prompts.ids) + REPLY_TOKENS + K + 8
-    plain = make_vllm(target, max_model_len=max_len)
-    replies = vllm_generate(plain.llm, prompts.ids, REPLY_TOKENS, eos)
-    reference = [r[:MAX_NEW_TOKENS] if eos not in r[:MAX_NEW_TOKENS] else r[: r.index(eos) + 1] for r in replies]
-    release_vllm(plain)
-
     # training data: the written chats and the target's own replies to their prompts
-    data = root / "data"
-    data.mkdir()
-    shutil.copy(DATA, data / "chats.json")
-    # the same records, in the same order, as load_eval_prompts read them
-    convs = [c for c in load_conversations(str(DATA), prompts=True) if c.prompt_messages()]
-    assert len(convs) == len(prompts.ids)
-    with open(data / "regenerated.jsonl", "w", encoding="utf-8") as f:
-        for conv, reply in zip(convs, replies):
-            answer = prompts.tokenizer.decode(reply, skip_special_tokens=True)
-            f.write(json.dumps({"messages": conv.prompt_messages() + [{"role": "assistant", "content": answer}]}) + "\n")
+    replies = smollm2_reply_data(target, root, reply_tokens=REPLY_TOKENS, max_new_tokens=MAX_NEW_TOKENS,
+                                 draft_tokens=K)
+    prompts, reference, data, max_len = replies.prompts, replies.reference, replies.data_dir, replies.max_len
 
     py = sys.executable
     cache, run = root / "cache", root / "run"
-    precompute_log = _run([py, "-m", "draftcache.precompute", "--output-dir", str(cache), "--target-model", target,
+    precompute_log = run_cli([py, "-m", "draftcache.precompute", "--output-dir", str(cache), "--target-model", target,
                            "--input-data", str(data), "--draft-vocab-size", "2048", "--seq-length", "256",
                            "--device", "cpu", "--quiet"], engine_env, "precompute-eagle3")
-    _run([py, "-m", "draftcache.cli", "train", "--cached-target-path", str(cache), "--output-dir", str(run),
+    run_cli([py, "-m", "draftcache.cli", "train", "--cached-target-path", str(cache), "--output-dir", str(run),
           "--epochs", "12", "--ttt-steps", "3", "--lr", "3e-3", "--warmup-steps", "5", "--val-fraction", "0",
           "--batch-tokens", "2048", "--device", "cpu", "--quiet", "--export-format", "eagle3"], engine_env, "train")
     exports = {}
     for fmt in FORMATS:
         exports[fmt] = root / f"export-{fmt}"
-        _run([py, "-m", "draftcache.cli", "export", str(run), "--output", str(exports[fmt]), "--format", fmt],
+        run_cli([py, "-m", "draftcache.cli", "export", str(run), "--output", str(exports[fmt]), "--format", fmt],
              engine_env, f"export {fmt}")
     # the evals: every other prompt (plain, system-prompt and assistant-first chats alike)
     eval_prompts = EvalPrompts(ids=prompts.ids[::2], tokenizer=prompts.tokenizer, skipped=prompts.skipped)
@@ -93,29 +69,10 @@ def chain(smollm2_dir, engine_env, tmp_path_factory):
 @pytest.fixture(scope="module", params=FORMATS)
 def served(request, chain):
     """One export served by vLLM (speculative, K draft tokens) next to our own eval of it."""
-    from draftcache.trainer.evaluate import evaluate_draft
-    from draftcache.trainer.vllm_eval import (check_vllm_draft, counters_since, drafter_state, make_vllm,
-                                              release_vllm, vllm_generate, vllm_spec_counters)
-
     fmt = request.param
-    draft_dir = chain["exports"][fmt]
-    prompts = chain["eval_prompts"]
-    ours = evaluate_draft(draft_dir=str(draft_dir), target_model=chain["target"], prompts=prompts,
-                          num_prompts=len(prompts.ids), draft_tokens=K, max_new_tokens=MAX_NEW_TOKENS, device="cpu")
-    engine = make_vllm(chain["target"], draft_dir=str(draft_dir), draft_tokens=K, max_model_len=chain["max_len"])
-    check = check_vllm_draft(engine, draft_dir)
-    before = vllm_spec_counters(engine.llm, K)
-    outputs = vllm_generate(engine.llm, prompts.ids, MAX_NEW_TOKENS, prompts.tokenizer.eos_token_id)
-    counters = counters_since(vllm_spec_counters(engine.llm, K), before)
-    snapshot = engine.drafter_params[0]
-    flags = engine.llm.collective_rpc(drafter_state)[0]
-    release_vllm(engine)
-    print(f"\n[{fmt}] vLLM mean acceptance length {counters.mean_acceptance_length:.3f} "
-          f"(drafts {counters.num_drafts}, accepted per position {counters.num_accepted_tokens_per_pos}); ours "
-          f"{ours.stats.mean_acceptance_length:.3f} (drafts {ours.stats.num_drafts}, accepted per position "
-          f"{ours.stats.num_accepted_tokens_per_pos}), tau {ours.tau:.3f}; load check: {check.format()}")
-    return {"format": fmt, "dir": draft_dir, "ours": ours, "check": check, "outputs": outputs, "counters": counters,
-            "snapshot": snapshot, "flags": flags}
+    result = serve_beside_ours(fmt, chain["target"], chain["exports"][fmt], chain["eval_prompts"], draft_tokens=K,
+                               max_new_tokens=MAX_NEW_TOKENS, max_len=chain["max_len"])
+    return {**result, "format": fmt}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +203,7 @@ def test_shifted_aux_layer_ids_fail_the_check(chain, tmp_path):
 
 def test_cli_eval_engine_vllm(chain, engine_env):
     """``draftcache eval --engine vllm`` end to end, in a subprocess (its own two engines)."""
-    out = _run([sys.executable, "-m", "draftcache.cli", "eval", "--engine", "vllm", "--draft",
+    out = run_cli([sys.executable, "-m", "draftcache.cli", "eval", "--engine", "vllm", "--draft",
                 str(chain["exports"]["speculators"]), "--target-model", chain["target"], "--input-data", str(DATA),
                 "--num-prompts", "2", "--draft-tokens", str(K), "--max-new-tokens", "8"], engine_env, "eval --engine vllm")
     assert "load check         ok: 11 drafter parameters equal the export" in out

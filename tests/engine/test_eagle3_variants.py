@@ -18,15 +18,12 @@ its plain greedy output and ours, and vLLM's acceptance counters equal ``draftca
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-DATA = Path(__file__).parent / "data" / "chats.json"
+from .helpers import run_cli, serve_beside_ours, smollm2_reply_data
+
 K = 3
 MAX_NEW_TOKENS = 16
 REPLY_TOKENS = 32
@@ -38,53 +35,32 @@ TRAIN = {  # name -> (train flags, export format)
 }
 
 
-def _run(cmd: list[str], env: dict[str, str], what: str) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, f"{what} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
-
-
 @pytest.fixture(scope="module")
 def variants(smollm2_dir, engine_env, tmp_path_factory):
     """Plain vLLM outputs, one cache, three drafts trained from it and exported."""
-    from draftcache.data import load_conversations
-    from draftcache.trainer.evaluate import EvalPrompts, load_eval_prompts
-    from draftcache.trainer.vllm_eval import make_vllm, release_vllm, vllm_generate
+    from draftcache.trainer.evaluate import EvalPrompts
 
     root = tmp_path_factory.mktemp("variants")
     target = str(smollm2_dir)
-    prompts = load_eval_prompts(target_path=target, input_data=str(DATA), num_prompts=1000)
-    eos = prompts.tokenizer.eos_token_id
-    max_len = max(len(p) for p in prompts.ids) + REPLY_TOKENS + K + 8
-    plain = make_vllm(target, max_model_len=max_len)
-    replies = vllm_generate(plain.llm, prompts.ids, REPLY_TOKENS, eos)
-    reference = [r[:MAX_NEW_TOKENS] if eos not in r[:MAX_NEW_TOKENS] else r[: r.index(eos) + 1] for r in replies]
-    release_vllm(plain)
-
-    data = root / "data"
-    data.mkdir()
-    shutil.copy(DATA, data / "chats.json")
-    convs = [c for c in load_conversations(str(DATA), prompts=True) if c.prompt_messages()]
-    with open(data / "regenerated.jsonl", "w", encoding="utf-8") as f:
-        for conv, reply in zip(convs, replies):
-            answer = prompts.tokenizer.decode(reply, skip_special_tokens=True)
-            f.write(json.dumps({"messages": conv.prompt_messages() + [{"role": "assistant", "content": answer}]}) + "\n")
+    replies = smollm2_reply_data(target, root, reply_tokens=REPLY_TOKENS, max_new_tokens=MAX_NEW_TOKENS,
+                                 draft_tokens=K)
+    prompts, reference, data, max_len = replies.prompts, replies.reference, replies.data_dir, replies.max_len
 
     py = sys.executable
     cache = root / "cache"
-    _run([py, "-m", "draftcache.precompute", "--output-dir", str(cache), "--target-model", target, "--input-data",
+    run_cli([py, "-m", "draftcache.precompute", "--output-dir", str(cache), "--target-model", target, "--input-data",
           str(data), "--draft-vocab-size", "2048", "--seq-length", "256", "--device", "cpu", "--quiet"],
          engine_env, "precompute-eagle3")
     exports = {}
     for name, (flags, fmt) in TRAIN.items():
         run = root / ("peagle" if name == "peagle_speculators" else name)
         if flags is not None:
-            _run([py, "-m", "draftcache.cli", "train", "--cached-target-path", str(cache), "--output-dir", str(run),
+            run_cli([py, "-m", "draftcache.cli", "train", "--cached-target-path", str(cache), "--output-dir", str(run),
                   "--max-steps", "6", "--ttt-steps", str(K), "--lr", "3e-3", "--warmup-steps", "2", "--val-fraction",
                   "0", "--batch-tokens", "512", "--init-lm-head", "--device", "cpu", "--quiet", *flags], engine_env,
                  f"train {name}")
         exports[name] = root / f"export-{name}"
-        _run([py, "-m", "draftcache.cli", "export", str(run), "--output", str(exports[name]), "--format", fmt],
+        run_cli([py, "-m", "draftcache.cli", "export", str(run), "--output", str(exports[name]), "--format", fmt],
              engine_env, f"export {name}")
     eval_prompts = EvalPrompts(ids=prompts.ids[::4], tokenizer=prompts.tokenizer, skipped=prompts.skipped)
     return {"target": target, "eval_prompts": eval_prompts, "reference": reference[::4], "exports": exports,
@@ -94,27 +70,9 @@ def variants(smollm2_dir, engine_env, tmp_path_factory):
 @pytest.fixture(scope="module", params=list(TRAIN))
 def served(request, variants):
     """One draft served by vLLM (K draft tokens) next to our own eval of it."""
-    from draftcache.trainer.evaluate import evaluate_draft
-    from draftcache.trainer.vllm_eval import (check_vllm_draft, counters_since, make_vllm, release_vllm,
-                                              vllm_generate, vllm_spec_counters)
-
     name = request.param
-    draft_dir = variants["exports"][name]
-    prompts = variants["eval_prompts"]
-    ours = evaluate_draft(draft_dir=str(draft_dir), target_model=variants["target"], prompts=prompts,
-                          num_prompts=len(prompts.ids), draft_tokens=K, max_new_tokens=MAX_NEW_TOKENS, device="cpu")
-    engine = make_vllm(variants["target"], draft_dir=str(draft_dir), draft_tokens=K, max_model_len=variants["max_len"])
-    check = check_vllm_draft(engine, draft_dir)
-    before = vllm_spec_counters(engine.llm, K)
-    outputs = vllm_generate(engine.llm, prompts.ids, MAX_NEW_TOKENS, prompts.tokenizer.eos_token_id)
-    counters = counters_since(vllm_spec_counters(engine.llm, K), before)
-    release_vllm(engine)
-    print(f"\n[{name}] vLLM mean acceptance length {counters.mean_acceptance_length:.3f} (drafts "
-          f"{counters.num_drafts}, accepted per position {counters.num_accepted_tokens_per_pos}); ours "
-          f"{ours.stats.mean_acceptance_length:.3f} (drafts {ours.stats.num_drafts}, accepted per position "
-          f"{ours.stats.num_accepted_tokens_per_pos}), tau {ours.tau:.3f}, drafter forwards per round "
-          f"{ours.stats.draft_forwards_per_round:.2f}; load check: {check.format()}")
-    return {"name": name, "ours": ours, "check": check, "outputs": outputs, "counters": counters}
+    return serve_beside_ours(name, variants["target"], variants["exports"][name], variants["eval_prompts"],
+                             draft_tokens=K, max_new_tokens=MAX_NEW_TOKENS, max_len=variants["max_len"])
 
 
 _LAYER = ["hidden_norm.weight", "input_layernorm.weight", "post_attention_layernorm.weight",
