@@ -17,8 +17,9 @@ pages still resident after an eviction is printed).
 Paths measured, on the training plan the trainer makes (``plan_epoch``: shuffled samples, packed
 ``--batch-tokens`` rows, or ``--batch-size`` padded batches):
 
-* ``loader``: ``CacheBatchLoader`` raw batches (reader threads, reused buffers), the fast path;
-  its second epoch is timed (the first warms its buffers, as every epoch after the first would).
+* ``loader``: ``CacheBatchLoader`` raw batches (windows of ``--window-mb`` read in one sorted
+  pass per shard, reused buffers), the fast path; its second epoch is timed (the first warms its
+  buffers and opens its readers, as every epoch after the first would).
 * ``loader + expand_batch on cpu``: the same plus ``reader.expand_batch`` to the dense batch on
   the CPU (on a GPU trainer this expansion runs on the device); timed on the first
   ``--dense-batches`` batches and scaled to the epoch.
