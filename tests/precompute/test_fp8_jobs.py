@@ -65,7 +65,8 @@ def test_a_killed_fp8_run_resumes_to_the_uninterrupted_cache(fp8, tmp_path):
     partial = read_manifest_json(cache)
     assert partial["complete"] is False and partial["shards"] == []  # the two commits are in the journal only
     assert len((cache / "rank-0.commits.jsonl").read_text().splitlines()) == 2
-    resumed = CliRunner().invoke(app, _args(cache, fp8["data"], "--resume"))
+    with pytest.warns(UserWarning, match="removing stale lock .* left by process"):  # the killed run's
+        resumed = CliRunner().invoke(app, _args(cache, fp8["data"], "--resume"))
     assert resumed.exit_code == 0, resumed.output
     assert "resumed at sample 4" in resumed.stdout
     assert file_digests(cache) == file_digests(fp8["single"])
@@ -77,7 +78,8 @@ def test_resuming_an_fp8_cache_with_another_dtype_is_refused_naming_the_flag(fp8
     shutil.copytree(fp8["killed"], cache)
     assert (cache / ".lock").exists()  # the killed process's, stale
     before = {name: digest for name, digest in file_digests(cache).items() if name != ".lock"}
-    refused = CliRunner().invoke(app, [*_args(cache, fp8["data"], "--resume"), "--dtype", "bf16"])
+    with pytest.warns(UserWarning, match="removing stale lock .* left by process"):
+        refused = CliRunner().invoke(app, [*_args(cache, fp8["data"], "--resume"), "--dtype", "bf16"])
     assert refused.exit_code == 1
     assert "--resume refused" in refused.stderr
     assert 'dtype: "fp8" != "bf16"  [--dtype]' in refused.stderr
