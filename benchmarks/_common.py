@@ -24,7 +24,7 @@ import torch
 __all__ = [
     "MODEL_SHAPES", "build_llama", "build_word_tokenizer", "write_chats", "ChatLengths", "load_embedded",
     "synchronize", "timed", "drop_page_cache", "evict_files", "median", "line", "gb", "resolve_device",
-    "sharegpt_file", "smollm2_target",
+    "sharegpt_file", "smollm2_target", "rss_bytes", "hwm_bytes", "reset_hwm",
 ]
 
 # Dimensions of real configs (Meta's Llama 3.2 1B / 3.1 8B and a 1024-wide model with a 32k
@@ -84,6 +84,33 @@ def drop_page_cache() -> bool:
     try:
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def rss_bytes() -> int:
+    """Resident size of this process now (``/proc/self/statm``), bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def hwm_bytes() -> int:
+    """Peak resident size of this process (``VmHWM``) since it started or since ``reset_hwm``, bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line")
+
+
+def reset_hwm() -> bool:
+    """Reset the peak resident size (VmHWM, and ``ru_maxrss``) to the current one (Linux >= 4.0:
+    ``5`` to ``/proc/self/clear_refs``). False where the kernel refuses: a peak read afterwards
+    then covers the process's whole life."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
         return True
     except OSError:
         return False

@@ -24,7 +24,14 @@ share of the shards of a ``--scale-samples`` dataset.
 
     python benchmarks/disk_usage.py                   # llama-3.2-1b dims, 32k vocab, ~2 min on CPU
     python benchmarks/disk_usage.py --vocab-size 128256 --draft-vocab-sizes 8192,32000
-    python benchmarks/disk_usage.py --shape llama-3.1-8b --num-samples 8 --draft-vocab-sizes 8192
+    python benchmarks/disk_usage.py --shape llama-3.1-8b --batch-size 1 --draft-vocab-sizes 8192 \
+        --encodings topk,hidden,auto --no-embedded
+
+Memory: the replay spills every batch's ``[B, S, V]`` logits to disk (8 chats at a 128k
+vocabulary: 2.7 GB in fp32) and holds one batch's; the random-init target holds two ``[V, H]``
+matrices (2.1 GB each at 8B width in fp32; ``--target-dtype bf16`` halves them, slow on a CPU
+without bf16 instructions). ``--encodings`` skips encodings already measured. The peak RSS is
+printed at the end.
 """
 
 from __future__ import annotations
@@ -37,11 +44,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    MODEL_SHAPES, ChatLengths, build_llama, build_word_tokenizer, line, load_embedded, write_chats,
+    MODEL_SHAPES, ChatLengths, build_llama, build_word_tokenizer, hwm_bytes, line, load_embedded, write_chats,
 )
 
 from draftcache.data import load_conversations  # noqa: E402
@@ -54,11 +62,15 @@ _STORAGE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 class ReplayTarget:
     """An ``HFEagle3TargetModel`` whose ``forward_capture`` runs the real target once per distinct
-    batch (always capturing the final hidden state) and returns the stored outputs afterwards."""
+    batch (always capturing the final hidden state) and returns the stored outputs afterwards.
 
-    def __init__(self, target: HFEagle3TargetModel):
+    The ``[B, S, V]`` logits (2.7 GB in fp32 for 8 chats at a 128k vocabulary) are spilled to
+    ``.npy`` files in ``spill_dir`` and read back per batch, so the process holds one batch's."""
+
+    def __init__(self, target: HFEagle3TargetModel, spill_dir: Path):
         self._target = target
-        self._outputs: dict[str, TargetForward] = {}
+        self._spill_dir = spill_dir
+        self._outputs: dict[str, tuple[Path, torch.Tensor, torch.Tensor]] = {}  # key -> (logits file, aux, final)
         self.forwards = 0
 
     def __getattr__(self, name: str):
@@ -71,11 +83,21 @@ class ReplayTarget:
         key = hashlib.sha256(input_ids.cpu().numpy().tobytes() + attention_mask.cpu().numpy().tobytes()
                              + str(tuple(input_ids.shape)).encode()).hexdigest()
         if key not in self._outputs:
-            self._outputs[key] = self._target.forward_capture(input_ids, attention_mask, capture_final_hidden=True)
+            out = self._target.forward_capture(input_ids, attention_mask, capture_final_hidden=True)
+            path = self._spill_dir / f"logits-{key}.npy"
+            logits = out.logits.detach().cpu()
+            if logits.dtype == torch.bfloat16:  # numpy has no bfloat16: store the bits
+                np.save(path, logits.view(torch.int16).numpy())
+            else:
+                np.save(path, logits.numpy())
+            self._outputs[key] = (path, out.aux_hidden_states, out.final_hidden)
             self.forwards += 1
-        out = self._outputs[key]
-        return TargetForward(logits=out.logits, aux_hidden_states=out.aux_hidden_states,
-                             final_hidden=out.final_hidden if capture_final_hidden else None)
+            del out, logits
+        path, aux, final = self._outputs[key]
+        logits = torch.from_numpy(np.load(path))
+        if logits.dtype == torch.int16:
+            logits = logits.view(torch.bfloat16)
+        return TargetForward(logits=logits, aux_hidden_states=aux, final_hidden=final if capture_final_hidden else None)
 
 
 def nemo_shard_bytes(num_samples: int, seq_length: int, hidden: int, draft_vocab: int, dtype: str) -> int:
@@ -117,7 +139,9 @@ def measure(name: str, target, tokenizer, data_path: str, args, draft_vocab_size
     samples = tokenize_conversations(base, tokenizer, conversations)
     tokens = sum(len(s.input_ids) for s in samples)
     supervised = sum(int(s.loss_mask.sum()) for s in samples)
-    replay = ReplayTarget(target)
+    spill = tmp / "replay"
+    spill.mkdir(exist_ok=True)
+    replay = ReplayTarget(target, spill)
     hidden = target.hidden_size
     print(line(name, samples=len(samples), tokens=tokens, mean_tokens=tokens / len(samples),
                supervised_pct=100 * supervised / tokens, hidden=hidden, vocab=target.vocab_size,
@@ -127,7 +151,7 @@ def measure(name: str, target, tokenizer, data_path: str, args, draft_vocab_size
         nemo = nemo_shard_bytes(len(samples), args.seq_length, hidden, size, args.dtype)
         print(line(f"  NeMo padded layout, Vd={size}", bytes_per_token=nemo / tokens, shard_MB=nemo / 1e6,
                    per_sample_MB=nemo / len(samples) / 1e6))
-        for encoding in ("probs", "topk", "hidden", "auto"):
+        for encoding in args.encodings:
             first_shards = None  # the first dtype's shard bytes (bf16 by default), for the fp8 ratio
             for dtype in args.dtypes:
                 out = tmp / f"cache-{size}-{encoding}-{dtype}"
@@ -161,7 +185,7 @@ def measure(name: str, target, tokenizer, data_path: str, args, draft_vocab_size
                            ratio_to_nemo=ratio, nemo_over_ours=nemo / shards, side_files_MB=side / 1e6,
                            side_pct_at_scale=at_scale, **extra))
                 shutil.rmtree(out)
-    print(line("  target forwards run", batches=replay.forwards))
+    print(line("  target forwards run", batches=replay.forwards, peak_rss_GB=hwm_bytes() / 1e9))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -173,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="MLP width (bytes do not depend on it; the shape's: 0)")
     parser.add_argument("--draft-vocab-sizes", default="8192,32000", help="comma-separated; 0 = full vocabulary")
     parser.add_argument("--topk", type=int, default=20)
+    parser.add_argument("--encodings", default="probs,topk,hidden,auto", help="comma-separated, in this order")
+    parser.add_argument("--target-dtype", default="fp32", choices=["fp32", "bf16"],
+                        help="the random-init target's dtype (bf16 halves its weights and the replayed logits)")
     parser.add_argument("--num-samples", type=int, default=8, help="lengths are the distribution's quantiles, so "
                         "a few samples already have its mean length")
     parser.add_argument("--scale-samples", type=int, default=68_000,
@@ -193,6 +220,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--embedded-data", default=None)
     args = parser.parse_args(argv)
     args.dtypes = (args.dtypes or f"{args.dtype},fp8").split(",")
+    args.encodings = args.encodings.split(",")
+    unknown = sorted(set(args.encodings) - {"probs", "topk", "hidden", "auto"})
+    if unknown:
+        parser.error(f"--encodings: unknown {unknown}; choose from probs, topk, hidden, auto")
     draft_vocab_sizes = [int(v) or None for v in args.draft_vocab_sizes.split(",")]
 
     with tempfile.TemporaryDirectory(prefix="draftcache-disk-") as tmp_name:
@@ -200,11 +231,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.synthetic:
             vocab = args.vocab_size or MODEL_SHAPES[args.shape]["vocab_size"]
             model = build_llama(args.shape, num_layers=args.num_layers, vocab_size=vocab,
-                                intermediate_size=args.intermediate_size or None)
+                                intermediate_size=args.intermediate_size or None,
+                                dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.target_dtype])
             layers = args.num_layers
             args.aux_layer_ids = None if layers >= 8 else [0, layers // 2, layers - 1]
             lengths = ChatLengths(args.median_tokens, args.sigma, max_tokens=args.seq_length)
-            print(f"-- random-init {args.shape} dims ({layers} layers, vocab {vocab}), chats {lengths} "
+            print(f"-- random-init {args.shape} dims ({layers} layers, vocab {vocab}, {args.target_dtype}), chats {lengths} "
                   f"(mean {lengths.mean():.0f}), truncated to {args.seq_length}")
             print(check_nemo_formula(tmp, args.seq_length, model.config.hidden_size,
                                      draft_vocab_sizes[0] or vocab, args.dtype))

@@ -17,8 +17,9 @@ pages still resident after an eviction is printed).
 Paths measured, on the training plan the trainer makes (``plan_epoch``: shuffled samples, packed
 ``--batch-tokens`` rows, or ``--batch-size`` padded batches):
 
-* ``loader``: ``CacheBatchLoader`` raw batches (reader threads, reused buffers), the fast path;
-  its second epoch is timed (the first warms its buffers, as every epoch after the first would).
+* ``loader``: ``CacheBatchLoader`` raw batches (windows of ``--window-mb`` read in one sorted
+  pass per shard, reused buffers), the fast path; its second epoch is timed (the first warms its
+  buffers and opens its readers, as every epoch after the first would).
 * ``loader + expand_batch on cpu``: the same plus ``reader.expand_batch`` to the dense batch on
   the CPU (on a GPU trainer this expansion runs on the device); timed on the first
   ``--dense-batches`` batches and scaled to the epoch.
@@ -56,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ChatLengths, evict_files, gb, line, median, resident_fraction  # noqa: E402
 
 from draftcache.cache_format import (  # noqa: E402
-    CacheBatchLoader, CacheWriter, SampleRecord, collate_padded, collate_raw, new_manifest, open_cache, pack_samples,
+    WINDOW_BYTES, CacheBatchLoader, CacheWriter, SampleRecord, collate_padded, collate_raw, new_manifest, open_cache, pack_samples,
 )
 from draftcache.trainer.batching import plan_epoch  # noqa: E402
 
@@ -164,7 +165,7 @@ def measure_cache(path: Path, encoding: str, args) -> None:
     per_sample = [stored_bytes(reader.get_raw(i)) for i in range(n)]
     epoch_bytes = [sum(per_sample[i] for batch in plan for i in batch) for plan in plans]
     print(line(f"cache {encoding}", samples=n, tokens=sum(lengths), shards=len(files), file_MB=file_bytes / 1e6,
-               stored_MB=sum(per_sample) / 1e6, batches=len(plans[1]),
+               stored_MB=sum(per_sample) / 1e6, batches=len(plans[1]), window_MiB=args.window_bytes / 2**20,
                layout=f"packed {args.batch_tokens}" if max_tokens else f"padded x{args.batch_size}"))
 
     def timed_pass(fn) -> float:
@@ -190,7 +191,7 @@ def measure_cache(path: Path, encoding: str, args) -> None:
         results.setdefault(name, []).append((seconds, *raw))
 
     loaders = {t: CacheBatchLoader(path, plans[0], max_tokens=max_tokens, num_threads=t, prefetch=args.prefetch,
-                                   pin_memory=False) for t in args.loader_threads}
+                                   window_bytes=args.window_bytes, pin_memory=False) for t in args.loader_threads}
     for loader in loaders.values():
         for _ in loader:  # warm-up epoch: buffers grow and are paged in
             pass
@@ -220,7 +221,7 @@ def measure_cache(path: Path, encoding: str, args) -> None:
     prefix = plans[1][:args.dense_batches]
     prefix_bytes = sum(per_sample[i] for batch in prefix for i in batch)
     expand_loader = CacheBatchLoader(path, prefix, max_tokens=max_tokens, num_threads=args.loader_threads[0],
-                                     prefetch=args.prefetch, pin_memory=False)
+                                     prefetch=args.prefetch, window_bytes=args.window_bytes, pin_memory=False)
     for raw in expand_loader:  # warm-up
         reader.expand_batch(raw)
     raw_s = raw_pair()
@@ -270,7 +271,9 @@ def main(argv: list[str] | None = None) -> None:
                         "padded batches of --batch-size")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--loader-threads", default="1,2", help="comma-separated reader thread counts to compare")
-    parser.add_argument("--prefetch", type=int, default=4)
+    parser.add_argument("--prefetch", type=int, default=1, help="windows the loader reads ahead")
+    parser.add_argument("--window-mb", type=float, default=WINDOW_BYTES / 2**20,
+                        help="MiB of stored rows the loader reads in one sorted pass (its default: %(default)s)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the comparison (0: skip)")
     parser.add_argument("--dense-batches", type=int, default=4, help="batches timed on the old dense path")
     parser.add_argument("--repeats", type=int, default=3)
@@ -281,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (expand_batch, dense path)")
     args = parser.parse_args(argv)
     args.batch_tokens = args.batch_tokens or None
+    args.window_bytes = max(1, int(args.window_mb * 2**20))
     args.loader_threads = [int(t) for t in args.loader_threads.split(",")]
     torch.set_num_threads(args.threads)
     lengths = ChatLengths(args.median_tokens, args.sigma, max_tokens=args.seq_length)

@@ -45,33 +45,13 @@ sys.path.insert(0, str(HERE))
 MB = 1e6
 
 
-# ---------------------------------------------------------------------- memory of this process
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _hwm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def _reset_hwm() -> None:
-    """Reset the peak RSS (VmHWM) to the current RSS (Linux: ``5`` to ``/proc/self/clear_refs``)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 # ---------------------------------------------------------------------- children
 def child_precompute(args: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
     from transformers.initialization import no_init_weights
 
-    from _common import MODEL_SHAPES, ChatLengths, build_word_tokenizer, write_chats
+    from _common import MODEL_SHAPES, ChatLengths, build_word_tokenizer, hwm_bytes, reset_hwm, rss_bytes, write_chats
     from draftcache.data import load_conversations
     from draftcache.precompute import PrecomputeConfig, run_precompute, tokenize_conversations
     from draftcache.targets import HFEagle3TargetModel
@@ -100,13 +80,14 @@ def child_precompute(args: dict) -> dict:
                            dtype="bf16", supervision="auto", draft_vocab_size=32000, progress=False)
     conversations = load_conversations(str(data))
     samples = tokenize_conversations(cfg, tokenizer, conversations, store_dir=work / "tokens")
-    before = _rss_bytes()
-    _reset_hwm()
+    before = rss_bytes()
+    if not reset_hwm():
+        raise RuntimeError("this kernel refuses to reset the peak RSS (/proc/self/clear_refs); the peaks need it")
     t0 = time.perf_counter()
     summary = run_precompute(cfg, target=target, tokenizer=tokenizer, conversations=conversations, samples=samples,
                              model_id="random-init llama-3.1-8b widths", log=lambda _: None)
     seconds = time.perf_counter() - t0
-    peak = _hwm_bytes()
+    peak = hwm_bytes()
     manifest = json.loads((work / "cache" / "manifest.json").read_text())
     shard_bytes = sum(e["bytes"] for e in manifest["shards"])
     return {"before": before, "peak": peak, "seconds": seconds, "tokens": manifest["stats"]["num_tokens"],
@@ -191,7 +172,7 @@ def child_tokenize(args: dict) -> dict:
     """Peak RSS rise of tokenizing ``n`` chats and planning their shards, into a store or a list."""
     import torch
 
-    from _common import build_word_tokenizer
+    from _common import build_word_tokenizer, hwm_bytes, reset_hwm, rss_bytes
     from draftcache.cache_format import SampleBytes, plan_shard_boundaries
     from draftcache.data import load_conversations, sample_lengths, share_token_counts
     from draftcache.precompute import PrecomputeConfig, tokenize_conversations
@@ -203,8 +184,9 @@ def child_tokenize(args: dict) -> dict:
                            num_samples=args["n"], progress=False)
     conversations = load_conversations(args["data"], num_samples=args["n"], lazy=True)
     store = Path(args["work"]) / "tokens" if args["mode"] == "store" else None
-    before = _rss_bytes()
-    _reset_hwm()
+    before = rss_bytes()
+    if not reset_hwm():
+        raise RuntimeError("this kernel refuses to reset the peak RSS (/proc/self/clear_refs); the peaks need it")
     t0 = time.perf_counter()
     samples = tokenize_conversations(cfg, tokenizer, conversations, store_dir=store)
     counts = share_token_counts(samples, vocab, 0, 1)  # [V]
@@ -212,7 +194,7 @@ def child_tokenize(args: dict) -> dict:
                          "supervision": {"encoding": "hidden", "topk": None}, "draft_vocab": {"size": 32000}})
     bounds = plan_shard_boundaries((sizes(*n) for n in sample_lengths(samples)), 1 << 30, 1000 * 2**20)
     seconds = time.perf_counter() - t0
-    peak = _hwm_bytes()
+    peak = hwm_bytes()
     return {"n": len(samples), "before": before, "peak": peak, "seconds": seconds, "shards": len(bounds) - 1,
             "tokens": int(sum(n for n, _ in sample_lengths(samples))), "counted": int(counts.sum())}
 

@@ -94,28 +94,6 @@ class Row:
 # --------------------------------------------------------------------------------------------- children
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _hwm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/self/status has no VmHWM line")
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _unchunked_dflash_loss(model, target_hidden, input_ids, target_argmax, loss_mask, anchors, valid):
     """The DFlash loss as the trainer computed it before chunking (plain torch): every anchor's
     ``[B, h, A, Bk, S]`` context scores at once and the full ``[N, V]`` fp32 logits."""
@@ -232,13 +210,14 @@ def run_child(kind: str, shape: dict, device_name: str, chunk_scale: float = 1.0
     import torch
     from torch.utils.checkpoint import checkpoint
 
+    from _common import hwm_bytes, reset_hwm, rss_bytes
     from draftcache.trainer.optim import training_autocast
 
     device = torch.device(device_name)
     # checkpoint's first use imports torch._dynamo (~0.2 GB of host memory, once per process): not the loss's
     warm = torch.zeros(1, requires_grad=True)
     checkpoint(torch.sin, warm, use_reentrant=False).sum().backward()
-    before_setup = _rss_bytes()
+    before_setup = rss_bytes()
     if kind == "eagle3":
         run = _child_eagle3(Eagle3Shape(**shape), device)
     else:
@@ -249,9 +228,9 @@ def run_child(kind: str, shape: dict, device_name: str, chunk_scale: float = 1.0
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        setup = _rss_bytes() - before_setup
-        reset = _reset_hwm()
-        base = _rss_bytes()
+        setup = rss_bytes() - before_setup
+        reset = reset_hwm()
+        base = rss_bytes()
     t0 = time.perf_counter()
     with training_autocast(device):
         loss = run()
@@ -260,7 +239,7 @@ def run_child(kind: str, shape: dict, device_name: str, chunk_scale: float = 1.0
         torch.cuda.synchronize()
         peak, method = torch.cuda.max_memory_allocated() - base, "cuda max_memory_allocated, bf16 autocast"
     else:
-        peak = _hwm_bytes() - base
+        peak = hwm_bytes() - base
         method = "VmHWM delta, fp32" + ("" if reset else " (high-water mark not reset: upper bound)")
     return {"peak_bytes": peak, "setup_bytes": setup, "seconds": time.perf_counter() - t0, "loss": float(loss),
             "method": method}

@@ -48,25 +48,11 @@ SHAPES: dict[str, dict] = {
 VARIANTS = {"fused": "sdpa", "eager": "eager"}
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's resident high-water mark to the current size (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def run_child(args: argparse.Namespace) -> dict:
     """One variant: build the draft and batch, warm up, then time ``--repeats`` passes."""
     import torch
 
+    from _common import reset_hwm, rss_bytes
     from draftcache.trainer.eagle3.model import Eagle3DraftConfig, Eagle3DraftModel
     from draftcache.trainer.eagle3.ttt import ttt_forward
 
@@ -120,8 +106,8 @@ def run_child(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        reset = _reset_peak_rss()
-        base = _rss_bytes()
+        reset = reset_hwm()
+        base = rss_bytes()
     loss = step()
     sync()
     if device.type == "cuda":

@@ -47,6 +47,14 @@ def test_disk_usage_compares_encodings():
     assert re.search(r"ours hidden fp8, Vd=64 +bytes_per_token=[0-9.]+ .*fp8_over_bf16=0\.[0-9]+", out), out
 
 
+def test_disk_usage_runs_only_the_encodings_asked_with_a_bf16_target():
+    out = _run("disk_usage.py", "--shape", "1024-32k", "--vocab-size", "512", "--intermediate-size", "64",
+               "--draft-vocab-sizes", "64", "--num-samples", "2", "--no-embedded", "--encodings", "hidden",
+               "--target-dtype", "bf16", *TINY)
+    assert re.findall(r"ours (\w+) (\w+), Vd=64", out) == [("hidden", "bf16"), ("hidden", "fp8")], out
+    assert re.search(r"target forwards run +batches=1 +peak_rss_GB=[0-9.]+", out), out
+
+
 def test_reader_throughput_runs_every_path():
     out = _run("reader_throughput.py", "--encodings", "hidden", "--num-samples", "4", "--hidden-size", "64",
                "--vocab-size", "512", "--draft-vocab-size", "64", "--shard-size", "2", "--batch-tokens", "128",

@@ -136,7 +136,8 @@ def test_loader_yields_the_plan_in_order_reusing_its_buffers(tmp_path):
     cache = write_cache(tmp_path / "c", num_samples=13, encoding="hidden", dtype="bf16", shard_size=4)
     reader = open_cache(cache.path)
     plan = [[3, 1], [12], [7, 2, 0], [5, 6], [11, 10, 9], [4, 8]]
-    loader = CacheBatchLoader(cache.path, plan, max_tokens=80, num_threads=2, prefetch=1, pin_memory=False)
+    loader = CacheBatchLoader(cache.path, plan, max_tokens=80, num_threads=2, prefetch=1, window_bytes=1,
+                              pin_memory=False)  # a window per batch
     assert len(loader) == len(plan)
     storages = []
     for epoch in range(2):
@@ -147,7 +148,7 @@ def test_loader_yields_the_plan_in_order_reusing_its_buffers(tmp_path):
                 assert torch.equal(raw[name], want[name]), (epoch, b, name)
             storages.append(raw["aux_hidden_states"].untyped_storage().data_ptr())
             _assert_same_batch(reader.expand_batch(raw), _dense(reader, plan[b], 80, None), probs_atol=1e-6)
-    assert len(set(storages)) <= 2 * 2  # prefetch=1: two buffers, replaced only while they grow
+    assert len(set(storages)) <= 2 * 2  # prefetch=1: two windows of one buffer, replaced only while they grow
     loader.set_plan(plan[::-1])
     assert [raw["batch_shape"].tolist() for raw in loader] == [
         reader.get_raw_batch(batch, max_tokens=80)["batch_shape"].tolist() for batch in plan[::-1]]
@@ -179,3 +180,50 @@ def test_collate_raw_checks_its_input(tmp_path):
         collate_raw([])
     with pytest.raises(ValueError, match="raw sample 1 has fields .* but sample 0 has"):
         collate_raw([probs.get_raw(0), hidden.get_raw(1)])
+
+
+def test_read_many_merges_near_ranges_into_few_reads(tmp_path):
+    """A batch's ranges are read in file order, near ones as one request (the gap discarded): the
+    bytes equal one read per range, in fewer requests (what a cold disk pays per batch)."""
+    cache = write_cache(tmp_path / "c", num_samples=8, encoding="topk", dtype="fp8", topk=5, shard_size=8)
+    path = cache.path / "shard-000000.safetensors"
+    shard = ShardFile(path, path.stat().st_size)
+    names = [n for n in ("input_ids", "loss_mask", "aux_hidden_states", "aux_hidden_states_scale", "target_argmax",
+                         "topk_probs", "topk_ids") if n in shard.tensors]
+    assert "aux_hidden_states_scale" in names
+    requests, want = [], []
+    for name in names:  # rows 5..7, then 0..2 of every tensor: out of order, with gaps
+        for start, stop in ((5, 7), (0, 2)):
+            out = torch.empty((stop - start, *shard.tensors[name][1][1:]), dtype=shard.tensors[name][0])
+            requests.append((name, start, stop, out))
+            want.append(shard.read(name, start, stop))
+    assert shard.read_many(requests) == 1  # a small shard: everything within one gap of the next
+    separate = shard.read_many([(n, a, b, torch.empty_like(o)) for n, a, b, o in requests], max_gap=0)
+    assert separate == len(requests)  # no range touches the next: one request each
+    for (name, _, _, out), expected in zip(requests, want):
+        assert out.view(torch.uint8).equal(expected.view(torch.uint8)), name
+    shard.close()
+
+
+def test_loader_reads_windows_of_batches_in_one_pass_with_bounded_buffers(tmp_path):
+    """Batches grouped into windows of at most window_bytes are read in one sorted pass: the same
+    raw batches in plan order, from (prefetch + 1) windows of buffers reused across epochs."""
+    cache = write_cache(tmp_path / "c", num_samples=13, encoding="topk", dtype="fp8", topk=5, shard_size=4)
+    reader = open_cache(cache.path)
+    plan = [[3, 1], [12], [7, 2, 0], [5, 6], [11, 10, 9], [4, 8]]
+    sizes = [reader.raw_batch_nbytes(batch) for batch in plan]
+    assert sizes == [reader.get_raw_batch(batch).pop("input_ids").untyped_storage().nbytes() for batch in plan]
+    window = sizes[0] + sizes[1]  # windows [0, 1], [2], [3, 4]?, ...: at least two batches share one
+    loader = CacheBatchLoader(cache.path, plan, max_tokens=80, prefetch=1, window_bytes=window, pin_memory=False)
+    windows = [w for w in loader._windows(loader.plan, reader)]
+    assert [b for w in windows for b in w] == list(range(len(plan))) and windows[0] == [0, 1]
+    assert all(sum(sizes[b] for b in w) <= window or len(w) == 1 for w in windows)
+    storages = set()
+    for epoch in range(2):
+        for b, raw in enumerate(loader):
+            want = reader.get_raw_batch(plan[b], max_tokens=80)
+            assert list(raw) == list(want)
+            for name in want:
+                assert torch.equal(raw[name], want[name]), (epoch, b, name)
+            storages.add(raw["input_ids"].untyped_storage().data_ptr())
+    assert len(storages) <= 2 * max(len(w) for w in windows)  # two windows of buffers, reused in epoch 2

@@ -207,7 +207,10 @@ class CacheReader:
         """Samples ``indices`` as one raw batch: equal to ``collate_raw([get_raw(i) for i in indices],
         max_tokens=..., pad_to_multiple_of=...)`` (fields in ``batching.py``), but every stored row
         is read with ``os.preadv`` straight into its place in ONE buffer: one copy from the page
-        cache, no per-sample tensors.
+        cache, no per-sample tensors. The batch's ranges are grouped by shard and read in file
+        order, ranges less than ``MAX_READ_GAP`` apart as one request (``ShardFile.read_many``):
+        the small per-token fields of a shard lie side by side, so they cost one request, not one
+        per sample and field.
 
         Args:
             max_tokens: ``None``: one padded row per sample; else packed next-fit rows of at most
@@ -216,6 +219,56 @@ class CacheReader:
                 ``nbytes``); the batch's fields are views into it. Default: a new tensor. A loader
                 passes a function that hands out a reused (or pinned) buffer.
         """
+        one = None if allocate is None else (lambda _b, nbytes: allocate(nbytes))
+        return self.get_raw_batches([indices], max_tokens=max_tokens, pad_to_multiple_of=pad_to_multiple_of,
+                                    allocate=one)[0]
+
+    def raw_batch_nbytes(self, indices: Sequence[int]) -> int:
+        """Bytes of the buffer ``get_raw_batch(indices)`` fills (the stored rows, field-aligned)."""
+        return self._plan_raw_batch(indices, None, None)[3]
+
+    def get_raw_batches(self, batches: Sequence[Sequence[int]], *, max_tokens: int | None = None,
+                        pad_to_multiple_of: int | None = None,
+                        allocate: Callable[[int, int], torch.Tensor] | None = None) -> list[dict[str, torch.Tensor]]:
+        """``[get_raw_batch(b) for b in batches]`` read in ONE pass per shard: the ranges of all the
+        batches are sorted by file offset and near ones merged (``ShardFile.read_many``), so the
+        samples of several batches that lie side by side in a shard are read as one sequential
+        stream however the batches order them (a cold disk reads a file in order about twice as
+        fast as the same ranges in random order). ``allocate(b, nbytes)`` gives batch ``b``'s buffer."""
+        planned = [self._plan_raw_batch(indices, max_tokens, pad_to_multiple_of) for indices in batches]
+        by_shard: dict[int, list[tuple[str, int, int, torch.Tensor]]] = {}  # shard -> its read requests
+        raws = []
+        names = self._stored_names()
+        for b, (places, lengths, counts, total, specs, layout) in enumerate(planned):
+            buffer = allocate(b, total) if allocate is not None else torch.empty(total, dtype=torch.uint8)
+            if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() < total or buffer.device.type != "cpu":
+                raise ValueError(f"allocate({total}) must return a 1-D uint8 CPU tensor of at least {total} bytes; "
+                                 f"got {buffer.dtype} {tuple(buffer.shape)} on {buffer.device}")
+            raw = {name: buffer[at:at + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+                   for name, dtype, shape, at in specs}
+            token_at = row_at = 0
+            for (k, j), length, count in zip(places, lengths, counts):
+                offsets, supervised = self._shard_offsets(k)
+                t0, r0 = offsets[j], supervised[j]
+                requests = by_shard.setdefault(k, [])
+                for name in names:
+                    if name in _TOKEN_FIELDS:
+                        requests.append((name, t0, t0 + length, raw[name][token_at:token_at + length]))
+                    else:
+                        requests.append((name, r0, r0 + count, raw[name][row_at:row_at + count]))
+                token_at += length
+                row_at += count
+            raws.append(raw)
+        for k in sorted(by_shard):  # each shard's ranges in file order, near ones merged
+            self._shard(k)[0].read_many(by_shard[k])  # (re)opened right before its reads: LRU-safe
+        for raw, (places, _, _, _, _, layout) in zip(raws, planned):
+            self._check_raw_batch(raw, layout, places)
+            raw.update(layout)
+            raw["sample_ids"] = torch.tensor([self._first[k] + j for k, j in places], dtype=torch.int64)  # [n]
+        return raws
+
+    def _plan_raw_batch(self, indices: Sequence[int], max_tokens: int | None, pad_to_multiple_of: int | None):
+        """``(places, lengths, counts, buffer bytes, field specs, layout)`` of one raw batch."""
         places = []  # (shard k, sample j inside it)
         lengths, counts = [], []
         for index in indices:
@@ -230,35 +283,14 @@ class CacheReader:
                 raise ValueError(f"sample {index} has {lengths[-1]} tokens, more than max_tokens {max_tokens}; raise "
                                  "the token budget to at least the cache's seq_length")
         layout = raw_batch_layout(lengths, counts, max_tokens=max_tokens, pad_to_multiple_of=pad_to_multiple_of)
-        names = self._stored_names()
         specs, total = [], 0  # (name, dtype, shape, byte offset in the buffer)
         header = self._shard(places[0][0])[0].tensors
-        for name in names:
+        for name in self._stored_names():
             dtype, shape, _ = header[name]
             rows = sum(lengths) if name in _TOKEN_FIELDS else sum(counts)
             specs.append((name, dtype, (rows, *shape[1:]), total))
             total += -(-rows * math.prod(shape[1:]) * dtype.itemsize // _ALIGN) * _ALIGN
-        buffer = allocate(total) if allocate is not None else torch.empty(total, dtype=torch.uint8)
-        if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() < total or buffer.device.type != "cpu":
-            raise ValueError(f"allocate({total}) must return a 1-D uint8 CPU tensor of at least {total} bytes; got "
-                             f"{buffer.dtype} {tuple(buffer.shape)} on {buffer.device}")
-        raw = {name: buffer[at:at + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
-               for name, dtype, shape, at in specs}
-        token_at = row_at = 0
-        for (k, j), length, count in zip(places, lengths, counts):
-            shard, offsets, supervised = self._shard(k)  # (re)opened right before its reads: LRU-safe
-            t0, r0 = offsets[j], supervised[j]
-            for name in names:
-                if name in _TOKEN_FIELDS:
-                    shard.read_into(name, t0, t0 + length, raw[name][token_at:token_at + length])
-                else:
-                    shard.read_into(name, r0, r0 + count, raw[name][row_at:row_at + count])
-            token_at += length
-            row_at += count
-        self._check_raw_batch(raw, layout, places)
-        raw.update(layout)
-        raw["sample_ids"] = torch.tensor([self._first[k] + j for k, j in places], dtype=torch.int64)  # [n]
-        return raw
+        return places, lengths, counts, total, specs, layout
 
     def check_finite(self, raw: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
         """Raise ``CacheCorruptError`` naming the shard and sample when ``batch`` (``expand_batch`` /

@@ -2,9 +2,12 @@
 
 The header (``[u64 length][JSON]``) is parsed and checked against what the manifest promises;
 rows ``[start, stop)`` of a tensor are then read with one ``os.preadv`` straight into a fresh
-tensor (``read``) or a caller's buffer (``read_into``): no whole-file load, no page-faulting
-through a memory map, and the file offset is never used, so a handle inherited by a forked
-DataLoader worker, or shared by threads, stays correct. Anything inconsistent
+tensor (``read``) or a caller's buffer (``read_into``); ``read_many`` reads many row ranges (of
+any tensors) in file order, coalescing ranges less than ``max_gap`` bytes apart into one
+``preadv`` whose gap bytes land in a scratch buffer: a cold disk pays one request per merged
+range instead of one per range. No whole-file load, no page-faulting through a memory map, and
+the file offset is never used, so a handle inherited by a forked DataLoader worker, or shared by
+threads, stays correct. Anything inconsistent
 (missing file, wrong size, bad header, short read) raises ``CacheCorruptError`` naming the file.
 """
 
@@ -13,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -22,11 +25,17 @@ from draftcache.cache_format.checksum import sha256_file
 from draftcache.cache_format.container import SAFETENSORS_DTYPES
 from draftcache.cache_format.errors import CacheCorruptError
 
-__all__ = ["ShardFile"]
+__all__ = ["MAX_READ_GAP", "ShardFile"]
 
 _DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the header size
 _MAX_PREAD = 1 << 30  # Linux caps one read near 2 GiB; split larger ones
+_MAX_IOV = 512  # buffers per preadv call (IOV_MAX is 1024 on Linux)
+_CALL_BYTES = 8 << 20  # bytes per read_many call
+# Ranges closer than this are read as one request, the bytes between them discarded: on a cold
+# disk a request costs a seek-like latency (~1-2 ms on a virtual disk, the time to read ~0.5 MiB
+# at 0.3 GB/s), while from the page cache 512 KiB of discarded copy costs ~50-100 us.
+MAX_READ_GAP = 512 << 10
 
 
 class ShardFile:
@@ -132,6 +141,64 @@ class ShardFile:
             if n <= 0:
                 self._fail(f"short read of tensor {name!r}: the file ended early")
             done += n
+
+    def read_many(self, requests: Sequence[tuple[str, int, int, torch.Tensor]], max_gap: int = MAX_READ_GAP
+                  ) -> int:
+        """``read_into(name, start, stop, out)`` for each request, as few ``preadv`` calls as possible:
+        the byte ranges are sorted by file offset and ranges at most ``max_gap`` bytes apart are
+        read as one (the gap into a scratch buffer). Returns the number of merged reads."""
+        pieces = []  # (file offset, destination bytes)
+        for name, start, stop, out in requests:
+            dtype, shape, offset = self.tensors[name]
+            row_bytes = math.prod(shape[1:]) * dtype.itemsize
+            if out.dtype != dtype or out.nbytes != (stop - start) * row_bytes or not out.is_contiguous():
+                raise ValueError(f"read_many({name!r}, {start}, {stop}): out must be a contiguous {dtype} tensor of "
+                                 f"{(stop - start) * row_bytes} bytes; got {out.dtype} {tuple(out.shape)}")
+            if out.nbytes:
+                pieces.append((offset + start * row_bytes, memoryview(out.reshape(-1).view(torch.uint8).numpy())))
+        pieces.sort(key=lambda p: p[0])
+        groups: list[tuple[int, list[memoryview]]] = []
+        scratch: memoryview | None = None
+        end = -1
+        for position, view in pieces:
+            gap = position - end
+            if groups and 0 <= gap <= max_gap:
+                if gap:
+                    if scratch is None or scratch.nbytes < gap:
+                        scratch = memoryview(bytearray(max(gap, 64 << 10)))
+                    groups[-1][1].append(scratch[:gap])  # discarded bytes; threads may share them
+                groups[-1][1].append(view)
+            else:  # overlapping ranges (gap < 0) never occur in a batch; read them separately anyway
+                groups.append((position, [view]))
+            end = position + view.nbytes
+        for position, views in groups:
+            self._preadv_all(views, position)
+        return len(groups)
+
+    def _preadv_all(self, views: list[memoryview], position: int) -> None:
+        """Fill ``views`` (consecutive in the file from ``position``), resuming after short reads;
+        at most ``_CALL_BYTES`` per call (a cold file read in 8 MiB calls keeps the kernel's
+        read-ahead streaming; one huge call measured slower here)."""
+        queue = [v[i:i + _CALL_BYTES] for v in views for i in range(0, v.nbytes, _CALL_BYTES)]
+        at = 0
+        while at < len(queue):
+            batch, size = [], 0
+            for view in queue[at:at + _MAX_IOV]:
+                if batch and size + view.nbytes > _CALL_BYTES:
+                    break
+                batch.append(view)
+                size += view.nbytes
+            n = os.preadv(self._fd, batch, position)
+            if n <= 0:
+                self._fail("short read: the file ended early")
+            position += n
+            for view in batch:  # skip the buffers filled; keep the unfilled tail of a partial one
+                if n >= view.nbytes:
+                    n -= view.nbytes
+                    at += 1
+                else:
+                    queue[at] = view[n:]
+                    break
 
     def close(self) -> None:
         fd, self._fd = getattr(self, "_fd", -1), -1

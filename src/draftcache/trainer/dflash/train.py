@@ -244,6 +244,7 @@ class CachedDFlashBatches:
     def __init__(self, reader, device: torch.device, keep_logits: bool = False):
         self.reader, self.device = reader, device
         self.keep_logits = keep_logits  # ``hidden`` caches: target_logits [1, T, V] from final_hidden (lm_head side file)
+        self._loader = None  # one CacheBatchLoader for every plan: its readers and buffers stay warm
 
     def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         return self._expand(self.reader.get_raw_batch(indices))
@@ -255,7 +256,11 @@ class CachedDFlashBatches:
 
         if not plan:
             return iter(())
-        return (self._expand(raw) for raw in CacheBatchLoader(self.reader.path, plan))
+        if self._loader is None:
+            self._loader = CacheBatchLoader(self.reader.path, plan)
+        else:
+            self._loader.set_plan(plan)  # an iteration still running keeps the plan it started with
+        return (self._expand(raw) for raw in self._loader)  # iter(loader) runs now, on this plan
 
     def _expand(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from draftcache.cache_format import expand_dflash_raw
