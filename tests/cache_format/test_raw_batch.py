@@ -132,6 +132,13 @@ def test_damaged_rows_are_caught_per_batch(tmp_path):
         open_cache(cache.path).get_raw_batch([5, 2])
 
 
+def _assert_raw_equal(raw: dict, want: dict, where) -> None:
+    """``raw`` holds exactly ``want``'s tensors, in its order, bit for bit."""
+    assert list(raw) == list(want), where
+    for name in want:
+        assert torch.equal(raw[name], want[name]), (*where, name)
+
+
 def test_loader_yields_the_plan_in_order_reusing_its_buffers(tmp_path):
     cache = write_cache(tmp_path / "c", num_samples=13, encoding="hidden", dtype="bf16", shard_size=4)
     reader = open_cache(cache.path)
@@ -142,10 +149,7 @@ def test_loader_yields_the_plan_in_order_reusing_its_buffers(tmp_path):
     storages = []
     for epoch in range(2):
         for b, raw in enumerate(loader):
-            want = reader.get_raw_batch(plan[b], max_tokens=80)
-            assert list(raw) == list(want)
-            for name in want:
-                assert torch.equal(raw[name], want[name]), (epoch, b, name)
+            _assert_raw_equal(raw, reader.get_raw_batch(plan[b], max_tokens=80), (epoch, b))
             storages.append(raw["aux_hidden_states"].untyped_storage().data_ptr())
             _assert_same_batch(reader.expand_batch(raw), _dense(reader, plan[b], 80, None), probs_atol=1e-6)
     assert len(set(storages)) <= 2 * 2  # prefetch=1: two windows of one buffer, replaced only while they grow
@@ -221,9 +225,6 @@ def test_loader_reads_windows_of_batches_in_one_pass_with_bounded_buffers(tmp_pa
     storages = set()
     for epoch in range(2):
         for b, raw in enumerate(loader):
-            want = reader.get_raw_batch(plan[b], max_tokens=80)
-            assert list(raw) == list(want)
-            for name in want:
-                assert torch.equal(raw[name], want[name]), (epoch, b, name)
+            _assert_raw_equal(raw, reader.get_raw_batch(plan[b], max_tokens=80), (epoch, b))
             storages.add(raw["input_ids"].untyped_storage().data_ptr())
     assert len(storages) <= 2 * max(len(w) for w in windows)  # two windows of buffers, reused in epoch 2

@@ -42,3 +42,24 @@ def random_draft(config: Eagle3DraftConfig, *, seed: int = 0, draft_vocab_seed: 
     selected = torch.randperm(config.target_vocab_size, generator=gen)[: config.draft_vocab_size]
     model.set_draft_vocab(DraftVocab.from_selected(selected, config.target_vocab_size))
     return model
+
+
+def train_dflash_toy(draft, rows, *, steps: int, num_anchors: int, lr: float = 1e-2):
+    """Train a DFlash/DSpark ``draft`` with ``dflash_loss`` on ``rows(seed=i)`` for ``steps`` steps
+    (AdamW, fixed anchor sampling), then return the loss output on held-out ``rows(seed=10_000)``."""
+    from draftcache.trainer.dflash.loss import dflash_loss, sample_anchors
+
+    opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=lr)
+    gen = torch.Generator().manual_seed(0)
+
+    def step(batch):
+        anchors, valid = sample_anchors(batch["loss_mask"], num_anchors=num_anchors, generator=gen)
+        return dflash_loss(draft, anchor_positions=anchors, anchor_valid=valid, **batch)
+
+    for i in range(steps):
+        out = step(rows(seed=i))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return step(rows(seed=10_000))

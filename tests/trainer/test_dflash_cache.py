@@ -34,13 +34,6 @@ def _run(module: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], env=ENV, capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same intra-op threads as the subprocesses, so fp32 sums agree
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -27,13 +26,6 @@ def _export(run, out) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "draftcache.cli", "export", str(run), "--output", str(out)],
                           env=ENV, capture_output=True, text=True, timeout=300)
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_export_warns_about_untied_k_norm_and_freeze_k_norm_avoids_it(tmp_path):

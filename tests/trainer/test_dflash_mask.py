@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from draftcache.trainer.dflash.config import DFlashDraftConfig
-from draftcache.trainer.dflash.loss import dflash_loss, sample_anchors
 from draftcache.trainer.mask_token import choose_mask_token, tokenizer_special_ids
 from draftcache.trainer.dflash.model import DFlashDraftModel
+
+from .helpers import train_dflash_toy
 
 V, H, TARGET_H, SEQ, CLASSES = 32, 32, 24, 64, 16
 PAD, SPECIALS = 0, [0, 1, 2, 3]  # ids 0..3 special, 0 the pad (zero row); data uses ids 4..19
@@ -62,20 +63,7 @@ def _slot1_accuracy(kind: str, mask_token_id: int, steps: int = 100) -> float:
     torch.manual_seed(0)
     draft = DFlashDraftModel(config)
     draft.load_target_embeddings(*_target_tables())
-    opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=1e-2)
-    gen = torch.Generator().manual_seed(0)
-
-    def step(batch):
-        anchors, valid = sample_anchors(batch["loss_mask"], num_anchors=64, generator=gen)
-        return dflash_loss(draft, anchor_positions=anchors, anchor_valid=valid, **batch)
-
-    for i in range(steps):
-        out = step(_toy_rows(kind, seed=i))
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-    with torch.no_grad():
-        out = step(_toy_rows(kind, seed=10_000))
+    out = train_dflash_toy(draft, lambda seed: _toy_rows(kind, seed=seed), steps=steps, num_anchors=64)
     return float(out.correct[1] / out.counted[1])
 
 

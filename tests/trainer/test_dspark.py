@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -25,16 +24,11 @@ from draftcache.trainer.dflash.loss import dflash_block_labels, dflash_loss, mar
 from draftcache.trainer.dflash.model import DFlashDraftModel
 from draftcache.trainer.dflash.speculative import dflash_propose
 
+from .helpers import train_dflash_toy
+
 V, H, TARGET_H, SEQ, CLASSES = 32, 32, 24, 64, 16
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(markov_rank: int = 8, block_size: int = 4, **kw) -> DFlashDraftConfig:
@@ -109,21 +103,7 @@ def _chain_rows(seed: int, rows: int = 2) -> dict[str, torch.Tensor]:
 
 
 def _toy_accuracy(markov_rank: int, steps: int = 80) -> torch.Tensor:
-    draft = _draft(_config(markov_rank=markov_rank))
-    opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=1e-2)
-    gen = torch.Generator().manual_seed(0)
-
-    def step(batch):
-        anchors, valid = sample_anchors(batch["loss_mask"], num_anchors=32, generator=gen)
-        return dflash_loss(draft, anchor_positions=anchors, anchor_valid=valid, **batch)
-
-    for i in range(steps):
-        out = step(_chain_rows(seed=i))
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-    with torch.no_grad():
-        out = step(_chain_rows(seed=10_000))
+    out = train_dflash_toy(_draft(_config(markov_rank=markov_rank)), _chain_rows, steps=steps, num_anchors=32)
     return out.correct / out.counted.clamp_min(1)
 
 
