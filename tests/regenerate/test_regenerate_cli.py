@@ -128,14 +128,22 @@ def test_bad_records_are_skipped_and_counted_or_named_with_strict(tmp_path):
 
 
 def test_bad_settings_exit_2_and_write_nothing(tmp_path):
-    r = _run("--output", str(tmp_path / "out.jsonl"), "--max-new-tokens", "0", "--temperature", "-1")
-    assert r.returncode == 2
+    """Refused before any model loads: the CLI in this process (Typer's runner)."""
+    from typer.testing import CliRunner
+
+    from draftcache.cli import app
+
+    def run(*args):
+        return CliRunner().invoke(app, ["regenerate", *args])
+
+    r = run("--output", str(tmp_path / "out.jsonl"), "--max-new-tokens", "0", "--temperature", "-1")
+    assert r.exit_code == 2
     assert "--max-new-tokens must be >= 1" in r.stderr and "--temperature must be >= 0" in r.stderr
-    r = _run("--output", str(tmp_path / "out.txt"))
-    assert r.returncode == 2 and "must end in .jsonl" in r.stderr
+    r = run("--output", str(tmp_path / "out.txt"))
+    assert r.exit_code == 2 and "must end in .jsonl" in r.stderr
     if importlib.util.find_spec("vllm") is None:
-        r = _run("--output", str(tmp_path / "out.jsonl"), "--engine", "vllm")
-        assert r.returncode == 2 and "--engine vllm: vLLM is not importable" in r.stderr and "--engine hf" in r.stderr
+        r = run("--output", str(tmp_path / "out.jsonl"), "--engine", "vllm")
+        assert r.exit_code == 2 and "--engine vllm: vLLM is not importable" in r.stderr and "--engine hf" in r.stderr
     assert list(tmp_path.iterdir()) == []
 
 

@@ -172,14 +172,20 @@ def test_resume_with_another_method_is_refused_naming_it(cache, tmp_path):
 
 
 def test_dflash_flags_refused_for_the_wrong_method(tmp_path):
-    r = _run("draftcache.precompute", "--output-dir", str(tmp_path / "a"), "--target-layer-ids", "1,2")
-    assert r.returncode == 2 and "--target-layer-ids is for --method dflash" in r.stderr
-    r = _run("draftcache.precompute", "--method", "dflash", "--output-dir", str(tmp_path / "b"),
-             "--draft-vocab-size", "100")
-    assert r.returncode == 2 and "--draft-vocab-size is for EAGLE-3 caches" in r.stderr
-    r = _run("draftcache.precompute", "--method", "dflash", "--output-dir", str(tmp_path / "c"),
-             "--target-layer-ids", "1,9")
-    assert r.returncode == 2 and "--target-layer-ids [9] out of range" in r.stderr
+    """Flag checks run before any model loads: the precompute CLI in this process (Typer's runner)."""
+    from typer.testing import CliRunner
+
+    from draftcache.precompute.cli import app
+
+    def run(*args):
+        return CliRunner().invoke(app, list(args))
+
+    r = run("--output-dir", str(tmp_path / "a"), "--target-layer-ids", "1,2")
+    assert r.exit_code == 2 and "--target-layer-ids is for --method dflash" in r.stderr
+    r = run("--method", "dflash", "--output-dir", str(tmp_path / "b"), "--draft-vocab-size", "100")
+    assert r.exit_code == 2 and "--draft-vocab-size is for EAGLE-3 caches" in r.stderr
+    r = run("--method", "dflash", "--output-dir", str(tmp_path / "c"), "--target-layer-ids", "1,9")
+    assert r.exit_code == 2 and "--target-layer-ids [9] out of range" in r.stderr
     assert not (tmp_path / "c").exists()
 
 

@@ -71,7 +71,14 @@ def test_resume_continues_exactly(run, tmp_path):
 
 
 def test_bad_settings_exit_2_naming_them(tmp_path):
-    r = _cli("train", "--method", "dflash", "--output-dir", str(tmp_path / "x"), "--block-size", "1")
-    assert r.returncode == 2 and "--block-size must be >= 2" in r.stderr
-    r = _cli("train", "--method", "dflash", "--output-dir", str(tmp_path / "y"), "--cached-target-path", str(tmp_path))
-    assert r.returncode == 1 and "is not a draftcache cache directory" in r.stderr  # not a cache: named, no traceback
+    """Refused before any model loads: the CLI in this process (Typer's runner)."""
+    from typer.testing import CliRunner
+
+    from draftcache.cli import app
+
+    r = CliRunner().invoke(app, ["train", "--method", "dflash", "--output-dir", str(tmp_path / "x"), "--block-size", "1"])
+    assert r.exit_code == 2 and "--block-size must be >= 2" in r.stderr
+    r = CliRunner().invoke(app, ["train", "--method", "dflash", "--output-dir", str(tmp_path / "y"),
+                                 "--cached-target-path", str(tmp_path)])
+    assert r.exit_code == 1 and "is not a draftcache cache directory" in r.stderr  # not a cache: named
+    assert "Traceback" not in r.stderr

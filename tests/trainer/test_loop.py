@@ -133,10 +133,13 @@ def test_killed_training_resumes_to_the_same_weights(tiny, tmp_path):
 
 
 def test_bad_training_values_are_rejected_by_the_cli(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "draftcache.cli", "train", "--output-dir", str(tmp_path / "r"),
-                        "--ttt-steps", "0", "--lr", "-1", "--cached-target-path", str(tmp_path / "c"),
-                        "--target-model", "x"], capture_output=True, text=True)
-    assert r.returncode == 2
+    from typer.testing import CliRunner
+
+    from draftcache.cli import app
+
+    r = CliRunner().invoke(app, ["train", "--output-dir", str(tmp_path / "r"), "--ttt-steps", "0", "--lr", "-1",
+                                 "--cached-target-path", str(tmp_path / "c"), "--target-model", "x"])
+    assert r.exit_code == 2
     for flag in ("--ttt-steps", "--lr", "--cached-target-path excludes"):
         assert flag in r.stderr
 
