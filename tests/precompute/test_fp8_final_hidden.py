@@ -17,7 +17,7 @@ import torch
 import transformers as tf
 from typer.testing import CliRunner
 
-from draftcache.cache_format import ManifestError, open_cache, validate_manifest, verify_cache
+from draftcache.cache_format import ManifestError, collate_padded, open_cache, validate_manifest, verify_cache
 from draftcache.cache_format.manifest import FP8_QUANTIZATION
 from draftcache.precompute.cli import app
 from draftcache.precompute.pipeline import REBUILD_PROB_TOLERANCE
@@ -89,6 +89,18 @@ def test_the_rebuilt_probabilities_match_the_target(sharp, auto_cache):
         got = sample["target_probs"][:-1][supervised].float()
         want = probs[1:][supervised]
         assert float((got - want).abs().max()) <= REBUILD_PROB_TOLERANCE, i
+
+
+def test_the_batch_path_reads_the_bf16_rows_like_the_sample_path(auto_cache):
+    out, _ = auto_cache
+    reader = open_cache(out)
+    indices = list(range(len(reader)))
+    raw = reader.get_raw_batch(indices)
+    assert raw["final_hidden"].dtype == torch.bfloat16 and "final_hidden_scale" not in raw
+    got, want = reader.expand_batch(raw), collate_padded([reader[i] for i in indices])
+    assert list(got) == list(want)
+    for name in want:  # the lm_head matmul over the batch may round the last float32 bit differently
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0)
 
 
 def test_it_is_smaller_than_the_probs_fallback(sharp, auto_cache, tmp_path):
