@@ -10,6 +10,7 @@ per-value error in the lm_head input moves the rebuilt probabilities by ~0.09 (>
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 
 import pytest
@@ -17,7 +18,8 @@ import torch
 import transformers as tf
 from typer.testing import CliRunner
 
-from draftcache.cache_format import ManifestError, collate_padded, open_cache, validate_manifest, verify_cache
+from draftcache.cache_format import (ManifestError, collate_padded, inspect_cache, open_cache, validate_manifest,
+                                     verify_cache)
 from draftcache.cache_format.manifest import FP8_QUANTIZATION
 from draftcache.precompute.cli import app
 from draftcache.precompute.pipeline import REBUILD_PROB_TOLERANCE
@@ -72,6 +74,20 @@ def test_auto_keeps_hidden_with_bf16_final_hidden_and_fp8_aux(auto_cache):
     assert raw["final_hidden"].dtype == torch.bfloat16 and "final_hidden_scale" not in raw
     report = verify_cache(out)
     assert report.problems == []
+    assert "float8_e4m3fn aux_hidden_states, one float32 scale per row; final_hidden bf16: the draft-vocab" \
+        in inspect_cache(out)
+
+
+def test_verify_checks_final_hidden_against_the_recorded_layout(auto_cache, tmp_path):
+    out, _ = auto_cache
+    cache = tmp_path / "claims-fp8"
+    shutil.copytree(out, cache)
+    manifest = read_manifest_json(cache)
+    manifest["quantization"] = FP8_QUANTIZATION  # a manifest claiming fp8 final_hidden over bf16 rows
+    (cache / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    problems = verify_cache(cache).problems
+    assert len(problems) == 1 and "tensor 'final_hidden' is torch.bfloat16 [" in problems[0]
+    assert "expected torch.float8_e4m3fn" in problems[0] and "'final_hidden_scale' is missing" in problems[0]
 
 
 def test_the_rebuilt_probabilities_match_the_target(sharp, auto_cache):
