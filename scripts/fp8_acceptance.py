@@ -31,8 +31,9 @@ Examples::
         --draft-vocab-size 8192 --jobs 3 --max-steps 300 --epochs 10 --lr 1e-3 --batch-tokens 2048 \\
         --eval-prompts 20
 
-(no ``--init-lm-head`` there: SmolLM2's fp8 cache falls back to ``probs``, which stores no
-``lm_head``, and the three drafts must share one recipe).
+(no ``--init-lm-head`` in the README's run: it was made when SmolLM2's fp8 cache fell back to
+``probs``, which stores no ``lm_head``; an fp8 cache now keeps ``hidden`` with bf16 final hidden
+states there, so the flag works for both caches).
 """
 
 from __future__ import annotations

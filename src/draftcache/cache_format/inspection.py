@@ -17,7 +17,7 @@ from draftcache.cache_format.errors import CacheCorruptError, ManifestError
 from draftcache.cache_format.manifest import Manifest, read_manifest
 from draftcache.cache_format.reader import CacheReader
 from draftcache.cache_format.resume import committed_prefix, read_journals, verify_shard
-from draftcache.cache_format.schema import LOCK_FILE, SIDE_FILES, expected_shard_tensors, shard_metadata
+from draftcache.cache_format.schema import LOCK_FILE, SIDE_FILES, expected_shard_tensors, quantized_tensors, shard_metadata
 from draftcache.cache_format.shard_file import ShardFile
 
 __all__ = ["VerifyReport", "inspect_cache", "verify_cache", "cache_stats", "show_sample"]
@@ -29,6 +29,18 @@ _FLOAT_TENSORS = ("aux_hidden_states", "target_probs", "topk_probs", "final_hidd
 _PROB_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 3e-2, "fp8": 3e-2}
 
 
+def _fp8_storage(manifest: dict) -> str:
+    """``fp8 (float8_e4m3fn aux_hidden_states, final_hidden, ...)``: which tensors are fp8 and, when
+    final_hidden stays bf16, why (the manifest's ``quantization`` block)."""
+    q = manifest["quantization"]
+    fp8 = [n for n in quantized_tensors(manifest) if n == "aux_hidden_states" or manifest["supervision"]["encoding"]
+           == "hidden"]
+    text = f"fp8 ({q['values']} {', '.join(fp8)}, one {q['scale_dtype']} scale per row"
+    if "final_hidden_dtype" in q and manifest["supervision"]["encoding"] == "hidden":
+        text += f"; final_hidden {q['final_hidden_dtype']}: {q['final_hidden_why']}"
+    return text + f"; probabilities {q['probs_dtype']})"
+
+
 def inspect_cache(path: str | os.PathLike) -> str:
     """Manifest summary and the shard table, with disk use and bytes per token."""
     m = Manifest(read_manifest(path))
@@ -36,8 +48,7 @@ def inspect_cache(path: str | os.PathLike) -> str:
     shards = d["shards"]
     disk = sum(s["bytes"] for s in shards) + sum(f["bytes"] for f in d["files"].values())
     tokens = d["stats"]["num_tokens"]
-    storage = m.dtype if m.dtype != "fp8" else (f"fp8 ({d['quantization']['values']}, one {d['quantization']['scale_dtype']}"
-                                                f" scale per row; probabilities {d['quantization']['probs_dtype']})")
+    storage = m.dtype if m.dtype != "fp8" else _fp8_storage(d)
     lines = [
         f"cache        {Path(path)}",
         f"format       v{d['format_version']} {d['kind']}, {'complete' if d['complete'] else 'INCOMPLETE'}",
@@ -228,8 +239,8 @@ def cache_stats(path: str | os.PathLike) -> str:
     lines = [
         f"samples            {len(reader)}" + (f" ({reader.manifest['stats']['non_finite']} non-finite dropped)"
                                                if reader.manifest["stats"].get("non_finite") else ""),
-        f"storage            {reader.manifest['dtype']}" + (" (float8_e4m3fn hidden states, float32 scale per row)"
-                                                          if reader.manifest["dtype"] == "fp8" else ""),
+        "storage            " + (_fp8_storage(reader.manifest) if reader.manifest["dtype"] == "fp8"
+                                     else reader.manifest["dtype"]),
         f"tokens             {tokens} (mean {tokens / len(reader):.1f}, min {int(lengths.min())}, "
         f"max {int(lengths.max())} of seq_length {seq_length})",
         f"supervised         {supervised} ({supervised / tokens:.1%} of tokens)",

@@ -33,8 +33,9 @@ from draftcache.cache_format.schema import (
     side_filename,
 )
 
-# The one fp8 layout this format version knows (see fp8.py), recorded in fp8 manifests so a reader
-# can see the scale layout without reading code.
+# The fp8 layout (see fp8.py), recorded in fp8 manifests so a reader can see the scale layout
+# without reading code. ``scales`` names the tensors stored as fp8 (schema.quantized_tensors); a
+# cache whose final_hidden stays bf16 (its fp8 rebuild missed the tolerance) is ``fp8_quantization(why)``.
 FP8_QUANTIZATION = {
     "values": "float8_e4m3fn",
     "scale_dtype": "float32",
@@ -44,7 +45,20 @@ FP8_QUANTIZATION = {
     "probs_dtype": "bf16",
 }
 
-__all__ = ["FP8_QUANTIZATION", "ShardEntry", "Manifest", "new_manifest", "validate_manifest", "read_manifest", "shard_entry_stats", "shard_stats"]
+
+
+def fp8_quantization(final_hidden_bf16_why: str | None = None) -> dict[str, Any]:
+    """The ``quantization`` block of an fp8 manifest: ``FP8_QUANTIZATION`` (every hidden state fp8),
+    or with ``final_hidden_bf16_why`` (why fp8 final hidden states would not do) ``final_hidden``
+    dropped from ``scales`` and recorded as stored bf16: ``final_hidden_dtype`` / ``final_hidden_why``."""
+    block = dict(FP8_QUANTIZATION, scales=dict(FP8_QUANTIZATION["scales"]))
+    if final_hidden_bf16_why is not None:
+        del block["scales"]["final_hidden"]
+        block.update(final_hidden_dtype="bf16", final_hidden_why=final_hidden_bf16_why)
+    return block
+
+
+__all__ = ["FP8_QUANTIZATION", "fp8_quantization", "ShardEntry", "Manifest", "new_manifest", "validate_manifest", "read_manifest", "shard_entry_stats", "shard_stats"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +110,7 @@ def new_manifest(
     special_token_ids: Iterable[int] = (),
     rebuild_max_abs_prob_diff: float | None = None,
     kind: str = KIND,
+    final_hidden_bf16_why: str | None = None,
 ) -> dict[str, Any]:
     """A validated manifest for a new cache (``complete: false``, no shards or side files yet).
 
@@ -103,6 +118,7 @@ def new_manifest(
     ``dataset["skipped"]`` defaults to ``{}``). ``capture``, ``supervision``, ``draft_vocab``,
     ``num_shards`` and the bookkeeping fields are derived here. ``shard_boundaries`` (see
     ``sharding.plan_shard_boundaries``) defaults to cuts every ``shard_size`` samples.
+    ``final_hidden_bf16_why`` (fp8 only): keep final_hidden in bf16, for this reason (``fp8_quantization``).
     """
     ids = torch.as_tensor(selected_token_ids).tolist() if torch.is_tensor(selected_token_ids) else list(selected_token_ids)
     counts = torch.as_tensor(token_counts).tolist() if torch.is_tensor(token_counts) else list(token_counts)
@@ -138,7 +154,7 @@ def new_manifest(
         "stats": {"num_tokens": 0, "num_supervised": 0, "non_finite": 0},
     }
     if dtype == "fp8":
-        manifest["quantization"] = dict(FP8_QUANTIZATION)
+        manifest["quantization"] = fp8_quantization(final_hidden_bf16_why)
     validate_manifest(manifest)
     return manifest
 
@@ -467,9 +483,12 @@ def _rule_problems(m: Mapping[str, Any]) -> list[str]:
     for key, total in shard_stats(m["shards"]).items():
         if m["stats"].get(key, 0) != total:  # non_finite: absent in caches written before it existed
             out.append(f"stats.{key} is {m['stats'][key]} but the shards sum to {total}")
-    if (m["dtype"] == "fp8") != ("quantization" in m) or m.get("quantization", FP8_QUANTIZATION) != FP8_QUANTIZATION:
+    block = m.get("quantization", FP8_QUANTIZATION)
+    why = block.get("final_hidden_why") if isinstance(block, dict) else None
+    if (m["dtype"] == "fp8") != ("quantization" in m) or block != fp8_quantization(why if isinstance(why, str) else None):
         out.append(f"quantization must be {json.dumps(FP8_QUANTIZATION)} exactly when dtype is 'fp8' (absent "
-                   f"otherwise); got dtype {m['dtype']!r} and quantization {json.dumps(m.get('quantization'))}")
+                   "otherwise), or that without scales.final_hidden and with final_hidden_dtype 'bf16' and a string "
+                   f"final_hidden_why; got dtype {m['dtype']!r} and quantization {json.dumps(m.get('quantization'))}")
     if m["complete"]:
         indices = [s["index"] for s in m["shards"]]
         if indices != list(range(num_shards)):

@@ -49,7 +49,7 @@ from draftcache.cache_format.errors import CacheCorruptError
 from draftcache.cache_format.manifest import Manifest, read_manifest
 from draftcache.cache_format.resume import committed_shards
 from draftcache.cache_format.fp8 import scale_name, stored_rows_on
-from draftcache.cache_format.schema import (encoding_tensors, expected_shard_tensors, is_quantized, read_dtype,
+from draftcache.cache_format.schema import (encoding_tensors, expected_shard_tensors, quantized_tensors, read_dtype,
                                             shard_metadata)
 from draftcache.cache_format.shard_file import ShardFile
 from draftcache.data.vocab import DraftVocab, select_draft_vocab
@@ -88,7 +88,7 @@ class CacheReader:
         self.encoding = self._meta.encoding
         self.kind = self._meta.kind
         self.dtype = read_dtype(self._meta.dtype)  # of the aux_hidden_states a batch hands out
-        self._quantized = is_quantized(self._meta.dtype)
+        self._quantized = quantized_tensors(self._meta.data)  # stored fp8 + per-row scale
         self._shards = [dict(e) for e in committed_shards(self._meta.data)]
         # reader index of each shard's first sample: planned ids minus the non-finite samples dropped before it
         self._first = [sum(e["num_samples"] for e in self._shards[:k]) for k in range(len(self._shards))]
@@ -179,10 +179,11 @@ class CacheReader:
         }
         for name in encoding_tensors(self.encoding):
             raw[name] = shard.read(name, r0, r1)  # [M, Vd | k | H]
-        if self._quantized:  # fp8: the per-row scales, dequantized where the rows are used
+        # fp8: the per-row scales, dequantized where the rows are used
+        if "aux_hidden_states" in self._quantized:
             raw[scale_name("aux_hidden_states")] = shard.read(scale_name("aux_hidden_states"), t0, t1)  # [S, L]
-            if "final_hidden" in raw:
-                raw[scale_name("final_hidden")] = shard.read(scale_name("final_hidden"), r0, r1)  # [M, 1]
+        if "final_hidden" in raw and "final_hidden" in self._quantized:
+            raw[scale_name("final_hidden")] = shard.read(scale_name("final_hidden"), r0, r1)  # [M, 1]
         if int(raw["loss_mask"].sum()) != r1 - r0:
             raise CacheCorruptError(f"{shard.name}: sample {index} has {int(raw['loss_mask'].sum())} supervised "
                                     f"positions but {r1 - r0} stored target rows; the shard is damaged")
@@ -401,8 +402,7 @@ class CacheReader:
     def _stored_names(self) -> tuple[str, ...]:
         """The tensors a raw batch reads, in buffer order (token rows, then supervised rows)."""
         names = ("input_ids", "loss_mask", "aux_hidden_states", "target_argmax", *encoding_tensors(self.encoding))
-        if self._quantized:
-            names = (*names, *(scale_name(n) for n in ("aux_hidden_states", "final_hidden") if n in names))
+        names = (*names, *(scale_name(n) for n in self._quantized if n in names))
         return names
 
     def shard_of(self, index: int) -> str:

@@ -42,6 +42,7 @@ RESUME_KEY_FIELDS: tuple[str, ...] = (
     "capture.convention",
     "seq_length",
     "dtype",
+    "quantization.scales",
     "supervision.encoding",
     "supervision.topk",
     "draft_vocab.selected_token_ids",

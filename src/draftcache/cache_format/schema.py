@@ -34,6 +34,7 @@ __all__ = [
     "supervision_dtype",
     "read_dtype",
     "is_quantized",
+    "quantized_tensors",
     "shard_tensor_specs",
     "encoding_tensors",
     "expected_shard_tensors",
@@ -67,8 +68,8 @@ KIND_ENCODINGS: dict[str, tuple[str, ...]] = {"eagle3": ("probs", "topk", "hidde
 # from it; argmax (dflash) needs it because the draft computes its logits with the target's lm_head.
 LM_HEAD_ENCODINGS = ("hidden", "argmax")
 
-# fp8: aux_hidden_states / final_hidden as float8_e4m3fn with a float32 scale per row (fp8.py);
-# probability rows (probs / topk) stay bf16, a probability of 1e-3 has no fp8 headroom to spare
+# fp8: aux_hidden_states / final_hidden as float8_e4m3fn with a float32 scale per row (fp8.py; a
+# final_hidden whose fp8 rebuild misses the tolerance stays bf16, see quantized_tensors); probability rows (probs / topk) stay bf16, a probability of 1e-3 has no fp8 headroom to spare
 STORAGE_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
                                           "fp8": FP8_DTYPE}
 
@@ -107,6 +108,18 @@ def is_quantized(name: str) -> bool:
     return storage_dtype(name) == FP8_DTYPE
 
 
+def quantized_tensors(manifest: Mapping[str, Any]) -> tuple[str, ...]:
+    """The tensors a cache stores as fp8 + per-row scale: the keys of ``quantization.scales`` of an
+    fp8 ``manifest`` (``aux_hidden_states`` always; ``final_hidden`` unless its fp8 rebuild missed
+    the tolerance and it is stored bf16), () for other dtypes. A manifest being planned, without
+    its ``quantization`` block yet, counts as quantizing all of ``QUANTIZED_TENSORS``."""
+    if not is_quantized(manifest["dtype"]):
+        return ()
+    if "quantization" not in manifest:
+        return QUANTIZED_TENSORS
+    return tuple(name for name in QUANTIZED_TENSORS if name in manifest["quantization"]["scales"])
+
+
 def supervision_dtype(name: str) -> torch.dtype:
     """The dtype of ``target_probs`` / ``topk_probs`` rows (and eagle3 ``target_embeddings``) of a
     cache whose manifest ``dtype`` is ``name``: the storage dtype, bf16 for ``fp8``."""
@@ -130,8 +143,10 @@ def encoding_tensors(encoding: str) -> tuple[str, ...]:
 def shard_tensor_specs(manifest: Mapping[str, Any], num_samples: int, num_tokens: int, num_supervised: int
                        ) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     """``[(name, dtype, shape)]`` of every tensor of a shard of ``manifest``'s cache with these
-    counts: the shard tensors, the encoding's, then (``fp8``) the scales of the quantized ones."""
+    counts: the shard tensors, the encoding's, then (``fp8``) the scales of the quantized ones
+    (``quantized_tensors``; an fp8 cache's other float rows are bf16)."""
     n, tokens, rows = num_samples, num_tokens, num_supervised
+    quantized = quantized_tensors(manifest)
     dtype = storage_dtype(manifest["dtype"])
     encoding = manifest["supervision"]["encoding"]
     hidden = manifest["target"]["hidden_size"]
@@ -147,14 +162,12 @@ def shard_tensor_specs(manifest: Mapping[str, Any], num_samples: int, num_tokens
         ("target_argmax", torch.int32, (rows,)),
     ]
     for name in encoding_tensors(encoding):
-        row_dtype = torch.int32 if name == "topk_ids" else dtype if name == "final_hidden" else \
+        row_dtype = torch.int32 if name == "topk_ids" else dtype if name in quantized else \
             supervision_dtype(manifest["dtype"])
         specs.append((name, row_dtype, (rows, width[encoding])))
-    if is_quantized(manifest["dtype"]):
-        shapes = {name: shape for name, _, shape in specs}
-        groups = {"aux_hidden_states": layers, "final_hidden": 1}
-        specs += [(scale_name(name), SCALE_DTYPE, (shapes[name][0], groups[name]))
-                  for name in QUANTIZED_TENSORS if name in shapes]
+    shapes = {name: shape for name, _, shape in specs}
+    groups = {"aux_hidden_states": layers, "final_hidden": 1}
+    specs += [(scale_name(name), SCALE_DTYPE, (shapes[name][0], groups[name])) for name in quantized if name in shapes]
     return specs
 
 

@@ -27,8 +27,8 @@ from draftcache.cache_format.checksum import commit_file, temporary_path
 from draftcache.cache_format.container import safetensors_layout
 from draftcache.cache_format.manifest import Manifest, ShardEntry
 from draftcache.cache_format.record import SampleRecord
-from draftcache.cache_format.fp8 import QUANTIZED_TENSORS, quantize_rows, scale_name
-from draftcache.cache_format.schema import is_quantized, shard_filename, shard_metadata, shard_tensor_specs
+from draftcache.cache_format.fp8 import quantize_rows, scale_name
+from draftcache.cache_format.schema import quantized_tensors, shard_filename, shard_metadata, shard_tensor_specs
 
 __all__ = ["ShardFileWriter"]
 
@@ -66,7 +66,7 @@ class ShardFileWriter:
         self._left = n
         total_tokens, total_rows = self._token_at[-1], self._row_at[-1]
         specs = shard_tensor_specs(meta.data, n, total_tokens, total_rows)
-        self._quantized = is_quantized(meta.dtype)
+        self._quantized = quantized_tensors(meta.data)
         self._groups = {name: shape[1] for name, _, shape in specs if name.endswith("_scale")}
         self._dtypes = {name: dt for name, dt, _ in specs}
         self._row_bytes = {name: dt.itemsize * (shape[1] if len(shape) > 1 else 1) for name, dt, shape in specs}
@@ -99,10 +99,9 @@ class ShardFileWriter:
             raise ValueError(f"shard {self.index}: sample {self.first_sample + local} has (tokens, supervised) = "
                              f"{(record.num_tokens, record.num_supervised)}, but the shard was sized for {want}")
         values = {name: getattr(record, name) for name in self._dtypes if hasattr(record, name)}
-        if self._quantized:
-            for name in QUANTIZED_TENSORS:
-                if name in self._dtypes and values[name].dtype != self._dtypes[name]:  # float rows: quantize here
-                    values[name], values[scale_name(name)] = quantize_rows(values[name], self._groups[scale_name(name)])
+        for name in self._quantized:
+            if name in self._dtypes and values[name].dtype != self._dtypes[name]:  # float rows: quantize here
+                values[name], values[scale_name(name)] = quantize_rows(values[name], self._groups[scale_name(name)])
         for name, dtype in self._dtypes.items():
             if name.endswith("_offsets"):
                 continue

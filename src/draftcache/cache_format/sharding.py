@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from draftcache.cache_format.schema import is_quantized, storage_dtype, supervision_dtype
+from draftcache.cache_format.schema import quantized_tensors, storage_dtype, supervision_dtype
 
 __all__ = ["SampleBytes", "plan_shard_boundaries"]
 
@@ -29,7 +29,8 @@ class SampleBytes:
     def __init__(self, manifest: Mapping[str, Any]):
         item = storage_dtype(manifest["dtype"]).itemsize
         prob_item = supervision_dtype(manifest["dtype"]).itemsize
-        scale = 4 if is_quantized(manifest["dtype"]) else 0            # fp8: a float32 scale per row
+        quantized = quantized_tensors(manifest)
+        scale = 4 if quantized else 0                                   # fp8: a float32 scale per row
         hidden = int(manifest["target"]["hidden_size"])
         layers = len(manifest["capture"]["layer_ids"])
         aux = layers * hidden
@@ -39,7 +40,8 @@ class SampleBytes:
         elif encoding == "topk":
             row = int(manifest["supervision"]["topk"]) * (prob_item + 4)  # topk_probs [k] + topk_ids [k] int32
         elif encoding == "hidden":
-            row = hidden * item + scale                                 # final_hidden [H] (+ its scale)
+            fp8 = "final_hidden" in quantized                           # else bf16 rows in an fp8 cache
+            row = hidden * item + scale if fp8 else hidden * prob_item  # final_hidden [H] (+ its scale)
         else:
             row = 0                                                     # argmax: target_argmax only
         self.per_token = 4 + 1 + aux * item + layers * scale

@@ -36,6 +36,7 @@ from draftcache.cache_format.schema import (
     LM_HEAD_ENCODINGS,
     MANIFEST_FILE,
     SIDE_FILES,
+    quantized_tensors,
     side_filename,
 )
 
@@ -308,10 +309,11 @@ def check_record(meta: Manifest, index: int, record: SampleRecord) -> None:
         raise ValueError(f"sample {index} has tensors on {sorted(devices - {'cpu'})}; copy them to the CPU first")
     if record.encoding != meta.encoding:
         problems.append(f"it carries the {record.encoding!r} encoding but the cache stores {meta.encoding!r}")
-    fp8 = [name for name in ("aux_hidden_states", "final_hidden")
-           if getattr(record, name) is not None and getattr(record, name).dtype == torch.float8_e4m3fn]
-    if fp8 and meta.dtype != "fp8":
-        problems.append(f"{', '.join(fp8)} are fp8 but the cache stores {meta.dtype}")
+    fp8 = [name for name in ("aux_hidden_states", "final_hidden") if name not in quantized_tensors(meta.data)
+           and getattr(record, name) is not None and getattr(record, name).dtype == torch.float8_e4m3fn]
+    if fp8:
+        problems.append(f"{', '.join(fp8)} are fp8 but the cache stores them as "
+                        f"{'bf16' if meta.dtype == 'fp8' else meta.dtype} (see its quantization block)")
     if record.num_tokens > meta.seq_length:
         problems.append(f"it has {record.num_tokens} tokens, more than seq_length {meta.seq_length}")
     if record.aux_hidden_states.shape[1] != meta.aux_dim:

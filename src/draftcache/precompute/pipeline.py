@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,8 +23,8 @@ import torch
 import draftcache
 from draftcache.cache_format import FORMAT_VERSION, MANIFEST_FILE, SampleBytes, plan_shard_boundaries, read_manifest
 from draftcache.cache_format.fp8 import dequantize_rows, quantize_rows
-from draftcache.cache_format.manifest import FP8_QUANTIZATION
-from draftcache.cache_format.schema import KIND_SHIFT, is_quantized, storage_dtype, supervision_dtype
+from draftcache.cache_format.manifest import fp8_quantization
+from draftcache.cache_format.schema import KIND_SHIFT, quantized_tensors, storage_dtype, supervision_dtype
 from draftcache.data import (
     ChatTokenizer,
     ConversationSet,
@@ -151,19 +152,18 @@ def run_precompute(
     dtype = storage_dtype(cfg.dtype)
     probe: list[Probe] = []  # rank 0's probe forward, if it ran one
 
-    def choose() -> tuple[str, str | None, float | None]:
+    def choose() -> EncodingChoice:
         """Rank 0 alone decides the encoding; every rank then uses its decision (a per-rank
         measurement near the tolerance, or on mixed GPUs, could disagree)."""
         if cfg.method == "dflash":  # the target's argmax over its full vocabulary (+ its final hidden): no probe
             if cfg.supervision == "hidden":
-                return "hidden", ("--supervision hidden: the target's argmax and final hidden state per supervised "
-                                  "position (its distribution, rebuilt with the lm_head side file at read time)"), None
-            return "argmax", None, None
+                return EncodingChoice("hidden", "--supervision hidden: the target's argmax and final hidden state per "
+                                      "supervised position (its distribution, rebuilt with the lm_head side file at "
+                                      "read time)")
+            return EncodingChoice("argmax")
         recorded = _recorded_encoding(cfg, out)
         if recorded is not None:  # --resume: the choice the cache was made with, not measured again
-            encoding, closeness = recorded
-            return encoding, f"resume: supervision {encoding}, as recorded in the cache (not measured again)", \
-                closeness
+            return recorded
         # the probe forward is the first batch of shard 0 as a hidden cache would cut it, so that
         # shard (rank 0's first) reuses it instead of running it twice
         hidden_bytes = SampleBytes({"dtype": cfg.dtype, "target": {"hidden_size": target.hidden_size},
@@ -172,27 +172,27 @@ def run_precompute(
                                     "draft_vocab": {"size": vocab.size}})
         first_shard = plan_shard_boundaries((hidden_bytes(*n) for n in sample_lengths(samples)), cfg.shard_size,
                                             cfg.max_shard_bytes)[1]
-        encoding, why, forward, closeness = _choose_encoding(cfg, target, samples[:first_shard], vocab,
-                                                             pad_id_of(tokenizer), dtype)
+        choice, forward = _choose_encoding(cfg, target, samples[:first_shard], vocab, pad_id_of(tokenizer), dtype)
         if forward is not None:
             probe.append(forward)
-        return encoding, why, closeness
+        return choice
 
-    encoding, why, closeness = gather_step(ctx, "choosing the encoding", choose if ctx.is_main else _nothing)[0]
-    if why:
-        log(why)
+    choice = gather_step(ctx, "choosing the encoding", choose if ctx.is_main else _nothing)[0]
+    encoding = choice.encoding
+    if choice.why:
+        log(choice.why)
 
     def plan() -> tuple[dict, SupervisionSpec]:
         manifest = _build_manifest(cfg, target=target, tokenizer=tokenizer, conversations=conversations,
-                                   model_id=model_id, vocab=vocab, counts=counts, encoding=encoding,
-                                   num_samples=len(samples), special_ids=specials, closeness=closeness)
+                                   model_id=model_id, vocab=vocab, counts=counts,
+                                   num_samples=len(samples), special_ids=specials, choice=choice)
         sample_bytes = SampleBytes(manifest)
         sizes = (sample_bytes(*n) for n in sample_lengths(samples))
         manifest["shard_boundaries"] = plan_shard_boundaries(sizes, cfg.shard_size, cfg.max_shard_bytes)
         manifest["num_shards"] = len(manifest["shard_boundaries"]) - 1
         spec = SupervisionSpec(encoding=encoding, vocab=vocab, dtype=supervision_dtype(cfg.dtype),
                                topk=cfg.target_probs_topk if encoding == "topk" else None,
-                               quantize=is_quantized(cfg.dtype), num_layers=len(target.aux_layer_ids),
+                               quantized=quantized_tensors(manifest), num_layers=len(target.aux_layer_ids),
                                label_aligned=cfg.method == "dflash")
         return manifest, spec
 
@@ -210,8 +210,21 @@ def _nothing() -> None:
     return None
 
 
-def _recorded_encoding(cfg: PrecomputeConfig, out: Path) -> tuple[str, float | None] | None:
-    """On ``--resume``, the encoding (and measured rebuild closeness) the cache in ``out`` records,
+@dataclass(frozen=True)
+class EncodingChoice:
+    """How rank 0 decided a cache's supervision: ``encoding``, a line saying why (logged), the
+    measured ``hidden`` rebuild difference (``supervision.rebuild_max_abs_prob_diff``) and, for an
+    fp8 cache whose fp8 final hidden states rebuild outside the tolerance but bf16 ones within it,
+    why final_hidden is stored bf16 (``quantization.final_hidden_why``; None: fp8 like aux)."""
+
+    encoding: str
+    why: str | None = None
+    closeness: float | None = None
+    final_hidden_bf16_why: str | None = None
+
+
+def _recorded_encoding(cfg: PrecomputeConfig, out: Path) -> EncodingChoice | None:
+    """On ``--resume``, the encoding (measured rebuild closeness, final_hidden storage) the cache in ``out`` records,
     when this run's request allows it (``auto``: ``hidden`` or ``probs``; ``hidden``: ``hidden``);
     None otherwise (no cache yet, an unreadable one, or another request: the resume check proper
     then compares and refuses with every differing field)."""
@@ -225,7 +238,9 @@ def _recorded_encoding(cfg: PrecomputeConfig, out: Path) -> tuple[str, float | N
     allowed = {"auto": ("hidden", "probs"), "hidden": ("hidden",)}.get(cfg.encoding_request, ())
     if old["kind"] != cfg.method or encoding not in allowed:
         return None
-    return encoding, old["supervision"].get("rebuild_max_abs_prob_diff") if encoding == "hidden" else None
+    return EncodingChoice(encoding, f"resume: supervision {encoding}, as recorded in the cache (not measured again)",
+                          old["supervision"].get("rebuild_max_abs_prob_diff") if encoding == "hidden" else None,
+                          old.get("quantization", {}).get("final_hidden_why"))
 
 
 def _logit_transform_in_config(target: HFEagle3TargetModel) -> str | None:
@@ -249,12 +264,13 @@ REBUILD_PROB_TOLERANCE = 5e-2
 
 
 def _rebuild_closeness(target: HFEagle3TargetModel, samples: Sequence[TokenizedSample], cfg: PrecomputeConfig,
-                       vocab: DraftVocab, pad_id: int, dtype: torch.dtype) -> tuple[float, int, Probe]:
+                       vocab: DraftVocab, pad_id: int, dtypes: Sequence[torch.dtype]
+                       ) -> tuple[list[float], int, Probe]:
     """Run the first length-bucketed batch of ``samples`` (shard 0's) and compare, at up to
     ``_REBUILD_CHECK_ROWS`` supervised positions, the draft-vocab distribution a reader rebuilds
-    from the STORED final hidden states (``final_hidden`` in the storage ``dtype``, then
-    ``@ W.T (+ b)`` in fp32) with the one the ``probs`` encoding would store (from the real
-    logits). Returns (max abs probability difference, rows compared, the probe forward)."""
+    from the STORED final hidden states (``final_hidden`` in each storage dtype of ``dtypes``,
+    then ``@ W.T (+ b)`` in fp32) with the one the ``probs`` encoding would store (from the real
+    logits). Returns (max abs probability difference per dtype, rows compared, the probe forward)."""
     indices = length_bucketed_batches([len(s.input_ids) for s in samples], cfg.batch_size)[0]
     ids, am, lm, _ = pad_batch(samples, indices, pad_id, input_device(target))
     out = target.forward_capture(ids, am, capture_final_hidden=True)
@@ -262,60 +278,75 @@ def _rebuild_closeness(target: HFEagle3TargetModel, samples: Sequence[TokenizedS
     sup = lm.bool()                                                               # [B, T]
     real = out.logits[sup][:_REBUILD_CHECK_ROWS].float()                          # [m, V]
     weight, bias = target.output_projection()                                     # [V, H], [V] | None
-    stored = out.final_hidden[sup][:_REBUILD_CHECK_ROWS]                          # [m, H]
-    if dtype == torch.float8_e4m3fn:  # what a reader dequantizes from the stored fp8 rows and scales
-        stored = dequantize_rows(*quantize_rows(stored, 1), torch.float32)
-    else:
-        stored = stored.to(dtype)                                                 # as written to disk
-    stored = stored.to(weight.device).float()
-    # the head in fp32 a block of rows at a time: a whole fp32 copy is 2.1 GB at 128k x 4096
-    rebuilt = torch.cat([stored @ rows.float().T for rows in weight.split(_REBUILD_HEAD_ROWS)], dim=1)  # [m, V]
-    if bias is not None:
-        rebuilt = rebuilt + bias.float()
     ones = torch.ones(real.shape[0], dtype=torch.bool, device=real.device)
     selected, t2d = vocab.selected_token_ids.to(real.device), vocab.t2d.to(real.device)
     want, _ = compute_target_distribution(real, ones, selected, t2d)                       # [m, Vd]
-    got, _ = compute_target_distribution(rebuilt.to(real.device), ones, selected, t2d)    # [m, Vd]
-    diff = float((got - want).abs().max()) if real.shape[0] else 0.0
-    return diff, int(real.shape[0]), probe
+    diffs = []
+    for dtype in dtypes:
+        stored = out.final_hidden[sup][:_REBUILD_CHECK_ROWS]                      # [m, H]
+        if dtype == torch.float8_e4m3fn:  # what a reader dequantizes from the stored fp8 rows and scales
+            stored = dequantize_rows(*quantize_rows(stored, 1), torch.float32)
+        else:
+            stored = stored.to(dtype)                                             # as written to disk
+        stored = stored.to(weight.device).float()
+        # the head in fp32 a block of rows at a time: a whole fp32 copy is 2.1 GB at 128k x 4096
+        rebuilt = torch.cat([stored @ rows.float().T for rows in weight.split(_REBUILD_HEAD_ROWS)], dim=1)  # [m, V]
+        if bias is not None:
+            rebuilt = rebuilt + bias.float()
+        got, _ = compute_target_distribution(rebuilt.to(real.device), ones, selected, t2d)    # [m, Vd]
+        diffs.append(float((got - want).abs().max()) if real.shape[0] else 0.0)
+    return diffs, int(real.shape[0]), probe
 
 
 def _choose_encoding(cfg: PrecomputeConfig, target, samples, vocab: DraftVocab, pad_id: int, dtype: torch.dtype
-                     ) -> tuple[str, str | None, Probe | None, float | None]:
-    """Resolve ``auto`` / check ``hidden``; returns (encoding, why it was chosen, the probe forward
-    if any, the measured max abs probability difference of the hidden rebuild if measured)."""
+                     ) -> tuple[EncodingChoice, Probe | None]:
+    """Resolve ``auto`` / check ``hidden``; returns the choice and the probe forward if any. An fp8
+    cache stores final_hidden in fp8 when that rebuilds within the tolerance, else in bf16 when
+    that does (aux hidden states stay fp8 either way)."""
     request = cfg.encoding_request
     if request in ("probs", "topk"):
-        return request, None, None, None
+        return EncodingChoice(request), None
     if request == "auto" and target.hidden_size >= vocab.size:
-        return "probs", f"auto: probs, since draft vocab {vocab.size} <= hidden size {target.hidden_size}", None, None
-    problem, probe, diff = _logit_transform_in_config(target), None, None
+        return EncodingChoice("probs", f"auto: probs, since draft vocab {vocab.size} <= hidden size "
+                                       f"{target.hidden_size}"), None
+    problem, probe, diff, bf16_why = _logit_transform_in_config(target), None, None, None
     closeness = ""
     if problem is None:
-        diff, rows, probe = _rebuild_closeness(target, samples, cfg, vocab, pad_id, dtype)
+        fp8 = dtype == torch.float8_e4m3fn
+        diffs, rows, probe = _rebuild_closeness(target, samples, cfg, vocab, pad_id,
+                                                (dtype, torch.bfloat16) if fp8 else (dtype,))
         where = f"max abs difference over {rows} supervised rows"
-        closeness = (f"the draft-vocab probabilities rebuilt from the stored ({cfg.dtype}) final hidden states are "
-                     f"within {diff:.2e} of the target's ({where}; recorded as supervision.rebuild_max_abs_prob_diff)")
+        stored_as, diff = cfg.dtype, diffs[0]
+        if fp8 and diffs[0] > REBUILD_PROB_TOLERANCE and diffs[1] <= REBUILD_PROB_TOLERANCE:
+            stored_as, diff = "bf16", diffs[1]
+            bf16_why = (f"the draft-vocab probabilities rebuilt from fp8 final hidden states differ from the target's by "
+                        f"{diffs[0]:.2e} ({where}), above the tolerance {REBUILD_PROB_TOLERANCE:g}; from bf16 ones by "
+                        f"{diffs[1]:.2e}")
+        closeness = (f"the draft-vocab probabilities rebuilt from the stored ({stored_as}) final hidden states are "
+                     f"within {diff:.2e} of the target's ({where}; recorded as supervision.rebuild_max_abs_prob_diff)"
+                     + (f"; final_hidden is stored bf16, aux hidden states fp8, since {bf16_why}" if bf16_why else ""))
         if diff > REBUILD_PROB_TOLERANCE:
-            problem = (f"the draft-vocab probabilities rebuilt from the stored ({cfg.dtype}) final hidden states differ "
-                       f"from the target's by {diff:.2e} ({where}), above the tolerance {REBUILD_PROB_TOLERANCE:g}")
+            problem = (f"the draft-vocab probabilities rebuilt from the stored ({stored_as}) final hidden states "
+                       f"differ from the target's by {diff:.2e} ({where}), above the tolerance "
+                       f"{REBUILD_PROB_TOLERANCE:g}" + (f" (bf16 ones by {diffs[1]:.2e})" if fp8 else ""))
     if request == "hidden":
         if problem:
             raise PrecomputeError(f"--supervision hidden refused for this target: {problem}, so logits rebuilt at "
                                   "read time would be wrong. Use --supervision probs (or topk) to store the exact "
                                   "target distribution instead.")
-        return "hidden", f"hidden: {closeness}", probe, diff
+        return EncodingChoice("hidden", f"hidden: {closeness}", diff, bf16_why), probe
     if problem:
-        return "probs", f"auto: probs, since the hidden encoding cannot rebuild this target's logits ({problem})", \
-            probe, None
-    return "hidden", (f"auto: hidden, since hidden size {target.hidden_size} < draft vocab {vocab.size} and "
-                      f"{closeness}"), probe, diff
+        return EncodingChoice("probs", f"auto: probs, since the hidden encoding cannot rebuild this target's logits "
+                                       f"({problem})"), probe
+    return EncodingChoice("hidden", f"auto: hidden, since hidden size {target.hidden_size} < draft vocab {vocab.size} "
+                                    f"and {closeness}", diff, bf16_why), probe
 
 
 def _build_manifest(cfg: PrecomputeConfig, *, target: HFEagle3TargetModel, tokenizer, conversations: ConversationSet,
-                    model_id: str, vocab: DraftVocab, counts: torch.Tensor, encoding: str, num_samples: int,
-                    special_ids: list[int], closeness: float | None) -> dict:
+                    model_id: str, vocab: DraftVocab, counts: torch.Tensor, num_samples: int,
+                    special_ids: list[int], choice: EncodingChoice) -> dict:
     """The manifest of this run, before its shard boundaries are planned (they need its sizes)."""
+    encoding = choice.encoding
     model = target.model
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -348,7 +379,7 @@ def _build_manifest(cfg: PrecomputeConfig, *, target: HFEagle3TargetModel, token
         "seq_length": cfg.seq_length,
         "dtype": cfg.dtype,
         "supervision": {"encoding": encoding, "topk": cfg.target_probs_topk if encoding == "topk" else None,
-                        "rebuild_max_abs_prob_diff": closeness if encoding == "hidden" else None},
+                        "rebuild_max_abs_prob_diff": choice.closeness if encoding == "hidden" else None},
         "draft_vocab": {"size": vocab.size, "selected_token_ids": vocab.selected_token_ids.tolist(),
                         "special_token_ids": list(special_ids)},
         "token_counts": counts.tolist(),
@@ -363,7 +394,7 @@ def _build_manifest(cfg: PrecomputeConfig, *, target: HFEagle3TargetModel, token
         "stats": {"num_tokens": 0, "num_supervised": 0, "non_finite": 0},
     }
     if cfg.dtype == "fp8":
-        manifest["quantization"] = dict(FP8_QUANTIZATION)
+        manifest["quantization"] = fp8_quantization(choice.final_hidden_bf16_why)
     return manifest
 
 

@@ -30,9 +30,10 @@ class SupervisionSpec:
 
     encoding: str
     vocab: DraftVocab
-    dtype: torch.dtype          # of probability rows; also of hidden states unless ``quantize``
+    dtype: torch.dtype          # of probability rows; also of hidden states not in ``quantized``
     topk: int | None = None
-    quantize: bool = False      # fp8 cache: hidden states as float8_e4m3fn + float32 scale per row
+    # fp8 cache: the hidden states stored as float8_e4m3fn + float32 scale per row (schema.quantized_tensors)
+    quantized: tuple[str, ...] = ()
     label_aligned: bool = False  # dflash caches: rows of supervised q hold the target's output FOR q (at q - 1)
     num_layers: int = 1         # captured layers: aux rows split into this many scaled (and checked) rows
 
@@ -62,8 +63,8 @@ def batch_to_records(
     device over its real positions; the caller drops such a sample) with
     ``input_ids [S] int32``, ``loss_mask [S] uint8``, ``aux_hidden_states [S, F]``, ``target_argmax
     [M] int32`` and the encoding's rows (``target_probs [M, Vd]`` | ``topk_probs``/``topk_ids [M, k]``
-    | ``final_hidden [M, H]``), ``M = loss_mask[:S].sum()``; with ``spec.quantize`` the hidden
-    states are fp8 with ``aux_hidden_states_scale [S, L]`` / ``final_hidden_scale [M, 1]``, the
+    | ``final_hidden [M, H]``), ``M = loss_mask[:S].sum()``; the hidden states in ``spec.quantized``
+    are fp8 with ``aux_hidden_states_scale [S, L]`` / ``final_hidden_scale [M, 1]``, the
     scales taken from the same per-row max |x| pass as the check. On CUDA the copies are asynchronous:
     synchronise (e.g. a ``torch.cuda.Event`` recorded on ``logits.device``'s current stream after this
     call) before reading them.
@@ -98,7 +99,7 @@ def batch_to_records(
         amax = row_amax(rows, 1)                             # [M_total, 1]
         bad_sup = bad_sup.clone()
         bad_sup[sup] |= ~torch.isfinite(amax[:, 0])
-        if spec.quantize:
+        if "final_hidden" in spec.quantized:
             values, scale = quantize_rows(rows, 1, amax)
             payload = {"final_hidden": values, scale_name("final_hidden"): scale}
         else:
@@ -119,7 +120,7 @@ def batch_to_records(
     # Every conversion happens on the device, BEFORE the copy: on CUDA the copy is asynchronous
     # into pinned memory, so the host tensors may not be read until the caller has synchronised
     # (an event); below they are only sliced (views, no reads).
-    if spec.quantize:
+    if "aux_hidden_states" in spec.quantized:
         values, scale = quantize_rows(aux_hidden_states.reshape(batch * width, features), layers, aux_amax)
         aux = {"aux_hidden_states": values.view(batch, width, features),                     # [B, T, F] fp8
                scale_name("aux_hidden_states"): scale.view(batch, width, layers)}             # [B, T, L] fp32
