@@ -57,7 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ChatLengths, evict_files, gb, line, median, resident_fraction  # noqa: E402
 
 from draftcache.cache_format import (  # noqa: E402
-    WINDOW_BYTES, CacheBatchLoader, CacheWriter, SampleRecord, collate_padded, collate_raw, new_manifest, open_cache, pack_samples,
+    IO_DEPTH, WINDOW_BYTES, CacheBatchLoader, CacheWriter, SampleRecord, collate_padded, collate_raw, new_manifest,
+    open_cache, pack_samples,
 )
 from draftcache.trainer.batching import plan_epoch  # noqa: E402
 
@@ -190,8 +191,9 @@ def measure_cache(path: Path, encoding: str, args) -> None:
     def record(name: str, seconds: float, raw: tuple[float, float]) -> None:
         results.setdefault(name, []).append((seconds, *raw))
 
-    loaders = {t: CacheBatchLoader(path, plans[0], max_tokens=max_tokens, num_threads=t, prefetch=args.prefetch,
-                                   window_bytes=args.window_bytes, pin_memory=False) for t in args.loader_threads}
+    loaders = {(t, d): CacheBatchLoader(path, plans[0], max_tokens=max_tokens, num_threads=t, prefetch=args.prefetch,
+                                        window_bytes=args.window_bytes, io_depth=d, pin_memory=False)
+               for t in args.loader_threads for d in args.io_depths}
     for loader in loaders.values():
         for _ in loader:  # warm-up epoch: buffers grow and are paged in
             pass
@@ -204,9 +206,9 @@ def measure_cache(path: Path, encoding: str, args) -> None:
             pass
 
     for _ in range(args.repeats):
-        for threads, loader in loaders.items():
+        for (threads, depth), loader in loaders.items():
             raw_s = raw_pair()
-            record(f"loader ({threads} threads)", timed_pass(lambda: [None for _ in loader]), raw_s)
+            record(f"loader ({threads} threads, io depth {depth})", timed_pass(lambda: [None for _ in loader]), raw_s)
         if workers is not None:
             raw_s = raw_pair()
             record(f"DataLoader {args.workers} workers, get_raw_batch", timed_pass(lambda: [None for _ in workers]),
@@ -272,6 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--loader-threads", default="1,2", help="comma-separated reader thread counts to compare")
     parser.add_argument("--prefetch", type=int, default=1, help="windows the loader reads ahead")
+    parser.add_argument("--io-depths", default=f"1,{IO_DEPTH}",
+                        help="comma-separated loader io_depth values to compare (read requests in flight)")
     parser.add_argument("--window-mb", type=float, default=WINDOW_BYTES / 2**20,
                         help="MiB of stored rows the loader reads in one sorted pass (its default: %(default)s)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the comparison (0: skip)")
@@ -286,11 +290,14 @@ def main(argv: list[str] | None = None) -> None:
     args.batch_tokens = args.batch_tokens or None
     args.window_bytes = max(1, int(args.window_mb * 2**20))
     args.loader_threads = [int(t) for t in args.loader_threads.split(",")]
+    args.io_depths = [int(d) for d in args.io_depths.split(",")]
     torch.set_num_threads(args.threads)
     lengths = ChatLengths(args.median_tokens, args.sigma, max_tokens=args.seq_length)
     print(f"hidden {args.hidden_size} (aux {3 * args.hidden_size}), {args.dtypes}, chats {lengths} (mean {lengths.mean():.0f}),"
           f" draft vocab {args.draft_vocab_size}, torch threads {args.threads}, "
           f"{'cold' if args.cold else 'warm'} page cache, {os.cpu_count()} CPUs")
+    if args.cache_dir:
+        Path(args.cache_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="draftcache-reader-", dir=args.cache_dir) as tmp:
         for encoding in args.encodings.split(","):
             for dtype in args.dtypes.split(","):

@@ -60,7 +60,8 @@ def test_reader_throughput_runs_every_path():
                "--vocab-size", "512", "--draft-vocab-size", "64", "--shard-size", "2", "--batch-tokens", "128",
                "--batch-size", "2", "--loader-threads", "1", "--workers", "0", "--dense-batches", "1",
                "--repeats", "1", *TINY)
-    assert re.search(r"loader \(1 threads\) +GB_per_s=[0-9.e-]+", out), out
+    for depth in (1, 8):  # the default comparison: one request at a time vs IO_DEPTH in flight
+        assert re.search(rf"loader \(1 threads, io depth {depth}\) +GB_per_s=[0-9.e-]+", out), out
 
 
 def test_precompute_scaling_writes_the_same_cache_with_two_ranks():

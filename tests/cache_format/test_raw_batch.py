@@ -228,3 +228,45 @@ def test_loader_reads_windows_of_batches_in_one_pass_with_bounded_buffers(tmp_pa
             _assert_raw_equal(raw, reader.get_raw_batch(plan[b], max_tokens=80), (epoch, b))
             storages.add(raw["input_ids"].untyped_storage().data_ptr())
     assert len(storages) <= 2 * max(len(w) for w in windows)  # two windows of buffers, reused in epoch 2
+
+
+def test_read_calls_are_independent_and_cut_at_the_call_size(tmp_path):
+    """``read_calls`` cuts merged ranges into calls of at most 8 MiB that fill their own bytes: run in
+    any order (here: backwards, on threads) they give what one ``read`` per range gives."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from safetensors.torch import save_file
+
+    path = tmp_path / "big.safetensors"
+    values = torch.arange(6 * 1024 * 1024, dtype=torch.int32).view(-1, 1024)  # 24 MiB, 6144 rows of 4 KiB
+    save_file({"a": values, "b": values[:64, :8].clone()}, str(path))
+    shard = ShardFile(path, path.stat().st_size)
+    ranges = [("a", 5000, 6144), ("a", 10, 4000), ("b", 3, 9), ("a", 4001, 4002)]  # 4.5 + 15.6 MiB, gaps
+    outs = [torch.empty((stop - start, *shard.tensors[name][1][1:]), dtype=torch.int32) for name, start, stop in ranges]
+    calls = shard.read_calls([(name, start, stop, out) for (name, start, stop), out in zip(ranges, outs)])
+    assert len(calls) >= 3  # 20 MiB cannot go in fewer 8 MiB calls
+    with ThreadPoolExecutor(4) as pool:
+        for future in [pool.submit(call) for call in calls[::-1]]:
+            future.result()
+    for (name, start, stop), out in zip(ranges, outs):
+        assert out.equal(shard.read(name, start, stop)), (name, start, stop)
+    shard.close()
+
+
+def test_loader_with_requests_in_flight_across_more_shards_than_the_open_file_limit(tmp_path):
+    """``io_depth > 1``: one window's reads over more shards than a reader keeps open, run on a pool
+    of threads, give the same raw batches as one read at a time; no shard is closed under a read."""
+    cache = write_cache(tmp_path / "c", num_samples=2 * MAX_OPEN_SHARDS + 3, encoding="hidden", dtype="fp8",
+                        shard_size=1)
+    reader = open_cache(cache.path)
+    n = len(reader)
+    plan = [[(7 * i) % n, (7 * i + 3) % n] for i in range(n // 2)]
+    for io_depth in (1, 8):
+        loader = CacheBatchLoader(cache.path, plan, max_tokens=80, io_depth=io_depth, pin_memory=False)
+        for epoch in range(2):
+            for b, raw in enumerate(loader):
+                _assert_raw_equal(raw, reader.get_raw_batch(plan[b], max_tokens=80), (io_depth, epoch, b))
+        assert all(len(r._open) <= MAX_OPEN_SHARDS for r in loader._readers)
+        loader.close()
+    with pytest.raises(ValueError, match="io_depth"):
+        CacheBatchLoader(cache.path, plan, io_depth=0, pin_memory=False)

@@ -47,10 +47,11 @@ import torch
 
 from draftcache.cache_format.reader import CacheReader
 
-__all__ = ["WINDOW_BYTES", "CacheBatchLoader"]
+__all__ = ["IO_DEPTH", "WINDOW_BYTES", "CacheBatchLoader"]
 
 _GROWTH = 1.25  # a buffer that is too small is replaced by one this much larger than needed
 WINDOW_BYTES = 256 << 20  # default stored bytes read in one sorted pass
+IO_DEPTH = 8  # default read requests in flight
 
 
 class _Buffer:
@@ -82,6 +83,10 @@ class CacheBatchLoader:
             ``max_tokens`` tokens (``pack_samples``).
         pad_to_multiple_of: round the batch width up to a multiple of this.
         num_threads: reader threads (more than one only overlaps reads when ``prefetch > 1``).
+        io_depth: read requests a window pass keeps in flight (threads issuing ``preadv``; 1: one
+            at a time). Disks answer requests that are not contiguous several times faster at a
+            queue depth of 8 than one by one, and a training plan's window is such requests
+            whenever the cache is larger than the window.
         prefetch: windows read ahead of the one the consumer takes batches from.
         window_bytes: stored bytes of the consecutive batches read in one sorted pass.
         pin_memory: page-locked buffers for asynchronous copies to CUDA (default: when CUDA is
@@ -90,9 +95,11 @@ class CacheBatchLoader:
 
     def __init__(self, path: str | os.PathLike, plan: Sequence[Sequence[int]], *, max_tokens: int | None = None,
                  pad_to_multiple_of: int | None = None, num_threads: int = 2, prefetch: int = 1,
-                 window_bytes: int = WINDOW_BYTES, pin_memory: bool | None = None):
+                 window_bytes: int = WINDOW_BYTES, io_depth: int = IO_DEPTH, pin_memory: bool | None = None):
         if num_threads < 1:
             raise ValueError(f"num_threads must be >= 1; got {num_threads}")
+        if io_depth < 1:
+            raise ValueError(f"io_depth must be >= 1 (read requests in flight); got {io_depth}")
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1 (windows read ahead); got {prefetch}")
         if window_bytes < 1:
@@ -111,7 +118,7 @@ class CacheBatchLoader:
         self.plan = self._checked_plan(plan)
         self.max_tokens, self.pad_to_multiple_of = max_tokens, pad_to_multiple_of
         self.num_threads, self.prefetch, self.pin_memory = num_threads, prefetch, pin_memory
-        self.window_bytes = window_bytes
+        self.window_bytes, self.io_depth = window_bytes, io_depth
         self._ring: list[list[_Buffer]] | None = None  # kept between iterations: warm buffers for the next epoch
 
     def _checked_plan(self, plan: Sequence[Sequence[int]]) -> list[list[int]]:
@@ -180,12 +187,14 @@ class CacheBatchLoader:
             try:
                 return reader.get_raw_batches([plan[b] for b in window], max_tokens=self.max_tokens,
                                               pad_to_multiple_of=self.pad_to_multiple_of,
-                                              allocate=lambda i, nbytes: slot[i].take(nbytes))
+                                              allocate=lambda i, nbytes: slot[i].take(nbytes), executor=io_pool)
             finally:
                 self._return_reader(reader)
 
         pending: deque[Future] = deque()
         pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="draftcache-read")
+        io_pool = (ThreadPoolExecutor(self.io_depth, thread_name_prefix="draftcache-io") if self.io_depth > 1
+                   else None)  # shared by the reader threads: at most io_depth requests in flight
         try:
             for w in range(len(ring) - 1):  # the consumer's window and `prefetch` more; the last slot
                 window = next(windows, None)  # is filled once the consumer leaves window 0
@@ -212,5 +221,7 @@ class CacheBatchLoader:
             for future in pending:
                 future.cancel()
             pool.shutdown(wait=True)
+            if io_pool is not None:
+                io_pool.shutdown(wait=True)
             self._return_reader(sizer)
             self._ring = ring

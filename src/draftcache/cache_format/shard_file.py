@@ -13,10 +13,11 @@ threads, stays correct. Anything inconsistent
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -147,6 +148,23 @@ class ShardFile:
         """``read_into(name, start, stop, out)`` for each request, as few ``preadv`` calls as possible:
         the byte ranges are sorted by file offset and ranges at most ``max_gap`` bytes apart are
         read as one (the gap into a scratch buffer). Returns the number of merged reads."""
+        groups = self._merged_ranges(requests, max_gap)
+        for call in self._calls(groups):
+            call()
+        return len(groups)
+
+    def read_calls(self, requests: Sequence[tuple[str, int, int, torch.Tensor]], max_gap: int = MAX_READ_GAP
+                   ) -> list[Callable[[], None]]:
+        """``read_many``'s reads as independent calls (each at most ``_CALL_BYTES``, in file order), for
+        a caller that keeps several in flight at once (``CacheReader.get_raw_batches`` with an
+        executor): a disk answers several outstanding requests faster than the same ones one at a
+        time. Each call fills its own part of the ``out`` tensors; the file must stay open until
+        every call has returned."""
+        return self._calls(self._merged_ranges(requests, max_gap))
+
+    def _merged_ranges(self, requests: Sequence[tuple[str, int, int, torch.Tensor]], max_gap: int
+                       ) -> list[tuple[int, list[memoryview]]]:
+        """``(file offset, destination views)`` of each merged range, in file order."""
         pieces = []  # (file offset, destination bytes)
         for name, start, stop, out in requests:
             dtype, shape, offset = self.tensors[name]
@@ -171,34 +189,41 @@ class ShardFile:
             else:  # overlapping ranges (gap < 0) never occur in a batch; read them separately anyway
                 groups.append((position, [view]))
             end = position + view.nbytes
-        for position, views in groups:
-            self._preadv_all(views, position)
-        return len(groups)
+        return groups
 
-    def _preadv_all(self, views: list[memoryview], position: int) -> None:
-        """Fill ``views`` (consecutive in the file from ``position``), resuming after short reads;
-        at most ``_CALL_BYTES`` per call (a cold file read in 8 MiB calls keeps the kernel's
-        read-ahead streaming; one huge call measured slower here)."""
-        queue = [v[i:i + _CALL_BYTES] for v in views for i in range(0, v.nbytes, _CALL_BYTES)]
-        at = 0
-        while at < len(queue):
-            batch, size = [], 0
-            for view in queue[at:at + _MAX_IOV]:
-                if batch and size + view.nbytes > _CALL_BYTES:
-                    break
+    def _calls(self, groups: list[tuple[int, list[memoryview]]]) -> list[Callable[[], None]]:
+        """Each merged range cut into ``preadv`` calls of at most ``_CALL_BYTES`` and ``_MAX_IOV``
+        buffers (a cold file read in 8 MiB calls keeps the kernel's read-ahead streaming; one huge
+        call measured slower here)."""
+        calls = []
+        for position, views in groups:
+            pieces = [v[i:i + _CALL_BYTES] for v in views for i in range(0, v.nbytes, _CALL_BYTES)]
+            batch: list[memoryview] = []
+            size = 0
+            for view in pieces:
+                if batch and (size + view.nbytes > _CALL_BYTES or len(batch) == _MAX_IOV):
+                    calls.append(functools.partial(self._preadv_exact, batch, position))
+                    position += size
+                    batch, size = [], 0
                 batch.append(view)
                 size += view.nbytes
-            n = os.preadv(self._fd, batch, position)
+            if batch:
+                calls.append(functools.partial(self._preadv_exact, batch, position))
+        return calls
+
+    def _preadv_exact(self, views: list[memoryview], position: int) -> None:
+        """Fill ``views`` (consecutive in the file from ``position``), resuming after short reads."""
+        at = 0
+        while at < len(views):
+            n = os.preadv(self._fd, views[at:at + _MAX_IOV], position)
             if n <= 0:
                 self._fail("short read: the file ended early")
             position += n
-            for view in batch:  # skip the buffers filled; keep the unfilled tail of a partial one
-                if n >= view.nbytes:
-                    n -= view.nbytes
-                    at += 1
-                else:
-                    queue[at] = view[n:]
-                    break
+            while at < len(views) and n >= views[at].nbytes:  # skip the buffers filled
+                n -= views[at].nbytes
+                at += 1
+            if n:  # keep the unfilled tail of a partial one
+                views = [*views[:at], views[at][n:], *views[at + 1:]]
 
     def close(self) -> None:
         fd, self._fd = getattr(self, "_fd", -1), -1
