@@ -21,8 +21,8 @@ import torch
 import transformers as tf
 from typer.testing import CliRunner
 
-from draftcache.cache_format import (ManifestError, collate_padded, inspect_cache, open_cache, validate_manifest,
-                                     verify_cache)
+from draftcache.cache_format import (ManifestError, collate_padded, expand_dflash_raw, inspect_cache, open_cache,
+                                     validate_manifest, verify_cache)
 from draftcache.cache_format.manifest import FP8_QUANTIZATION
 from draftcache.precompute.cli import app
 from draftcache.precompute.pipeline import REBUILD_PROB_TOLERANCE
@@ -227,6 +227,11 @@ def test_dflash_reader_rebuilds_the_bf16_caches_logits(sharp, dflash_caches):
         with torch.no_grad():
             want = torch.softmax(model(a["input_ids"][None]).logits[0].float(), -1)[read]  # output at t, for t + 1
         assert float((torch.softmax(got, -1) - want).abs().max()) <= REBUILD_PROB_TOLERANCE, i
+    # the trainer's batch path (get_raw_batch -> expand_dflash_raw) reads the bf16 rows like the sample path
+    raw = fp8.get_raw_batch(range(len(fp8)))
+    assert raw["final_hidden"].dtype == torch.bfloat16 and "final_hidden_scale" not in raw
+    packed = expand_dflash_raw(raw)["final_hidden"][0]                     # [N, H]
+    torch.testing.assert_close(packed, torch.cat([fp8[i]["final_hidden"] for i in range(len(fp8))]), atol=0, rtol=0)
 
 
 def test_dflash_resume_reuses_the_recorded_final_hidden_choice(sharp, dflash_caches, tmp_path, monkeypatch):
