@@ -46,6 +46,19 @@ def test_config_logit_transform_refuses_hidden_and_auto_falls_back_to_probs(tmp_
     assert "encoding    probs" in auto.stdout
 
 
+def test_config_logit_transform_refuses_dflash_hidden(tmp_path, chat):
+    """A DFlash ``--supervision hidden`` cache is measured as EAGLE-3's: refused, with the DFlash fix."""
+    model_dir = save_tiny_target(tmp_path / "gemma2", "gemma2")
+    refused = CliRunner().invoke(app, ["--target-model", str(model_dir), "--input-data", str(chat), "--seq-length", "64",
+                                       "--quiet", "--method", "dflash", "--supervision", "hidden", "--output-dir",
+                                       str(tmp_path / "hidden")])
+    assert refused.exit_code == 1
+    assert "--supervision hidden refused for this target: its config sets final_logit_softcapping=30.0" \
+        in refused.stderr
+    assert "Drop --supervision hidden: the argmax-only DFlash cache" in refused.stderr
+    assert not (tmp_path / "hidden").exists()
+
+
 @pytest.fixture(scope="module")
 def scaled_head_parts(chat):
     """The default target with its logits doubled after the lm_head, by no config key: only the

@@ -106,7 +106,8 @@ def run_precompute(
     Args:
         target: the frozen target; its device(s) and dtype are used as they are. An
             ``HFDFlashTargetModel`` for ``cfg.method == "dflash"`` (kind ``dflash``: its layers'
-            outputs, unshifted, and the ``argmax`` encoding over the full vocabulary).
+            outputs, unshifted, and the ``argmax`` encoding over the full vocabulary; with
+            ``--supervision hidden`` also the final hidden states, decided and measured as EAGLE-3's).
         tokenizer: the target's tokenizer (fingerprinted, special ids kept in the draft vocabulary).
         conversations: the loaded input (its identity and skip counts go into the manifest).
         samples: ``tokenize_conversations(cfg, tokenizer, conversations)``, in global order
@@ -155,12 +156,10 @@ def run_precompute(
     def choose() -> EncodingChoice:
         """Rank 0 alone decides the encoding; every rank then uses its decision (a per-rank
         measurement near the tolerance, or on mixed GPUs, could disagree)."""
-        if cfg.method == "dflash":  # the target's argmax over its full vocabulary (+ its final hidden): no probe
-            if cfg.supervision == "hidden":
-                return EncodingChoice("hidden", "--supervision hidden: the target's argmax and final hidden state per "
-                                      "supervised position (its distribution, rebuilt with the lm_head side file at "
-                                      "read time)")
+        if cfg.method == "dflash" and cfg.supervision != "hidden":  # the target's argmax alone: no probe
             return EncodingChoice("argmax")
+        # EAGLE-3 and DFlash ``hidden`` alike: the rebuild from the stored final hidden states is measured
+        # (and decides an fp8 cache's final_hidden storage), once, here
         recorded = _recorded_encoding(cfg, out)
         if recorded is not None:  # --resume: the choice the cache was made with, not measured again
             return recorded
@@ -243,7 +242,7 @@ def _recorded_encoding(cfg: PrecomputeConfig, out: Path) -> EncodingChoice | Non
                           old.get("quantization", {}).get("final_hidden_why"))
 
 
-def _logit_transform_in_config(target: HFEagle3TargetModel) -> str | None:
+def _logit_transform_in_config(target: HFEagle3TargetModel | HFDFlashTargetModel) -> str | None:
     """A config key naming a final logit transform the ``hidden`` rebuild does not apply, or None."""
     config = getattr(target.model, "config", None)
     for cfg in (config, getattr(config, "text_config", None)):
@@ -263,19 +262,23 @@ _REBUILD_CHECK_ROWS = 256  # supervised rows compared; a transform the rebuild m
 REBUILD_PROB_TOLERANCE = 5e-2
 
 
-def _rebuild_closeness(target: HFEagle3TargetModel, samples: Sequence[TokenizedSample], cfg: PrecomputeConfig,
-                       vocab: DraftVocab, pad_id: int, dtypes: Sequence[torch.dtype]
+def _rebuild_closeness(target: HFEagle3TargetModel | HFDFlashTargetModel, samples: Sequence[TokenizedSample],
+                       cfg: PrecomputeConfig, vocab: DraftVocab, pad_id: int, dtypes: Sequence[torch.dtype]
                        ) -> tuple[list[float], int, Probe]:
     """Run the first length-bucketed batch of ``samples`` (shard 0's) and compare, at up to
-    ``_REBUILD_CHECK_ROWS`` supervised positions, the draft-vocab distribution a reader rebuilds
-    from the STORED final hidden states (``final_hidden`` in each storage dtype of ``dtypes``,
-    then ``@ W.T (+ b)`` in fp32) with the one the ``probs`` encoding would store (from the real
-    logits). Returns (max abs probability difference per dtype, rows compared, the probe forward)."""
+    ``_REBUILD_CHECK_ROWS`` of the positions whose final hidden state the cache stores (supervised
+    ``p``; DFlash, label-aligned: ``q - 1`` for supervised ``q``), the draft-vocab distribution
+    (DFlash: the full vocabulary) a reader rebuilds from the STORED final hidden states
+    (``final_hidden`` in each storage dtype of ``dtypes``, then ``@ W.T (+ b)`` in fp32) with the
+    target's softmax at the same positions (from the real logits). Returns (max abs probability
+    difference per dtype, rows compared, the probe forward)."""
     indices = length_bucketed_batches([len(s.input_ids) for s in samples], cfg.batch_size)[0]
     ids, am, lm, _ = pad_batch(samples, indices, pad_id, input_device(target))
     out = target.forward_capture(ids, am, capture_final_hidden=True)
     probe = Probe(indices=list(indices), out=out)
     sup = lm.bool()                                                               # [B, T]
+    if cfg.method == "dflash":  # the row of supervised q holds the output at q - 1 (records.batch_to_records)
+        sup = torch.cat([sup[:, 1:], torch.zeros_like(sup[:, :1])], dim=1)
     real = out.logits[sup][:_REBUILD_CHECK_ROWS].float()                          # [m, V]
     weight, bias = target.output_projection()                                     # [V, H], [V] | None
     ones = torch.ones(real.shape[0], dtype=torch.bool, device=real.device)
@@ -331,9 +334,11 @@ def _choose_encoding(cfg: PrecomputeConfig, target, samples, vocab: DraftVocab, 
                        f"{REBUILD_PROB_TOLERANCE:g}" + (f" (bf16 ones by {diffs[1]:.2e})" if fp8 else ""))
     if request == "hidden":
         if problem:
+            fix = ("Drop --supervision hidden: the argmax-only DFlash cache trains without the distribution term "
+                   "(--distribution-weight), or train online against the target." if cfg.method == "dflash" else
+                   "Use --supervision probs (or topk) to store the exact target distribution instead.")
             raise PrecomputeError(f"--supervision hidden refused for this target: {problem}, so logits rebuilt at "
-                                  "read time would be wrong. Use --supervision probs (or topk) to store the exact "
-                                  "target distribution instead.")
+                                  f"read time would be wrong. {fix}")
         return EncodingChoice("hidden", f"hidden: {closeness}", diff, bf16_why), probe
     if problem:
         return EncodingChoice("probs", f"auto: probs, since the hidden encoding cannot rebuild this target's logits "
