@@ -175,8 +175,9 @@ def test_chunked_soft_cross_entropy_equals_full_logits_with_gradients(draft_conf
     params = [hidden, model.lm_head.weight, model.norm.weight]
     full = -(probs * F.log_softmax(model.compute_logits(hidden).float(), -1)).sum(-1)
     ref = torch.autograd.grad(full.sum(), params)
-    loss, top = chunked_soft_cross_entropy(hidden, model.compute_logits, probs, vocab_size=draft_config.draft_vocab_size,
-                                           chunk_elements=2 * 3 * draft_config.draft_vocab_size)  # 3 slots a chunk
+    vd = draft_config.draft_vocab_size
+    loss, top = chunked_soft_cross_entropy(hidden, model.compute_logits, probs, vocab_size=vd,
+                                           chunk_elements=2 * 3 * vd)  # 3 slots a chunk
     got = torch.autograd.grad(loss.sum(), params)
     assert torch.allclose(loss, full, atol=1e-6)
     assert torch.equal(top, model.compute_logits(hidden).argmax(-1))

@@ -50,6 +50,7 @@ __all__ = [
     "dflash_position_weights",
     "markov_prev_tokens",
     "sample_anchors",
+    "target_distribution",
 ]
 
 DFLASH_LOSS_DECAY = 7.0
@@ -202,7 +203,8 @@ def dflash_loss(
     ce, predicted = chunked_cross_entropy(rows, project, labels[label_mask],
                                           vocab_size=model.config.vocab_size, chunk_elements=logits_chunk_elements)
     if distribution_weight > 0:
-        to_probs = _target_distribution(target_logits, target_final_hidden, target_lm_head)
+        to_probs = target_distribution(target_logits=target_logits, target_final_hidden=target_final_hidden,
+                                       target_lm_head=target_lm_head)
         label_slots = (anchor_positions[:, :, None] + torch.arange(config.block_size, device=hidden.device)
                        - first).clamp(min=0, max=seq - 1)  # t = q - 1 for the slot predicting q
         flat_slots = torch.arange(batch, device=hidden.device)[:, None, None] * seq + label_slots  # [B, A, Bk]
@@ -233,10 +235,16 @@ def dflash_loss(
     )
 
 
-def _target_distribution(target_logits: torch.Tensor | None, target_final_hidden: torch.Tensor | None,
-                         target_lm_head: Callable[[torch.Tensor], torch.Tensor] | None):
-    """``[n]`` flat slots ``b * S + t`` -> ``[n, V]`` fp32 target probabilities (from the logits, or
-    from the final hidden states through ``target_lm_head``), for one chunk of counted slots."""
+def target_distribution(
+    *,
+    target_logits: torch.Tensor | None = None,
+    target_final_hidden: torch.Tensor | None = None,
+    target_lm_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The distribution term's ``to_probs`` (:func:`~draftcache.trainer.vocab_loss.chunked_soft_cross_entropy`):
+    flat slots ``b * S + t`` ``[..., n]`` -> ``[..., n, V]`` fp32 ``softmax`` of the target's logits at
+    those slots, read from ``target_logits [B, S, V]`` or computed as ``target_lm_head(target_final_hidden
+    [B, S, H_t])`` for those slots only."""
     if (target_logits is None) == (target_final_hidden is None):
         raise ValueError("distribution_weight > 0 needs exactly one of the target's logits (online training) and "
                          "its final hidden states (a --supervision hidden cache)")
