@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -292,8 +293,8 @@ def test_hidden_dflash_cache_gives_the_targets_distribution(hidden_cache, cache,
     model, tokenizer, samples = online
     reader = open_cache(hidden_cache)
     make_online = OnlineDFlashBatches(HFDFlashTargetModel(model, LAYERS), samples, tokenizer.pad_token_id or 0,
-                                      torch.device("cpu"), keep_logits=True)
-    make_cached = CachedDFlashBatches(reader, torch.device("cpu"), keep_logits=True)
+                                      torch.device("cpu"), keep_distribution=True)
+    make_cached = CachedDFlashBatches(reader, torch.device("cpu"), keep_distribution=True)
     indices = [3, 4, 5, 6]  # across a shard boundary
     a, b = make_online(indices), make_cached(indices)
     starts = torch.repeat_interleave(torch.cumsum(a["seq_lens"][0], 0) - a["seq_lens"][0], a["seq_lens"][0])
@@ -301,7 +302,9 @@ def test_hidden_dflash_cache_gives_the_targets_distribution(hidden_cache, cache,
     read = torch.zeros_like(a["loss_mask"][0], dtype=torch.bool)
     read[:-1] = a["loss_mask"][0, 1:].bool() & (local[1:] >= 1)
     assert read.any()
-    torch.testing.assert_close(b["target_logits"][0][read], a["target_logits"][0][read], rtol=1e-4, atol=1e-4)
+    assert "target_logits" not in b  # the cache hands out [1, T, H_t] final hidden states, not [1, T, V] logits
+    rebuilt = reader.logits_from_final_hidden(b["target_final_hidden"][0][read])
+    torch.testing.assert_close(rebuilt, a["target_logits"][0][read], rtol=1e-4, atol=1e-4)
 
     config = DFlashDraftConfig.from_target_config(model.config, target_layer_ids=LAYERS, mask_token_id=1,
                                                   block_size=4, markov_rank=8)
@@ -311,10 +314,30 @@ def test_hidden_dflash_cache_gives_the_targets_distribution(hidden_cache, cache,
                                     generator=torch.Generator().manual_seed(0))
     losses = [dflash_loss(draft, target_hidden=x["target_hidden"], input_ids=x["input_ids"],
                           target_argmax=x["target_argmax"], loss_mask=x["loss_mask"], anchor_positions=anchors,
-                          anchor_valid=valid, seq_lens=x["seq_lens"], target_logits=x["target_logits"],
-                          distribution_weight=0.9).loss for x in (a, b)]
+                          anchor_valid=valid, seq_lens=x["seq_lens"], target_logits=x.get("target_logits"),
+                          target_final_hidden=x.get("target_final_hidden"),
+                          target_lm_head=reader.logits_from_final_hidden, distribution_weight=0.9).loss
+              for x in (a, b)]
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
 
     with pytest.raises(ValueError, match="--supervision hidden"):
         train_dflash(DFlashTrainConfig(output_dir=str(tmp_path / "run"), cached_target_path=str(cache),
                                        markov_rank=8, distribution_weight=0.9, progress=False))
+
+
+def test_dspark_trains_with_the_distribution_term_from_a_hidden_cache(hidden_cache, tmp_path):
+    """``train --method dspark --distribution-weight 0.9`` from a ``hidden`` cache (the target's logits
+    rebuilt per chunk of counted slots from the final hidden states): it trains, validates and exports,
+    and the distribution term moves the loss (the same run with weight 0 scores differently)."""
+    from draftcache.trainer.dflash.train import DFlashTrainConfig, train_dflash
+
+    def run(weight: float, name: str):
+        return train_dflash(DFlashTrainConfig(output_dir=str(tmp_path / name), cached_target_path=str(hidden_cache),
+                                              markov_rank=8, distribution_weight=weight, block_size=4, num_anchors=16,
+                                              batch_tokens=256, max_steps=2, warmup_steps=1, val_fraction=0.2,
+                                              log_every=1, device="cpu", progress=False), log=lambda *_: None)
+
+    soft, hard = run(0.9, "soft"), run(0.0, "hard")
+    assert soft.steps == 2 and soft.export_dir is not None
+    assert all(map(math.isfinite, (soft.train_loss, soft.val_loss, hard.val_loss)))
+    assert abs(soft.val_loss - hard.val_loss) > 1e-3

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from draftcache.trainer.dflash.config import DFlashDraftConfig
 from draftcache.trainer.dflash.export import block_draft_method, export_dflash_draft, load_exported_dflash_draft
 from draftcache.trainer.dflash.loss import dflash_block_labels, dflash_loss, markov_prev_tokens, sample_anchors
-from draftcache.trainer.dflash.model import DFlashDraftModel
+from draftcache.trainer.dflash.model import DFlashDraftModel, build_dflash_blocks
 from draftcache.trainer.dflash.speculative import dflash_propose
 
 from .helpers import train_dflash_toy
@@ -233,3 +235,75 @@ def test_distribution_term_against_the_targets_logits():
     unsure.loss.backward()
     assert draft.markov_head.markov_w2.weight.grad.abs().sum() > 0
 
+
+
+def _full_distribution_loss(draft, batch, anchors, valid, teacher_logits, w):
+    """The DSpark loss with the distribution term in plain torch, every ``[N, V]`` tensor at once:
+    ``sum_k exp(-k / 7) * ((1 - w) * CE(label) + w * soft-CE(softmax(teacher_logits[p + k]))) / sum_k exp(-k / 7)``."""
+    c = draft.config
+    b, s = batch["input_ids"].shape
+    blocks = build_dflash_blocks(batch["input_ids"], anchors, valid, block_size=c.block_size,
+                                 mask_token_id=c.mask_token_id)
+    hidden = draft(batch["target_hidden"], torch.arange(s).expand(b, s), blocks)  # [B, A, Bk, H]
+    labels, mask = dflash_block_labels(batch["target_argmax"], batch["loss_mask"], anchors, valid,
+                                       block_size=c.block_size, first_slot=0)
+    prev = markov_prev_tokens(batch["input_ids"], labels, mask, anchors)
+    head = draft.markov_head
+    logits = (hidden @ draft.lm_head.weight.T + head.markov_w1.weight[prev] @ head.markov_w2.weight.T)[mask]  # [N, V]
+    slot = (anchors[:, :, None] + torch.arange(c.block_size)).clamp(max=s - 1)  # p + k: the target's row for slot k
+    probs = torch.softmax(teacher_logits[torch.arange(b)[:, None, None], slot][mask].float(), -1)  # [N, V]
+    log_probs = F.log_softmax(logits.float(), -1)
+    ce = -log_probs.gather(1, labels[mask][:, None])[:, 0]
+    soft = -(probs * log_probs).sum(-1)
+    weights = torch.exp(-torch.arange(c.block_size, dtype=torch.float32) / 7.0).expand_as(mask)[mask]
+    return (((1 - w) * ce + w * soft) * weights).sum() / weights.sum()
+
+
+@pytest.mark.parametrize("teacher", ["logits", "final_hidden"])
+def test_distribution_term_in_chunks_equals_the_full_softmax_formula(teacher):
+    """Loss and gradients of the chunked distribution term (the target's logits online; its final hidden
+    states through the cache's lm_head, with a bias, from a hidden cache) equal the one-shot formula,
+    and the target's logits are only ever built for one chunk of counted slots."""
+    draft = _draft(_config())
+    with torch.no_grad():
+        draft.markov_head.markov_w2.weight.normal_()
+    batch = _chain_rows(seed=3)
+    batch["loss_mask"][:, ::5] = 0  # some slots not counted
+    g = torch.Generator().manual_seed(4)
+    final_hidden = torch.randn(2, SEQ, TARGET_H, generator=g)
+    lm_head = torch.nn.Linear(TARGET_H, V).requires_grad_(False)
+    anchors, valid = sample_anchors(batch["loss_mask"], num_anchors=8, generator=torch.Generator().manual_seed(0))
+    params = [p for p in draft.parameters() if p.requires_grad]
+
+    ref = _full_distribution_loss(draft, batch, anchors, valid, lm_head(final_hidden), 0.9)
+    ref_grads = torch.autograd.grad(ref, params)
+
+    rows_seen = []
+
+    def recording_lm_head(h):  # [n, H_t] -> [n, V], as CacheReader.logits_from_final_hidden
+        rows_seen.append(h[..., 0].numel())
+        return lm_head(h)
+
+    given = ({"target_logits": lm_head(final_hidden)} if teacher == "logits" else
+             {"target_final_hidden": final_hidden, "target_lm_head": recording_lm_head})
+    out = dflash_loss(draft, anchor_positions=anchors, anchor_valid=valid, distribution_weight=0.9,
+                      logits_chunk_elements=5 * V, **given, **batch)  # 5 slots a chunk, a ragged last one
+    grads = torch.autograd.grad(out.loss, params)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-6)
+    for (name, _), got, want in zip([(n, p) for n, p in draft.named_parameters() if p.requires_grad], grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
+    if teacher == "final_hidden":
+        counted = int(dflash_block_labels(batch["target_argmax"], batch["loss_mask"], anchors, valid, block_size=4,
+                                          first_slot=0)[1].sum())
+        assert max(rows_seen) == 5 and sum(rows_seen) == 2 * counted  # every chunk again in the backward
+
+
+def test_distribution_term_refuses_a_missing_or_doubled_target():
+    draft = _draft(_config())
+    batch = _chain_rows(seed=2)
+    anchors, valid = sample_anchors(batch["loss_mask"], num_anchors=4, generator=torch.Generator().manual_seed(0))
+    fh = torch.randn(2, SEQ, TARGET_H)
+    for given, match in (({}, "exactly one of"), ({"target_logits": torch.randn(2, SEQ, V), "target_final_hidden": fh},
+                                                  "exactly one of"), ({"target_final_hidden": fh}, "target_lm_head")):
+        with pytest.raises(ValueError, match=match):
+            dflash_loss(draft, anchor_positions=anchors, anchor_valid=valid, distribution_weight=0.5, **given, **batch)

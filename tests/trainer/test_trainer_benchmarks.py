@@ -28,6 +28,19 @@ def test_ttt_memory_benchmark_runs_both_variants_side_by_side():
     assert re.match(r"^ratio  eager/fused peak memory [0-9.]+x   step time [0-9.]+x wall, [0-9.]+x CPU$", lines[3])
 
 
+def test_distribution_loss_memory_benchmark_prints_old_and_new_side_by_side():
+    r = _run("distribution_loss_memory.py", "--vocab", "4096", "--rows", "64", "--seq", "32", "--hidden", "32",
+             "--chunk-elements", str(16 * 4096))  # 4 chunks
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("distribution term, teacher final_hidden: N=64 slots, T=32, V=4096, H=32, H_t=32, "
+                               "device=cpu")
+    losses = [float(re.match(rf"^{path} +peak +[0-9,]+ B = +[0-9.]+ GB +loss ([0-9.]+) +grad norm [0-9.e+-]+$",
+                             line).group(1)) for path, line in zip(("old", "new"), lines[1:3])]
+    assert abs(losses[0] - losses[1]) <= 1e-5 * losses[0]
+    assert re.match(r"^ratio old/new peak memory [0-9.]+x \(full \[N, V\] fp32 = 0.001 GB\)$", lines[3])
+
+
 def test_quality_gate_fails_below_its_threshold(tmp_path):
     """Two training steps leave a draft far below any threshold: the gate reports it and exits 1."""
     r = _run("quality_gate.py", "--out", str(tmp_path / "qg"), "--max-steps", "2", "--num-samples", "16",

@@ -175,12 +175,48 @@ def test_chunked_soft_cross_entropy_equals_full_logits_with_gradients(draft_conf
     params = [hidden, model.lm_head.weight, model.norm.weight]
     full = -(probs * F.log_softmax(model.compute_logits(hidden).float(), -1)).sum(-1)
     ref = torch.autograd.grad(full.sum(), params)
-    loss, top = chunked_soft_cross_entropy(hidden, model.compute_logits, probs,
-                                           chunk_elements=2 * 3 * draft_config.draft_vocab_size)  # 3 slots a chunk
+    vd = draft_config.draft_vocab_size
+    loss, top = chunked_soft_cross_entropy(hidden, model.compute_logits, probs, vocab_size=vd,
+                                           chunk_elements=2 * 3 * vd)  # 3 slots a chunk
     got = torch.autograd.grad(loss.sum(), params)
     assert torch.allclose(loss, full, atol=1e-6)
     assert torch.equal(top, model.compute_logits(hidden).argmax(-1))
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, ref))
+
+
+def test_chunked_soft_cross_entropy_takes_the_target_distribution_chunk_by_chunk(draft_config):
+    """A target given as row indices into final hidden states (a lm_head with a bias makes the logits):
+    loss and gradients equal the full ``softmax(lm_head(final_hidden[rows]))`` formula, and ``to_probs``
+    only ever sees one chunk, without gradients and outside autocast."""
+    model = random_draft(draft_config)
+    vd = draft_config.draft_vocab_size
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 11, draft_config.hidden_size, generator=gen, requires_grad=True)
+    final_hidden = torch.randn(30, 24, generator=gen)  # [T, H_t]
+    target_head = torch.nn.Linear(24, vd).requires_grad_(False)
+    rows = torch.randint(0, 30, (2, 11), generator=gen)  # [B, N] the target row each slot reads
+    params = [hidden, model.lm_head.weight, model.norm.weight]
+    probs = torch.softmax(target_head(final_hidden[rows]), -1)  # [B, N, Vd] all at once
+    full = -(probs * F.log_softmax(model.compute_logits(hidden).float(), -1)).sum(-1)
+    ref = torch.autograd.grad(full.sum(), params)
+    seen = []
+
+    def to_probs(chunk):  # [B, n] -> [B, n, Vd]
+        seen.append((chunk.shape, torch.is_grad_enabled(), torch.is_autocast_enabled("cpu")))
+        return torch.softmax(target_head(final_hidden[chunk]), -1)
+
+    loss, top = chunked_soft_cross_entropy(hidden, model.compute_logits, rows, vocab_size=vd, to_probs=to_probs,
+                                           chunk_elements=2 * 3 * vd)  # 3 slots a chunk
+    got = torch.autograd.grad(loss.sum(), params)
+    assert torch.allclose(loss, full, atol=1e-6)
+    assert torch.equal(top, model.compute_logits(hidden).argmax(-1))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, ref))
+    assert {shape[1] for shape, _, _ in seen} == {3, 2} and len(seen) == 2 * 4  # 4 chunks, again in the backward
+    assert not any(grad or autocast for _, grad, autocast in seen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the draft's mixed precision does not reach the target
+        chunked_soft_cross_entropy(hidden, model.compute_logits, rows, vocab_size=vd, to_probs=to_probs,
+                                   chunk_elements=2 * 3 * vd)
+    assert not any(autocast for _, _, autocast in seen)
 
 
 def test_ttt_backward_keeps_no_full_draft_logits(draft_config):

@@ -10,6 +10,12 @@ chunk's loss is computed in the forward, and again while its gradient is compute
 of ``N``; results are those of the unchunked computation (same ops per row, fp32 loss). When all
 rows fit in one chunk the loss runs plainly: it is within the budget already, and small runs skip
 the recompute (and torch's checkpoint machinery, whose first use imports ``torch._dynamo``).
+
+The soft cross-entropy's target distribution obeys the same budget when it is given as something
+smaller than ``[N, V]`` probabilities (DFlash's distribution term: row indices into the target's
+logits, or into its final hidden states that the cache's lm_head projects): ``to_probs`` turns each
+chunk of it into that chunk's probabilities inside the chunk, so they too are alive one chunk at a
+time (recomputed with the chunk in the backward).
 """
 
 from __future__ import annotations
@@ -22,10 +28,12 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = ["LOGITS_CHUNK_ELEMENTS", "chunked_cross_entropy", "chunked_soft_cross_entropy"]
 
-# logits elements per chunk (fp32: 256 MiB); the gradient's softmax needs about three such buffers
+# logits elements per chunk (fp32: 256 MiB); the gradient's softmax needs about three such buffers, four
+# with a ``to_probs`` target (its probabilities; measured 1.08 GB at V 128,256)
 LOGITS_CHUNK_ELEMENTS = 1 << 26
 
 Project = Callable[[torch.Tensor], torch.Tensor]  # hidden [..., H] -> logits [..., V]
+ToProbs = Callable[[torch.Tensor], torch.Tensor]  # a chunk of the target [..., X] -> its probabilities [..., V]
 
 
 def _chunk_len(hidden: torch.Tensor, dim: int, vocab: int, chunk_elements: int) -> int:
@@ -76,31 +84,42 @@ def chunked_cross_entropy(
 def chunked_soft_cross_entropy(
     hidden: torch.Tensor,
     project: Project,
-    target_probs: torch.Tensor,
+    target: torch.Tensor,
     *,
+    vocab_size: int,
+    to_probs: ToProbs | None = None,
     dim: int = 1,
     chunk_elements: int = LOGITS_CHUNK_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row soft cross-entropy ``-(target_probs * log_softmax(project(hidden))).sum(-1)``.
+    """Per-row soft cross-entropy ``-(p * log_softmax(project(hidden))).sum(-1)`` against the target
+    distribution ``p``: ``target`` itself, or ``to_probs(target)`` taken one chunk at a time.
 
     The log-softmax runs in at least fp32 (``promote_types(logits dtype, float32)``).
 
     Args:
         hidden: ``[B, T, H]`` (any leading dims) rows to score.
         project: ``[..., H] -> [..., V]``.
-        target_probs: ``[B, T, V]`` target distribution (a strided view is fine: chunks are
-            views along ``dim``, nothing is copied whole).
+        target: ``[B, T, V]`` target probabilities (a strided view is fine: chunks are views along
+            ``dim``, nothing is copied whole); with ``to_probs``, ``[B, T, ...]`` whatever it maps
+            to them (e.g. ``[B, T]`` row indices into the target's logits).
+        vocab_size: ``V``, to size the chunks.
+        to_probs: a chunk of ``target`` ``[.., t, ..]`` -> its probabilities ``[.., t, .., V]``, run
+            per chunk without gradients and outside autocast (the target's math, not the draft's
+            mixed precision), so the ``[B, T, V]`` probabilities are never alive at once.
         dim: the dimension to split into chunks (default the sequence dim of ``[B, T, ...]``).
 
     Returns:
         ``loss [B, T]`` in at least fp32 and ``argmax [B, T]`` int64 of the logits.
     """
 
-    def one(h: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def one(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = t
+        if to_probs is not None:
+            with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
+                p = to_probs(t)  # [..., V] of this chunk only
         logits = project(h)  # [..., V] of this chunk only
         wide = torch.promote_types(logits.dtype, torch.float32)
         log_probs = F.log_softmax(logits.to(wide), dim=-1)
         return -(p.to(wide) * log_probs).sum(-1), logits.detach().argmax(-1)
 
-    return _run_chunks(one, hidden, target_probs, dim,
-                       _chunk_len(hidden, dim, target_probs.shape[-1], chunk_elements))
+    return _run_chunks(one, hidden, target, dim, _chunk_len(hidden, dim, vocab_size, chunk_elements))

@@ -20,8 +20,10 @@ head towards whether the slot's argmax equals its label (greedy acceptance given
 prefix). With ``target_logits`` (online: the co-located target's logits) and ``distribution_weight = w > 0``
 the per-slot loss is ``(1 - w) * CE(label) + w * soft-CE(softmax(target_logits[q - 1]))`` for the
 slot predicting position ``q`` (the distribution term; DeepSpec and NeMo weigh an L1 distance to the
-target distribution 0.9 against 0.1 CE). In general: slot ``k`` predicts offset
-``j = k + 1 - first_draft_slot`` from the anchor.
+target distribution 0.9 against 0.1 CE). From a ``hidden`` cache the target's logits are
+``target_lm_head(target_final_hidden[q - 1])`` instead. Either way they are taken, softmaxed and
+scored one chunk of slots at a time: the ``[N, V]`` target distribution is never built whole.
+In general: slot ``k`` predicts offset ``j = k + 1 - first_draft_slot`` from the anchor.
 
 Anchors are drawn uniformly without replacement among supervised slots (``loss_mask[p]``,
 in-document position ``>= 1`` so the context is never empty, and at least one slot left in
@@ -30,6 +32,7 @@ the document), up to ``num_anchors`` per row (NeMo: 512).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +50,7 @@ __all__ = [
     "dflash_position_weights",
     "markov_prev_tokens",
     "sample_anchors",
+    "target_distribution",
 ]
 
 DFLASH_LOSS_DECAY = 7.0
@@ -155,6 +159,8 @@ def dflash_loss(
     decay: float = DFLASH_LOSS_DECAY,
     confidence_weight: float = 0.0,
     target_logits: torch.Tensor | None = None,
+    target_final_hidden: torch.Tensor | None = None,
+    target_lm_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     distribution_weight: float = 0.0,
     attention_chunk_elements: int = ATTENTION_CHUNK_ELEMENTS,
     logits_chunk_elements: int = LOGITS_CHUNK_ELEMENTS,
@@ -169,6 +175,10 @@ def dflash_loss(
         confidence_weight: DSpark with a confidence head: weight of its binary cross-entropy.
         target_logits / distribution_weight: ``[B, S, V]`` the target's logits (``[t]`` predicts
             ``t + 1``, unshifted as ``target_argmax``) and the weight ``w`` of the distribution term.
+        target_final_hidden / target_lm_head: instead of ``target_logits`` (a ``hidden`` cache):
+            ``[B, S, H_t]`` the target's final hidden states, aligned as ``target_argmax``, and
+            ``[..., H_t] -> [..., V]`` fp32 logits (``CacheReader.logits_from_final_hidden``),
+            applied to one chunk of counted slots at a time.
         attention_chunk_elements / logits_chunk_elements: memory budgets of the attention's
             anchor chunks and of the vocabulary projection's row chunks (results do not depend
             on them): the ``[N, V]`` fp32 logits are never alive at once.
@@ -193,13 +203,14 @@ def dflash_loss(
     ce, predicted = chunked_cross_entropy(rows, project, labels[label_mask],
                                           vocab_size=model.config.vocab_size, chunk_elements=logits_chunk_elements)
     if distribution_weight > 0:
-        if target_logits is None:
-            raise ValueError("distribution_weight > 0 needs the target's logits (online training)")
-        batch_idx = torch.arange(batch, device=hidden.device)[:, None, None].expand_as(labels)
+        to_probs = target_distribution(target_logits=target_logits, target_final_hidden=target_final_hidden,
+                                       target_lm_head=target_lm_head)
         label_slots = (anchor_positions[:, :, None] + torch.arange(config.block_size, device=hidden.device)
                        - first).clamp(min=0, max=seq - 1)  # t = q - 1 for the slot predicting q
-        probs = torch.softmax(target_logits[batch_idx[label_mask], label_slots[label_mask]].float(), dim=-1)  # [N, V]
-        soft, _ = chunked_soft_cross_entropy(rows[None], project, probs[None], chunk_elements=logits_chunk_elements)
+        flat_slots = torch.arange(batch, device=hidden.device)[:, None, None] * seq + label_slots  # [B, A, Bk]
+        soft, _ = chunked_soft_cross_entropy(rows[None], project, flat_slots[label_mask][None],
+                                             vocab_size=config.vocab_size, to_probs=to_probs,
+                                             chunk_elements=logits_chunk_elements)
         ce = (1 - distribution_weight) * ce + distribution_weight * soft[0]
     total = slot_weights.sum()
     loss = (ce * slot_weights).sum() / total.clamp(min=torch.finfo(total.dtype).tiny)
@@ -222,6 +233,28 @@ def dflash_loss(
         accept_length_sum=accept,
         num_blocks=int(anchor_valid.sum().item()),
     )
+
+
+def target_distribution(
+    *,
+    target_logits: torch.Tensor | None = None,
+    target_final_hidden: torch.Tensor | None = None,
+    target_lm_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The distribution term's ``to_probs`` (:func:`~draftcache.trainer.vocab_loss.chunked_soft_cross_entropy`):
+    flat slots ``b * S + t`` ``[..., n]`` -> ``[..., n, V]`` fp32 ``softmax`` of the target's logits at
+    those slots, read from ``target_logits [B, S, V]`` or computed as ``target_lm_head(target_final_hidden
+    [B, S, H_t])`` for those slots only."""
+    if (target_logits is None) == (target_final_hidden is None):
+        raise ValueError("distribution_weight > 0 needs exactly one of the target's logits (online training) and "
+                         "its final hidden states (a --supervision hidden cache)")
+    if target_final_hidden is not None and target_lm_head is None:
+        raise ValueError("target_final_hidden needs target_lm_head (the cache's lm_head) to give the target's logits")
+    if target_logits is not None:
+        flat = target_logits.reshape(-1, target_logits.shape[-1])  # [B*S, V], a view
+        return lambda slots: torch.softmax(flat[slots].float(), dim=-1)
+    flat = target_final_hidden.reshape(-1, target_final_hidden.shape[-1])  # [B*S, H_t]
+    return lambda slots: torch.softmax(target_lm_head(flat[slots]).float(), dim=-1)
 
 
 def markov_prev_tokens(input_ids: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor,

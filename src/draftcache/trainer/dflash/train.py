@@ -206,9 +206,9 @@ class OnlineDFlashBatches:
     (``target_argmax[t]`` = the target's greedy token for ``t + 1``, unshifted convention),
     ``target_hidden [1, T, n*H]`` float32 and ``seq_lens [1, docs]``."""
 
-    def __init__(self, target, samples, pad_id: int, device: torch.device, keep_logits: bool = False):
+    def __init__(self, target, samples, pad_id: int, device: torch.device, keep_distribution: bool = False):
         self.target, self.samples, self.pad_id, self.device = target, samples, pad_id, device
-        self.keep_logits = keep_logits  # also hand out target_logits [1, T, V] (the distribution term)
+        self.keep_distribution = keep_distribution  # also hand out target_logits [1, T, V] (the distribution term)
 
     @torch.no_grad()
     def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
@@ -222,7 +222,7 @@ class OnlineDFlashBatches:
             attn[r, : lens[r]] = 1
         fwd = self.target.forward_capture(ids.to(self.device), attn.to(self.device))
         keep = attn.bool().to(self.device)
-        logits = {"target_logits": fwd.logits[keep][None]} if self.keep_logits else {}
+        logits = {"target_logits": fwd.logits[keep][None]} if self.keep_distribution else {}
         return {**logits,
             "input_ids": ids.to(self.device)[keep][None],                      # [1, T]
             "target_hidden": fwd.aux_hidden_states[keep][None].float(),        # [1, T, n*H_t]
@@ -241,9 +241,11 @@ class CachedDFlashBatches:
     row ``OnlineDFlashBatches`` builds online: ``expand_dflash_raw`` with the features in float32
     (``target_argmax`` is 0 where the next position is not supervised; the loss never reads it there)."""
 
-    def __init__(self, reader, device: torch.device, keep_logits: bool = False):
+    def __init__(self, reader, device: torch.device, keep_distribution: bool = False):
         self.reader, self.device = reader, device
-        self.keep_logits = keep_logits  # ``hidden`` caches: target_logits [1, T, V] from final_hidden (lm_head side file)
+        # ``hidden`` caches: also hand out target_final_hidden [1, T, H_t]; the loss projects the rows it
+        # reads with ``reader.logits_from_final_hidden`` one chunk at a time (never [T, V] logits)
+        self.keep_distribution = keep_distribution
         self._loader = None  # one CacheBatchLoader for every plan: its readers and buffers stay warm
 
     def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
@@ -267,8 +269,8 @@ class CachedDFlashBatches:
 
         row = expand_dflash_raw(raw, self.device)
         self.reader.check_finite(raw, row)  # a NaN/Inf row never reaches the draft
-        logits = {"target_logits": self.reader.logits_from_final_hidden(row["final_hidden"])} if self.keep_logits else {}
-        return {**logits, "input_ids": row["input_ids"], "target_hidden": row["aux_hidden_states"].float(),
+        final = {"target_final_hidden": row["final_hidden"]} if self.keep_distribution else {}  # [1, T, H_t]
+        return {**final, "input_ids": row["input_ids"], "target_hidden": row["aux_hidden_states"].float(),
                 "target_argmax": row["target_argmax"], "loss_mask": row["loss_mask"], "seq_lens": row["seq_lens"]}
 
 
@@ -312,9 +314,10 @@ def _add(sums: MetricSums, out) -> None:
 class _DFlashLossModule(torch.nn.Module):
     """Routes :func:`dflash_loss` through ``forward`` so DistributedDataParallel sees the call."""
 
-    def __init__(self, draft: DFlashDraftModel):
+    def __init__(self, draft: DFlashDraftModel, target_lm_head=None):
         super().__init__()
         self.draft = draft
+        self.target_lm_head = target_lm_head  # a hidden cache's lm_head (``reader.logits_from_final_hidden``)
 
     def forward(self, batch: dict, anchors: torch.Tensor, valid: torch.Tensor, *, decay: float,
                 confidence_weight: float = 0.0, distribution_weight: float = 0.0):
@@ -322,6 +325,7 @@ class _DFlashLossModule(torch.nn.Module):
                            target_argmax=batch["target_argmax"], loss_mask=batch["loss_mask"],
                            anchor_positions=anchors, anchor_valid=valid, seq_lens=batch["seq_lens"], decay=decay,
                            confidence_weight=confidence_weight, target_logits=batch.get("target_logits"),
+                           target_final_hidden=batch.get("target_final_hidden"), target_lm_head=self.target_lm_head,
                            distribution_weight=distribution_weight)
 
 
@@ -357,7 +361,8 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
         target_path = reader.manifest["target"]["model_id"]
         hf_config = reader.manifest["target"]["config"]
         layer_ids = list(reader.manifest["capture"]["layer_ids"])
-        supervise = CachedDFlashBatches(reader, device, keep_logits=cfg.distribution_weight > 0)
+        supervise = CachedDFlashBatches(reader, device, keep_distribution=cfg.distribution_weight > 0)
+        target_lm_head = reader.logits_from_final_hidden
         lengths = reader.sample_lengths().tolist()
         weights = (reader.target_embeddings(), reader.target_lm_head())
         mask = cached_mask_token(cfg, reader, embeddings=weights[0])
@@ -376,7 +381,8 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
             num_layers, cfg.num_draft_layers)
         target = HFDFlashTargetModel(model, layer_ids)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        supervise = OnlineDFlashBatches(target, samples, pad_id, device, keep_logits=cfg.distribution_weight > 0)
+        supervise = OnlineDFlashBatches(target, samples, pad_id, device, keep_distribution=cfg.distribution_weight > 0)
+        target_lm_head = None  # the target's logits come with the batch
         lengths = [len(s.input_ids) for s in samples]
         weights = (model.get_input_embeddings().weight.detach(), model.get_output_embeddings().weight.detach())
         mask = online_mask_token(cfg, tokenizer=tokenizer, samples=samples, embeddings=weights[0], hf_config=hf_config)
@@ -433,7 +439,7 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     block, first = cfg.block_size, draft_config.first_draft_slot
-    loss_module = local_loss = _DFlashLossModule(draft)  # validation runs outside DDP (no gradients)
+    loss_module = local_loss = _DFlashLossModule(draft, target_lm_head)  # validation runs outside DDP (no gradients)
     if world > 1:
         loss_module = torch.nn.parallel.DistributedDataParallel(
             loss_module, device_ids=[device.index] if device.type == "cuda" else None)

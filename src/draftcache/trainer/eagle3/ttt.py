@@ -225,6 +225,7 @@ def ttt_forward(
         probs = target_probs[:, step:]  # [B, rows, Vd]
         # soft CE in at least fp32; the [B, rows, Vd] logits exist one chunk of slots at a time
         ce, predicted = chunked_soft_cross_entropy(out.normed_hidden_states[:, :rows], model.lm_head, probs, dim=1,
+                                                   vocab_size=cfg.draft_vocab_size,
                                                    chunk_elements=logits_chunk_elements)
         weight = valid[:, :rows].squeeze(-1).to(ce.dtype)  # [B, rows]
         per_slot = ce * weight  # [B, rows]
