@@ -116,6 +116,35 @@ def reset_hwm() -> bool:
         return False
 
 
+class PeakMemory:
+    """Peak memory of what runs inside ``with PeakMemory(device) as peak:``, above what was in use
+    when it started: ``peak.bytes`` and ``peak.method`` (how it was measured). On CUDA the
+    allocator's ``max_memory_allocated``; on the CPU the process's peak RSS with the high-water
+    mark reset at the start (where the kernel refuses the reset: the peak of the process's whole
+    life, an upper bound)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.bytes, self.method = device, 0, ""
+
+    def __enter__(self) -> "PeakMemory":
+        synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            self._reset = reset_hwm()
+            self._base = rss_bytes()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        synchronize(self.device)
+        if self.device.type == "cuda":
+            self.bytes, self.method = torch.cuda.max_memory_allocated() - self._base, "cuda max_memory_allocated"
+        else:
+            self.bytes = hwm_bytes() - self._base
+            self.method = "peak RSS, high-water mark reset" if self._reset else "VmHWM - RSS before (upper bound)"
+
+
 def evict_files(paths) -> None:
     """Drop ``paths`` from the page cache without root: fsync (dirty pages cannot be dropped), then
     ``posix_fadvise(POSIX_FADV_DONTNEED)`` over each whole file."""

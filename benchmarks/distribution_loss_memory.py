@@ -40,7 +40,7 @@ def run_child(args: argparse.Namespace) -> dict:
     """One path: build the inputs (set-up), then measure one forward + backward."""
     import torch
 
-    from _common import hwm_bytes, reset_hwm, rss_bytes
+    from _common import PeakMemory
     from draftcache.trainer.dflash.loss import target_distribution
     from draftcache.trainer.vocab_loss import LOGITS_CHUNK_ELEMENTS, chunked_soft_cross_entropy
 
@@ -77,21 +77,10 @@ def run_child(args: argparse.Namespace) -> dict:
         return chunked_soft_cross_entropy(rows, draft_head, slots[None], vocab_size=v, chunk_elements=chunk,
                                           to_probs=target_distribution(**given))[0]
 
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        reset = reset_hwm()
-        base = rss_bytes()
-    loss = (old if args.child == "old" else new)().sum() / n
-    loss.backward()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak, method = torch.cuda.max_memory_allocated() - base, "cuda max_memory_allocated above the set-up"
-    else:
-        peak = hwm_bytes() - base
-        method = "peak RSS above the set-up (VmHWM reset)" if reset else "VmHWM - RSS before (upper bound)"
+    with PeakMemory(device) as measured:
+        loss = (old if args.child == "old" else new)().sum() / n
+        loss.backward()
+    peak, method = measured.bytes, measured.method + " above the set-up"
     setup = sum(x.numel() * x.element_size() for x in (draft_head.weight, target_head.weight, final_hidden, rows,
                                                         *(() if target_logits is None else (target_logits,))))
     return {"path": args.child, "peak_bytes": peak, "setup_bytes": setup, "loss": float(loss),

@@ -210,7 +210,7 @@ def run_child(kind: str, shape: dict, device_name: str, chunk_scale: float = 1.0
     import torch
     from torch.utils.checkpoint import checkpoint
 
-    from _common import hwm_bytes, reset_hwm, rss_bytes
+    from _common import PeakMemory, rss_bytes
     from draftcache.trainer.optim import training_autocast
 
     device = torch.device(device_name)
@@ -225,22 +225,14 @@ def run_child(kind: str, shape: dict, device_name: str, chunk_scale: float = 1.0
     if device.type == "cuda":
         torch.cuda.synchronize()
         setup = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
     else:
         setup = rss_bytes() - before_setup
-        reset = reset_hwm()
-        base = rss_bytes()
     t0 = time.perf_counter()
-    with training_autocast(device):
-        loss = run()
-    loss.backward()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak, method = torch.cuda.max_memory_allocated() - base, "cuda max_memory_allocated, bf16 autocast"
-    else:
-        peak = hwm_bytes() - base
-        method = "VmHWM delta, fp32" + ("" if reset else " (high-water mark not reset: upper bound)")
+    with PeakMemory(device) as measured:
+        with training_autocast(device):
+            loss = run()
+        loss.backward()
+    peak, method = measured.bytes, measured.method + (", bf16 autocast" if device.type == "cuda" else ", fp32")
     return {"peak_bytes": peak, "setup_bytes": setup, "seconds": time.perf_counter() - t0, "loss": float(loss),
             "method": method}
 

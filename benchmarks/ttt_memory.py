@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -52,7 +51,7 @@ def run_child(args: argparse.Namespace) -> dict:
     """One variant: build the draft and batch, warm up, then time ``--repeats`` passes."""
     import torch
 
-    from _common import reset_hwm, rss_bytes
+    from _common import PeakMemory
     from draftcache.trainer.eagle3.model import Eagle3DraftConfig, Eagle3DraftModel
     from draftcache.trainer.eagle3.ttt import ttt_forward
 
@@ -101,20 +100,9 @@ def run_child(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
 
     # memory: the first pass, before any allocator cache holds its blocks
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        reset = reset_hwm()
-        base = rss_bytes()
-    loss = step()
-    sync()
-    if device.type == "cuda":
-        peak, method = torch.cuda.max_memory_allocated() - base, "cuda max_memory_allocated"
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-        method = "peak RSS (high-water mark reset)" if reset else "ru_maxrss - RSS before (upper bound)"
+    with PeakMemory(device) as measured:
+        loss = step()
+    peak, method = measured.bytes, measured.method
     # time: that pass was the warm-up; median of the next ones
     times, cpu_times = [], []
     for _ in range(args.repeats):

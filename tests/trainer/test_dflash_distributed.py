@@ -97,3 +97,24 @@ def test_online_ddp_matches_single_process_with_validation(tmp_path):
     for p, q in zip(x, y):
         assert p["loss"] == pytest.approx(q["loss"], rel=1e-4)
         assert p["acc"] == pytest.approx(q["acc"], abs=1e-9)
+
+
+def test_dspark_ddp_matches_single_process_with_grad_accum(cache, tmp_path):
+    """DSpark (the Markov head and the confidence head on top of the block drafter) under DDP: the
+    same export and metrics as one process accumulating the same two micro-batches."""
+    dspark = ["--method", "dspark", "--markov-rank", "4", "--confidence-head"]
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    _run(_torchrun(2, [*_args(cache, ddp), *dspark]))
+    _run([sys.executable, "-m", "draftcache.cli", *_args(cache, single, "--grad-accum", "2"), *dspark])
+    a = load_file(str(ddp / "export" / "model.safetensors"))
+    b = load_file(str(single / "export" / "model.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("markov_head.") for k in a) and any(
+        k.startswith("confidence_head.") for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    x = [json.loads(line) for line in (ddp / "metrics.jsonl").read_text().splitlines()]
+    y = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in x] == [r["step"] for r in y] == [1, 2, 3, 4]
+    for p, q in zip(x, y):
+        assert p["loss"] == pytest.approx(q["loss"], rel=1e-4)
+        assert p["acc"] == pytest.approx(q["acc"], abs=1e-9)
