@@ -35,6 +35,27 @@ def _run(module: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], env=ENV, capture_output=True, text=True, timeout=300)
 
 
+def _cli(*args: str):
+    """``draftcache ARGS`` in this process (Typer's runner): the same app and exit codes as the
+    subprocess, without a fresh interpreter's torch import per call. Returns ``(exit_code, stdout,
+    stderr)``; the subprocess runs above keep the real process boundary where a test needs it."""
+    from typer.testing import CliRunner
+
+    from draftcache.cli import app
+
+    r = CliRunner().invoke(app, list(args))
+    return r.exit_code, r.stdout, r.stderr
+
+
+def _precompute(*args: str):
+    """``precompute-eagle3 ARGS`` in this process, as ``_cli``; returns ``(exit_code, stdout, stderr)``."""
+    from typer.testing import CliRunner
+
+    from draftcache.precompute.cli import app
+
+    r = CliRunner().invoke(app, list(args))
+    return r.exit_code, r.stdout, r.stderr
+
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
@@ -70,9 +91,9 @@ def test_manifest_says_dflash_unshifted_argmax(cache):
 
 def test_default_layer_ids_follow_the_draft_depth(tmp_path):
     out = tmp_path / "c"
-    r = _run("draftcache.precompute", "--method", "dflash", "--output-dir", str(out), "--num-samples", "4",
-             "--draft-layers", "3", "--quiet")
-    assert r.returncode == 0, r.stderr[-3000:]
+    code, _, err = _precompute("--method", "dflash", "--output-dir", str(out), "--num-samples", "4",
+                               "--draft-layers", "3", "--quiet")
+    assert code == 0, err[-3000:]
     assert read_manifest(out)["capture"]["layer_ids"] == default_dflash_layer_ids(8, 3) == [1, 3, 5]
 
 
@@ -132,19 +153,19 @@ def test_cached_loss_and_grads_equal_online(cache, online):
 
 
 def test_inspect_verify_stats_show_understand_dflash(cache):
-    r = _run("draftcache.cli", "inspect", str(cache))
-    assert r.returncode == 0 and "v2 dflash, complete" in r.stdout
-    assert "supervision  argmax: the target's greedy token per supervised position" in r.stdout
-    r = _run("draftcache.cli", "verify", str(cache))
-    assert r.returncode == 0 and "OK" in r.stdout and "checked 5 file(s)" in r.stdout
-    r = _run("draftcache.cli", "stats", str(cache))
-    assert r.returncode == 0 and f"samples            {NUM_SAMPLES}" in r.stdout
-    assert "target greedy      equals the data token at" in r.stdout
-    r = _run("draftcache.cli", "show", str(cache), "0")
+    code, out, _ = _cli("inspect", str(cache))
+    assert code == 0 and "v2 dflash, complete" in out
+    assert "supervision  argmax: the target's greedy token per supervised position" in out
+    code, out, _ = _cli("verify", str(cache))
+    assert code == 0 and "OK" in out and "checked 5 file(s)" in out
+    code, out, _ = _cli("stats", str(cache))
+    assert code == 0 and f"samples            {NUM_SAMPLES}" in out
+    assert "target greedy      equals the data token at" in out
+    code, out, _ = _cli("show", str(cache), "0")
     raw = open_cache(cache).get_raw(0)
     agree = int((raw["target_argmax"] == raw["input_ids"][raw["loss_mask"].bool()]).sum())
-    assert r.returncode == 0
-    assert f"({agree} of {int(raw['loss_mask'].sum())} equal the data)" in r.stdout
+    assert code == 0
+    assert f"({agree} of {int(raw['loss_mask'].sum())} equal the data)" in out
 
 
 def test_verify_names_a_damaged_dflash_shard(cache, tmp_path):
@@ -156,8 +177,8 @@ def test_verify_names_a_damaged_dflash_shard(cache, tmp_path):
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0xFF
     shard.write_bytes(bytes(data))
-    r = _run("draftcache.cli", "verify", str(copy))
-    assert r.returncode != 0 and "shard-000001.safetensors" in r.stdout + r.stderr
+    code, out, err = _cli("verify", str(copy))
+    assert code != 0 and "shard-000001.safetensors" in out + err
 
 
 def test_resume_with_another_method_is_refused_naming_it(cache, tmp_path):
@@ -165,28 +186,21 @@ def test_resume_with_another_method_is_refused_naming_it(cache, tmp_path):
 
     copy = tmp_path / "c"
     shutil.copytree(cache, copy)
-    r = _run("draftcache.precompute", "--output-dir", str(copy), "--dtype", "fp32", "--num-samples", str(NUM_SAMPLES),
-             "--shard-size", "20", "--resume", "--quiet")
-    assert r.returncode == 1
-    assert 'kind: "dflash" != "eagle3"  [--method]' in r.stderr, r.stderr[-2000:]
-    assert 'supervision.encoding: "argmax" != "hidden"' in r.stderr
+    code, _, err = _precompute("--output-dir", str(copy), "--dtype", "fp32", "--num-samples", str(NUM_SAMPLES),
+                               "--shard-size", "20", "--resume", "--quiet")
+    assert code == 1
+    assert 'kind: "dflash" != "eagle3"  [--method]' in err, err[-2000:]
+    assert 'supervision.encoding: "argmax" != "hidden"' in err
 
 
 def test_dflash_flags_refused_for_the_wrong_method(tmp_path):
     """Flag checks run before any model loads: the precompute CLI in this process (Typer's runner)."""
-    from typer.testing import CliRunner
-
-    from draftcache.precompute.cli import app
-
-    def run(*args):
-        return CliRunner().invoke(app, list(args))
-
-    r = run("--output-dir", str(tmp_path / "a"), "--target-layer-ids", "1,2")
-    assert r.exit_code == 2 and "--target-layer-ids is for --method dflash" in r.stderr
-    r = run("--method", "dflash", "--output-dir", str(tmp_path / "b"), "--draft-vocab-size", "100")
-    assert r.exit_code == 2 and "--draft-vocab-size is for EAGLE-3 caches" in r.stderr
-    r = run("--method", "dflash", "--output-dir", str(tmp_path / "c"), "--target-layer-ids", "1,9")
-    assert r.exit_code == 2 and "--target-layer-ids [9] out of range" in r.stderr
+    code, _, err = _precompute("--output-dir", str(tmp_path / "a"), "--target-layer-ids", "1,2")
+    assert code == 2 and "--target-layer-ids is for --method dflash" in err
+    code, _, err = _precompute("--method", "dflash", "--output-dir", str(tmp_path / "b"), "--draft-vocab-size", "100")
+    assert code == 2 and "--draft-vocab-size is for EAGLE-3 caches" in err
+    code, _, err = _precompute("--method", "dflash", "--output-dir", str(tmp_path / "c"), "--target-layer-ids", "1,9")
+    assert code == 2 and "--target-layer-ids [9] out of range" in err
     assert not (tmp_path / "c").exists()
 
 
@@ -227,14 +241,14 @@ def test_train_from_cache_matches_online_training(cache, tmp_path):
 
 def test_train_refuses_an_eagle3_cache_and_other_layers(cache, tmp_path):
     eagle = tmp_path / "eagle"
-    r = _run("draftcache.precompute", "--output-dir", str(eagle), "--num-samples", "4", "--quiet")
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = _run("draftcache.cli", "train", "--method", "dflash", "--cached-target-path", str(eagle),
-             "--output-dir", str(tmp_path / "x"), *TRAIN)
-    assert r.returncode == 1 and "is a 'eagle3' cache" in r.stderr
-    r = _run("draftcache.cli", "train", "--method", "dflash", "--cached-target-path", str(cache),
-             "--output-dir", str(tmp_path / "y"), "--target-layer-ids", "1,2,3", *TRAIN)
-    assert r.returncode == 1 and "but the cache holds layers [1, 4, 6]" in r.stderr
+    code, _, err = _precompute("--output-dir", str(eagle), "--num-samples", "4", "--quiet")
+    assert code == 0, err[-2000:]
+    code, _, err = _cli("train", "--method", "dflash", "--cached-target-path", str(eagle),
+                        "--output-dir", str(tmp_path / "x"), *TRAIN)
+    assert code == 1 and "is a 'eagle3' cache" in err
+    code, _, err = _cli("train", "--method", "dflash", "--cached-target-path", str(cache),
+                        "--output-dir", str(tmp_path / "y"), "--target-layer-ids", "1,2,3", *TRAIN)
+    assert code == 1 and "but the cache holds layers [1, 4, 6]" in err
 
 
 def test_train_names_a_damaged_shard_without_a_traceback(cache, tmp_path):
