@@ -25,14 +25,6 @@ def _run(script: str, *args: str) -> str:
     return r.stdout
 
 
-def test_precompute_overhead_prints_the_ratio_over_a_bare_forward():
-    out = _run("precompute_overhead.py", "--num-layers", "3", "--num-samples", "4", "--shard-size", "2",
-               "--vocab-size", "512", "--draft-vocab-size", "64", "--repeats", "1", *TINY)
-    assert re.search(r"^data +samples=4 .* shards=2 +full_shards=2 ", out, re.M), out
-    assert re.search(r"^bare HF forward +seconds=[0-9.e-]+ +tokens_per_s=", out, re.M), out
-    assert re.search(r"^RATIO run_precompute / bare forward ratio=[0-9.]+ +goal=<=1.05 +met=(True|False)", out, re.M)
-
-
 def test_precompute_memory_prints_the_curve_for_each_shard_size(tmp_path):
     out = _run("precompute_memory.py", "--num-samples", "4", "--shard-sizes", "2,4", "--batch-size", "2",
                "--vocab-size", "512", "--draft-vocab-size", "64", "--seq-length", "64", "--median-tokens", "32")
