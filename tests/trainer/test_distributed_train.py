@@ -40,15 +40,22 @@ def _torchrun(n: int, args: list[str]):
             "-m", "draftcache.cli", *args]
 
 
-def test_ddp_matches_single_process_on_the_same_global_batch(cache, tmp_path):
-    _run(_torchrun(2, _args(cache, tmp_path / "ddp")))
+@pytest.fixture(scope="module")
+def ddp_run(cache, tmp_path_factory):
+    """An uninterrupted 2-rank run: the reference of both tests below."""
+    out = tmp_path_factory.mktemp("ddp_run") / "ddp"
+    _run(_torchrun(2, _args(cache, out)))
+    return out
+
+
+def test_ddp_matches_single_process_on_the_same_global_batch(cache, ddp_run, tmp_path):
     _run([sys.executable, "-m", "draftcache.cli", *_args(cache, tmp_path / "single", "--grad-accum", "2")])
-    a = load_file(str(tmp_path / "ddp" / "export" / "model.safetensors"))
+    a = load_file(str(ddp_run / "export" / "model.safetensors"))
     b = load_file(str(tmp_path / "single" / "export" / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
-    ddp = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    ddp = [json.loads(x) for x in (ddp_run / "metrics.jsonl").read_text().splitlines()]
     single = [json.loads(x) for x in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in ddp] == [r["step"] for r in single] == [1, 2, 3, 4]
     for x, y in zip(ddp, single):
@@ -56,7 +63,7 @@ def test_ddp_matches_single_process_on_the_same_global_batch(cache, tmp_path):
         assert x["acc"] == pytest.approx(y["acc"], abs=1e-9)  # from summed counts on both ranks
 
 
-def test_ddp_run_resumes_after_a_rank_is_killed(cache, tmp_path):
+def test_ddp_run_resumes_after_a_rank_is_killed(cache, ddp_run, tmp_path):
     """Kill the whole job (as a failed rank does) after its first checkpoint; resume with 2 ranks."""
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -72,9 +79,7 @@ def test_ddp_run_resumes_after_a_rank_is_killed(cache, tmp_path):
     proc.wait()
     assert (out / "latest").is_file()
     _run(_torchrun(2, _args(cache, out, "--resume")))
-    full = tmp_path / "full"
-    _run(_torchrun(2, _args(cache, full)))
     a = load_file(str(out / "export" / "model.safetensors"))
-    b = load_file(str(full / "export" / "model.safetensors"))
+    b = load_file(str(ddp_run / "export" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=k)
