@@ -16,8 +16,8 @@ import pytest
 from draftcache.defaults import default_data_path
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-# 48 chats (single- and multi-turn) in 12 batches of 4: the kill lands mid-run
-ARGS = ["--engine", "hf", "--num-samples", "48", "--batch-size", "4", "--max-new-tokens", "32", "--quiet"]
+# 24 chats (single- and multi-turn) in 6 batches of 4: the kill lands mid-run
+ARGS = ["--engine", "hf", "--num-samples", "24", "--batch-size", "4", "--max-new-tokens", "32", "--quiet"]
 
 
 def _cmd(*args: str) -> list[str]:
@@ -26,6 +26,17 @@ def _cmd(*args: str) -> list[str]:
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(_cmd(*args), env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def _in_process(*args: str):
+    """``draftcache regenerate ARGS`` in this process (Typer's runner), for runs that end before any
+    model loads (refusals, a finished output): ``(exit_code, stdout, stderr)``."""
+    from typer.testing import CliRunner
+
+    from draftcache.cli import app
+
+    r = CliRunner().invoke(app, ["regenerate", *args])
+    return r.exit_code, r.stdout, r.stderr
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +51,8 @@ def reference(tmp_path_factory):
 def test_summary_counts_and_the_output_is_chat_jsonl(reference):
     out, stdout = reference
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["id"] for r in records] == list(range(48))
-    originals = [json.loads(line) for line in open(default_data_path())][:48]
+    assert [r["id"] for r in records] == list(range(24))
+    originals = [json.loads(line) for line in open(default_data_path())][:24]
     changed = 0
     for record, original in zip(records, originals):
         assert [m["role"] for m in record["messages"]] == [m["role"] for m in original["messages"]]
@@ -52,7 +63,7 @@ def test_summary_counts_and_the_output_is_chat_jsonl(reference):
                 changed += new["content"] != old["content"]
     assert changed > 0  # the target's replies, not the dataset's
     truncated = sum(r["truncated_turns"] > 0 for r in records)
-    assert f"regenerated  48 conversations ({truncated} with a reply cut at --max-new-tokens, 0 cut short)" in stdout
+    assert f"regenerated  24 conversations ({truncated} with a reply cut at --max-new-tokens, 0 cut short)" in stdout
     assert f"truncated    {truncated}" in stdout and "skipped      0" in stdout
 
 
@@ -72,22 +83,22 @@ def test_killed_and_resumed_equals_uninterrupted(reference, tmp_path):
     committed = [json.loads(line) for line in progress.read_bytes().splitlines()[1:]]
     assert committed and not committed[-1]["finished"], "the run finished before it could be killed"
     done = committed[-1]["next_id"]
-    assert 0 < done < 48
+    assert 0 < done < 24
     with open(out, "ab") as f:
         f.write(b'{"id": 99, "messages": [{"role": "user", "cont')  # a torn last line
     r = _run("--output", str(out), "--resume", *ARGS)
     assert r.returncode == 0, r.stderr
     assert f"resuming {out}: {done} conversations done" in r.stderr
     assert f"resumed      after {done} conversations" in r.stdout
-    assert "regenerated  48 conversations" in r.stdout
+    assert "regenerated  24 conversations" in r.stdout
     assert out.read_bytes() == ref.read_bytes()
-    r = _run("--output", str(out), "--resume", *ARGS)  # a finished output: nothing to do
-    assert r.returncode == 0 and "is complete" in r.stderr and out.read_bytes() == ref.read_bytes()
-    more = [a if a != "48" else "50" for a in ARGS]  # asking for more continues a finished output
+    code, _, err = _in_process("--output", str(out), "--resume", *ARGS)  # a finished output: nothing to do
+    assert code == 0 and "is complete" in err and out.read_bytes() == ref.read_bytes()
+    more = [a if a != "24" else "26" for a in ARGS]  # asking for more continues a finished output
     r = _run("--output", str(out), "--resume", *more)
-    assert r.returncode == 0 and "regenerated  50 conversations" in r.stdout
+    assert r.returncode == 0 and "regenerated  26 conversations" in r.stdout
     assert out.read_bytes().startswith(ref.read_bytes())
-    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == list(range(50))
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == list(range(26))
 
 
 def test_resume_with_other_sampling_is_refused_naming_the_fields(reference, tmp_path):
@@ -96,13 +107,13 @@ def test_resume_with_other_sampling_is_refused_naming_the_fields(reference, tmp_
     out.write_bytes(ref.read_bytes())
     (tmp_path / "ref.jsonl.progress").write_bytes(ref.with_name("ref.jsonl.progress").read_bytes())
     args = [a if a != "32" else "16" for a in ARGS]
-    r = _run("--output", str(out), "--resume", "--temperature", "0.5", *args)
-    assert r.returncode == 1 and "--resume refused" in r.stderr
-    assert "temperature: 0.0 != 0.5  [--temperature]" in r.stderr
-    assert "max_new_tokens: 32 != 16  [--max-new-tokens]" in r.stderr
+    code, _, err = _in_process("--output", str(out), "--resume", "--temperature", "0.5", *args)
+    assert code == 1 and "--resume refused" in err
+    assert "temperature: 0.0 != 0.5  [--temperature]" in err
+    assert "max_new_tokens: 32 != 16  [--max-new-tokens]" in err
     assert out.read_bytes() == ref.read_bytes()
-    r = _run("--output", str(out), *ARGS)
-    assert r.returncode == 1 and "already exists; pass --resume" in r.stderr
+    code, _, err = _in_process("--output", str(out), *ARGS)
+    assert code == 1 and "already exists; pass --resume" in err
 
 
 BAD = [
@@ -153,4 +164,4 @@ def test_the_output_feeds_precompute(reference, tmp_path):
                         str(tmp_path / "cache"), "--seq-length", "256", "--quiet"],
                        env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "samples     48 (computed 48 now)" in r.stdout and "skipped     none" in r.stdout
+    assert "samples     24 (computed 24 now)" in r.stdout and "skipped     none" in r.stdout
