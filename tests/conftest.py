@@ -12,6 +12,10 @@ Skips are collected from the reports the session logs (``pytest_runtest_logrepor
 One torch thread per process unless the caller says otherwise: the suite runs two workers on two
 cores, and OpenMP threads that spin-wait beside another busy process made small forwards up to 10x
 slower. Set here, before any test module imports torch; subprocesses inherit it.
+
+Under ``-n`` the workers take whole test modules (pytest-xdist's ``loadscope``) rather than single
+tests: most of this suite's time is module fixtures (a precompute, a 2-rank run, a regenerated
+reference), and a module whose tests were dealt to both workers built its fixtures twice.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ _ENGINE_DESELECTED: list[int] = [0]  # engine tests deselected by a pytest-xdist
 def pytest_configure(config):
     _SKIPPED.clear()
     _ENGINE_DESELECTED[0] = 0
+    if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", "no") == "load":
+        config.option.dist = "loadscope"  # -n without --dist: one module's tests (and fixtures) on one worker
 
 
 def pytest_runtest_logreport(report):
