@@ -186,7 +186,7 @@ def test_collate_raw_checks_its_input(tmp_path):
         collate_raw([probs.get_raw(0), hidden.get_raw(1)])
 
 
-def test_read_many_merges_near_ranges_into_few_reads(tmp_path):
+def test_read_calls_merge_near_ranges_into_few_reads(tmp_path):
     """A batch's ranges are read in file order, near ones as one request (the gap discarded): the
     bytes equal one read per range, in fewer requests (what a cold disk pays per batch)."""
     cache = write_cache(tmp_path / "c", num_samples=8, encoding="topk", dtype="fp8", topk=5, shard_size=8)
@@ -201,9 +201,12 @@ def test_read_many_merges_near_ranges_into_few_reads(tmp_path):
             out = torch.empty((stop - start, *shard.tensors[name][1][1:]), dtype=shard.tensors[name][0])
             requests.append((name, start, stop, out))
             want.append(shard.read(name, start, stop))
-    assert shard.read_many(requests) == 1  # a small shard: everything within one gap of the next
-    separate = shard.read_many([(n, a, b, torch.empty_like(o)) for n, a, b, o in requests], max_gap=0)
-    assert separate == len(requests)  # no range touches the next: one request each
+    calls = shard.read_calls(requests)
+    assert len(calls) == 1  # a small shard: everything within one gap of the next
+    for call in calls:
+        call()
+    separate = shard.read_calls([(n, a, b, torch.empty_like(o)) for n, a, b, o in requests], max_gap=0)
+    assert len(separate) == len(requests)  # no range touches the next: one request each
     for (name, _, _, out), expected in zip(requests, want):
         assert out.view(torch.uint8).equal(expected.view(torch.uint8)), name
     shard.close()

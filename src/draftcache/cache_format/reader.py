@@ -210,7 +210,7 @@ class CacheReader:
         max_tokens=..., pad_to_multiple_of=...)`` (fields in ``batching.py``), but every stored row
         is read with ``os.preadv`` straight into its place in ONE buffer: one copy from the page
         cache, no per-sample tensors. The batch's ranges are grouped by shard and read in file
-        order, ranges less than ``MAX_READ_GAP`` apart as one request (``ShardFile.read_many``):
+        order, ranges less than ``MAX_READ_GAP`` apart as one request (``ShardFile.read_calls``):
         the small per-token fields of a shard lie side by side, so they cost one request, not one
         per sample and field.
 

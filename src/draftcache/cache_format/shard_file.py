@@ -2,7 +2,7 @@
 
 The header (``[u64 length][JSON]``) is parsed and checked against what the manifest promises;
 rows ``[start, stop)`` of a tensor are then read with one ``os.preadv`` straight into a fresh
-tensor (``read``) or a caller's buffer (``read_into``); ``read_many`` reads many row ranges (of
+tensor (``read``) or a caller's buffer (``read_into``); ``read_calls`` plans many row ranges (of
 any tensors) in file order, coalescing ranges less than ``max_gap`` bytes apart into one
 ``preadv`` whose gap bytes land in a scratch buffer: a cold disk pays one request per merged
 range instead of one per range. No whole-file load, no page-faulting through a memory map, and
@@ -32,7 +32,7 @@ _DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the header size
 _MAX_PREAD = 1 << 30  # Linux caps one read near 2 GiB; split larger ones
 _MAX_IOV = 512  # buffers per preadv call (IOV_MAX is 1024 on Linux)
-_CALL_BYTES = 8 << 20  # bytes per read_many call
+_CALL_BYTES = 8 << 20  # bytes per read_calls call
 # Ranges closer than this are read as one request, the bytes between them discarded: on a cold
 # disk a request costs a seek-like latency (~1-2 ms on a virtual disk, the time to read ~0.5 MiB
 # at 0.3 GB/s), while from the page cache 512 KiB of discarded copy costs ~50-100 us.
@@ -143,23 +143,15 @@ class ShardFile:
                 self._fail(f"short read of tensor {name!r}: the file ended early")
             done += n
 
-    def read_many(self, requests: Sequence[tuple[str, int, int, torch.Tensor]], max_gap: int = MAX_READ_GAP
-                  ) -> int:
-        """``read_into(name, start, stop, out)`` for each request, as few ``preadv`` calls as possible:
-        the byte ranges are sorted by file offset and ranges at most ``max_gap`` bytes apart are
-        read as one (the gap into a scratch buffer). Returns the number of merged reads."""
-        groups = self._merged_ranges(requests, max_gap)
-        for call in self._calls(groups):
-            call()
-        return len(groups)
-
     def read_calls(self, requests: Sequence[tuple[str, int, int, torch.Tensor]], max_gap: int = MAX_READ_GAP
                    ) -> list[Callable[[], None]]:
-        """``read_many``'s reads as independent calls (each at most ``_CALL_BYTES``, in file order), for
-        a caller that keeps several in flight at once (``CacheReader.get_raw_batches`` with an
-        executor): a disk answers several outstanding requests faster than the same ones one at a
-        time. Each call fills its own part of the ``out`` tensors; the file must stay open until
-        every call has returned."""
+        """``read_into(name, start, stop, out)`` for each request, as few ``preadv`` calls as possible:
+        the byte ranges are sorted by file offset and ranges at most ``max_gap`` bytes apart are
+        read as one (the gap into a scratch buffer); a merged range longer than ``_CALL_BYTES`` is
+        cut into calls of at most that. Returns the calls, in file order, unrun: run them in order,
+        or keep several in flight (``CacheReader.get_raw_batches`` with an executor: a disk answers
+        several outstanding requests faster than the same ones one at a time). Each call fills its
+        own part of the ``out`` tensors; the file must stay open until every call has returned."""
         return self._calls(self._merged_ranges(requests, max_gap))
 
     def _merged_ranges(self, requests: Sequence[tuple[str, int, int, torch.Tensor]], max_gap: int
@@ -170,7 +162,7 @@ class ShardFile:
             dtype, shape, offset = self.tensors[name]
             row_bytes = math.prod(shape[1:]) * dtype.itemsize
             if out.dtype != dtype or out.nbytes != (stop - start) * row_bytes or not out.is_contiguous():
-                raise ValueError(f"read_many({name!r}, {start}, {stop}): out must be a contiguous {dtype} tensor of "
+                raise ValueError(f"read_calls({name!r}, {start}, {stop}): out must be a contiguous {dtype} tensor of "
                                  f"{(stop - start) * row_bytes} bytes; got {out.dtype} {tuple(out.shape)}")
             if out.nbytes:
                 pieces.append((offset + start * row_bytes, memoryview(out.reshape(-1).view(torch.uint8).numpy())))
