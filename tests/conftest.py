@@ -13,9 +13,12 @@ One torch thread per process unless the caller says otherwise: the suite runs tw
 cores, and OpenMP threads that spin-wait beside another busy process made small forwards up to 10x
 slower. Set here, before any test module imports torch; subprocesses inherit it.
 
-Under ``-n`` the workers take whole test modules (pytest-xdist's ``loadscope``) rather than single
-tests: most of this suite's time is module fixtures (a precompute, a 2-rank run, a regenerated
-reference), and a module whose tests were dealt to both workers built its fixtures twice.
+Under ``-n`` the workers split the suite in two contiguous halves and steal from each other's tail
+(pytest-xdist's ``worksteal``) rather than take tests dealt round-robin (``load``): most of this
+suite's time is module fixtures (a precompute, a 2-rank run, a regenerated reference), and a
+module whose tests were dealt to both workers built its fixtures twice. (``loadscope`` keeps
+modules whole but schedules the few-test modules, which here are the slow ones, last: a long tail
+on one worker.)
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def pytest_configure(config):
     _SKIPPED.clear()
     _ENGINE_DESELECTED[0] = 0
     if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", "no") == "load":
-        config.option.dist = "loadscope"  # -n without --dist: one module's tests (and fixtures) on one worker
+        config.option.dist = "worksteal"  # -n without --dist: a module's tests (and fixtures) stay together
 
 
 def pytest_runtest_logreport(report):
