@@ -32,18 +32,14 @@ def test_precompute_memory_prints_the_curve_for_each_shard_size(tmp_path):
     assert [int(r[0]) for r in rows] == [2, 4], out
 
 
-def test_disk_usage_compares_encodings():
+def test_disk_usage_compares_the_encodings_asked_with_a_bf16_target():
     out = _run("disk_usage.py", "--shape", "1024-32k", "--vocab-size", "512", "--intermediate-size", "64",
-               "--draft-vocab-sizes", "64", "--topk", "4", "--num-samples", "2", "--no-embedded", *TINY)
+               "--draft-vocab-sizes", "64", "--topk", "4", "--num-samples", "2", "--no-embedded",
+               "--encodings", "topk,hidden", "--target-dtype", "bf16", *TINY)
+    assert re.findall(r"ours (\w+)(?: k=\d+)? (\w+), Vd=64", out) == [("topk", "bf16"), ("topk", "fp8"), ("hidden", "bf16"),
+                                                             ("hidden", "fp8")], out
     assert re.search(r"ours hidden bf16, Vd=64 +bytes_per_token=[0-9.]+", out), out
     assert re.search(r"ours hidden fp8, Vd=64 +bytes_per_token=[0-9.]+ .*fp8_over_bf16=0\.[0-9]+", out), out
-
-
-def test_disk_usage_runs_only_the_encodings_asked_with_a_bf16_target():
-    out = _run("disk_usage.py", "--shape", "1024-32k", "--vocab-size", "512", "--intermediate-size", "64",
-               "--draft-vocab-sizes", "64", "--num-samples", "2", "--no-embedded", "--encodings", "hidden",
-               "--target-dtype", "bf16", *TINY)
-    assert re.findall(r"ours (\w+) (\w+), Vd=64", out) == [("hidden", "bf16"), ("hidden", "fp8")], out
     assert re.search(r"target forwards run +batches=1 +peak_rss_GB=[0-9.]+", out), out
 
 

@@ -21,7 +21,7 @@ from draftcache.precompute.cli import app
 from .helpers import SUBPROCESS_ENV, default_dims, file_digests, precompute_cmd, read_manifest_json, target_dir, \
     write_chat_subset
 
-NUM_SAMPLES = 160
+NUM_SAMPLES = 80
 SHARD_SIZE = 8
 STALE_TEMPORARY = "shard-000017.safetensors.tmp-999999"
 
