@@ -17,8 +17,8 @@ Under ``-n`` the workers split the suite in two contiguous halves and steal from
 (pytest-xdist's ``worksteal``) rather than take tests dealt round-robin (``load``): most of this
 suite's time is module fixtures (a precompute, a 2-rank run, a regenerated reference), and a
 module whose tests were dealt to both workers built its fixtures twice. (``loadscope`` keeps
-modules whole but schedules the few-test modules, which here are the slow ones, last: a long tail
-on one worker.)
+modules whole too, but deals them largest test count first, so the slow few-test modules start
+last; on this suite it measured the same as ``worksteal``, 756 s against 764 s.)
 """
 
 from __future__ import annotations
