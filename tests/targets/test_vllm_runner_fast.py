@@ -171,14 +171,16 @@ def test_manifest_records_the_engine_and_resume_refuses_another(tmp_path):
     """An hf run records target.engine; a cache recorded as made by vLLM is refused by an hf
     --resume before any data or model loads (tests/engine runs the real vLLM side)."""
     import transformers
+    from typer.testing import CliRunner
+
+    from draftcache.precompute.cli import app as precompute
 
     chats = tmp_path / "chats.jsonl"
     chats.write_text("\n".join(Path(default_data_path()).read_text().splitlines()[:4]) + "\n")
     out = tmp_path / "cache"
-    cmd = [sys.executable, "-m", "draftcache.precompute", "--output-dir", str(out), "--input-data", str(chats),
-           "--quiet", "--shard-size", "2"]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    args = ["--output-dir", str(out), "--input-data", str(chats), "--quiet", "--shard-size", "2"]
+    run = CliRunner().invoke(precompute, args)  # the precompute CLI in this process (Typer's runner)
+    assert run.exit_code == 0, run.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["target"]["engine"] == {"name": "hf", "version": transformers.__version__}
 
@@ -193,9 +195,8 @@ def test_manifest_records_the_engine_and_resume_refuses_another(tmp_path):
     manifest["target"]["engine"] = {"name": "vllm", "version": "0.32.0"}
     (out / "manifest.json").write_text(json.dumps(manifest))
     before = sorted(p.name for p in out.iterdir())
-    proc = subprocess.run([*cmd, "--resume", "--input-data", str(tmp_path / "missing.jsonl")], env=ENV,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1, proc.stderr
-    assert "--resume refused" in proc.stderr and "target.engine.name: 'vllm' != 'hf'" in proc.stderr
-    assert "--engine vllm" in proc.stderr
+    run = CliRunner().invoke(precompute, [*args, "--resume", "--input-data", str(tmp_path / "missing.jsonl")])
+    assert run.exit_code == 1, run.stderr
+    assert "--resume refused" in run.stderr and "target.engine.name: 'vllm' != 'hf'" in run.stderr
+    assert "--engine vllm" in run.stderr
     assert sorted(p.name for p in out.iterdir()) == before

@@ -136,8 +136,12 @@ def test_the_embedded_targets_mask_row_is_not_zero_and_is_recorded(tmp_path):
 
 
 def test_a_zero_row_mask_token_id_is_refused_naming_the_flag(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "draftcache.cli", "train", "--method", "dflash", "--output-dir",
-                        str(tmp_path / "run"), "--max-steps", "1", "--mask-token-id", "0", "--quiet"],
-                       env=ENV, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1 and "--mask-token-id 0: the target's embedding row of that token is zero" in r.stderr
+    """Refused once the target's embeddings are read, before training: the CLI in this process."""
+    from typer.testing import CliRunner
+
+    from draftcache.cli import app
+
+    r = CliRunner().invoke(app, ["train", "--method", "dflash", "--output-dir", str(tmp_path / "run"), "--max-steps",
+                                 "1", "--mask-token-id", "0", "--quiet"])
+    assert r.exit_code == 1 and "--mask-token-id 0: the target's embedding row of that token is zero" in r.stderr
     assert not (tmp_path / "run").exists()  # refused before anything was written
