@@ -35,26 +35,28 @@ def _run(module: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], env=ENV, capture_output=True, text=True, timeout=300)
 
 
-def _cli(*args: str):
-    """``draftcache ARGS`` in this process (Typer's runner): the same app and exit codes as the
-    subprocess, without a fresh interpreter's torch import per call. Returns ``(exit_code, stdout,
-    stderr)``; the subprocess runs above keep the real process boundary where a test needs it."""
+def _invoke(app, args) -> tuple[int, str, str]:
+    """``app ARGS`` in this process (Typer's runner): the same app and exit codes as the subprocess,
+    without a fresh interpreter's torch import per call. Returns ``(exit_code, stdout, stderr)``;
+    the subprocess runs above keep the real process boundary where a test needs it."""
     from typer.testing import CliRunner
 
+    r = CliRunner().invoke(app, list(args))
+    return r.exit_code, r.stdout, r.stderr
+
+
+def _cli(*args: str) -> tuple[int, str, str]:
+    """``draftcache ARGS`` in this process."""
     from draftcache.cli import app
 
-    r = CliRunner().invoke(app, list(args))
-    return r.exit_code, r.stdout, r.stderr
+    return _invoke(app, args)
 
 
-def _precompute(*args: str):
-    """``precompute-eagle3 ARGS`` in this process, as ``_cli``; returns ``(exit_code, stdout, stderr)``."""
-    from typer.testing import CliRunner
-
+def _precompute(*args: str) -> tuple[int, str, str]:
+    """``precompute-eagle3 ARGS`` in this process."""
     from draftcache.precompute.cli import app
 
-    r = CliRunner().invoke(app, list(args))
-    return r.exit_code, r.stdout, r.stderr
+    return _invoke(app, args)
 
 
 @pytest.fixture(scope="module")

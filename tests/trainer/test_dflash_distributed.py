@@ -17,10 +17,9 @@ from safetensors.torch import load_file
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _run(cmd, ok: bool = True):
+def _run(cmd):
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
-    if ok:
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return r
 
 
