@@ -4,23 +4,18 @@ script's result lines, not its numbers."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
+from prewarmed import SUBPROCESS_ENV, run_python
 
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-       "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
 TINY = ["--seq-length", "64", "--median-tokens", "32"]
 
 
 def _run(script: str, *args: str) -> str:
-    r = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], env=ENV, capture_output=True, text=True,
-                       timeout=600)
+    r = run_python([str(BENCHMARKS / script), *args], env=SUBPROCESS_ENV, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r.stdout
 

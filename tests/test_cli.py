@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import pytest
+from prewarmed import SUBPROCESS_ENV, run_python
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], env=ENV, capture_output=True, text=True, timeout=300)
+    return run_python(["-m", *args], env=SUBPROCESS_ENV, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
+from prewarmed import SUBPROCESS_ENV, run_python
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "regenerate_throughput.py"
 
 
 def test_regenerate_throughput_smoke():
-    r = subprocess.run([sys.executable, str(SCRIPT), "--smoke"], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                       capture_output=True, text=True, timeout=300)
+    r = run_python([str(SCRIPT), "--smoke"], env=SUBPROCESS_ENV,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
     rows = [line.split() for line in r.stdout.splitlines() if line.startswith("hf ")]
     assert len(rows) == 1

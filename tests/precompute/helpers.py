@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +15,8 @@ from pathlib import Path
 import torch
 
 from draftcache.defaults import default_data_path, default_target_path
+from prewarmed import SUBPROCESS_ENV, run_python  # noqa: F401 (SUBPROCESS_ENV: re-exported for the tests here)
 
-#: Subprocesses run single-threaded: the suite shares two busy cores, where several OpenMP
-#: threads per process spin against each other (a forward gets ~50x slower).
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                  "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
 def target_dir() -> str:
@@ -42,9 +38,8 @@ def precompute_cmd(*args: str) -> list[str]:
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """``precompute-eagle3 ARGS`` in a fresh interpreter; stdout/stderr captured as text."""
-    return subprocess.run(precompute_cmd(*args), env=SUBPROCESS_ENV, capture_output=True, text=True,
-                          timeout=timeout)
+    """``precompute-eagle3 ARGS`` in its own process (``prewarmed.run_python``); stdout/stderr as text."""
+    return run_python(precompute_cmd(*args), env=SUBPROCESS_ENV, timeout=timeout)
 
 
 def write_chat_subset(path: Path, count: int, *, start: int = 0) -> Path:

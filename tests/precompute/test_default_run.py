@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
 from draftcache.cache_format import open_cache
 from draftcache.defaults import DEFAULT_DATA_PATH
+from prewarmed import run_python
 
 from .helpers import SUBPROCESS_ENV, default_dims, read_manifest_json, run_cli
 
@@ -40,7 +39,7 @@ def test_embedded_default_runs_offline_and_verifies(tmp_path):
     assert re.search(r"^wall time +\d+\.\d s", summary, re.M)
     assert len(open_cache(out)) == manifest["num_samples"]
 
-    verify = subprocess.run([sys.executable, "-m", "draftcache.cli", "verify", str(out)], env=SUBPROCESS_ENV,
-                            capture_output=True, text=True, timeout=120)
+    verify = run_python(["-m", "draftcache.cli", "verify", str(out)], env=SUBPROCESS_ENV,
+                            timeout=120)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert f"verify {out}: OK" in verify.stdout

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from prewarmed import run_python
 
 from .helpers import SUBPROCESS_ENV, file_digests, read_manifest_json, target_dir, write_chat_subset
 
@@ -22,7 +23,7 @@ def _args(out: Path, data: Path, *extra: str, layers: str = "2,5") -> list[str]:
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=180)
+    return run_python(cmd, env=SUBPROCESS_ENV, timeout=180)
 
 
 @pytest.fixture(scope="module")

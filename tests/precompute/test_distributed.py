@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from draftcache.precompute.cli import app
 from draftcache.precompute.planning import plan_shards
 from draftcache.precompute.writer import assign_shards
+from prewarmed import run_python
 
 from .helpers import SUBPROCESS_ENV, file_digests, read_manifest_json, target_dir, write_chat_subset
 
@@ -43,7 +44,7 @@ def _torchrun(nproc: int, *args: str) -> list[str]:
 
 
 def _run_job(nproc: int, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_torchrun(nproc, *args), env=SUBPROCESS_ENV, capture_output=True, text=True,
+    return run_python(_torchrun(nproc, *args), env=SUBPROCESS_ENV,
                           timeout=JOB_TIMEOUT)
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +24,7 @@ from draftcache.cache_format import (ManifestError, collate_padded, expand_dflas
 from draftcache.cache_format.manifest import FP8_QUANTIZATION
 from draftcache.precompute.cli import app
 from draftcache.precompute.pipeline import REBUILD_PROB_TOLERANCE
+from prewarmed import run_python
 
 from .helpers import SUBPROCESS_ENV, read_manifest_json, save_tiny_target, target_dir, write_chat_subset
 
@@ -251,9 +250,9 @@ def test_dflash_torchrun_ranks_use_rank_zeros_final_hidden_choice(sharp, tmp_pat
     out = tmp_path / "c"
     args = ["--target-model", str(model_dir), "--input-data", str(chat), "--output-dir", str(out), "--dtype", "fp8",
             *DFLASH, "--shard-size", "2", "--batch-size", "2", "--seq-length", "64", "--quiet"]
-    job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    job = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(Path(__file__).with_name("dist_encoding_job.py")), str(tmp_path), *args],
-                         env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
+                         env=SUBPROCESS_ENV, timeout=120)
     assert job.returncode == 0, job.stderr[-3000:]
     manifest = read_manifest_json(out)
     assert manifest["num_shards"] == 2 and manifest["quantization"]["final_hidden_dtype"] == "bf16"

@@ -5,10 +5,7 @@ refused naming the flag, changing nothing."""
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,7 @@ from typer.testing import CliRunner
 
 from draftcache.cache_format import verify_cache
 from draftcache.precompute.cli import app
+from prewarmed import run_python
 
 from .helpers import SUBPROCESS_ENV, file_digests, read_manifest_json, target_dir, write_chat_subset
 
@@ -36,8 +34,8 @@ def fp8(tmp_path_factory):
     data = write_chat_subset(root / "chat.jsonl", 14)
     reference = CliRunner().invoke(app, _args(root / "single", data))
     assert reference.exit_code == 0, reference.output
-    killed = subprocess.run([sys.executable, str(CRASH_JOB), "2", "--", *_args(root / "killed", data)],
-                            env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    killed = run_python([str(CRASH_JOB), "2", "--", *_args(root / "killed", data)], env=SUBPROCESS_ENV,
+                        timeout=TIMEOUT)
     assert killed.returncode == -9, killed.stderr[-3000:]
     return {"root": root, "data": data, "single": root / "single", "killed": root / "killed"}
 
@@ -51,9 +49,8 @@ def test_the_reference_is_an_fp8_cache_that_verifies(fp8):
 
 def test_two_torchrun_ranks_write_the_one_process_fp8_cache(fp8, tmp_path):
     out = tmp_path / "two"
-    job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "draftcache.precompute", *_args(out, fp8["data"])],
-                         env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    job = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                      "draftcache.precompute", *_args(out, fp8["data"])], env=SUBPROCESS_ENV, timeout=TIMEOUT)
     assert job.returncode == 0, job.stderr[-3000:]
     assert (out / "manifest.json").read_bytes() == (fp8["single"] / "manifest.json").read_bytes()
     assert file_digests(out) == file_digests(fp8["single"])  # every shard (fp8 values and scales) and side file

@@ -4,8 +4,6 @@ shards, the encoding probe forward is released once used and not run when nothin
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import weakref
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from draftcache.cache_format import verify_cache
 from draftcache.cache_format.resume import read_journals
 from draftcache.precompute import PrecomputeConfig, precompute_from_config
 from draftcache.targets import HFEagle3TargetModel
+from prewarmed import run_python
 
 from .helpers import SUBPROCESS_ENV, read_manifest_json, target_dir, write_chat_subset
 
@@ -141,9 +140,9 @@ def test_torchrun_ranks_use_rank_zeros_encoding_and_only_rank_zero_probes(tmp_pa
     out = tmp_path / "c"
     args = ["--target-model", target_dir(), "--input-data", str(data), "--output-dir", str(out), "--dtype", "fp32",
             "--shard-size", "2", "--batch-size", "2", "--seq-length", "64", "--num-samples", "8", "--quiet"]
-    job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(Path(__file__).with_name("dist_encoding_job.py")), str(tmp_path), *args],
-                         env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
+    job = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                      str(Path(__file__).with_name("dist_encoding_job.py")), str(tmp_path), *args],
+                     env=SUBPROCESS_ENV, timeout=120)
     assert job.returncode == 0, job.stderr[-3000:]
     manifest = read_manifest_json(out)
     assert manifest["supervision"]["encoding"] == "hidden" and manifest["num_shards"] == 4

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,8 +13,8 @@ import time
 import pytest
 
 from draftcache.defaults import default_data_path
+from prewarmed import SUBPROCESS_ENV, run_python
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 # 24 chats (single- and multi-turn) in 6 batches of 4: the kill lands mid-run
 ARGS = ["--engine", "hf", "--num-samples", "24", "--batch-size", "4", "--max-new-tokens", "32", "--quiet"]
 
@@ -25,7 +24,7 @@ def _cmd(*args: str) -> list[str]:
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_cmd(*args), env=ENV, capture_output=True, text=True, timeout=300)
+    return run_python(_cmd(*args), env=SUBPROCESS_ENV, timeout=300)
 
 
 def _in_process(*args: str):
@@ -71,7 +70,7 @@ def test_killed_and_resumed_equals_uninterrupted(reference, tmp_path):
     ref, _ = reference
     out = tmp_path / "out.jsonl"
     progress = tmp_path / "out.jsonl.progress"
-    proc = subprocess.Popen(_cmd("--output", str(out), *ARGS), env=ENV, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cmd("--output", str(out), *ARGS), env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -160,8 +159,8 @@ def test_bad_settings_exit_2_and_write_nothing(tmp_path):
 
 def test_the_output_feeds_precompute(reference, tmp_path):
     ref, _ = reference
-    r = subprocess.run([sys.executable, "-m", "draftcache.precompute", "--input-data", str(ref), "--output-dir",
+    r = run_python(["-m", "draftcache.precompute", "--input-data", str(ref), "--output-dir",
                         str(tmp_path / "cache"), "--seq-length", "256", "--quiet"],
-                       env=ENV, capture_output=True, text=True, timeout=300)
+                       env=SUBPROCESS_ENV, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "samples     24 (computed 24 now)" in r.stdout and "skipped     none" in r.stdout

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,11 +23,9 @@ from draftcache.precompute.fingerprint import config_fingerprint, model_fingerpr
 from draftcache.targets import HFEagle3TargetModel, RunnerError, TargetLayoutError
 from draftcache.targets.loading import load_target_model
 from draftcache.targets.vllm_runner import TargetHeadModel, right_padded_lengths, vllm_capture_ids, vllm_layer_id
+from prewarmed import SUBPROCESS_ENV, run_python
 
-SRC = Path(__file__).resolve().parents[2] / "src"
 VLLM_AVAILABLE = importlib.util.find_spec("vllm") is not None
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-       "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -153,15 +150,17 @@ def test_importing_the_target_and_precompute_does_not_import_vllm():
             "draftcache.precompute.pipeline, draftcache.precompute.cli; "
             "loaded = sorted(m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')); "
             "assert not loaded, loaded; print('ok')")
-    proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
+    # a fresh interpreter: what a prewarmed one had imported before would hide an import made here
+    proc = subprocess.run([sys.executable, "-c", code], env=SUBPROCESS_ENV, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 @pytest.mark.skipif(VLLM_AVAILABLE, reason="checks the message where vLLM is not installed")
 def test_engine_vllm_without_vllm_fails_before_reading_data(tmp_path):
     out = tmp_path / "cache"
-    proc = subprocess.run([sys.executable, "-m", "draftcache.precompute", "--output-dir", str(out), "--engine", "vllm",
-                           "--quiet"], env=ENV, capture_output=True, text=True, timeout=120)
+    proc = run_python(["-m", "draftcache.precompute", "--output-dir", str(out), "--engine", "vllm",
+                           "--quiet"], env=SUBPROCESS_ENV, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "--engine vllm: the vllm package is not importable" in proc.stderr
     assert not out.exists()

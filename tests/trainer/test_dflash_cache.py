@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,8 +21,8 @@ from draftcache.trainer.dflash.config import DFlashDraftConfig
 from draftcache.trainer.dflash.loss import dflash_loss, sample_anchors
 from draftcache.trainer.dflash.model import DFlashDraftModel
 from draftcache.trainer.dflash.train import CachedDFlashBatches, OnlineDFlashBatches
+from prewarmed import SUBPROCESS_ENV, run_python
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 NUM_SAMPLES = 48
 LAYERS = [1, 4, 6]
 TRAIN = ["--max-steps", "3", "--save-every", "3", "--log-every", "1", "--eval-every", "3", "--block-size", "4",
@@ -32,7 +30,7 @@ TRAIN = ["--max-steps", "3", "--save-every", "3", "--log-every", "1", "--eval-ev
 
 
 def _run(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], env=ENV, capture_output=True, text=True, timeout=300)
+    return run_python(["-m", module, *args], env=SUBPROCESS_ENV, timeout=300)
 
 
 def _invoke(app, args) -> tuple[int, str, str]:

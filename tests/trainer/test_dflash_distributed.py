@@ -6,19 +6,17 @@ with another number of ranks is refused."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from prewarmed import SUBPROCESS_ENV, run_python
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _run(cmd):
-    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    r = run_python(cmd, env=SUBPROCESS_ENV, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return r
 

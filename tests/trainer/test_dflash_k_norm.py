@@ -4,16 +4,14 @@ export`` warns when a multi-layer draft's ``k_norm`` weights differ."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import torch
 from safetensors.torch import load_file
 
 from draftcache.trainer.dflash.train import DFlashTrainConfig, train_dflash
+from prewarmed import SUBPROCESS_ENV, run_python
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _train(out, **kw):
@@ -23,8 +21,8 @@ def _train(out, **kw):
 
 
 def _export(run, out) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "draftcache.cli", "export", str(run), "--output", str(out)],
-                          env=ENV, capture_output=True, text=True, timeout=300)
+    return run_python(["-m", "draftcache.cli", "export", str(run), "--output", str(out)],
+                          env=SUBPROCESS_ENV, timeout=300)
 
 
 

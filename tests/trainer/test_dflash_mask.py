@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,12 +17,12 @@ import torch
 from draftcache.trainer.dflash.config import DFlashDraftConfig
 from draftcache.trainer.mask_token import choose_mask_token, tokenizer_special_ids
 from draftcache.trainer.dflash.model import DFlashDraftModel
+from prewarmed import SUBPROCESS_ENV, run_python
 
 from .helpers import train_dflash_toy
 
 V, H, TARGET_H, SEQ, CLASSES = 32, 32, 24, 64, 16
 PAD, SPECIALS = 0, [0, 1, 2, 3]  # ids 0..3 special, 0 the pad (zero row); data uses ids 4..19
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _target_tables(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,9 +118,9 @@ def test_the_embedded_targets_mask_row_is_not_zero_and_is_recorded(tmp_path):
     from draftcache.targets.loading import load_tokenizer
 
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "draftcache.cli", "train", "--method", "dflash", "--output-dir", str(out),
+    r = run_python(["-m", "draftcache.cli", "train", "--method", "dflash", "--output-dir", str(out),
                         "--max-steps", "1", "--block-size", "4", "--num-anchors", "8", "--batch-tokens", "256",
-                        "--val-fraction", "0", "--quiet"], env=ENV, capture_output=True, text=True, timeout=300)
+                        "--val-fraction", "0", "--quiet"], env=SUBPROCESS_ENV, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     config = json.loads((out / "export" / "config.json").read_text())
     mask_id = config["dflash_config"]["mask_token_id"]

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,6 +18,7 @@ from draftcache.trainer.dflash.loss import dflash_loss, sample_anchors
 from draftcache.trainer.dflash.model import DFlashDraftModel
 from draftcache.trainer.dflash.speculative import dflash_speculative_generate
 from draftcache.trainer.speculative import SpecDecodeStats, greedy_generate
+from prewarmed import SUBPROCESS_ENV, run_python
 
 BLOCK = 4
 LAYERS = [1, 4]
@@ -110,15 +108,15 @@ def test_export_has_vllm_names_and_reloads_identically(target, trained, tmp_path
 
 def test_cli_eval_method_dflash_is_lossless_and_reports_block_counters(trained, tmp_path):
     out = export_dflash_draft(trained, tmp_path / "draft")
-    r = subprocess.run([sys.executable, "-m", "draftcache.cli", "eval", "--draft", str(out), "--method", "dflash",
+    r = run_python(["-m", "draftcache.cli", "eval", "--draft", str(out), "--method", "dflash",
                         "--num-prompts", "2", "--max-new-tokens", "16", "--device", "cpu"],
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+                       env=SUBPROCESS_ENV, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"draft tokens K     {BLOCK - 1}" in r.stdout
     assert "lossless           yes" in r.stdout
     drafts, draft_tokens = map(int, re.search(r"engine counters    drafts (\d+), draft tokens (\d+)", r.stdout).groups())
     assert draft_tokens == (BLOCK - 1) * drafts
-    wrong = subprocess.run([sys.executable, "-m", "draftcache.cli", "eval", "--draft", str(out), "--method", "eagle3",
-                            "--num-prompts", "1"], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                           capture_output=True, text=True, timeout=300)
+    wrong = run_python(["-m", "draftcache.cli", "eval", "--draft", str(out), "--method", "eagle3",
+                            "--num-prompts", "1"], env=SUBPROCESS_ENV,
+                           timeout=300)
     assert wrong.returncode == 1 and "holds a dflash draft" in wrong.stderr

@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 from safetensors.torch import load_file
 
 from draftcache.trainer.dflash.train import DFlashTrainConfig, train_dflash
+from prewarmed import SUBPROCESS_ENV, run_python
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 ARGS = ["--max-steps", "4", "--save-every", "2", "--log-every", "2", "--eval-every", "2", "--block-size", "4",
         "--num-anchors", "32", "--batch-tokens", "384", "--quiet"]
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "draftcache.cli", *args], env=ENV, capture_output=True, text=True,
-                          timeout=300)
+    return run_python(["-m", "draftcache.cli", *args], env=SUBPROCESS_ENV, timeout=300)
 
 
 @pytest.fixture(scope="module")

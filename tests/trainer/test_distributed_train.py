@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from prewarmed import run_python
 
 from .pipeline_fixtures import build_tiny_target_dir, precompute_cache, write_chats
 
@@ -30,7 +31,7 @@ def _args(cache, out, *extra):
 
 def _run(cmd, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, **kw)
+    r = run_python(cmd, env=env, timeout=300, **kw)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return r
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
 from draftcache.trainer.eagle3.config import TrainConfig
 from draftcache.trainer.eagle3.train import train
+from prewarmed import SUBPROCESS_ENV, run_python
 
 from .pipeline_fixtures import build_tiny_target_dir, precompute_cache, write_chats
 
@@ -28,10 +26,10 @@ def exported(tmp_path_factory):
 
 
 def test_eval_reports_emitted_tau_and_engine_counters(exported):
-    r = subprocess.run([sys.executable, "-m", "draftcache.cli", "eval", "--draft", exported["draft"],
+    r = run_python(["-m", "draftcache.cli", "eval", "--draft", exported["draft"],
                         "--target-model", str(exported["target"]), "--input-data", str(exported["data"]),
                         "--num-prompts", "3", "--draft-tokens", "3", "--max-new-tokens", "12", "--device", "cpu"],
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+                       env=SUBPROCESS_ENV, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
     tau = float(re.search(r"tau = ([0-9.]+) emitted tokens per verify step", out).group(1))

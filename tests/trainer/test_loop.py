@@ -4,7 +4,6 @@ the online co-located target, checkpoints killed and resumed in a real subproces
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -26,6 +25,7 @@ from draftcache.trainer.eagle3.train import accumulation_group, build_draft, tra
 from draftcache.trainer.eagle3.setup import build_source
 from draftcache.trainer.eagle3.sources import CachedSource, IncompleteCacheError
 from draftcache.trainer.eagle3.ttt import simulated_acceptance_length, ttt_forward
+from prewarmed import SUBPROCESS_ENV, run_python
 
 from .pipeline_fixtures import build_tiny_target_dir, precompute_cache, write_chats
 
@@ -117,7 +117,7 @@ def test_killed_training_resumes_to_the_same_weights(tiny, tmp_path):
 
     from draftcache.cli import app
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = SUBPROCESS_ENV
     full = CliRunner().invoke(app, _train_cmd(tiny["cache"], tmp_path / "full")[3:])
     assert full.exit_code == 0, full.stderr
     proc = subprocess.Popen(_train_cmd(tiny["cache"], tmp_path / "killed"), env=env,
@@ -128,8 +128,7 @@ def test_killed_training_resumes_to_the_same_weights(tiny, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (tmp_path / "killed" / "latest").is_file()
-    resumed = subprocess.run(_train_cmd(tiny["cache"], tmp_path / "killed", "--resume"), env=env,
-                             capture_output=True, text=True)
+    resumed = run_python(_train_cmd(tiny["cache"], tmp_path / "killed", "--resume"), env=env)
     assert resumed.returncode == 0, resumed.stderr
     a = load_file(str(tmp_path / "full" / "export" / "model.safetensors"))
     b = load_file(str(tmp_path / "killed" / "export" / "model.safetensors"))
@@ -151,8 +150,8 @@ def test_bad_training_values_are_rejected_by_the_cli(tmp_path):
 
 
 def test_export_of_a_missing_checkpoint_is_a_clear_error(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "draftcache.cli", "export", str(tmp_path), "--output",
-                        str(tmp_path / "out")], capture_output=True, text=True)
+    r = run_python(["-m", "draftcache.cli", "export", str(tmp_path), "--output",
+                        str(tmp_path / "out")])
     assert r.returncode == 1 and "neither a checkpoint" in r.stderr
 
 
@@ -325,9 +324,9 @@ def _partial_copy(cache: Path, dest: Path, keep_shards: int) -> Path:
 def test_incomplete_cache_is_refused_through_the_cli_before_anything_is_written(tiny, tmp_path):
     partial = _partial_copy(tiny["cache"], tmp_path / "partial", keep_shards=2)
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "draftcache.cli", "train", "--cached-target-path", str(partial),
+    r = run_python(["-m", "draftcache.cli", "train", "--cached-target-path", str(partial),
                         "--output-dir", str(out), "--device", "cpu", "--quiet"],
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+                       env=SUBPROCESS_ENV)
     assert r.returncode == 1
     assert (f"error: cache {partial} is incomplete: 16 of 24 samples are committed (its precompute-eagle3 run "
             "crashed or is still running). Finish it (precompute-eagle3 --resume with the same settings), or pass "

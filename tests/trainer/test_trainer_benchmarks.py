@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
+from prewarmed import SUBPROCESS_ENV, run_python
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(BENCHMARKS / script), *args], env=ENV, capture_output=True,
-                          text=True, timeout=600)
+    return run_python([str(BENCHMARKS / script), *args], env=SUBPROCESS_ENV, timeout=600)
 
 
 def test_ttt_memory_benchmark_runs_both_variants_side_by_side():

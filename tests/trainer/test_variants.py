@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -26,6 +23,7 @@ from draftcache.trainer.eagle3.export import export_draft, load_exported_draft, 
 from draftcache.trainer.eagle3.model import Eagle3DecodeCache, Eagle3DraftConfig, Eagle3DraftModel
 from draftcache.trainer.mask_token import choose_mask_token
 from draftcache.trainer.eagle3.ttt import ttt_forward
+from prewarmed import SUBPROCESS_ENV, run_python
 
 from .helpers import random_draft, tiny_target_config
 from .pipeline_fixtures import build_tiny_target_dir, precompute_cache, write_chats
@@ -333,9 +331,9 @@ def test_cli_trains_peagle_from_a_cache_and_online_and_evaluates_it(tmp_path):
     cache = precompute_cache(target, data, tmp_path / "cache")
     common = ["--method", "peagle", "--max-steps", "2", "--ttt-steps", "3", "--batch-tokens", "0", "--batch-size",
               "3", "--val-fraction", "0", "--device", "cpu", "--quiet"]
-    r = subprocess.run([sys.executable, "-m", "draftcache.cli", "train", "--cached-target-path", str(cache),
+    r = run_python(["-m", "draftcache.cli", "train", "--cached-target-path", str(cache),
                         "--output-dir", str(tmp_path / "cached"), *common],
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+                       env=SUBPROCESS_ENV, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     runner = CliRunner()
     r = runner.invoke(app, ["train", "--target-model", str(target), "--input-data", str(data), "--seq-length", "128",
