@@ -108,7 +108,7 @@ def train(
     batch_tokens: Optional[int] = typer.Option(_TRAIN_DEFAULTS.batch_tokens, "--batch-tokens", help="Token budget of a packed micro-batch (0 = padded batches of --batch-size)."),
     batch_size: int = typer.Option(_TRAIN_DEFAULTS.batch_size, "--batch-size", help="Samples per padded micro-batch (with --batch-tokens 0)."),
     grad_accum: int = typer.Option(_TRAIN_DEFAULTS.grad_accum, "--grad-accum"),
-    shuffle: str = typer.Option(_TRAIN_DEFAULTS.shuffle, "--shuffle", help="Cache: 'window' shuffles blocks of consecutive samples of about one reader window (256 MiB stored), then the samples inside each, so the cache is read nearly in order; 'global' shuffles every sample at once (identical when the cache fits one window). Online training always shuffles globally."),
+    shuffle: str = typer.Option(_TRAIN_DEFAULTS.shuffle, "--shuffle", help="Cache: 'window' shuffles blocks of consecutive samples of about one reader window's stored bytes, then the samples inside each, so the cache is read nearly in order; 'global' shuffles every sample at once (identical when the cache fits one window). Online training always shuffles globally."),
     lr: float = typer.Option(_TRAIN_DEFAULTS.lr, "--lr", help="Peak learning rate (the default suits the tiny embedded draft; 1e-4 for 8B targets)."),
     warmup_steps: int = typer.Option(_TRAIN_DEFAULTS.warmup_steps, "--warmup-steps"),
     grad_clip: float = typer.Option(_TRAIN_DEFAULTS.grad_clip, "--grad-clip"),
