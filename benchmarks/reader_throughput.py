@@ -18,8 +18,9 @@ Paths measured, on the training plan the trainer makes (``plan_epoch``: shuffled
 ``--batch-tokens`` rows, or ``--batch-size`` padded batches):
 
 * ``loader``: ``CacheBatchLoader`` raw batches (windows of ``--window-mb`` read in one sorted
-  pass per shard, reused buffers), the fast path; its second epoch is timed (the first warms its
-  buffers and opens its readers, as every epoch after the first would). Measured side by side on
+  pass per shard, reused buffers), the fast path; its second epoch is timed (untimed passes over
+  both epochs of both plans first grow its buffers and open its readers, as every epoch after the
+  first would; one loader reads both plans, so their buffers are the same). Measured side by side on
   both training plans: ``global plan`` (every sample shuffled at once: ``draftcache train
   --shuffle global``) and ``window plan`` (blocks of consecutive samples of about one window's
   stored bytes shuffled, then the samples inside each block: ``window_tokens``, the trainers'
@@ -230,14 +231,17 @@ def measure_cache(path: Path, encoding: str, args) -> None:
     def record(name: str, seconds: float, raw: tuple[float, float]) -> None:
         results.setdefault(name, []).append((seconds, *raw))
 
-    loaders = {(kind, t, d): CacheBatchLoader(path, by_plan[kind][0], max_tokens=max_tokens, num_threads=t,
-                                              prefetch=args.prefetch, window_bytes=args.window_bytes, io_depth=d,
-                                              pin_memory=False)
-               for t in args.loader_threads for d in args.io_depths for kind in by_plan}
-    for (kind, _, _), loader in loaders.items():
-        for _ in loader:  # warm-up epoch: buffers grow and are paged in
-            pass
-        loader.set_plan(by_plan[kind][1])
+    # one loader per setting reads both plans (set_plan before each pass): the same buffers, so
+    # host memory is what one loader holds, not one per plan
+    loaders = {(t, d): CacheBatchLoader(path, plans[0], max_tokens=max_tokens, num_threads=t, prefetch=args.prefetch,
+                                        window_bytes=args.window_bytes, io_depth=d, pin_memory=False)
+               for t in args.loader_threads for d in args.io_depths}
+    for loader in loaders.values():
+        for kind_plans in by_plan.values():  # warm-up epochs: buffers grow to both plans' batches, paged in
+            for plan in kind_plans:
+                loader.set_plan(plan)
+                for _ in loader:
+                    pass
     workers = None
     if args.workers:
         workers = DataLoader(_RawBatches(path, plans[1], max_tokens), batch_size=None, num_workers=args.workers,
@@ -246,10 +250,12 @@ def measure_cache(path: Path, encoding: str, args) -> None:
             pass
 
     for _ in range(args.repeats):
-        for (kind, threads, depth), loader in loaders.items():
-            raw_s = raw_pair()
-            record(f"loader ({threads} threads, io depth {depth}, {kind} plan)",
-                   timed_pass(lambda: [None for _ in loader]), raw_s)
+        for (threads, depth), loader in loaders.items():
+            for kind, kind_plans in by_plan.items():
+                loader.set_plan(kind_plans[1])
+                raw_s = raw_pair()
+                record(f"loader ({threads} threads, io depth {depth}, {kind} plan)",
+                       timed_pass(lambda: [None for _ in loader]), raw_s)
         if workers is not None:
             raw_s = raw_pair()
             record(f"DataLoader {args.workers} workers, get_raw_batch", timed_pass(lambda: [None for _ in workers]),
