@@ -4,6 +4,7 @@ consecutive micro-batches each read a few contiguous stretches of the shards."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -155,3 +156,13 @@ def test_resume_with_another_shuffle_is_refused_naming_it(tiny_cache, tmp_path):
     assert (tmp_path / "run" / "latest").read_text() == config  # nothing written
     bad = CliRunner().invoke(app, [*args, "--shuffle", "blocks"])
     assert bad.exit_code == 2 and "--shuffle must be one of window, global" in bad.stderr
+
+    # a run from before --shuffle existed shuffled globally: resuming it needs --shuffle global
+    state = tmp_path / "run" / config.strip() / "state.json"
+    meta = json.loads(state.read_text())
+    del meta["config"]["shuffle"]
+    state.write_text(json.dumps(meta))
+    old = CliRunner().invoke(app, [*args, "--resume"])
+    assert old.exit_code == 1 and "shuffle: 'global' != 'window'" in old.stderr, old.stderr
+    resumed = CliRunner().invoke(app, [*args, "--resume", "--shuffle", "global"])
+    assert resumed.exit_code == 0, resumed.stderr

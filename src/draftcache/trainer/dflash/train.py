@@ -428,6 +428,7 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
         meta = read_checkpoint_meta(ckpt)
         saved_cfg = meta.get("config", {})
         defaults = {f.name: f.default for f in fields(DFlashTrainConfig)}  # keys older runs did not record
+        defaults["shuffle"] = "global"  # runs from before --shuffle shuffled every sample at once
         diffs = [f"{k}: {saved_cfg.get(k, defaults.get(k))!r} != {v!r}" for k, v in sorted(cfg.as_dict().items())
                  if k not in _RESUME_FREE and saved_cfg.get(k, defaults.get(k)) != v]
         for key, value in (("num_samples", num_samples), ("world_size", world)):

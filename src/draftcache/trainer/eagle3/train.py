@@ -183,6 +183,7 @@ def _check_resume(ckpt: Path, cfg: TrainConfig, world_size: int, data_source: di
     meta = read_checkpoint_meta(ckpt)
     saved = dict(meta.get("config", {}))
     saved["world_size"] = meta.get("extra", {}).get("world_size", 1)
+    saved.setdefault("shuffle", "global")  # runs from before --shuffle shuffled every sample at once
     current = {**cfg.as_dict(), "world_size": world_size}
     diffs = [f"{key}: {saved.get(key)!r} != {value!r}" for key, value in sorted(current.items())
              if key not in _RESUME_FREE_FIELDS and key in saved and saved[key] != value]
