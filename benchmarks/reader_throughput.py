@@ -18,8 +18,16 @@ Paths measured, on the training plan the trainer makes (``plan_epoch``: shuffled
 ``--batch-tokens`` rows, or ``--batch-size`` padded batches):
 
 * ``loader``: ``CacheBatchLoader`` raw batches (windows of ``--window-mb`` read in one sorted
-  pass per shard, reused buffers), the fast path; its second epoch is timed (the first warms its
-  buffers and opens its readers, as every epoch after the first would).
+  pass per shard, reused buffers), the fast path; its second epoch is timed (untimed passes over
+  both epochs of both plans first grow its buffers and open its readers, as every epoch after the
+  first would; one loader reads both plans, so their buffers are the same). Measured side by side on
+  both training plans: ``global plan`` (every sample shuffled at once: ``draftcache train
+  --shuffle global``) and ``window plan`` (blocks of consecutive samples of about one window's
+  stored bytes shuffled, then the samples inside each block: ``window_tokens``, the trainers'
+  default for a cache); each gets its ratio against the same raw read. The other paths read the
+  global plan. Per plan, ``runs_per_window`` counts the stretches of consecutive samples a window
+  reads (each a seek; a shard boundary splits a stretch but is not counted), ``MB_per_run`` their
+  mean stored size: the disk-independent side of the comparison.
 * ``loader + expand_batch on cpu``: the same plus ``reader.expand_batch`` to the dense batch on
   the CPU (on a GPU trainer this expansion runs on the device); timed on the first
   ``--dense-batches`` batches and scaled to the epoch.
@@ -37,6 +45,7 @@ log-normal (median 512, sigma 0.8, at most 2048 tokens), 65% supervised.
 
     python benchmarks/reader_throughput.py                    # ~2 min, three encodings
     python benchmarks/reader_throughput.py --cold --workers 0 --repeats 3
+    python benchmarks/reader_throughput.py --cold --workers 0 --window-mb 32   # several windows at modest size
 """
 
 from __future__ import annotations
@@ -58,7 +67,7 @@ from _common import ChatLengths, evict_files, gb, line, median, resident_fractio
 
 from draftcache.cache_format import (  # noqa: E402
     IO_DEPTH, WINDOW_BYTES, CacheBatchLoader, CacheWriter, SampleRecord, collate_padded, collate_raw, new_manifest,
-    open_cache, pack_samples,
+    open_cache, pack_samples, window_tokens,
 )
 from draftcache.trainer.batching import plan_epoch  # noqa: E402
 
@@ -153,20 +162,45 @@ class _RawBatches(Dataset):
         return self.reader.get_raw_batch(self.plan[b], max_tokens=self.max_tokens)
 
 
+def plan_windows(reader, plan: list[list[int]], window_bytes: int) -> list[list[int]]:
+    """The samples of each loader window of ``plan`` (consecutive batches of at most
+    ``window_bytes`` stored bytes, or one batch: ``CacheBatchLoader``'s grouping)."""
+    windows, current, used = [], [], 0
+    for batch in plan:
+        nbytes = reader.raw_batch_nbytes(batch)
+        if current and used + nbytes > window_bytes:
+            windows.append(current)
+            current, used = [], 0
+        current += batch
+        used += nbytes
+    return windows + [current] if current else windows
+
+
+def contiguous_runs(samples: list[int]) -> int:
+    """Runs of consecutive sample indices (= stretches of consecutive shard rows) among ``samples``."""
+    ordered = sorted(samples)
+    return 1 + sum(b != a + 1 for a, b in zip(ordered, ordered[1:]))
+
+
 def measure_cache(path: Path, encoding: str, args) -> None:
     reader = open_cache(path)
     files = [path / e["file"] for e in reader.manifest["shards"]]
     file_bytes = sum(f.stat().st_size for f in files)
     lengths = reader.sample_lengths().tolist()
     n = len(reader)
+    block_tokens = window_tokens(reader, args.window_bytes)
     plans = [plan_epoch(list(range(n)), lengths, seed=0, epoch=e, batch_tokens=args.batch_tokens,
                         batch_size=args.batch_size) for e in range(2)]
+    block_plans = [plan_epoch(list(range(n)), lengths, seed=0, epoch=e, batch_tokens=args.batch_tokens,
+                              batch_size=args.batch_size, shuffle_block_tokens=block_tokens) for e in range(2)]
+    by_plan = {"global": plans, "window": block_plans}
     # the trainer packs each planned micro-batch into one row (pack_samples with max(budget, its total))
     max_tokens = None if args.batch_tokens is None else max(args.batch_tokens, max(lengths))
     per_sample = [stored_bytes(reader.get_raw(i)) for i in range(n)]
     epoch_bytes = [sum(per_sample[i] for batch in plan for i in batch) for plan in plans]
     print(line(f"cache {encoding}", samples=n, tokens=sum(lengths), shards=len(files), file_MB=file_bytes / 1e6,
                stored_MB=sum(per_sample) / 1e6, batches=len(plans[1]), window_MiB=args.window_bytes / 2**20,
+               windows=sum(per_sample) / args.window_bytes, block_tokens=block_tokens,
                layout=f"packed {args.batch_tokens}" if max_tokens else f"padded x{args.batch_size}"))
 
     def timed_pass(fn) -> float:
@@ -175,6 +209,12 @@ def measure_cache(path: Path, encoding: str, args) -> None:
         start = time.perf_counter()
         fn()
         return time.perf_counter() - start
+
+    for kind, kind_plans in by_plan.items():
+        windows = plan_windows(reader, kind_plans[1], args.window_bytes)
+        runs = sum(contiguous_runs(w) for w in windows)
+        print(line(f"  {kind} plan", windows=len(windows), runs_per_window=runs / len(windows),
+                   MB_per_run=sum(per_sample) / runs / 1e6))
 
     if args.cold:
         evict_files(files)
@@ -191,13 +231,17 @@ def measure_cache(path: Path, encoding: str, args) -> None:
     def record(name: str, seconds: float, raw: tuple[float, float]) -> None:
         results.setdefault(name, []).append((seconds, *raw))
 
+    # one loader per setting reads both plans (set_plan before each pass): the same buffers, so
+    # host memory is what one loader holds, not one per plan
     loaders = {(t, d): CacheBatchLoader(path, plans[0], max_tokens=max_tokens, num_threads=t, prefetch=args.prefetch,
                                         window_bytes=args.window_bytes, io_depth=d, pin_memory=False)
                for t in args.loader_threads for d in args.io_depths}
     for loader in loaders.values():
-        for _ in loader:  # warm-up epoch: buffers grow and are paged in
-            pass
-        loader.set_plan(plans[1])
+        for kind_plans in by_plan.values():  # warm-up epochs: buffers grow to both plans' batches, paged in
+            for plan in kind_plans:
+                loader.set_plan(plan)
+                for _ in loader:
+                    pass
     workers = None
     if args.workers:
         workers = DataLoader(_RawBatches(path, plans[1], max_tokens), batch_size=None, num_workers=args.workers,
@@ -207,8 +251,11 @@ def measure_cache(path: Path, encoding: str, args) -> None:
 
     for _ in range(args.repeats):
         for (threads, depth), loader in loaders.items():
-            raw_s = raw_pair()
-            record(f"loader ({threads} threads, io depth {depth})", timed_pass(lambda: [None for _ in loader]), raw_s)
+            for kind, kind_plans in by_plan.items():
+                loader.set_plan(kind_plans[1])
+                raw_s = raw_pair()
+                record(f"loader ({threads} threads, io depth {depth}, {kind} plan)",
+                       timed_pass(lambda: [None for _ in loader]), raw_s)
         if workers is not None:
             raw_s = raw_pair()
             record(f"DataLoader {args.workers} workers, get_raw_batch", timed_pass(lambda: [None for _ in workers]),

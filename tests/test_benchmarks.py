@@ -42,9 +42,14 @@ def test_reader_throughput_runs_every_path():
     out = _run("reader_throughput.py", "--encodings", "hidden", "--num-samples", "4", "--hidden-size", "64",
                "--vocab-size", "512", "--draft-vocab-size", "64", "--shard-size", "2", "--batch-tokens", "128",
                "--batch-size", "2", "--loader-threads", "1", "--workers", "0", "--dense-batches", "1",
-               "--repeats", "1", *TINY)
+               "--repeats", "1", "--window-mb", "0.02", *TINY)  # a window of ~20 kB: the cache is several
     for depth in (1, 8):  # the default comparison: one request at a time vs IO_DEPTH in flight
-        assert re.search(rf"loader \(1 threads, io depth {depth}\) +GB_per_s=[0-9.e-]+", out), out
+        for plan in ("global", "window"):  # the global shuffle and the trainers' window-block shuffle
+            assert re.search(rf"loader \(1 threads, io depth {depth}, {plan} plan\) +GB_per_s=[0-9.e-]+ .*ratio=[0-9.e-]+",
+                             out), out
+    for plan in ("global", "window"):
+        assert re.search(rf"^  {plan} plan +windows=[0-9]+ +runs_per_window=[0-9.]+ +MB_per_run=[0-9.e-]+", out,
+                         re.M), out
 
 
 def test_precompute_scaling_writes_the_same_cache_with_two_ranks():

@@ -15,7 +15,7 @@ from draftcache.cache_format.errors import (
     ManifestError,
 )
 from draftcache.cache_format.inspection import VerifyReport, cache_stats, inspect_cache, show_sample, verify_cache
-from draftcache.cache_format.loader import IO_DEPTH, WINDOW_BYTES, CacheBatchLoader
+from draftcache.cache_format.loader import IO_DEPTH, WINDOW_BYTES, CacheBatchLoader, window_tokens
 from draftcache.cache_format.lock import CacheLock
 from draftcache.cache_format.manifest import Manifest, ShardEntry, new_manifest, read_manifest, validate_manifest
 from draftcache.cache_format.reader import CacheReader, open_cache
@@ -77,4 +77,5 @@ __all__ = [
     "validate_manifest",
     "verify_cache",
     "verify_shard",
+    "window_tokens",
 ]

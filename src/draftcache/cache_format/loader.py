@@ -19,7 +19,11 @@ shuffles samples, so one batch's rows lie scattered over the shards; a window's 
 shard densely, and a cold disk reads a file in order about twice as fast as the same ranges in
 random order (measured on this project's virtual disk: 0.7-0.9 GB/s against 0.3-0.46 GB/s in
 4 MiB requests). When the plan's samples are spread over more shard bytes than a window holds,
-the pass skips what other windows read, and reads in ascending offsets with gaps. One window is
+the pass skips what other windows read, and reads in ascending offsets with gaps: a globally
+shuffled plan does on a cache several windows large. The trainers therefore shuffle by default
+in blocks of consecutive samples of about a window's stored bytes (``window_tokens``,
+``plan_epoch(shuffle_block_tokens=)``; ``draftcache train --shuffle window``): a window then draws
+from at most about two blocks, i.e. two contiguous stretches of the shards. One window is
 read at a time, the next while the consumer takes the previous one's batches: host memory is
 at most ``(prefetch + 1)`` windows, i.e. ``(prefetch + 1) * 1.25 * window_bytes`` plus one batch
 (a batch larger than ``window_bytes`` is a window by itself).
@@ -47,11 +51,19 @@ import torch
 
 from draftcache.cache_format.reader import CacheReader
 
-__all__ = ["IO_DEPTH", "WINDOW_BYTES", "CacheBatchLoader"]
+__all__ = ["IO_DEPTH", "WINDOW_BYTES", "CacheBatchLoader", "window_tokens"]
 
 _GROWTH = 1.25  # a buffer that is too small is replaced by one this much larger than needed
 WINDOW_BYTES = 256 << 20  # default stored bytes read in one sorted pass
 IO_DEPTH = 8  # default read requests in flight
+
+
+def window_tokens(reader: CacheReader, window_bytes: int = WINDOW_BYTES) -> int:
+    """Tokens of samples whose stored rows fill about ``window_bytes`` (at least 1): the cache's
+    stored bytes per token, averaged over its committed shards. A training plan that shuffles
+    blocks of this many tokens (``plan_epoch(shuffle_block_tokens=)``) reads nearly in order."""
+    per_token = reader.stored_bytes / max(1, reader.num_tokens)
+    return max(1, int(window_bytes // max(per_token, 1e-9)))
 
 
 class _Buffer:

@@ -123,6 +123,11 @@ class CacheReader:
         return sum(e["num_tokens"] for e in self._shards)
 
     @property
+    def stored_bytes(self) -> int:
+        """Bytes of the committed shard files (headers included): what one pass over every sample reads."""
+        return sum(e["bytes"] for e in self._shards)
+
+    @property
     def complete(self) -> bool:
         return bool(self._meta.data["complete"])
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from draftcache.trainer.batching import plan_epoch, split_train_val
+from draftcache.trainer.batching import SHUFFLE_MODES, cache_block_tokens, plan_epoch, split_train_val
 from draftcache.trainer.checkpoint import TrainState, latest_checkpoint, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from draftcache.trainer.data_wait import DataWait
 from draftcache.trainer.dflash.config import DFlashDraftConfig
@@ -75,6 +75,7 @@ class DFlashTrainConfig:
     max_steps: int | None = None
     batch_tokens: int = 1024               # token budget of a packed micro-batch
     grad_accum: int = 1                    # micro-batches per optimizer step (per rank under torchrun)
+    shuffle: str = "window"                # cache: window (blocks of about one reader window) | global; online: global
     lr: float = 3e-3                       # suits the tiny embedded draft; ~6e-4 for real targets
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
@@ -98,6 +99,8 @@ class DFlashTrainConfig:
                           ("log_every", 1)):
             if getattr(self, name) < low:
                 p.append(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
+        if self.shuffle not in SHUFFLE_MODES:
+            p.append(f"--shuffle must be one of {', '.join(SHUFFLE_MODES)}, got {self.shuffle!r}")
         if self.max_steps is not None and self.max_steps < 1:
             p.append(f"--max-steps must be >= 1, got {self.max_steps}")
         if self.lr <= 0:
@@ -366,6 +369,7 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
         lengths = reader.sample_lengths().tolist()
         weights = (reader.target_embeddings(), reader.target_lm_head())
         mask = cached_mask_token(cfg, reader, embeddings=weights[0])
+        block_tokens = cache_block_tokens(reader, cfg.shuffle, world)  # the loader reads a window nearly in order
     else:
         target_path = cfg.target_model or default_target_path()
         conversations = load_conversations(cfg.input_data or default_data_path(),
@@ -386,6 +390,7 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
         lengths = [len(s.input_ids) for s in samples]
         weights = (model.get_input_embeddings().weight.detach(), model.get_output_embeddings().weight.detach())
         mask = online_mask_token(cfg, tokenizer=tokenizer, samples=samples, embeddings=weights[0], hf_config=hf_config)
+        block_tokens = None  # online batches are computed, not read: a global shuffle costs nothing
     if is_main:
         log(f"mask token {mask.token_id} ({mask.token!r}): {mask.why}")
     mask_id = mask.token_id
@@ -405,7 +410,7 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
     params = [p for p in draft.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     per_epoch = len(plan_epoch(train_idx, lengths, seed=cfg.seed, epoch=0, batch_tokens=cfg.batch_tokens, batch_size=1,
-                               rank=rank, world_size=world))
+                               rank=rank, world_size=world, shuffle_block_tokens=block_tokens))
     total = cfg.max_steps or cfg.epochs * -(-per_epoch // cfg.grad_accum)  # a short last group is a step too
 
     def lr_at(step: int) -> float:
@@ -423,6 +428,7 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
         meta = read_checkpoint_meta(ckpt)
         saved_cfg = meta.get("config", {})
         defaults = {f.name: f.default for f in fields(DFlashTrainConfig)}  # keys older runs did not record
+        defaults["shuffle"] = "global"  # runs from before --shuffle shuffled every sample at once
         diffs = [f"{k}: {saved_cfg.get(k, defaults.get(k))!r} != {v!r}" for k, v in sorted(cfg.as_dict().items())
                  if k not in _RESUME_FREE and saved_cfg.get(k, defaults.get(k)) != v]
         for key, value in (("num_samples", num_samples), ("world_size", world)):
@@ -489,7 +495,7 @@ def train_dflash(cfg: DFlashTrainConfig, *, log=print) -> DFlashTrainResult:
     draft.train()
     while state.step < total:
         plan = plan_epoch(train_idx, lengths, seed=cfg.seed, epoch=state.epoch, batch_tokens=cfg.batch_tokens,
-                          batch_size=1, rank=rank, world_size=world)
+                          batch_size=1, rank=rank, world_size=world, shuffle_block_tokens=block_tokens)
         micro_batches = len(plan)  # equal on every rank, so all ranks sync on the same micro-batch
         # checkpoints follow optimizer steps, so a resumed epoch restarts at a group boundary
         for batch in waiting.wrap(supervise.batches(plan[state.batches_in_epoch :])):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from draftcache.data.templates import chat_template_problem
+from draftcache.trainer.batching import SHUFFLE_MODES
 
 __all__ = ["TrainConfig", "TrainConfigError"]
 
@@ -44,6 +45,7 @@ class TrainConfig:
     batch_tokens: int | None = 1024        # token budget of a packed micro-batch (None = padded batches)
     batch_size: int = 4                    # samples per padded micro-batch when batch_tokens is None
     grad_accum: int = 1                    # micro-batches per optimizer step
+    shuffle: str = "window"                # cache: window (blocks of about one reader window) | global; online: global
     lr: float = 3e-3                       # peak lr for the tiny embedded draft; use 1e-4..5e-5 for 8B targets
     min_lr_ratio: float = 0.1              # cosine floor as a fraction of lr
     warmup_steps: int = 20
@@ -87,6 +89,8 @@ class TrainConfig:
             p.append(f"--batch-tokens must be >= 2, got {self.batch_tokens}")
         if self.batch_size < 1:
             p.append(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.shuffle not in SHUFFLE_MODES:
+            p.append(f"--shuffle must be one of {', '.join(SHUFFLE_MODES)}, got {self.shuffle!r}")
         if self.grad_accum < 1:
             p.append(f"--grad-accum must be >= 1, got {self.grad_accum}")
         if self.lr <= 0:

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from draftcache.cache_format import RESUME_KEY_FIELDS, CacheBatchLoader, open_cache
 from draftcache.data.vocab import DraftVocab, select_draft_vocab, special_token_ids, supervised_token_counts
+from draftcache.trainer.batching import cache_block_tokens
 
 __all__ = ["CachedSource", "OnlineSource", "TargetInfo", "IncompleteCacheError", "cache_identity_fingerprint"]
 
@@ -121,6 +122,11 @@ class CachedSource:
     def target_lm_head(self) -> torch.Tensor | None:
         return self.reader.target_lm_head()
 
+    def shuffle_block_tokens(self, shuffle: str, world_size: int) -> int | None:
+        """``plan_epoch``'s ``shuffle_block_tokens``: ``--shuffle window`` shuffles blocks of about
+        one loader window, so each window is read nearly in storage order."""
+        return cache_block_tokens(self.reader, shuffle, world_size)
+
     def loader(self, plan: list[list[int]], packed_tokens: int | None) -> CacheBatchLoader:
         """Raw (stored-representation) batches read by background threads into reused buffers;
         ``supervise`` expands each on the training device before the next one is requested."""
@@ -208,6 +214,10 @@ class OnlineSource:
 
     def target_lm_head(self) -> torch.Tensor | None:
         return self.target.output_projection()[0].detach()
+
+    def shuffle_block_tokens(self, shuffle: str, world_size: int) -> None:
+        """Online batches are computed, not read: every ``--shuffle`` is the global shuffle."""
+        return None
 
     def loader(self, plan: list[list[int]], packed_tokens: int | None) -> DataLoader:
         return DataLoader(_TokenPlanDataset(self.samples, plan, packed_tokens, self.pad_id), batch_size=None,

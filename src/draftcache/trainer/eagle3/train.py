@@ -183,6 +183,7 @@ def _check_resume(ckpt: Path, cfg: TrainConfig, world_size: int, data_source: di
     meta = read_checkpoint_meta(ckpt)
     saved = dict(meta.get("config", {}))
     saved["world_size"] = meta.get("extra", {}).get("world_size", 1)
+    saved.setdefault("shuffle", "global")  # runs from before --shuffle shuffled every sample at once
     current = {**cfg.as_dict(), "world_size": world_size}
     diffs = [f"{key}: {saved.get(key)!r} != {value!r}" for key, value in sorted(current.items())
              if key not in _RESUME_FREE_FIELDS and key in saved and saved[key] != value]
@@ -227,8 +228,10 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
     train_idx, val_idx = split_train_val(len(source), cfg.val_fraction, cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    block_tokens = source.shuffle_block_tokens(cfg.shuffle, dist_info.world_size)
     per_epoch = len(plan_epoch(train_idx, source.lengths, seed=cfg.seed, epoch=0, batch_tokens=cfg.batch_tokens,
-                               batch_size=cfg.batch_size, rank=dist_info.rank, world_size=dist_info.world_size))
+                               batch_size=cfg.batch_size, rank=dist_info.rank, world_size=dist_info.world_size,
+                               shuffle_block_tokens=block_tokens))
     steps_per_epoch = -(-per_epoch // cfg.grad_accum)  # a short last group is a step too
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
@@ -283,7 +286,8 @@ def train(cfg: TrainConfig, *, source=None, log=print) -> TrainResult:
     waiting = DataWait()
     while not done and state.epoch < 10**9:
         plan = plan_epoch(train_idx, source.lengths, seed=cfg.seed, epoch=state.epoch, batch_tokens=cfg.batch_tokens,
-                          batch_size=cfg.batch_size, rank=dist_info.rank, world_size=dist_info.world_size)
+                          batch_size=cfg.batch_size, rank=dist_info.rank, world_size=dist_info.world_size,
+                          shuffle_block_tokens=block_tokens)
         micro_batches = len(plan)  # equal on every rank, so all ranks sync on the same micro-batch
         # checkpoints follow optimizer steps, so a resumed epoch restarts at a group boundary
         for batch in waiting.wrap(source.loader(plan[state.batches_in_epoch :], cfg.batch_tokens)):
