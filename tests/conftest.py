@@ -13,6 +13,10 @@ One torch thread per process unless the caller says otherwise: the suite runs tw
 cores, and OpenMP threads that spin-wait beside another busy process made small forwards up to 10x
 slower. Set here, before any test module imports torch; subprocesses inherit it.
 
+CLI runs that need their own process but not a fresh interpreter go through
+``prewarmed.run_python`` (``tests/prewarmed.py``): a child forked from an interpreter that has
+already imported torch and transformers, with ``prewarmed.SUBPROCESS_ENV`` as its environment.
+
 Under ``-n`` the workers split the suite in two contiguous halves and steal from each other's tail
 (pytest-xdist's ``worksteal``) rather than take tests dealt round-robin (``load``): most of this
 suite's time is module fixtures (a precompute, a 2-rank run, a regenerated reference), and a
