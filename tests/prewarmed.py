@@ -186,6 +186,8 @@ def run_python(argv: list[str], *, env: dict[str, str] = SUBPROCESS_ENV, cwd: st
     """
     if argv and argv[0] == sys.executable:
         argv = argv[1:]
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-m", "-c")):
+        raise ValueError(f"run_python runs '-m module', '-c code' or a script, without interpreter options; got {argv}")
     env = {**env, **{k: os.environ[k] for k in PER_CALL if k in os.environ and k not in env}}
     cwd = str(cwd or os.getcwd())
     if os.environ.get("DRAFTCACHE_TEST_FRESH_PYTHON") == "1":
