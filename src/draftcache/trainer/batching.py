@@ -61,17 +61,7 @@ def shuffle_blocks(indices: list[int], lengths, block_tokens: int) -> list[list[
     each (``lengths[i]``: tokens of sample i); a sample longer than that is a block by itself."""
     if block_tokens < 1:
         raise ValueError(f"shuffle_block_tokens must be >= 1; got {block_tokens}")
-    blocks, current, used = [], [], 0
-    for i in sorted(indices):
-        n = int(lengths[i])
-        if current and used + n > block_tokens:
-            blocks.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += n
-    if current:
-        blocks.append(current)
-    return blocks
+    return _group(sorted(indices), lengths, block_tokens, batch_size=0)  # greedy, as packed micro-batches are
 
 
 def cache_block_tokens(reader: CacheReader, shuffle: str, world_size: int = 1) -> int | None:
