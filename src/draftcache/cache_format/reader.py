@@ -243,10 +243,10 @@ class CacheReader:
         samples of several batches that lie side by side in a shard are read as one sequential
         stream however the batches order them (a cold disk reads a file in order about twice as
         fast as the same ranges in random order). ``allocate(b, nbytes)`` gives batch ``b``'s buffer.
-        With an ``executor`` (a thread pool) the reads, in file order, are submitted to it all at
-        once, so as many requests are in flight as it has threads: a disk (NVMe, a virtual or a
-        network one) serves ranges that are not contiguous several times faster at a queue depth
-        of 8 than one by one."""
+        With an ``executor`` (a thread pool) the merged ranges, in file order, are submitted to it all
+        at once, so as many are in flight as it has threads (each range read front to back by one):
+        a disk (NVMe, a virtual or a network one) serves ranges that are not contiguous several
+        times faster at a queue depth of 8 than one by one."""
         planned = [self._plan_raw_batch(indices, max_tokens, pad_to_multiple_of) for indices in batches]
         by_shard: dict[int, list[tuple[str, int, int, torch.Tensor]]] = {}  # shard -> its read requests
         raws = []

@@ -32,7 +32,7 @@ _DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the header size
 _MAX_PREAD = 1 << 30  # Linux caps one read near 2 GiB; split larger ones
 _MAX_IOV = 512  # buffers per preadv call (IOV_MAX is 1024 on Linux)
-_CALL_BYTES = 8 << 20  # bytes per read_calls call
+_CALL_BYTES = 8 << 20  # bytes per preadv of a read_calls call
 # Ranges closer than this are read as one request, the bytes between them discarded: on a cold
 # disk a request costs a seek-like latency (~1-2 ms on a virtual disk, the time to read ~0.5 MiB
 # at 0.3 GB/s), while from the page cache 512 KiB of discarded copy costs ~50-100 us.
@@ -147,11 +147,12 @@ class ShardFile:
                    ) -> list[Callable[[], None]]:
         """``read_into(name, start, stop, out)`` for each request, as few ``preadv`` calls as possible:
         the byte ranges are sorted by file offset and ranges at most ``max_gap`` bytes apart are
-        read as one (the gap into a scratch buffer); a merged range longer than ``_CALL_BYTES`` is
-        cut into calls of at most that. Returns the calls, in file order, unrun: run them in order,
-        or keep several in flight (``CacheReader.get_raw_batches`` with an executor: a disk answers
-        several outstanding requests faster than the same ones one at a time). Each call fills its
-        own part of the ``out`` tensors; the file must stay open until every call has returned."""
+        read as one (the gap into a scratch buffer), one call per merged range (its ``preadv``s of at
+        most ``_CALL_BYTES`` in file order). Returns the calls, in file order, unrun: run them in
+        order, or keep several in flight (``CacheReader.get_raw_batches`` with an executor: a disk
+        answers outstanding requests for ranges that are not contiguous faster than the same ones
+        one at a time). Each call fills its own part of the ``out`` tensors; the file must stay open
+        until every call has returned."""
         return self._calls(self._merged_ranges(requests, max_gap))
 
     def _merged_ranges(self, requests: Sequence[tuple[str, int, int, torch.Tensor]], max_gap: int
@@ -184,24 +185,34 @@ class ShardFile:
         return groups
 
     def _calls(self, groups: list[tuple[int, list[memoryview]]]) -> list[Callable[[], None]]:
-        """Each merged range cut into ``preadv`` calls of at most ``_CALL_BYTES`` and ``_MAX_IOV``
-        buffers (a cold file read in 8 MiB calls keeps the kernel's read-ahead streaming; one huge
-        call measured slower here)."""
+        """One call per merged range, reading it front to back in ``preadv`` calls of at most
+        ``_CALL_BYTES`` and ``_MAX_IOV`` buffers. A contiguous range stays one sequential stream on
+        one thread: the kernel sees a file read in order and reads ahead, and an 8 MiB request is
+        already split into many device requests in flight. Cutting it among threads made the disk
+        see interleaved offsets: on this project's virtual disk, an 8B-width window read in a few
+        long stretches ran at 0.60-1.03x a sequential read with eight threads on its 8 MiB pieces
+        against 0.95-1.66x with one. Ranges that are not contiguous still go in flight together."""
         calls = []
         for position, views in groups:
+            chunks: list[tuple[list[memoryview], int]] = []  # (buffers, file offset) of each preadv
             pieces = [v[i:i + _CALL_BYTES] for v in views for i in range(0, v.nbytes, _CALL_BYTES)]
             batch: list[memoryview] = []
             size = 0
             for view in pieces:
                 if batch and (size + view.nbytes > _CALL_BYTES or len(batch) == _MAX_IOV):
-                    calls.append(functools.partial(self._preadv_exact, batch, position))
+                    chunks.append((batch, position))
                     position += size
                     batch, size = [], 0
                 batch.append(view)
                 size += view.nbytes
             if batch:
-                calls.append(functools.partial(self._preadv_exact, batch, position))
+                chunks.append((batch, position))
+            calls.append(functools.partial(self._read_in_order, chunks))
         return calls
+
+    def _read_in_order(self, chunks: list[tuple[list[memoryview], int]]) -> None:
+        for views, position in chunks:
+            self._preadv_exact(views, position)
 
     def _preadv_exact(self, views: list[memoryview], position: int) -> None:
         """Fill ``views`` (consecutive in the file from ``position``), resuming after short reads."""
