@@ -55,7 +55,7 @@ __all__ = ["IO_DEPTH", "WINDOW_BYTES", "CacheBatchLoader", "window_tokens"]
 
 _GROWTH = 1.25  # a buffer that is too small is replaced by one this much larger than needed
 WINDOW_BYTES = 256 << 20  # default stored bytes read in one sorted pass
-IO_DEPTH = 8  # default read requests in flight
+IO_DEPTH = 8  # default merged ranges read in flight
 
 
 def window_tokens(reader: CacheReader, window_bytes: int = WINDOW_BYTES) -> int:
@@ -95,10 +95,10 @@ class CacheBatchLoader:
             ``max_tokens`` tokens (``pack_samples``).
         pad_to_multiple_of: round the batch width up to a multiple of this.
         num_threads: reader threads (more than one only overlaps reads when ``prefetch > 1``).
-        io_depth: read requests a window pass keeps in flight (threads issuing ``preadv``; 1: one
-            at a time). Disks answer requests that are not contiguous several times faster at a
-            queue depth of 8 than one by one, and a training plan's window is such requests
-            whenever the cache is larger than the window.
+        io_depth: merged ranges a window pass keeps in flight (threads, each reading one contiguous
+            range front to back in 8 MiB ``preadv``s; 1: one range at a time). Disks answer ranges
+            that are not contiguous several times faster at a queue depth of 8 than one by one, and
+            a window of a cache larger than the window is several such ranges.
         prefetch: windows read ahead of the one the consumer takes batches from.
         window_bytes: stored bytes of the consecutive batches read in one sorted pass.
         pin_memory: page-locked buffers for asynchronous copies to CUDA (default: when CUDA is
