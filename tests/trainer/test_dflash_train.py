@@ -64,6 +64,11 @@ def test_resume_continues_exactly(run, tmp_path):
     changed = DFlashTrainConfig(output_dir=str(resumed), max_steps=4, block_size=8, progress=False, resume=True)
     with pytest.raises(ValueError, match="block_size: 4 != 8"):
         train_dflash(changed, log=lambda _: None)
+    reshuffled = DFlashTrainConfig(output_dir=str(resumed), max_steps=4, save_every=2, log_every=2, eval_every=2,
+                                   block_size=4, num_anchors=32, batch_tokens=384, progress=False, resume=True,
+                                   shuffle="global")
+    with pytest.raises(ValueError, match="shuffle: 'window' != 'global'"):
+        train_dflash(reshuffled, log=lambda _: None)
 
 
 def test_bad_settings_exit_2_naming_them(tmp_path):
