@@ -162,20 +162,6 @@ class _RawBatches(Dataset):
         return self.reader.get_raw_batch(self.plan[b], max_tokens=self.max_tokens)
 
 
-def plan_windows(reader, plan: list[list[int]], window_bytes: int) -> list[list[int]]:
-    """The samples of each loader window of ``plan`` (consecutive batches of at most
-    ``window_bytes`` stored bytes, or one batch: ``CacheBatchLoader``'s grouping)."""
-    windows, current, used = [], [], 0
-    for batch in plan:
-        nbytes = reader.raw_batch_nbytes(batch)
-        if current and used + nbytes > window_bytes:
-            windows.append(current)
-            current, used = [], 0
-        current += batch
-        used += nbytes
-    return windows + [current] if current else windows
-
-
 def contiguous_runs(samples: list[int]) -> int:
     """Runs of consecutive sample indices (= stretches of consecutive shard rows) among ``samples``."""
     ordered = sorted(samples)
@@ -211,7 +197,8 @@ def measure_cache(path: Path, encoding: str, args) -> None:
         return time.perf_counter() - start
 
     for kind, kind_plans in by_plan.items():
-        windows = plan_windows(reader, kind_plans[1], args.window_bytes)
+        batches = CacheBatchLoader(path, kind_plans[1], window_bytes=args.window_bytes, pin_memory=False).windows()
+        windows = [[i for b in w for i in kind_plans[1][b]] for w in batches]  # the samples each window reads
         runs = sum(contiguous_runs(w) for w in windows)
         print(line(f"  {kind} plan", windows=len(windows), runs_per_window=runs / len(windows),
                    MB_per_run=sum(per_sample) / runs / 1e6))

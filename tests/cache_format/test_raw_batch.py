@@ -224,7 +224,7 @@ def test_loader_reads_windows_of_batches_in_one_pass_with_bounded_buffers(tmp_pa
     assert sizes == [reader.get_raw_batch(batch).pop("input_ids").untyped_storage().nbytes() for batch in plan]
     window = sizes[0] + sizes[1]  # windows [0, 1], [2], [3, 4]?, ...: at least two batches share one
     loader = CacheBatchLoader(cache.path, plan, max_tokens=80, prefetch=1, window_bytes=window, pin_memory=False)
-    windows = [w for w in loader._windows(loader.plan, reader)]
+    windows = loader.windows()
     assert [b for w in windows for b in w] == list(range(len(plan))) and windows[0] == [0, 1]
     assert all(sum(sizes[b] for b in w) <= window or len(w) == 1 for w in windows)
     storages = set()

@@ -167,6 +167,16 @@ class CacheBatchLoader:
         for reader in readers:
             reader.close()
 
+    def windows(self, plan: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
+        """The batch indices of ``plan`` (default: the one iterated next) that each window pass reads:
+        consecutive batches of at most ``window_bytes`` stored bytes together, or one batch."""
+        plan = self.plan if plan is None else self._checked_plan(plan)
+        sizer = self._take_reader()
+        try:
+            return list(self._windows(plan, sizer))
+        finally:
+            self._return_reader(sizer)
+
     def _windows(self, plan: list[list[int]], sizer: CacheReader) -> Iterator[list[int]]:
         """Consecutive batch indices of ``plan``, at most ``window_bytes`` stored bytes each (or one batch)."""
         window: list[int] = []
