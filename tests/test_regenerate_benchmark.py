@@ -10,7 +10,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "regenerate_throug
 
 def test_regenerate_throughput_smoke():
     r = run_python([str(SCRIPT), "--smoke"], env=SUBPROCESS_ENV,
-                       timeout=300)
+                   timeout=300)
     assert r.returncode == 0, r.stderr
     rows = [line.split() for line in r.stdout.splitlines() if line.startswith("hf ")]
     assert len(rows) == 1

@@ -40,6 +40,6 @@ def test_embedded_default_runs_offline_and_verifies(tmp_path):
     assert len(open_cache(out)) == manifest["num_samples"]
 
     verify = run_python(["-m", "draftcache.cli", "verify", str(out)], env=SUBPROCESS_ENV,
-                            timeout=120)
+                        timeout=120)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert f"verify {out}: OK" in verify.stdout

@@ -251,8 +251,8 @@ def test_dflash_torchrun_ranks_use_rank_zeros_final_hidden_choice(sharp, tmp_pat
     args = ["--target-model", str(model_dir), "--input-data", str(chat), "--output-dir", str(out), "--dtype", "fp8",
             *DFLASH, "--shard-size", "2", "--batch-size", "2", "--seq-length", "64", "--quiet"]
     job = run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(Path(__file__).with_name("dist_encoding_job.py")), str(tmp_path), *args],
-                         env=SUBPROCESS_ENV, timeout=120)
+                      str(Path(__file__).with_name("dist_encoding_job.py")), str(tmp_path), *args],
+                     env=SUBPROCESS_ENV, timeout=120)
     assert job.returncode == 0, job.stderr[-3000:]
     manifest = read_manifest_json(out)
     assert manifest["num_shards"] == 2 and manifest["quantization"]["final_hidden_dtype"] == "bf16"

@@ -160,7 +160,7 @@ def test_bad_settings_exit_2_and_write_nothing(tmp_path):
 def test_the_output_feeds_precompute(reference, tmp_path):
     ref, _ = reference
     r = run_python(["-m", "draftcache.precompute", "--input-data", str(ref), "--output-dir",
-                        str(tmp_path / "cache"), "--seq-length", "256", "--quiet"],
-                       env=SUBPROCESS_ENV, timeout=300)
+                    str(tmp_path / "cache"), "--seq-length", "256", "--quiet"],
+                   env=SUBPROCESS_ENV, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "samples     24 (computed 24 now)" in r.stdout and "skipped     none" in r.stdout

@@ -160,7 +160,7 @@ def test_importing_the_target_and_precompute_does_not_import_vllm():
 def test_engine_vllm_without_vllm_fails_before_reading_data(tmp_path):
     out = tmp_path / "cache"
     proc = run_python(["-m", "draftcache.precompute", "--output-dir", str(out), "--engine", "vllm",
-                           "--quiet"], env=SUBPROCESS_ENV, timeout=120)
+                       "--quiet"], env=SUBPROCESS_ENV, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "--engine vllm: the vllm package is not importable" in proc.stderr
     assert not out.exists()

@@ -22,7 +22,7 @@ def _train(out, **kw):
 
 def _export(run, out) -> subprocess.CompletedProcess:
     return run_python(["-m", "draftcache.cli", "export", str(run), "--output", str(out)],
-                          env=SUBPROCESS_ENV, timeout=300)
+                      env=SUBPROCESS_ENV, timeout=300)
 
 
 

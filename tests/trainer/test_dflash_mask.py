@@ -119,8 +119,8 @@ def test_the_embedded_targets_mask_row_is_not_zero_and_is_recorded(tmp_path):
 
     out = tmp_path / "run"
     r = run_python(["-m", "draftcache.cli", "train", "--method", "dflash", "--output-dir", str(out),
-                        "--max-steps", "1", "--block-size", "4", "--num-anchors", "8", "--batch-tokens", "256",
-                        "--val-fraction", "0", "--quiet"], env=SUBPROCESS_ENV, timeout=300)
+                    "--max-steps", "1", "--block-size", "4", "--num-anchors", "8", "--batch-tokens", "256",
+                    "--val-fraction", "0", "--quiet"], env=SUBPROCESS_ENV, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     config = json.loads((out / "export" / "config.json").read_text())
     mask_id = config["dflash_config"]["mask_token_id"]

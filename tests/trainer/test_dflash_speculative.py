@@ -109,14 +109,14 @@ def test_export_has_vllm_names_and_reloads_identically(target, trained, tmp_path
 def test_cli_eval_method_dflash_is_lossless_and_reports_block_counters(trained, tmp_path):
     out = export_dflash_draft(trained, tmp_path / "draft")
     r = run_python(["-m", "draftcache.cli", "eval", "--draft", str(out), "--method", "dflash",
-                        "--num-prompts", "2", "--max-new-tokens", "16", "--device", "cpu"],
-                       env=SUBPROCESS_ENV, timeout=300)
+                    "--num-prompts", "2", "--max-new-tokens", "16", "--device", "cpu"],
+                   env=SUBPROCESS_ENV, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"draft tokens K     {BLOCK - 1}" in r.stdout
     assert "lossless           yes" in r.stdout
     drafts, draft_tokens = map(int, re.search(r"engine counters    drafts (\d+), draft tokens (\d+)", r.stdout).groups())
     assert draft_tokens == (BLOCK - 1) * drafts
     wrong = run_python(["-m", "draftcache.cli", "eval", "--draft", str(out), "--method", "eagle3",
-                            "--num-prompts", "1"], env=SUBPROCESS_ENV,
-                           timeout=300)
+                        "--num-prompts", "1"], env=SUBPROCESS_ENV,
+                       timeout=300)
     assert wrong.returncode == 1 and "holds a dflash draft" in wrong.stderr

@@ -27,9 +27,9 @@ def exported(tmp_path_factory):
 
 def test_eval_reports_emitted_tau_and_engine_counters(exported):
     r = run_python(["-m", "draftcache.cli", "eval", "--draft", exported["draft"],
-                        "--target-model", str(exported["target"]), "--input-data", str(exported["data"]),
-                        "--num-prompts", "3", "--draft-tokens", "3", "--max-new-tokens", "12", "--device", "cpu"],
-                       env=SUBPROCESS_ENV, timeout=300)
+                    "--target-model", str(exported["target"]), "--input-data", str(exported["data"]),
+                    "--num-prompts", "3", "--draft-tokens", "3", "--max-new-tokens", "12", "--device", "cpu"],
+                   env=SUBPROCESS_ENV, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
     tau = float(re.search(r"tau = ([0-9.]+) emitted tokens per verify step", out).group(1))

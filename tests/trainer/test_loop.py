@@ -151,7 +151,7 @@ def test_bad_training_values_are_rejected_by_the_cli(tmp_path):
 
 def test_export_of_a_missing_checkpoint_is_a_clear_error(tmp_path):
     r = run_python(["-m", "draftcache.cli", "export", str(tmp_path), "--output",
-                        str(tmp_path / "out")])
+                    str(tmp_path / "out")])
     assert r.returncode == 1 and "neither a checkpoint" in r.stderr
 
 
@@ -325,8 +325,8 @@ def test_incomplete_cache_is_refused_through_the_cli_before_anything_is_written(
     partial = _partial_copy(tiny["cache"], tmp_path / "partial", keep_shards=2)
     out = tmp_path / "run"
     r = run_python(["-m", "draftcache.cli", "train", "--cached-target-path", str(partial),
-                        "--output-dir", str(out), "--device", "cpu", "--quiet"],
-                       env=SUBPROCESS_ENV)
+                    "--output-dir", str(out), "--device", "cpu", "--quiet"],
+                   env=SUBPROCESS_ENV)
     assert r.returncode == 1
     assert (f"error: cache {partial} is incomplete: 16 of 24 samples are committed (its precompute-eagle3 run "
             "crashed or is still running). Finish it (precompute-eagle3 --resume with the same settings), or pass "

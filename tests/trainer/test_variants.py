@@ -332,8 +332,8 @@ def test_cli_trains_peagle_from_a_cache_and_online_and_evaluates_it(tmp_path):
     common = ["--method", "peagle", "--max-steps", "2", "--ttt-steps", "3", "--batch-tokens", "0", "--batch-size",
               "3", "--val-fraction", "0", "--device", "cpu", "--quiet"]
     r = run_python(["-m", "draftcache.cli", "train", "--cached-target-path", str(cache),
-                        "--output-dir", str(tmp_path / "cached"), *common],
-                       env=SUBPROCESS_ENV, timeout=600)
+                    "--output-dir", str(tmp_path / "cached"), *common],
+                   env=SUBPROCESS_ENV, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     runner = CliRunner()
     r = runner.invoke(app, ["train", "--target-model", str(target), "--input-data", str(data), "--seq-length", "128",
